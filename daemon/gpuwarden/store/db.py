@@ -1,0 +1,535 @@
+"""The SQLite store: one writer connection behind a lock, every state change with its event.
+
+Rules this module keeps, so the rest of the daemon cannot break them:
+- every state change goes through `transition_instance` / `transition_job`, which check the
+  state machine of model.py and write the row and its event in one `BEGIN IMMEDIATE`
+  transaction; an illegal transition raises and writes nothing;
+- nothing awaits the network inside a transaction (callers only pass values in);
+- the event log is append-only (triggers refuse UPDATE and DELETE).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from contextlib import asynccontextmanager
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+from gpuwarden import policy
+from gpuwarden.clock import Clock, format_ts
+from gpuwarden.model import (
+    INSTANCE_TRANSITIONS,
+    JOB_TRANSITIONS,
+    LIVE_INSTANCE_STATES,
+    EntityKind,
+    Event,
+    Instance,
+    InstanceState,
+    Job,
+    JobState,
+    Termination,
+    TerminationReason,
+)
+from gpuwarden.store import rows
+from gpuwarden.store.migrations import MIGRATIONS
+
+
+class IllegalTransition(Exception):
+    """A state change the state machine does not allow. Nothing was written."""
+
+
+class NotFoundError(KeyError):
+    pass
+
+
+class StoreCorrupt(Exception):
+    pass
+
+
+Listener = Callable[[Event], None]
+
+
+class Store:
+    """Use `await Store.open(path, clock)`; close with `await store.close()`."""
+
+    def __init__(self, conn: aiosqlite.Connection, clock: Clock) -> None:
+        self._conn = conn
+        self._clock = clock
+        self._lock = asyncio.Lock()
+        self._listeners: list[Listener] = []
+        self._pending: list[Event] = []
+
+    # --- lifecycle -------------------------------------------------------------------
+
+    @classmethod
+    async def open(cls, path: Path | str, clock: Clock) -> Store:
+        conn = await aiosqlite.connect(str(path), isolation_level=None)
+        conn.row_factory = sqlite3.Row
+        store = cls(conn, clock)
+        try:
+            await store._configure()
+            await store.migrate()
+        except BaseException:
+            await conn.close()
+            raise
+        return store
+
+    async def _configure(self) -> None:
+        for pragma in (
+            "PRAGMA journal_mode=WAL",
+            "PRAGMA synchronous=FULL",
+            "PRAGMA foreign_keys=ON",
+            "PRAGMA busy_timeout=5000",
+        ):
+            await self._conn.execute(pragma)
+        async with self._conn.execute("PRAGMA quick_check") as cur:
+            result = [r[0] for r in await cur.fetchall()]
+        if result != ["ok"]:
+            raise StoreCorrupt("database integrity check failed: " + "; ".join(result[:5]))
+
+    async def migrate(self) -> int:
+        """Apply pending migrations; returns the schema version. Re-running is a no-op."""
+        async with self._lock:
+            for version, script in enumerate(MIGRATIONS, start=1):
+                async with self._conn.execute("PRAGMA user_version") as cur:
+                    row = await cur.fetchone()
+                current = int(row[0]) if row else 0
+                if current >= version:
+                    continue
+                # executescript would COMMIT first; run statements one by one in our txn.
+                await self._conn.execute("BEGIN IMMEDIATE")
+                try:
+                    for stmt in _statements(script):
+                        await self._conn.execute(stmt)
+                    await self._conn.execute(f"PRAGMA user_version = {version}")
+                    await self._conn.execute("COMMIT")
+                except BaseException:
+                    await self._conn.execute("ROLLBACK")
+                    raise
+            return len(MIGRATIONS)
+
+    async def close(self) -> None:
+        await self._conn.close()
+
+    def subscribe(self, listener: Listener) -> Callable[[], None]:
+        """Call `listener(event)` after each commit, once per event written. Returns unsubscribe."""
+        self._listeners.append(listener)
+        return lambda: self._listeners.remove(listener) if listener in self._listeners else None
+
+    # --- transactions ----------------------------------------------------------------
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[aiosqlite.Connection]:
+        """BEGIN IMMEDIATE under the writer lock. Pass values in; never await the network here."""
+        async with self._lock:
+            await self._conn.execute("BEGIN IMMEDIATE")
+            self._pending = []
+            try:
+                yield self._conn
+            except BaseException:
+                await self._conn.execute("ROLLBACK")
+                self._pending = []
+                raise
+            await self._conn.execute("COMMIT")
+            written, self._pending = self._pending, []
+        for event in written:
+            for listener in list(self._listeners):
+                listener(event)
+
+    async def _event(
+        self,
+        conn: aiosqlite.Connection,
+        kind: EntityKind,
+        entity_id: str,
+        name: str,
+        *,
+        from_state: str | None = None,
+        to_state: str | None = None,
+        reason: str | None = None,
+        details: Mapping[str, Any] | None = None,
+        at: datetime | None = None,
+    ) -> Event:
+        when = at or self._clock.now()
+        body = dict(details or {})
+        cur = await conn.execute(
+            "INSERT INTO events (at, kind, entity_id, name, from_state, to_state, reason, details)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                format_ts(when),
+                kind.value,
+                entity_id,
+                name,
+                from_state,
+                to_state,
+                reason,
+                json.dumps(body, sort_keys=True, default=str),
+            ),
+        )
+        ev = Event(
+            id=int(cur.lastrowid or 0),
+            at=when,
+            kind=kind,
+            entity_id=entity_id,
+            name=name,
+            from_state=from_state,
+            to_state=to_state,
+            reason=reason,
+            details=body,
+        )
+        self._pending.append(ev)
+        return ev
+
+    async def record(
+        self,
+        kind: EntityKind,
+        entity_id: str,
+        name: str,
+        details: Mapping[str, Any] | None = None,
+        *,
+        reason: str | None = None,
+        updates: Mapping[str, Any] | None = None,
+    ) -> Event:
+        """An event that is not a state change (an extension, a strike, progress), optionally
+        with field updates to the entity in the same transaction."""
+        async with self.transaction() as conn:
+            if updates:
+                table = "instances" if kind is EntityKind.INSTANCE else "jobs"
+                await _update(conn, table, entity_id, updates)
+            return await self._event(conn, kind, entity_id, name, reason=reason, details=details)
+
+    # --- instances -------------------------------------------------------------------
+
+    async def insert_instance(
+        self, inst: Instance, details: Mapping[str, Any] | None = None
+    ) -> None:
+        """The intent row: committed before the provider is called."""
+        cols = rows.instance_columns(inst)
+        async with self.transaction() as conn:
+            await conn.execute(
+                f"INSERT INTO instances ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",  # noqa: S608
+                tuple(cols.values()),
+            )
+            await self._event(
+                conn,
+                EntityKind.INSTANCE,
+                inst.id,
+                "state",
+                to_state=inst.state.value,
+                details={"provider": inst.provider, "label": inst.label, **(details or {})},
+            )
+
+    async def transition_instance(
+        self,
+        instance_id: str,
+        to: InstanceState,
+        *,
+        reason: TerminationReason | None = None,
+        details: Mapping[str, Any] | None = None,
+        **fields: Any,
+    ) -> Instance:
+        """Check the transition, write the new state, its fields and one event, atomically.
+
+        Going to TERMINATED also writes the termination record (uptime and cost to now)."""
+        now = self._clock.now()
+        async with self.transaction() as conn:
+            current = await self._instance(conn, instance_id)
+            if to not in INSTANCE_TRANSITIONS[current.state]:
+                raise IllegalTransition(f"instance {instance_id}: {current.state} -> {to}")
+            updates: dict[str, Any] = {"state": to.value, **fields}
+            if reason is not None:
+                updates["reason"] = reason.value
+            stamp = {
+                InstanceState.RUNNING: "running_at",
+                InstanceState.TERMINATING: "terminating_at",
+                InstanceState.TERMINATED: "terminated_at",
+                InstanceState.LAUNCH_FAILED: "terminated_at",
+            }.get(to)
+            if stamp and stamp not in updates:
+                updates[stamp] = now
+            await _update(conn, "instances", instance_id, updates)
+            after = await self._instance(conn, instance_id)
+            body = dict(details or {})
+            if to in (InstanceState.TERMINATED, InstanceState.LAUNCH_FAILED):
+                term = termination_of(after, now)
+                body |= {
+                    "provider_id": term.provider_id,
+                    "uptime_s": term.uptime_s,
+                    "gpu": term.gpu,
+                    "region": term.region,
+                    "price_per_hour": term.price_per_hour,
+                    "cost": term.cost,
+                }
+                if to is InstanceState.TERMINATED:
+                    await _insert_termination(conn, term)
+            await self._event(
+                conn,
+                EntityKind.INSTANCE,
+                instance_id,
+                "state",
+                from_state=current.state.value,
+                to_state=to.value,
+                reason=after.reason.value if after.reason else None,
+                details=body,
+                at=now,
+            )
+            return after
+
+    async def update_instance(self, instance_id: str, **fields: Any) -> Instance:
+        """Change fields that are not the state (probe results, SSH endpoint). No event:
+        callers that want one use `record(..., updates=...)`."""
+        if "state" in fields:
+            raise IllegalTransition("use transition_instance to change the state")
+        async with self.transaction() as conn:
+            await _update(conn, "instances", instance_id, fields)
+            return await self._instance(conn, instance_id)
+
+    async def get_instance(self, instance_id: str) -> Instance:
+        async with self._lock:
+            return await self._instance(self._conn, instance_id)
+
+    async def find_instance(self, provider: str, provider_id: str) -> Instance | None:
+        async with self._lock:
+            got = await _fetch(
+                self._conn,
+                "SELECT * FROM instances WHERE provider = ? AND provider_id = ?"
+                " ORDER BY created_at DESC LIMIT 1",
+                (provider, provider_id),
+            )
+        return rows.instance_from_row(got[0]) if got else None
+
+    async def instances(self, states: Iterable[InstanceState] | None = None) -> list[Instance]:
+        sql, args = "SELECT * FROM instances", tuple[str, ...]()
+        if states is not None:
+            wanted = tuple(s.value for s in states)
+            sql += f" WHERE state IN ({', '.join('?' * len(wanted))})"
+            args = wanted
+        async with self._lock:
+            got = await _fetch(self._conn, sql + " ORDER BY created_at", args)
+        return [rows.instance_from_row(r) for r in got]
+
+    async def live_instances(self) -> list[Instance]:
+        return await self.instances(LIVE_INSTANCE_STATES)
+
+    async def _instance(self, conn: aiosqlite.Connection, instance_id: str) -> Instance:
+        got = await _fetch(conn, "SELECT * FROM instances WHERE id = ?", (instance_id,))
+        if not got:
+            raise NotFoundError(f"no instance {instance_id}")
+        return rows.instance_from_row(got[0])
+
+    async def terminations(
+        self, since: datetime, until: datetime | None = None
+    ) -> list[Termination]:
+        sql = "SELECT * FROM terminations WHERE at >= ?"
+        args: tuple[Any, ...] = (format_ts(since),)
+        if until is not None:
+            sql += " AND at < ?"
+            args += (format_ts(until),)
+        async with self._lock:
+            got = await _fetch(self._conn, sql + " ORDER BY at", args)
+        return [rows.termination_from_row(r) for r in got]
+
+    # --- jobs ------------------------------------------------------------------------
+
+    async def insert_job(self, job: Job) -> None:
+        cols = rows.job_columns(job)
+        async with self.transaction() as conn:
+            await conn.execute(
+                f"INSERT INTO jobs ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",  # noqa: S608
+                tuple(cols.values()),
+            )
+            await self._event(conn, EntityKind.JOB, job.id, "state", to_state=job.state.value)
+
+    async def transition_job(
+        self,
+        job_id: str,
+        to: JobState,
+        *,
+        reason: str | None = None,
+        details: Mapping[str, Any] | None = None,
+        **fields: Any,
+    ) -> Job:
+        now = self._clock.now()
+        async with self.transaction() as conn:
+            current = await self._job(conn, job_id)
+            if to not in JOB_TRANSITIONS[current.state]:
+                raise IllegalTransition(f"job {job_id}: {current.state} -> {to}")
+            updates: dict[str, Any] = {"state": to.value, "updated_at": now, **fields}
+            if to.terminal and "finished_at" not in updates:
+                updates["finished_at"] = now
+            await _update(conn, "jobs", job_id, updates)
+            await self._event(
+                conn,
+                EntityKind.JOB,
+                job_id,
+                "state",
+                from_state=current.state.value,
+                to_state=to.value,
+                reason=reason,
+                details=details,
+                at=now,
+            )
+            return await self._job(conn, job_id)
+
+    async def update_job(self, job_id: str, **fields: Any) -> Job:
+        if "state" in fields:
+            raise IllegalTransition("use transition_job to change the state")
+        async with self.transaction() as conn:
+            await _update(conn, "jobs", job_id, {"updated_at": self._clock.now(), **fields})
+            return await self._job(conn, job_id)
+
+    async def get_job(self, job_id: str) -> Job:
+        async with self._lock:
+            return await self._job(self._conn, job_id)
+
+    async def jobs(self, states: Iterable[JobState] | None = None, limit: int = 1000) -> list[Job]:
+        sql, args = "SELECT * FROM jobs", tuple[str, ...]()
+        if states is not None:
+            wanted = tuple(s.value for s in states)
+            sql += f" WHERE state IN ({', '.join('?' * len(wanted))})"
+            args = wanted
+        sql += " ORDER BY priority DESC, created_at, id LIMIT ?"
+        async with self._lock:
+            got = await _fetch(self._conn, sql, (*args, limit))
+        return [rows.job_from_row(r) for r in got]
+
+    async def _job(self, conn: aiosqlite.Connection, job_id: str) -> Job:
+        got = await _fetch(conn, "SELECT * FROM jobs WHERE id = ?", (job_id,))
+        if not got:
+            raise NotFoundError(f"no job {job_id}")
+        return rows.job_from_row(got[0])
+
+    # --- events and flags ------------------------------------------------------------
+
+    async def events(
+        self,
+        *,
+        since: datetime | None = None,
+        kind: EntityKind | None = None,
+        entity_id: str | None = None,
+        after_id: int = 0,
+        limit: int = 10_000,
+    ) -> list[Event]:
+        clauses, args = ["id > ?"], [after_id]
+        if since is not None:
+            clauses.append("at >= ?")
+            args.append(format_ts(since))  # type: ignore[arg-type]
+        if kind is not None:
+            clauses.append("kind = ?")
+            args.append(kind.value)  # type: ignore[arg-type]
+        if entity_id is not None:
+            clauses.append("entity_id = ?")
+            args.append(entity_id)  # type: ignore[arg-type]
+        sql = f"SELECT * FROM events WHERE {' AND '.join(clauses)} ORDER BY id LIMIT ?"  # noqa: S608
+        async with self._lock:
+            got = await _fetch(self._conn, sql, (*args, limit))
+        return [rows.event_from_row(r) for r in got]
+
+    async def get_flag(self, key: str, default: Any = None) -> Any:
+        async with self._lock:
+            got = await _fetch(self._conn, "SELECT value FROM flags WHERE key = ?", (key,))
+        return json.loads(got[0]["value"]) if got else default
+
+    async def set_flag(self, key: str, value: Any, *, reason: str | None = None) -> None:
+        """Daemon-wide state (queue paused, ...), with an event so it is on record."""
+        async with self.transaction() as conn:
+            await conn.execute(
+                "INSERT INTO flags (key, value) VALUES (?, ?)"
+                " ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                (key, json.dumps(value)),
+            )
+            await self._event(
+                conn, EntityKind.DAEMON, key, "flag", reason=reason, details={"value": value}
+            )
+
+    async def vacuum_into(self, target: Path) -> None:
+        """A consistent copy of the database while the daemon runs."""
+        async with self._lock:
+            await self._conn.execute("VACUUM INTO ?", (str(target),))
+
+
+def termination_of(inst: Instance, now: datetime) -> Termination:
+    """The termination record of an instance ended at `now` (uptime and cost from its start)."""
+    start = inst.provider_started_at or inst.created_at  # billing starts at the provider
+    if inst.provider_id is None:  # the provider never acknowledged it: nothing billed
+        start = now
+    end = inst.terminated_at or now
+    return Termination(
+        at=end,
+        instance_id=inst.id,
+        provider=inst.provider,
+        provider_id=inst.provider_id,
+        reason=inst.reason or TerminationReason.VANISHED,
+        uptime_s=max(0.0, (end - start).total_seconds()),
+        gpu=inst.gpu,
+        region=inst.region,
+        price_per_hour=inst.price_per_hour,
+        cost=round(policy.cost(inst.price_per_hour, start, end, inst.billing), 6),
+    )
+
+
+async def _insert_termination(conn: aiosqlite.Connection, t: Termination) -> None:
+    await conn.execute(
+        "INSERT OR REPLACE INTO terminations (instance_id, at, provider, provider_id, reason,"
+        " uptime_s, gpu, region, price_per_hour, cost) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            t.instance_id,
+            format_ts(t.at),
+            t.provider,
+            t.provider_id,
+            t.reason.value,
+            t.uptime_s,
+            t.gpu,
+            t.region,
+            t.price_per_hour,
+            t.cost,
+        ),
+    )
+
+
+_COLUMN_OK = frozenset("abcdefghijklmnopqrstuvwxyz_")
+
+
+async def _update(
+    conn: aiosqlite.Connection, table: str, entity_id: str, fields: Mapping[str, Any]
+) -> None:
+    if not fields:
+        return
+    for name in fields:
+        if not set(name) <= _COLUMN_OK:  # column names come from code, never from users
+            raise ValueError(f"bad column name {name!r}")
+    assigns = ", ".join(f"{name} = ?" for name in fields)
+    values = [rows.to_column(k, v) for k, v in fields.items()]
+    cur = await conn.execute(
+        f"UPDATE {table} SET {assigns} WHERE id = ?",  # noqa: S608
+        (*values, entity_id),
+    )
+    if cur.rowcount == 0:
+        raise NotFoundError(f"no {table[:-1]} {entity_id}")
+
+
+async def _fetch(
+    conn: aiosqlite.Connection, sql: str, args: Iterable[Any] = ()
+) -> list[sqlite3.Row]:
+    async with conn.execute(sql, tuple(args)) as cur:
+        return list(await cur.fetchall())
+
+
+def _statements(script: str) -> list[str]:
+    """Split a migration script into statements (triggers hold ';' inside BEGIN ... END)."""
+    out: list[str] = []
+    buf = ""
+    for line in script.splitlines(keepends=True):
+        buf += line
+        if sqlite3.complete_statement(buf):
+            if buf.strip():
+                out.append(buf.strip())
+            buf = ""
+    if buf.strip():
+        out.append(buf.strip())
+    return out

@@ -1,0 +1,153 @@
+"""Mapping between SQLite rows and the frozen records of model.py."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sqlite3
+from datetime import datetime
+from typing import Any
+
+from gpuwarden.clock import format_ts, parse_ts
+from gpuwarden.model import (
+    Billing,
+    EntityKind,
+    Event,
+    Instance,
+    InstanceState,
+    Job,
+    JobSpec,
+    JobState,
+    Termination,
+    TerminationReason,
+)
+
+INSTANCE_TIME_FIELDS = frozenset(
+    {
+        "created_at",
+        "lease_until",
+        "last_activity",
+        "provider_started_at",
+        "running_at",
+        "terminating_at",
+        "terminated_at",
+        "last_probe_at",
+    }
+)
+JOB_TIME_FIELDS = frozenset({"created_at", "updated_at", "started_at", "finished_at"})
+
+
+def _ts(value: Any) -> datetime:
+    out = parse_ts(value)
+    assert out is not None
+    return out
+
+
+def instance_from_row(row: sqlite3.Row) -> Instance:
+    return Instance(
+        id=row["id"],
+        provider=row["provider"],
+        provider_id=row["provider_id"],
+        label=row["label"],
+        state=InstanceState(row["state"]),
+        reason=TerminationReason(row["reason"]) if row["reason"] else None,
+        offer_id=row["offer_id"],
+        gpu=row["gpu"],
+        num_gpus=row["num_gpus"],
+        region=row["region"],
+        price_per_hour=row["price_per_hour"],
+        billing=Billing(row["billing"]),
+        created_at=_ts(row["created_at"]),
+        lease_until=_ts(row["lease_until"]),
+        last_activity=_ts(row["last_activity"]),
+        provider_started_at=parse_ts(row["provider_started_at"]),
+        running_at=parse_ts(row["running_at"]),
+        terminating_at=parse_ts(row["terminating_at"]),
+        terminated_at=parse_ts(row["terminated_at"]),
+        ssh_host=row["ssh_host"],
+        ssh_port=row["ssh_port"],
+        ssh_user=row["ssh_user"],
+        strikes=row["strikes"],
+        last_probe_at=parse_ts(row["last_probe_at"]),
+        last_probe_ok=None if row["last_probe_ok"] is None else bool(row["last_probe_ok"]),
+        job_id=row["job_id"],
+        extra=json.loads(row["extra"]),
+    )
+
+
+def to_column(name: str, value: Any) -> Any:
+    """A Python value as stored in a column."""
+    if isinstance(value, datetime):
+        return format_ts(value)
+    if name in ("extra", "details", "outputs"):
+        return json.dumps(list(value) if isinstance(value, tuple) else value, sort_keys=True)
+    if name == "spec":
+        return json.dumps(dataclasses.asdict(value), sort_keys=True)
+    if isinstance(value, bool):
+        return int(value)
+    return value
+
+
+def instance_columns(inst: Instance) -> dict[str, Any]:
+    return {f.name: to_column(f.name, getattr(inst, f.name)) for f in dataclasses.fields(inst)}
+
+
+def spec_from_json(text: str) -> JobSpec:
+    data = json.loads(text)
+    known = {f.name for f in dataclasses.fields(JobSpec)}
+    return JobSpec(**{k: v for k, v in data.items() if k in known})
+
+
+def job_from_row(row: sqlite3.Row) -> Job:
+    return Job(
+        id=row["id"],
+        state=JobState(row["state"]),
+        spec=spec_from_json(row["spec"]),
+        priority=row["priority"],
+        attempt=row["attempt"],
+        instance_id=row["instance_id"],
+        created_at=_ts(row["created_at"]),
+        updated_at=_ts(row["updated_at"]),
+        started_at=parse_ts(row["started_at"]),
+        finished_at=parse_ts(row["finished_at"]),
+        progress_step=row["progress_step"],
+        progress_total=row["progress_total"],
+        error=row["error"],
+        outputs=tuple(json.loads(row["outputs"])),
+        gpu_seconds=row["gpu_seconds"],
+        cost=row["cost"],
+        extra=json.loads(row["extra"]),
+    )
+
+
+def job_columns(job: Job) -> dict[str, Any]:
+    return {f.name: to_column(f.name, getattr(job, f.name)) for f in dataclasses.fields(job)}
+
+
+def event_from_row(row: sqlite3.Row) -> Event:
+    return Event(
+        id=row["id"],
+        at=_ts(row["at"]),
+        kind=EntityKind(row["kind"]),
+        entity_id=row["entity_id"],
+        name=row["name"],
+        from_state=row["from_state"],
+        to_state=row["to_state"],
+        reason=row["reason"],
+        details=json.loads(row["details"]),
+    )
+
+
+def termination_from_row(row: sqlite3.Row) -> Termination:
+    return Termination(
+        at=_ts(row["at"]),
+        instance_id=row["instance_id"],
+        provider=row["provider"],
+        provider_id=row["provider_id"],
+        reason=TerminationReason(row["reason"]),
+        uptime_s=row["uptime_s"],
+        gpu=row["gpu"],
+        region=row["region"],
+        price_per_hour=row["price_per_hour"],
+        cost=row["cost"],
+    )
