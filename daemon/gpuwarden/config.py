@@ -80,9 +80,14 @@ class DaemonSettings(_Section):
     installation: str = Field(default="main", pattern=r"^[a-z0-9][a-z0-9-]{0,30}$")
     shutdown_timeout: Duration = timedelta(seconds=10)
     request_timeout: Duration = timedelta(seconds=30)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
 
 
 class PolicySettings(_Section):
+    # Defaults are validated too, so that lease_default = "9h" alone is caught by the
+    # lease_max check instead of slipping past the 8h default.
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
     idle_timeout: Duration = timedelta(minutes=30)
     lease_default: Duration = timedelta(hours=4)
     lease_min: Duration = timedelta(hours=1)
@@ -142,6 +147,19 @@ class ProviderSettings(_Section):
     max_retries: int = Field(default=4, ge=0, le=10)
 
 
+class SimFaultSettings(_Section):
+    """Fault knobs of the simulated cloud (also settable at run time: POST /_sim/faults)."""
+
+    latency: Duration = timedelta(0)  # added before every API answer
+    rate_5xx: float = Field(default=0.0, ge=0, le=1)  # share of API calls answered 5xx
+    rate_429: float = Field(default=0.0, ge=0, le=1)  # share of API calls answered 429
+    create_error_exists: int = Field(default=0, ge=0)  # next N creates: error, yet it exists
+    list_lag: Duration = timedelta(0)  # listings show new ones late and ended ones still
+    destroy_noop: int = Field(default=0, ge=0)  # next N destroys answer success, do nothing
+    end_on_zero_credit: bool = False  # at zero credit also end the running instances
+    seed: int = 0  # of the random draws for the rates
+
+
 class SimSettings(ProviderSettings):
     """The simulated cloud, run inside the daemon (demo) or standalone (`gpuwarden sim`)."""
 
@@ -150,6 +168,7 @@ class SimSettings(ProviderSettings):
     boot_delay: Duration = timedelta(seconds=1)
     credit: Price = 100.0
     sandbox_dir: Path | None = None  # default: <state_dir>/sim
+    faults: SimFaultSettings = SimFaultSettings()
 
 
 class ProvidersSettings(_Section):
@@ -197,6 +216,10 @@ class JobsSettings(_Section):
     max_attempts: int = Field(default=3, ge=1)
     ssh_wait: Duration = timedelta(minutes=10)
     disk_gb: float = Field(default=20.0, gt=0)
+    # How often a running job's progress and status are read over SSH.
+    progress_interval: Duration = timedelta(seconds=1)
+    # The preview engine sleeps this long per step so that its progress can be seen.
+    preview_step_delay: Duration = timedelta(milliseconds=250)
 
 
 class SshSettings(_Section):

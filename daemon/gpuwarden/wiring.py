@@ -3,10 +3,25 @@
 from __future__ import annotations
 
 from gpuwarden.app import App
+from gpuwarden.control import ControlServer
+from gpuwarden.jobs.service import JobService
 from gpuwarden.services.base import Service
+from gpuwarden.services.guard import Guard
+from gpuwarden.services.reconciler import Reconciler
+from gpuwarden.services.watchdog import Watchdog
 
 
 def build_services(app: App) -> list[Service]:
     """Services in the order their optional `start()` runs before READY=1."""
     services: list[Service] = []
+    # Cost guard first: the reconciler's start() is its first full pass (finds what a crash
+    # hid), then the guard, which ends every instance at its deadline.
+    services.append(Reconciler(app))
+    services.append(Guard(app))
+    # After the reconciler's first pass (the socket answers from a reconciled store) and
+    # before job recovery.
+    services.append(ControlServer(app))
+    services.append(Watchdog(app))  # SSH probes of running instances (no start())
+    # Jobs last: its start() recovers jobs in flight against the reconciled store.
+    services.append(JobService(app))
     return services

@@ -1,0 +1,94 @@
+"""`gpuwarden sim`: run the simulated cloud in the foreground until SIGINT/SIGTERM, then print
+its billing ledger (the ground truth of what the simulated instances cost)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from gpuwarden.config import EX_CONFIG, ConfigError, SimSettings, load, parse_duration
+
+
+def register(sub: Any) -> None:
+    p: argparse.ArgumentParser = sub.add_parser(
+        "sim",
+        help="run the simulated GPU cloud (Vast.ai and Lambda APIs, SSH hosts) in the foreground",
+        description=(
+            "Serve Vast.ai- and Lambda Cloud-compatible APIs on loopback; every launched "
+            "instance is a real SSH server on its own port. Prints the billing ledger at exit."
+        ),
+    )
+    p.add_argument("--port", type=int, help="HTTP port (default: providers.sim.port, 0 = any)")
+    p.add_argument("--config", help="config file; [providers.sim] settings are used if present")
+    p.add_argument("--boot-delay", help="time from launch until SSH answers, e.g. 2s")
+    p.add_argument("--sandbox", help="directory for instance sandboxes (default: a temp dir)")
+    p.add_argument("--json", action="store_true", help="print the URLs and the ledger as JSON")
+    p.set_defaults(func=run)
+
+
+def _settings(args: argparse.Namespace) -> SimSettings:
+    sim = SimSettings()
+    if args.config:
+        sim = load(args.config).providers.sim
+    updates: dict[str, Any] = {}
+    if args.port is not None:
+        updates["port"] = args.port
+    if args.boot_delay:
+        updates["boot_delay"] = parse_duration(args.boot_delay)
+    if args.sandbox:
+        updates["sandbox_dir"] = Path(args.sandbox)
+    return sim.model_copy(update=updates) if updates else sim
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        settings = _settings(args)
+    except ConfigError as exc:
+        print(exc.render(), file=sys.stderr)
+        return EX_CONFIG
+    except ValueError as exc:
+        print(f"gpuwarden sim: {exc}", file=sys.stderr)
+        return 2
+    return asyncio.run(_serve(settings, as_json=args.json))
+
+
+async def _serve(settings: SimSettings, *, as_json: bool) -> int:
+    from gpuwarden import logging as gw_logging
+    from gpuwarden.sim import SimCloud
+    from gpuwarden.sim.ledger import render
+
+    # Logs to stderr: stdout carries only the URLs and the ledger (scriptable with --json).
+    gw_logging.configure(stream=sys.stderr)
+
+    # Sandboxes are kept after exit for inspection (what ran, onstart.log, outputs).
+    root = settings.sandbox_dir or Path(tempfile.mkdtemp(prefix="gpuwarden-sim-"))
+    cloud = SimCloud(settings, sandbox_root=root)
+    urls = await cloud.start()
+    key_hint = "the providers.sim.api_key setting" if settings.api_key else "sim-key"
+    if as_json:
+        info = {"vast": urls.vast, "lambda": urls.lambda_, "admin": urls.admin,
+                "api_key": key_hint, "sandbox": str(root)}  # fmt: skip
+        print(json.dumps(info), flush=True)
+    else:
+        print(f"vast:    {urls.vast}", flush=True)
+        print(f"lambda:  {urls.lambda_}", flush=True)
+        print(f"admin:   {urls.admin}/_sim/ledger  {urls.admin}/_sim/faults", flush=True)
+        print(f"api key: {key_hint}", flush=True)
+        print(f"sandbox: {root}", flush=True)
+        print("Ctrl-C stops the sim and prints the ledger", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        ledger = await cloud.stop()
+    print(json.dumps(ledger) if as_json else render(ledger), flush=True)
+    return 0

@@ -1,0 +1,246 @@
+"""Output helpers shared by every control command: JSON or rich tables, money, durations and
+local times, confirmation prompts, and the mapping from errors to exit codes.
+
+A command body is `async def body(client: ControlClient, out: Out) -> int`; `run_command`
+opens the client, runs it and turns Unreachable / RemoteError into the documented exit codes:
+0 ok, 1 a domain error (message on stderr), 2 usage, 69 daemon unreachable (with a hint).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from datetime import UTC, datetime
+from typing import Any, TextIO
+
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from gpuwarden.cli.client import (
+    DOMAIN_ERROR,
+    ControlClient,
+    RemoteError,
+    Unreachable,
+    resolve_socket,
+)
+
+EX_OK = 0
+EX_DOMAIN = 1
+EX_USAGE = 2
+EX_UNAVAILABLE = 69  # sysexits EX_UNAVAILABLE
+INVALID_PARAMS = -32602
+PIPE_WIDTH = 250  # columns for tables written to a pipe or file
+
+Body = Callable[[ControlClient, "Out"], Awaitable[int]]
+
+
+def add_common(p: argparse.ArgumentParser) -> None:
+    """--json, --socket and --config: every control command takes them."""
+    p.add_argument("--json", action="store_true", help="print JSON for scripts")
+    p.add_argument(
+        "--socket",
+        metavar="PATH",
+        help="control socket (default: $GPUWARDEN_SOCKET, the config's daemon.socket, "
+        "or /run/gpuwarden/control.sock)",
+    )
+    p.add_argument(
+        "--config",
+        metavar="PATH",
+        help="config file to read the socket path from (default: $GPUWARDEN_CONFIG)",
+    )
+
+
+class Out:
+    """Where a command writes. Colour only when the stream is a terminal (rich decides,
+    and honours NO_COLOR); JSON always goes out plain."""
+
+    def __init__(
+        self, json_mode: bool = False, *, stdout: TextIO | None = None, stderr: TextIO | None = None
+    ) -> None:
+        self.json_mode = json_mode
+        self._stdout = stdout or sys.stdout
+        # Off a terminal rich would assume 80 columns and cut cells; a pipe gets whole rows.
+        width = None if _isatty(self._stdout) else PIPE_WIDTH
+        # soft_wrap: messages are not broken into lines by rich; tables still fit the width.
+        # markup=False: text from the daemon (details, labels) may hold [brackets]; styling is
+        # done with rich.text.Text only.
+        self.console = Console(
+            file=self._stdout, highlight=False, soft_wrap=True, width=width, markup=False
+        )
+        self.err = Console(file=stderr or sys.stderr, highlight=False, soft_wrap=True, markup=False)
+
+    @property
+    def interactive(self) -> bool:
+        """May we ask a question? Both stdin and the terminal we would ask on are ttys."""
+        return _isatty(sys.stdin) and (_isatty(self._stdout) or _isatty(sys.stderr))
+
+    def json(self, data: Any) -> None:
+        self._stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+        self._stdout.flush()
+
+    def print(self, *items: Any, style: str | None = None) -> None:
+        self.console.print(*items, style=style)
+
+    def error(self, message: str) -> None:
+        self.err.print(Text(f"gpuwarden: {message}", style="red"))
+
+    def hint(self, message: str) -> None:
+        self.err.print(Text(f"hint: {message}", style="yellow"))
+
+    def table(
+        self,
+        columns: Sequence[str],
+        rows: Iterable[Sequence[Any]],
+        *,
+        totals: Sequence[Any] | None = None,
+        title: str | None = None,
+        right: Iterable[str] = (),
+    ) -> None:
+        """A table; cells may be str or rich Text (for colour). `right` names right-aligned
+        columns (numbers); `totals` is a last row set apart by a line."""
+        align = set(right)
+        t = Table(title=title, show_footer=totals is not None, box=None, pad_edge=False)
+        for i, col in enumerate(columns):
+            footer = totals[i] if totals is not None else ""
+            t.add_column(
+                col,
+                justify="right" if col in align else "left",
+                footer=footer if isinstance(footer, Text) else str(footer),
+                no_wrap=True,
+            )
+        for row in rows:
+            t.add_row(*(c if isinstance(c, Text) else str(c) for c in row))
+        self.console.print(t)
+
+    def confirm(self, question: str) -> bool:
+        """Ask on the terminal; False when the answer is not yes."""
+        try:
+            answer = self.err.input(Text(f"{question} [y/N] "))
+        except EOFError:
+            return False
+        return answer.strip().lower() in ("y", "yes")
+
+
+def _isatty(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):
+        return False
+
+
+# --- formatting -----------------------------------------------------------------------------
+
+
+def money(value: float | None) -> str:
+    if value is None:
+        return "-"
+    if 0 < abs(value) < 0.01:
+        return f"${value:.4f}"
+    return f"${value:,.2f}"
+
+
+def gigabytes(value: float | None) -> str:
+    return "-" if value is None else f"{round(float(value), 1):g} GB"
+
+
+def rate(value: float | None) -> str:
+    return "-" if value is None else f"${value:,.3f}/h"
+
+
+def duration(seconds: float | None) -> str:
+    """1d 02h, 3h 05m, 12m 30s, 45s; '-' for None."""
+    if seconds is None:
+        return "-"
+    secs = int(max(0.0, seconds))
+    days, rem = divmod(secs, 86400)
+    hours, rem = divmod(rem, 3600)
+    mins, s = divmod(rem, 60)
+    if days:
+        return f"{days}d {hours:02d}h"
+    if hours:
+        return f"{hours}h {mins:02d}m"
+    if mins:
+        return f"{mins}m {s:02d}s"
+    return f"{s}s"
+
+
+def parse_time(value: Any) -> datetime | None:
+    """An ISO 8601 string (as the daemon sends) or a datetime, as aware UTC."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, datetime):
+        dt = value
+    else:
+        dt = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+    return dt if dt.tzinfo else dt.replace(tzinfo=UTC)
+
+
+def local_time(value: Any, *, with_date: bool = True) -> str:
+    """A time in the user's local zone, for humans."""
+    dt = parse_time(value)
+    if dt is None:
+        return "-"
+    fmt = "%Y-%m-%d %H:%M:%S %Z" if with_date else "%H:%M:%S"
+    return dt.astimezone().strftime(fmt)
+
+
+def iso_utc(value: Any) -> str | None:
+    """A time as ISO 8601 UTC, for JSON."""
+    dt = parse_time(value)
+    return None if dt is None else dt.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+# --- running a command ------------------------------------------------------------------
+
+
+def run_command(args: argparse.Namespace, body: Body) -> int:
+    """Open a client on the resolved socket, run `body`, map errors to exit codes."""
+    out = Out(getattr(args, "json", False))
+    path = resolve_socket(getattr(args, "socket", None), getattr(args, "config", None))
+
+    async def go() -> int:
+        async with ControlClient(path) as client:
+            return await body(client, out)
+
+    try:
+        return asyncio.run(go())
+    except Unreachable as exc:
+        return unreachable(out, exc)
+    except RemoteError as exc:
+        return remote_error(out, exc)
+    except KeyboardInterrupt:
+        return 130
+
+
+def unreachable(out: Out, exc: Unreachable) -> int:
+    out.error(str(exc))
+    out.hint(
+        f"is the daemon running? Try 'systemctl status gpuwarden'. The socket path is "
+        f"{exc.path}; pass --socket PATH or set GPUWARDEN_SOCKET if it lives elsewhere"
+        + (
+            " (or run as a member of the socket's group)"
+            if exc.reason == "permission denied"
+            else ""
+        )
+    )
+    return EX_UNAVAILABLE
+
+
+def remote_error(out: Out, exc: RemoteError) -> int:
+    if out.json_mode:
+        out.json({"error": {"code": exc.code, "message": exc.message, "data": exc.data}})
+    out.error(exc.message)
+    if exc.code == INVALID_PARAMS:
+        return EX_USAGE
+    if exc.code != DOMAIN_ERROR and exc.code == -32601:
+        out.hint("the daemon does not know this command; is it older than this client?")
+    return EX_DOMAIN
+
+
+def usage_error(out: Out, message: str) -> int:
+    out.error(message)
+    return EX_USAGE

@@ -1,0 +1,262 @@
+"""`gpuwarden reap`: the emergency brake, with no daemon.
+
+It reads the config, builds the provider clients itself, lists every instance whose label
+carries our prefix (`gpuwarden-<installation>-`) at each enabled provider, shows them, and
+destroys them on confirmation (or --yes). Then, if the daemon's lock is free (the daemon is
+down), it opens the database and records what it did: known instances go to TERMINATED with
+reason manual (so `history` shows them), unknown ones get a `reaped` event in the log.
+With the daemon up, it leaves the database alone (the daemon's reconciler sees the
+instances vanish) and says so.
+
+The sim cloud normally runs inside the daemon and dies with it; reap reaches a standalone
+`gpuwarden sim` through providers.sim.base_url, or providers.sim.host and a fixed port.
+
+Exit codes: 0 nothing left to reap, 1 something could not be listed or destroyed (or the
+user declined), 78 bad config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+from rich.text import Text
+
+from gpuwarden.cli.output import EX_DOMAIN, EX_OK, Out, local_time, rate
+from gpuwarden.clock import SystemClock
+from gpuwarden.config import EX_CONFIG, ConfigError, Settings, load
+from gpuwarden.model import EntityKind, InstanceState, TerminationReason, label_prefix
+from gpuwarden.providers.base import Provider, ProviderInstance, ProviderState
+
+log = structlog.get_logger(__name__)
+
+
+def register(sub: Any) -> None:
+    p: argparse.ArgumentParser = sub.add_parser(
+        "reap",
+        help="emergency: destroy every instance with our label, straight through the APIs",
+        description=(
+            "Without the daemon: list every instance labelled gpuwarden-<installation>- at "
+            "each enabled provider and destroy them. Records what it did in the database "
+            "when the daemon is not running."
+        ),
+    )
+    p.add_argument(
+        "--config", metavar="PATH", help="config file (default: $GPUWARDEN_CONFIG or /etc/...)"
+    )
+    p.add_argument("--yes", "-y", action="store_true", help="destroy without asking")
+    p.add_argument("--json", action="store_true", help="print JSON for scripts")
+    p.set_defaults(func=main)
+
+
+@dataclass
+class Report:
+    found: list[ProviderInstance] = field(default_factory=list)
+    destroyed: list[ProviderInstance] = field(default_factory=list)
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (what, why)
+    recorded: str = "not attempted"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "found": [_pi_json(p) for p in self.found],
+            "destroyed": [_pi_json(p) for p in self.destroyed],
+            "failed": [{"what": w, "error": e} for w, e in self.failed],
+            "recorded": self.recorded,
+        }
+
+
+def _pi_json(p: ProviderInstance) -> dict[str, Any]:
+    return {
+        "provider": p.provider,
+        "provider_id": p.provider_id,
+        "label": p.label,
+        "state": p.state.value,
+        "gpu": p.gpu_name,
+        "price_per_hour": p.price_per_hour,
+        "started_at": p.started_at.isoformat().replace("+00:00", "Z") if p.started_at else None,
+    }
+
+
+def main(args: argparse.Namespace) -> int:
+    out = Out(args.json)
+    from gpuwarden import logging as gw_logging
+
+    # Warnings and errors only, on stderr: stdout carries the table or the JSON.
+    gw_logging.configure(mode="console", level="warning", stream=sys.stderr)
+    try:
+        settings = load(args.config)
+    except ConfigError as exc:
+        out.error(exc.render())
+        return EX_CONFIG
+    gw_logging.register_secrets_from(settings)
+    try:
+        return asyncio.run(reap(settings, out, yes=args.yes))
+    except KeyboardInterrupt:
+        return 130
+
+
+async def reap(settings: Settings, out: Out, *, yes: bool) -> int:
+    clock = SystemClock()
+    try:
+        providers = build(settings, clock, out)
+    except ConfigError as exc:
+        out.error(exc.render())
+        return EX_CONFIG
+    report = Report()
+    try:
+        await _list(providers, label_prefix(settings.daemon.installation), report)
+        _show(out, report)
+        live = [p for p in report.found if p.state is not ProviderState.TERMINATED]
+        if live and not yes:
+            if not out.interactive:
+                out.error("not destroying without confirmation: this is not a terminal")
+                out.hint("pass --yes to reap from a script")
+                return _finish(out, report, EX_DOMAIN)
+            if not out.confirm(f"Destroy these {len(live)} instance(s)?"):
+                out.error("nothing destroyed")
+                return _finish(out, report, EX_DOMAIN)
+        await _destroy(providers, live, report, out)
+    finally:
+        for p in providers.values():
+            with contextlib.suppress(Exception):
+                await p.aclose()
+    if report.destroyed:
+        report.recorded = await record(settings, clock, report.destroyed)
+        if not out.json_mode:
+            out.print(f"Database: {report.recorded}.")
+    return _finish(out, report, EX_DOMAIN if report.failed else EX_OK)
+
+
+def build(settings: Settings, clock: SystemClock, out: Out) -> dict[str, Provider]:
+    from gpuwarden.providers import build_providers
+
+    sim = settings.providers.sim
+    urls = None
+    if sim.enabled:
+        base = sim.base_url or (f"http://{sim.host}:{sim.port}" if sim.port else None)
+        if base is None:
+            out.error(
+                "skipping the sim cloud: it ran inside the daemon (port 0) and ended with it; "
+                "set providers.sim.base_url to reach a standalone 'gpuwarden sim'"
+            )
+        else:
+            from gpuwarden.sim.server import SimUrls
+
+            base = base.rstrip("/")
+            urls = SimUrls(vast=f"{base}/vast", lambda_=f"{base}/lambda/api/v1", admin=base)
+    return build_providers(settings, clock, sim_urls=urls)
+
+
+async def _list(providers: dict[str, Provider], prefix: str, report: Report) -> None:
+    async def one(name: str, p: Provider) -> None:
+        try:
+            report.found.extend(await p.list_instances(prefix))
+        except Exception as exc:  # one provider's failure must not hide the others'
+            report.failed.append((f"list {name}", str(exc) or type(exc).__name__))
+
+    await asyncio.gather(*(one(n, p) for n, p in providers.items()))
+    report.found.sort(key=lambda p: (p.provider, p.label))
+
+
+async def _destroy(
+    providers: dict[str, Provider], live: list[ProviderInstance], report: Report, out: Out
+) -> None:
+    async def one(pi: ProviderInstance) -> None:
+        try:
+            await providers[pi.provider].destroy(pi.provider_id)
+        except Exception as exc:
+            report.failed.append((f"destroy {pi.provider} {pi.provider_id}", str(exc)))
+            out.error(f"could not destroy {pi.label} ({pi.provider} {pi.provider_id}): {exc}")
+            return
+        report.destroyed.append(pi)
+        log.warning("reap_destroyed", provider=pi.provider, provider_id=pi.provider_id)
+        if not out.json_mode:
+            out.print(f"destroyed {pi.label} ({pi.provider} {pi.provider_id})")
+
+    await asyncio.gather(*(one(pi) for pi in live))
+
+
+async def record(settings: Settings, clock: SystemClock, done: list[ProviderInstance]) -> str:
+    """Write what reap did into the database, if the daemon is not holding it."""
+    from gpuwarden.lock import LockHeld, StateLock
+    from gpuwarden.store import Store
+
+    if not settings.db_path.exists():
+        return f"no database at {settings.db_path}; nothing recorded"
+    lock = StateLock(settings.lock_path)
+    try:
+        lock.acquire()
+    except LockHeld:
+        return "the daemon holds the database; its reconciler will see the instances vanish"
+    except OSError as exc:
+        return f"cannot lock {settings.lock_path}: {exc.strerror}; nothing recorded"
+    try:
+        store = await Store.open(settings.db_path, clock)
+        try:
+            known = 0
+            for pi in done:
+                known += await _record_one(store, pi)
+        finally:
+            await store.close()
+    finally:
+        lock.release()
+    return f"recorded {known} known and {len(done) - known} unknown instance(s)"
+
+
+async def _record_one(store: Any, pi: ProviderInstance) -> int:
+    details = {"by": "reap", "provider": pi.provider, "provider_id": pi.provider_id}
+    inst = await store.find_instance(pi.provider, pi.provider_id)
+    if inst is None:
+        await store.record(EntityKind.DAEMON, "reap", "reaped", {**details, "label": pi.label})
+        log.warning("reap_unknown_instance", provider=pi.provider, provider_id=pi.provider_id)
+        return 0
+    if not inst.state.live:
+        return 1
+    if inst.state is InstanceState.REQUESTED:
+        inst = await store.transition_instance(
+            inst.id, InstanceState.TERMINATING, reason=TerminationReason.MANUAL, details=details
+        )
+    await store.transition_instance(
+        inst.id,
+        InstanceState.TERMINATED,
+        reason=inst.reason or TerminationReason.MANUAL,
+        details=details,
+    )
+    return 1
+
+
+def _show(out: Out, report: Report) -> None:
+    if out.json_mode:
+        return
+    if not report.found:
+        out.print("No instance with our label at any enabled provider.")
+    else:
+        out.table(
+            ["PROVIDER", "PROVIDER ID", "LABEL", "STATE", "GPU", "RATE", "STARTED"],
+            [
+                [
+                    p.provider,
+                    p.provider_id,
+                    p.label,
+                    Text(p.state.value, style="green" if p.state is ProviderState.RUNNING else ""),
+                    p.gpu_name or "-",
+                    rate(p.price_per_hour),
+                    local_time(p.started_at),
+                ]
+                for p in report.found
+            ],
+            right=["RATE"],
+        )
+    for what, why in report.failed:
+        out.error(f"{what} failed: {why}")
+
+
+def _finish(out: Out, report: Report, code: int) -> int:
+    if out.json_mode:
+        out.json(report.to_json())
+    return code

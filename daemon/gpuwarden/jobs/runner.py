@@ -1,0 +1,444 @@
+"""Driving one job on one instance over SSH: upload the runner and the spec, start it
+detached, follow its progress, fetch the images and check them.
+
+The remote side is a port (`Connector` -> `RemoteConn`) so that unit tests drive the runner
+with a hand-written fake; `SshConnector` is the real one (remote.py, asyncssh).
+
+Every step is safe to repeat, which is what makes restarts and SSH drops harmless:
+- the remote status (running / exited / dead / absent) decides whether to start or attach;
+- images are downloaded to a temporary name, checked against the sha256 the runner reported,
+  and renamed; one already in place with the right checksum is not fetched again;
+- a job reaches a terminal state through the store's state machine, which refuses a second.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Protocol
+
+import asyncssh
+import structlog
+
+from gpuwarden import remote
+from gpuwarden.app import App
+from gpuwarden.clock import parse_ts
+from gpuwarden.deadman import deploy_file
+from gpuwarden.jobs import queue
+from gpuwarden.jobs.spec import remote_dir, runner_spec
+from gpuwarden.model import EntityKind, Instance, Job, JobState
+from gpuwarden.store import IllegalTransition
+
+log = structlog.get_logger(__name__)
+
+RUNNER_NAME = "txt2img.py"  # deploy/instance/ in a checkout, gpuwarden/assets/ when installed
+PYTHON = "python3"
+# What counts as the SSH connection going away (or never coming): reconnect and go on.
+SSH_ERRORS = (OSError, asyncssh.Error, TimeoutError, asyncssh.misc.ChannelOpenError)
+
+
+class RemoteConn(Protocol):
+    """One connection to an instance; paths are relative to the login home."""
+
+    async def put(self, local: Path, rel: str) -> None: ...
+    async def write(self, rel: str, data: bytes) -> None: ...
+    async def read(self, rel: str) -> bytes | None: ...
+    async def start(self, job_dir: str, argv: list[str]) -> None: ...
+    async def status(self, job_dir: str) -> remote.RemoteStatus: ...
+    async def kill(self, job_dir: str) -> None: ...
+    async def tail(self, rel: str, offset: int) -> tuple[list[str], int]: ...
+    async def get(self, rel: str, local: Path) -> None: ...
+    async def close(self) -> None: ...
+
+
+class Connector(Protocol):
+    async def connect(self, inst: Instance) -> RemoteConn: ...
+
+
+@dataclass
+class SshConn:
+    conn: asyncssh.SSHClientConnection
+    timeout: float
+
+    async def put(self, local: Path, rel: str) -> None:
+        await remote.upload(self.conn, local, rel)
+
+    async def write(self, rel: str, data: bytes) -> None:
+        await remote.write_file(self.conn, rel, data)
+
+    async def read(self, rel: str) -> bytes | None:
+        return await remote.read_file(self.conn, rel)
+
+    async def start(self, job_dir: str, argv: list[str]) -> None:
+        await remote.start_detached(self.conn, job_dir, argv, timeout=self.timeout)
+
+    async def status(self, job_dir: str) -> remote.RemoteStatus:
+        return await remote.job_status(self.conn, job_dir, timeout=self.timeout)
+
+    async def kill(self, job_dir: str) -> None:
+        await remote.kill(self.conn, f"{job_dir}/pid", timeout=self.timeout)
+
+    async def tail(self, rel: str, offset: int) -> tuple[list[str], int]:
+        return await remote.tail_progress(self.conn, rel, offset)
+
+    async def get(self, rel: str, local: Path) -> None:
+        await remote.download(self.conn, rel, local)
+
+    async def close(self) -> None:
+        self.conn.close()
+
+
+@dataclass
+class SshConnector:
+    key: asyncssh.SSHKey
+    connect_timeout: float
+    known_hosts: Path | None = None
+
+    async def connect(self, inst: Instance) -> RemoteConn:
+        if not inst.ssh_host or not inst.ssh_port:
+            raise ConnectionError(f"instance {inst.id} has no SSH endpoint yet")
+        target = remote.SshTarget(inst.ssh_host, inst.ssh_port, inst.ssh_user)
+        conn = await remote.connect(
+            target, self.key, timeout=self.connect_timeout, known_hosts=self.known_hosts
+        )
+        return SshConn(conn, timeout=max(30.0, self.connect_timeout))
+
+
+class Outcome(enum.StrEnum):
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    DIED = "died"  # the remote process vanished without an exit code; the instance lives
+    LOST = "lost"  # the instance is gone or unreachable for longer than ssh_wait
+
+
+class IntegrityError(Exception):
+    """A downloaded file does not match the checksum the runner reported."""
+
+
+async def cancel_requested(app: App, job_id: str, after_id: int = 0) -> tuple[bool, int]:
+    """Whether a cancel was asked for this job (a `cancel_requested` event; the api writes it
+    so that nothing else has to share the job row), and the last event id seen."""
+    events = await app.store.events(kind=EntityKind.JOB, entity_id=job_id, after_id=after_id)
+    last = events[-1].id if events else after_id
+    return any(e.name == "cancel_requested" for e in events), last
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class Runner:
+    """Runs one job on one instance whose SSH already answers. See `execute`."""
+
+    def __init__(
+        self,
+        app: App,
+        connector: Connector,
+        *,
+        poll: float,
+        reattach: float,
+        runner_source: str | None = None,
+    ) -> None:
+        self.app = app
+        self.connector = connector
+        self.poll = poll
+        self.reattach = reattach  # seconds we keep trying to reach a live instance
+        self.runner_source = runner_source or deploy_file(RUNNER_NAME)
+        idle = app.settings.policy.idle_timeout.total_seconds()
+        self.activity_every = max(0.5, min(30.0, idle / 4))
+
+    @property
+    def out_root(self) -> Path:
+        return self.app.settings.output_dir
+
+    # --- the whole job ------------------------------------------------------------------
+
+    async def execute(self, job: Job, inst: Instance) -> Outcome:
+        """Start or reattach, follow to the end, fetch. Returns how it ended; the job is in
+        its terminal state for SUCCEEDED / FAILED / CANCELLED, untouched otherwise."""
+        run = _Run(self, job, inst)
+        return await run.go()
+
+
+class _Run:
+    """The state of one execution (connection, offsets, rate limits)."""
+
+    def __init__(self, runner: Runner, job: Job, inst: Instance) -> None:
+        self.r = runner
+        self.app = runner.app
+        self.job = job
+        self.inst = inst
+        self.dir = remote_dir(job.id)
+        self.conn: RemoteConn | None = None
+        self.offset = 0
+        self.step = job.progress_step
+        self.total = job.progress_total
+        self.last_progress_at = -1e9
+        self.last_activity_at = -1e9
+        self.event_cursor = 0
+        self.error_message: str | None = None
+
+    async def go(self) -> Outcome:
+        try:
+            return await self._go()
+        finally:
+            if self.conn is not None:
+                await _quietly_close(self.conn)
+
+    async def _go(self) -> Outcome:
+        while True:
+            if not await self._ensure_conn():
+                return Outcome.LOST
+            assert self.conn is not None
+            try:
+                return await self._follow(self.conn)
+            except SSH_ERRORS as exc:
+                log.warning(
+                    "job_ssh_dropped", job_id=self.job.id, instance_id=self.inst.id, error=str(exc)
+                )
+                await _quietly_close(self.conn)
+                self.conn = None
+
+    async def _ensure_conn(self) -> bool:
+        """Connect, retrying for up to `reattach` seconds while the instance is live."""
+        if self.conn is not None:
+            return True
+        clock = self.app.clock
+        deadline = clock.monotonic() + self.r.reattach
+        delay = self.r.poll
+        while True:
+            inst = await self.app.store.get_instance(self.inst.id)
+            if not inst.state.live or inst.state.value == "terminating":
+                return False
+            self.inst = inst
+            try:
+                self.conn = await self.r.connector.connect(inst)
+                return True
+            except SSH_ERRORS as exc:
+                if clock.monotonic() >= deadline:
+                    log.warning(
+                        "job_unreachable", job_id=self.job.id, instance_id=inst.id, error=str(exc)
+                    )
+                    return False
+            await clock.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+    async def _follow(self, conn: RemoteConn) -> Outcome:
+        job = await self.app.store.get_job(self.job.id)
+        self.job = job
+        if job.state is JobState.FETCHING:
+            return await self._fetch(conn)
+        status = await conn.status(self.dir)
+        fresh = job.state is JobState.PROVISIONING
+        if status.state == "absent" or (fresh and status.state == "dead"):
+            await self._start(conn)  # (dead: a runner of an earlier attempt on this instance)
+        elif status.state == "dead":
+            return Outcome.DIED
+        await self._mark_running()
+        return await self._watch(conn)
+
+    async def _watch(self, conn: RemoteConn) -> Outcome:
+        """Follow a started runner until it ends, is cancelled, or dies."""
+        while True:
+            if await self._cancelled():
+                await conn.kill(self.dir)
+                return await self._finish_cancelled()
+            await self._read_progress(conn)
+            await self._touch_instance()
+            status = await conn.status(self.dir)
+            if status.state == "exited":
+                await self._read_progress(conn)
+                if status.exit_code == 0:
+                    return await self._fetch(conn)
+                return await self._fail(conn, f"the runner exited with {status.exit_code}")
+            if status.state in ("dead", "absent"):
+                if await self._cancelled():
+                    return await self._finish_cancelled()
+                return Outcome.DIED
+            await self.app.clock.sleep(self.r.poll)
+
+    # --- steps --------------------------------------------------------------------------
+
+    async def _start(self, conn: RemoteConn) -> None:
+        engine = queue.engine_for(self.job.spec, self.inst.provider, self.app.settings.jobs.engine)
+        delay = self.app.settings.jobs.preview_step_delay.total_seconds()
+        spec = runner_spec(self.job, engine, delay)
+        await conn.write(f"{self.dir}/{RUNNER_NAME}", self.r.runner_source.encode())
+        await conn.write(f"{self.dir}/spec.json", json.dumps(spec, ensure_ascii=False).encode())
+        await conn.start(self.dir, [PYTHON, f"{self.dir}/{RUNNER_NAME}", f"{self.dir}/spec.json"])
+        self.offset = 0
+        log.info("job_started", job_id=self.job.id, instance_id=self.inst.id, engine=engine)
+        self.job = await self.app.store.update_job(
+            self.job.id, extra={**self.job.extra, "engine": engine, "remote_dir": self.dir}
+        )
+
+    async def _mark_running(self) -> None:
+        if self.job.state is JobState.PROVISIONING:
+            self.job = await self.app.store.transition_job(
+                self.job.id,
+                JobState.RUNNING,
+                details={"instance_id": self.inst.id},
+                started_at=self.app.clock.now(),
+                instance_id=self.inst.id,
+            )
+
+    async def _cancelled(self) -> bool:
+        asked, self.event_cursor = await cancel_requested(self.app, self.job.id, self.event_cursor)
+        if asked:
+            self.event_cursor = 0  # keep answering yes
+        return asked
+
+    async def _finish_cancelled(self) -> Outcome:
+        with contextlib.suppress(IllegalTransition):  # already terminal: that one stands
+            await self.app.store.transition_job(self.job.id, JobState.CANCELLED, reason="user")
+        log.info("job_cancelled", job_id=self.job.id, instance_id=self.inst.id)
+        return Outcome.CANCELLED
+
+    async def _read_progress(self, conn: RemoteConn) -> None:
+        lines, self.offset = await conn.tail(f"{self.dir}/progress.jsonl", self.offset)
+        step, total = self.step, self.total
+        for line in lines:
+            try:
+                ev = json.loads(line)
+            except ValueError:
+                continue
+            if not isinstance(ev, dict):
+                continue
+            if ev.get("event") in ("progress", "start"):
+                step = int(ev.get("step", step))
+                total = int(ev.get("total", total))
+            elif ev.get("event") == "error":
+                self.error_message = str(ev.get("message", "error"))
+        if (step, total) == (self.step, self.total):
+            return
+        now = self.app.clock.monotonic()
+        if step < total and now - self.last_progress_at < 1.0:
+            return  # at most about one progress event a second, but always the last step
+        self.step, self.total, self.last_progress_at = step, total, now
+        await self.app.store.record(
+            EntityKind.JOB,
+            self.job.id,
+            "progress",
+            {"step": step, "total": total},
+            updates={"progress_step": step, "progress_total": total},
+        )
+
+    async def _touch_instance(self) -> None:
+        """Keep the instance's idle timer from firing while a job runs on it."""
+        now = self.app.clock.monotonic()
+        if now - self.last_activity_at < self.r.activity_every:
+            return
+        self.last_activity_at = now
+        await self.app.store.record(
+            EntityKind.INSTANCE,
+            self.inst.id,
+            "activity",
+            {"job_id": self.job.id},
+            updates={"last_activity": self.app.clock.now()},
+        )
+
+    async def _fail(self, conn: RemoteConn, fallback: str) -> Outcome:
+        message = self.error_message
+        if message is None:
+            tail = await conn.read(f"{self.dir}/log")
+            message = (tail or b"").decode("utf-8", "replace")[-500:].strip() or fallback
+        with contextlib.suppress(IllegalTransition):
+            await self.app.store.transition_job(
+                self.job.id, JobState.FAILED, reason="runner_error", error=message
+            )
+        log.warning("job_failed", job_id=self.job.id, instance_id=self.inst.id, error=message)
+        return Outcome.FAILED
+
+    # --- fetching -----------------------------------------------------------------------
+
+    async def _fetch(self, conn: RemoteConn) -> Outcome:
+        if self.job.state is JobState.RUNNING:
+            self.job = await self.app.store.transition_job(self.job.id, JobState.FETCHING)
+        raw = await conn.read(f"{self.dir}/result.json")
+        if raw is None:
+            return await self._fail(conn, "the runner left no result.json")
+        result = json.loads(raw)
+        out_dir = self.r.out_root / self.job.id
+        out_dir.mkdir(parents=True, exist_ok=True)
+        outputs = []
+        for entry in result.get("files", []):
+            name = os.path.basename(str(entry["name"]))  # never a path from the instance
+            try:
+                outputs.append(str(await self._fetch_file(conn, name, str(entry["sha256"]))))
+            except IntegrityError as exc:
+                return await self._fail(conn, str(exc))
+        _write_atomic(out_dir / "result.json", json.dumps(result, indent=2).encode())
+        return await self._succeed(result, outputs)
+
+    async def _fetch_file(self, conn: RemoteConn, name: str, sha: str) -> Path:
+        final = self.r.out_root / self.job.id / name
+        if final.exists() and sha256_of(final) == sha:
+            return final  # landed before a restart: not twice
+        part = final.with_name(f".{name}.part")
+        for _ in range(2):
+            await conn.get(f"{self.dir}/{name}", part)
+            if sha256_of(part) == sha:
+                part.replace(final)
+                return final
+        part.unlink(missing_ok=True)
+        raise IntegrityError(f"{name}: checksum mismatch after download")
+
+    async def _succeed(self, result: dict[str, Any], outputs: list[str]) -> Outcome:
+        now = self.app.clock.now()
+        job = self.job
+        started = job.started_at or now
+        assigned = _time(job.extra.get("assigned_at")) or started
+        gpu_seconds = max(0.0, (now - started).total_seconds())
+        cost = queue.job_cost(self.inst.price_per_hour, (now - assigned).total_seconds())
+        try:
+            await self.app.store.transition_job(
+                job.id,
+                JobState.SUCCEEDED,
+                details={"outputs": outputs, "cost": cost},
+                outputs=tuple(outputs),
+                error=None,
+                gpu_seconds=gpu_seconds,
+                cost=cost,
+                extra={**job.extra, "result": result},
+            )
+        except IllegalTransition:
+            return Outcome.CANCELLED  # cancelled while fetching: the files stay, unrecorded
+        log.info(
+            "job_succeeded",
+            job_id=job.id,
+            instance_id=self.inst.id,
+            cost=cost,
+            gpu_seconds=round(gpu_seconds, 3),
+        )
+        return Outcome.SUCCEEDED
+
+
+def _time(value: Any) -> datetime | None:
+    return parse_ts(value) if isinstance(value, str) else None
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.part")
+    tmp.write_bytes(data)
+    tmp.replace(path)
+
+
+async def _quietly_close(conn: RemoteConn) -> None:
+    try:
+        await conn.close()
+    except SSH_ERRORS:
+        pass
+    except asyncio.CancelledError:
+        raise

@@ -1,0 +1,47 @@
+#!/bin/sh
+# gpuwarden health and activity probe. The daemon's watchdog runs this fixed script over SSH
+# (`sh -c <this file>`, no arguments, never user text) from the login home. It refreshes the
+# dead-man switch's heartbeat and prints one JSON line:
+#   {"heartbeat": bool, "sessions": int, "gpu_util": float|null, "runners": int, "deadman": bool}
+# POSIX sh only.
+cd || exit 1
+heartbeat=false
+mkdir -p .gpuwarden && touch .gpuwarden/heartbeat && heartbeat=true
+
+# Interactive sessions other than ours. Our exec channel has no terminal, so it is never
+# counted. Logins are read from utmp (`who`) where the host keeps it; containers often do
+# not, so there every /dev/pts/N counts. On the sim cloud `who` is its shim, which lists the
+# interactive sessions its SSH server holds open.
+sessions=0
+if [ -n "${GPUWARDEN_SIM_INSTANCE:-}" ] || [ -s /var/run/utmp ] || [ -s /run/utmp ]; then
+    sessions=$(who 2>/dev/null | wc -l)
+else
+    for p in /dev/pts/[0-9]*; do
+        [ -e "$p" ] && sessions=$((sessions + 1))
+    done
+fi
+if tty -s 2>/dev/null; then
+    sessions=$((sessions - 1))
+fi
+case $sessions in "" | *[!0-9]*) sessions=0 ;; esac
+
+# GPU utilisation: the busiest GPU, in percent; null where there is no nvidia-smi.
+gpu_util=null
+if command -v nvidia-smi >/dev/null 2>&1; then
+    g=$(nvidia-smi --query-gpu=utilization.gpu --format=csv,noheader,nounits 2>/dev/null |
+        awk 'BEGIN { m = -1 } /^[ 0-9.]+$/ { v = $1 + 0; if (v > m) m = v } END { if (m >= 0) print m }')
+    [ -n "$g" ] && gpu_util=$g
+fi
+
+# Our job runners: one pid file per job, alive while its process lives.
+runners=0
+for f in .gpuwarden/jobs/*/pid; do
+    [ -f "$f" ] && kill -0 "$(cat "$f")" 2>/dev/null && runners=$((runners + 1))
+done
+
+deadman=false
+# /proc, not kill -0: on Lambda the switch runs as root and the probe as ubuntu.
+p=$(cat .gpuwarden/deadman.pid 2>/dev/null) && [ -n "$p" ] && [ -d "/proc/$p" ] && deadman=true
+
+printf '{"heartbeat": %s, "sessions": %s, "gpu_util": %s, "runners": %s, "deadman": %s}\n' \
+    "$heartbeat" "$sessions" "$gpu_util" "$runners" "$deadman"

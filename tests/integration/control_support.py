@@ -1,0 +1,111 @@
+"""Helpers for the control socket tests: a ControlServer on a short temporary socket path
+(AF_UNIX paths are limited to 108 bytes, so not under pytest's long tmp_path) with a minimal
+App: a real Store, the system clock, no providers."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import tempfile
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager, suppress
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from gpuwarden.app import App
+from gpuwarden.clock import SystemClock
+from gpuwarden.config import DaemonSettings, Settings
+from gpuwarden.control import ControlServer
+from gpuwarden.control_methods import Method
+from gpuwarden.heartbeat import Heartbeats
+from gpuwarden.store import Store
+
+
+def short_dir() -> Path:
+    return Path(tempfile.mkdtemp(prefix="gwc-", dir="/tmp"))
+
+
+@asynccontextmanager
+async def make_app(base: Path, **daemon: Any) -> AsyncIterator[App]:
+    settings = Settings(
+        daemon=DaemonSettings(state_dir=base, socket=base / "run" / "control.sock", **daemon)
+    )
+    clock = SystemClock()
+    store = await Store.open(base / "gpuwarden.db", clock)
+    try:
+        yield App(
+            settings, clock, store, {}, Heartbeats(clock), started_monotonic=clock.monotonic()
+        )
+    finally:
+        await store.close()
+
+
+@asynccontextmanager
+async def running_server(
+    *,
+    methods: Mapping[str, Method] | None = None,
+    event_queue: int = 1000,
+    request_timeout: float = 30.0,
+    **daemon: Any,
+) -> AsyncIterator[tuple[ControlServer, App]]:
+    base = short_dir()
+    try:
+        async with make_app(
+            base, request_timeout=timedelta(seconds=request_timeout), **daemon
+        ) as app:
+            server = ControlServer(app, methods=methods, event_queue=event_queue)
+            await server.start()
+            task = asyncio.create_task(server.run())
+            try:
+                yield server, app
+            finally:
+                app.stopping.set()
+                await asyncio.wait_for(task, 10)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+class Raw:
+    """A raw line-level connection, for sending what no well-behaved client would."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+
+    @classmethod
+    async def open(cls, path: Path) -> Raw:
+        reader, writer = await asyncio.open_unix_connection(str(path), limit=2**24)
+        return cls(reader, writer)
+
+    async def send(self, data: bytes | Mapping[str, Any]) -> None:
+        if not isinstance(data, bytes):
+            data = json.dumps(data).encode() + b"\n"
+        self.writer.write(data)
+        await self.writer.drain()
+
+    async def recv(self, timeout: float = 5.0) -> dict[str, Any] | None:
+        line = await asyncio.wait_for(self.reader.readline(), timeout)
+        if not line:
+            return None
+        out: dict[str, Any] = json.loads(line)
+        return out
+
+    async def ask(self, data: bytes | Mapping[str, Any], timeout: float = 5.0) -> dict[str, Any]:
+        await self.send(data)
+        reply = await self.recv(timeout)
+        assert reply is not None, "the server closed the connection"
+        return reply
+
+    async def close(self) -> None:
+        self.writer.close()
+        with suppress(OSError):
+            await self.writer.wait_closed()
+
+
+def request(method: str, params: Any = None, req_id: Any = 1) -> dict[str, Any]:
+    msg: dict[str, Any] = {"jsonrpc": "2.0", "id": req_id, "method": method}
+    if params is not None:
+        msg["params"] = params
+    return msg

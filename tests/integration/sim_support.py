@@ -1,0 +1,117 @@
+"""Helpers for tests that run the simulated cloud: start/stop it, build the real clients
+against it, wait for SSH, and read its ledger."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import asyncssh
+import httpx
+
+from gpuwarden.clock import Clock, SystemClock
+from gpuwarden.config import SimFaultSettings, SimSettings
+from gpuwarden.providers.http import Backoff
+from gpuwarden.providers.lambdacloud import LambdaClient
+from gpuwarden.providers.vast import VastClient
+from gpuwarden.sim import SimCloud, SimUrls
+
+BOOT = timedelta(seconds=0.2)
+QUICK = Backoff(base=0.01, cap=0.05, rate_limited_base=0.01, max_retry_after=1.0)
+KEY = "sim-key"
+
+
+@asynccontextmanager
+async def running_sim(
+    root: Path, clock: Clock | None = None, *, faults: dict[str, Any] | None = None, **kw: Any
+) -> AsyncIterator[SimCloud]:
+    settings = SimSettings(
+        boot_delay=kw.pop("boot_delay", BOOT),
+        faults=SimFaultSettings(**(faults or {})),
+        **kw,
+    )
+    cloud = SimCloud(settings, clock, sandbox_root=root / "sim")
+    await cloud.start()
+    try:
+        yield cloud
+    finally:
+        await cloud.stop()
+
+
+def urls(cloud: SimCloud) -> SimUrls:
+    assert cloud.urls is not None
+    return cloud.urls
+
+
+def vast_client(cloud: SimCloud, *, max_retries: int = 3, key: str = KEY) -> VastClient:
+    return VastClient(
+        name="sim-vast",
+        base_url=urls(cloud).vast,
+        api_key=key,
+        clock=SystemClock(),
+        timeout=5.0,
+        max_retries=max_retries,
+        pacing={},
+        backoff=QUICK,
+    )
+
+
+def lambda_client(cloud: SimCloud, *, max_retries: int = 3, key: str = KEY) -> LambdaClient:
+    return LambdaClient(
+        name="sim-lambda",
+        base_url=urls(cloud).lambda_,
+        api_key=key,
+        clock=SystemClock(),
+        ssh_key_name="gpuwarden-test",
+        timeout=5.0,
+        max_retries=max_retries,
+        pacing={},
+        backoff=QUICK,
+    )
+
+
+async def eventually(
+    check: Callable[[], Awaitable[Any]], *, timeout: float = 15.0, interval: float = 0.03
+) -> Any:
+    """Poll `check` until it returns something truthy; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = await check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s (last: {result!r})")
+        await asyncio.sleep(interval)
+
+
+async def ssh_run(
+    host: str, port: int, key: asyncssh.SSHKey, command: str, *, user: str = "root"
+) -> asyncssh.SSHCompletedProcess:
+    async with asyncssh.connect(
+        host, port, username=user, client_keys=[key], known_hosts=None, connect_timeout=5
+    ) as conn:
+        return await conn.run(command, timeout=10)
+
+
+async def admin(cloud: SimCloud, method: str, path: str, body: Any = None) -> Any:
+    async with httpx.AsyncClient(base_url=urls(cloud).admin) as http:
+        resp = await http.request(method, path, json=body)
+        resp.raise_for_status()
+        return resp.json()
+
+
+def ledger_row(cloud: SimCloud, provider_id: str) -> dict[str, Any]:
+    rows = [r for r in cloud.ledger()["instances"] if r["instance_id"] == provider_id]
+    assert len(rows) == 1, cloud.ledger()
+    row: dict[str, Any] = rows[0]
+    return row
+
+
+def new_key() -> tuple[asyncssh.SSHKey, str]:
+    key = asyncssh.generate_private_key("ssh-ed25519", comment="gpuwarden-test")
+    return key, key.export_public_key().decode().strip()

@@ -1,0 +1,220 @@
+"""Hand-written fakes for the job tests: a remote instance in memory (FakeRemote) that plays
+the runner's protocol, and helpers to build an App on a real Store with a FakeClock."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+from collections.abc import Coroutine
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, TypeVar
+
+from gpuwarden.app import App
+from gpuwarden.clock import FakeClock
+from gpuwarden.config import Settings
+from gpuwarden.heartbeat import Heartbeats
+from gpuwarden.model import Instance, InstanceState, Job, JobSpec, JobState
+from gpuwarden.providers.base import Provider
+from gpuwarden.remote import RemoteStatus
+from gpuwarden.store import Store
+
+T = TypeVar("T")
+
+
+@dataclass
+class FakeRunnerJob:
+    total: int
+    step: int = 0
+    state: str = "running"  # running | exited | dead
+    exit_code: int | None = None
+
+
+@dataclass
+class FakeRemote:
+    """One instance's home directory and its runner, in memory. Each `status()` call moves a
+    running job one step on; at the last step the image and result.json appear."""
+
+    files: dict[str, bytes] = field(default_factory=dict)
+    jobs: dict[str, FakeRunnerJob] = field(default_factory=dict)
+    starts: int = 0
+    kills: int = 0
+    connects: int = 0
+    downloads: list[str] = field(default_factory=list)
+    fail_with: str | None = None  # the runner fails with this error message
+    corrupt: bool = False  # downloads come back damaged
+    drop_next: int = 0  # the next N remote calls fail as if the network went away
+    refuse: bool = False  # connections are refused
+
+    def _maybe_drop(self) -> None:
+        if self.drop_next > 0:
+            self.drop_next -= 1
+            raise ConnectionResetError("the network went away")
+
+    def _append(self, rel: str, event: dict[str, Any]) -> None:
+        line = (json.dumps(event) + "\n").encode()
+        self.files[rel] = self.files.get(rel, b"") + line
+
+    def advance(self, job_dir: str) -> None:
+        job = self.jobs[job_dir]
+        if job.state != "running":
+            return
+        job.step += 1
+        self._append(
+            f"{job_dir}/progress.jsonl", {"event": "progress", "step": job.step, "total": job.total}
+        )
+        if job.step < job.total:
+            return
+        if self.fail_with is not None:
+            self._append(f"{job_dir}/progress.jsonl", {"event": "error", "message": self.fail_with})
+            job.state, job.exit_code = "exited", 1
+            return
+        spec = json.loads(self.files[f"{job_dir}/spec.json"])
+        entries = []
+        for i in range(spec["count"]):
+            data = f"png {spec['prompt']} {spec['seed']} {i}".encode()
+            self.files[f"{job_dir}/image-{i}.png"] = data
+            entries.append({"name": f"image-{i}.png", "sha256": hashlib.sha256(data).hexdigest()})
+        result = {"engine": spec["engine"], "seed": spec["seed"], "files": entries}
+        self.files[f"{job_dir}/result.json"] = json.dumps(result).encode()
+        self._append(f"{job_dir}/progress.jsonl", {"event": "done"})
+        job.state, job.exit_code = "exited", 0
+
+
+@dataclass
+class FakeConn:
+    remote: FakeRemote
+    closed: bool = False
+
+    async def put(self, local: Path, rel: str) -> None:
+        self.remote._maybe_drop()
+        self.remote.files[rel] = local.read_bytes()
+
+    async def write(self, rel: str, data: bytes) -> None:
+        self.remote._maybe_drop()
+        self.remote.files[rel] = data
+
+    async def read(self, rel: str) -> bytes | None:
+        self.remote._maybe_drop()
+        return self.remote.files.get(rel)
+
+    async def start(self, job_dir: str, argv: list[str]) -> None:
+        self.remote._maybe_drop()
+        spec = json.loads(self.remote.files[f"{job_dir}/spec.json"])
+        self.remote.starts += 1
+        self.remote.jobs[job_dir] = FakeRunnerJob(total=spec["steps"] * spec["count"])
+        self.remote.files[f"{job_dir}/progress.jsonl"] = b""
+
+    async def status(self, job_dir: str) -> RemoteStatus:
+        self.remote._maybe_drop()
+        job = self.remote.jobs.get(job_dir)
+        if job is None:
+            return RemoteStatus("absent")
+        self.remote.advance(job_dir)
+        return RemoteStatus(job.state, job.exit_code)
+
+    async def kill(self, job_dir: str) -> None:
+        self.remote._maybe_drop()
+        self.remote.kills += 1
+        job = self.remote.jobs.get(job_dir)
+        if job is not None and job.state == "running":
+            job.state = "dead"
+
+    async def tail(self, rel: str, offset: int) -> tuple[list[str], int]:
+        self.remote._maybe_drop()
+        data = self.remote.files.get(rel, b"")[offset:]
+        end = data.rfind(b"\n")
+        if end < 0:
+            return [], offset
+        return data[: end + 1].decode().splitlines(), offset + end + 1
+
+    async def get(self, rel: str, local: Path) -> None:
+        self.remote._maybe_drop()
+        self.remote.downloads.append(rel)
+        data = self.remote.files[rel]
+        local.write_bytes(data + b"!" if self.remote.corrupt else data)
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+@dataclass
+class FakeConnector:
+    remotes: dict[str, FakeRemote] = field(default_factory=dict)  # by instance id
+
+    def remote(self, instance_id: str) -> FakeRemote:
+        return self.remotes.setdefault(instance_id, FakeRemote())
+
+    async def connect(self, inst: Instance) -> FakeConn:
+        remote = self.remote(inst.id)
+        if remote.refuse:
+            raise ConnectionRefusedError("refused")
+        remote.connects += 1
+        return FakeConn(remote)
+
+
+def settings(tmp: Path, **jobs: Any) -> Settings:
+    return Settings(
+        daemon={"state_dir": str(tmp)},
+        jobs={"output_dir": str(tmp / "out"), "progress_interval": "1s", **jobs},
+    )
+
+
+async def make_app(
+    tmp: Path, providers: dict[str, Provider] | None = None, **jobs: Any
+) -> tuple[App, FakeClock]:
+    clock = FakeClock()
+    store = await Store.open(tmp / "db.sqlite", clock)
+    app = App(settings(tmp, **jobs), clock, store, providers or {}, Heartbeats(clock))
+    return app, clock
+
+
+async def add_instance(app: App, iid: str = "i1", **fields: Any) -> Instance:
+    now = app.clock.now()
+    base: dict[str, Any] = {
+        "id": iid,
+        "provider": "fake",
+        "label": f"gpuwarden-main-{iid}",
+        "state": InstanceState.RUNNING,
+        "created_at": now,
+        "lease_until": now + timedelta(hours=4),
+        "last_activity": now,
+        "price_per_hour": 0.36,
+        "provider_id": f"p-{iid}",
+        "ssh_host": "127.0.0.1",
+        "ssh_port": 2222,
+    }
+    base.update(fields)
+    inst = Instance(**base)
+    await app.store.insert_instance(inst)
+    return inst
+
+
+async def add_job(
+    app: App, jid: str = "j1", state: JobState = JobState.QUEUED, **fields: Any
+) -> Job:
+    now = app.clock.now()
+    spec = fields.pop("spec", None) or JobSpec(prompt="a fox", steps=3, seed=7, engine="preview")
+    job = Job(id=jid, state=state, spec=spec, created_at=now, updated_at=now, **fields)
+    await app.store.insert_job(job)
+    return job
+
+
+async def drive(clock: FakeClock, coro: Coroutine[Any, Any, T]) -> T:
+    """Run `coro` to its end: whenever it sleeps on the fake clock, step the clock to its
+    wake-up; otherwise (it waits on the database thread) wait briefly for it to move."""
+    task = asyncio.ensure_future(coro)
+    try:
+        async with asyncio.timeout(30):
+            while not task.done():
+                wake = clock.next_wake()
+                if wake is not None:
+                    await clock.advance(max(0.0, (wake - clock.now()).total_seconds()))
+                else:
+                    await asyncio.wait([task], timeout=0.01)
+    finally:
+        if not task.done():
+            task.cancel()
+    return task.result()

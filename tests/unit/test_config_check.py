@@ -1,0 +1,166 @@
+"""`gpuwarden check-config`: each kind of bad value exits 78 naming the dotted field; the
+environment and $CREDENTIALS_DIRECTORY override the file; a secret is never printed."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from gpuwarden import config
+from gpuwarden.cli import main
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "config.example.toml"
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in list(os.environ):
+        if name.startswith("GPUWARDEN_") or name == "CREDENTIALS_DIRECTORY":
+            monkeypatch.delenv(name)
+
+
+def check(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    with pytest.raises(SystemExit) as exc:
+        main(["check-config", *argv])
+    out, err = capsys.readouterr()
+    assert isinstance(exc.value.code, int)
+    return exc.value.code, out, err
+
+
+BAD = [
+    ("unknown key", '[daemon]\nsocket_path = "/tmp/x"\n', "daemon.socket_path", "unknown"),
+    ("unknown section", "[polcy]\nidle_timeout = '1h'\n", "polcy", "unknown"),
+    ("bad duration", '[policy]\nidle_timeout = "soon"\n', "policy.idle_timeout", "duration"),
+    ("number unit typo", '[policy]\npoll_interval = "30 sec"\n', "policy.poll_interval", ""),
+    ("negative price", "[budget]\ndaily_limit = -5.0\n", "budget.daily_limit", "greater"),
+    ("negative credit floor", "[budget]\ncredit_floor = -1\n", "budget.credit_floor", ""),
+    (
+        "lease_max < lease_default",
+        '[policy]\nlease_default = "6h"\nlease_max = "5h"\n',
+        "policy.lease_max",
+        "lease_default",
+    ),
+    (
+        "lease_default above the default lease_max",
+        '[policy]\nlease_default = "9h"\n',
+        "policy.lease_max",
+        "lease_default",
+    ),
+    (
+        "hard_cap < lease_max",
+        '[policy]\nlease_max = "8h"\nhard_cap = "6h"\n',
+        "policy.hard_cap",
+        "lease_max",
+    ),
+    ("wrong type", '[jobs]\nmax_instances = "many"\n', "jobs.max_instances", ""),
+    ("not TOML", "[daemon\n", "(file)", "TOML"),
+]
+
+
+@pytest.mark.parametrize(("case", "text", "field", "reason"), BAD, ids=[b[0] for b in BAD])
+def test_bad_value_exits_78_naming_the_field(
+    case: str,
+    text: str,
+    field: str,
+    reason: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    code, out, err = check([str(path)], capsys)
+    assert code == config.EX_CONFIG == 78
+    assert out == ""  # nothing printed as if it were valid
+    line = next((ln for ln in err.splitlines() if ln.strip().startswith(field + ":")), None)
+    assert line is not None, err
+    assert reason.lower() in line.lower()
+    assert str(path) in line  # where the value came from
+
+
+def test_every_problem_is_reported_at_once(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(
+        '[daemon]\nbogus = 1\n[policy]\nidle_timeout = "x"\n[budget]\ndaily_limit = -1\n'
+    )
+    code, _, err = check([str(path)], capsys)
+    assert code == 78
+    for field in ("daemon.bogus", "policy.idle_timeout", "budget.daily_limit"):
+        assert f"  {field}:" in err
+
+
+def test_missing_file_exits_78(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = check([str(tmp_path / "nope.toml")], capsys)
+    assert code == 78
+    assert "no such file" in err
+
+
+def test_bad_environment_value_names_the_variable(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("GPUWARDEN_POLICY__IDLE_TIMEOUT", "whenever")
+    code, _, err = check([str(EXAMPLE)], capsys)
+    assert code == 78
+    assert "policy.idle_timeout" in err
+    assert "environment variable GPUWARDEN_POLICY__IDLE_TIMEOUT" in err
+
+
+def test_example_is_valid(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = check([str(EXAMPLE)], capsys)
+    assert code == 0, err
+    assert "[providers.sim]" in out
+    assert "enabled = true" in out
+
+
+def test_path_from_gpuwarden_config(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("GPUWARDEN_CONFIG", str(EXAMPLE))
+    code, out, _ = check(["--json"], capsys)
+    assert code == 0
+    assert json.loads(out)["providers"]["sim"]["enabled"] is True
+
+
+def test_environment_overrides_the_file(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("GPUWARDEN_POLICY__IDLE_TIMEOUT", "10m")
+    monkeypatch.setenv("GPUWARDEN_PROVIDERS__SIM__ENABLED", "false")
+    monkeypatch.setenv("GPUWARDEN_DAEMON__ALLOWED_UIDS", "[1000, 1001]")
+    code, out, _ = check(["--json", str(EXAMPLE)], capsys)
+    assert code == 0
+    data = json.loads(out)
+    assert data["policy"]["idle_timeout"] == "10m"
+    assert data["providers"]["sim"]["enabled"] is False
+    assert data["daemon"]["allowed_uids"] == [1000, 1001]
+    settings = config.load(EXAMPLE)
+    assert settings.policy.idle_timeout.total_seconds() == 600
+
+
+def test_credentials_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / "vast_api_key").write_text("vast-key-from-credentials\n")
+    (creds / "lambda_api_key").write_text("lambda-key-from-credentials")
+    pem = "-----BEGIN OPENSSH PRIVATE KEY-----\nabc\n-----END OPENSSH PRIVATE KEY-----\n"
+    (creds / "ssh_private_key").write_text(pem)
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(creds))
+    settings = config.load(EXAMPLE)
+    vast, lam = settings.providers.vast.api_key, settings.providers.lambda_.api_key
+    assert vast is not None and vast.get_secret_value() == "vast-key-from-credentials"
+    assert lam is not None and lam.get_secret_value() == "lambda-key-from-credentials"
+    key = settings.ssh.private_key
+    assert key is not None and key.get_secret_value() == pem  # PEM keeps its newlines
+    assert set(config.CREDENTIALS) == {"vast_api_key", "lambda_api_key", "ssh_private_key"}
+
+
+def test_environment_beats_credentials(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "vast_api_key").write_text("from-file")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path))
+    monkeypatch.setenv("GPUWARDEN_PROVIDERS__VAST__API_KEY", "from-env")
+    key = config.load(EXAMPLE).providers.vast.api_key
+    assert key is not None and key.get_secret_value() == "from-env"

@@ -1,0 +1,125 @@
+"""The CLI's output helpers and the status rendering, without a daemon."""
+
+from __future__ import annotations
+
+import io
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+
+from gpuwarden.cli import commands_control as cc
+from gpuwarden.cli.client import RemoteError, Unreachable
+from gpuwarden.cli.output import (
+    EX_DOMAIN,
+    EX_UNAVAILABLE,
+    EX_USAGE,
+    Out,
+    duration,
+    iso_utc,
+    money,
+    remote_error,
+    unreachable,
+)
+
+
+@pytest.mark.parametrize(
+    ("secs", "text"),
+    [
+        (None, "-"),
+        (0, "0s"),
+        (-5, "0s"),
+        (59.9, "59s"),
+        (60, "1m 00s"),
+        (3599, "59m 59s"),
+        (3600, "1h 00m"),
+        (8 * 3600 + 61, "8h 01m"),
+        (86400 + 7200, "1d 02h"),
+    ],
+)
+def test_duration(secs: float | None, text: str) -> None:
+    assert duration(secs) == text
+
+
+@pytest.mark.parametrize(
+    ("value", "text"),
+    [(None, "-"), (0, "$0.00"), (0.004, "$0.0040"), (1.5, "$1.50"), (1234.5, "$1,234.50")],
+)
+def test_money(value: float | None, text: str) -> None:
+    assert money(value) == text
+
+
+def test_iso_utc_for_json() -> None:
+    assert iso_utc("2026-01-01T01:00:00+01:00") == "2026-01-01T00:00:00Z"
+    assert iso_utc(datetime(2026, 1, 1, tzinfo=UTC)) == "2026-01-01T00:00:00Z"
+    assert iso_utc(None) is None
+
+
+def _row(**kw: Any) -> dict[str, Any]:
+    return {"state": "running", "time_left_s": 600.0, "deadline_reason": "idle", **kw}
+
+
+def test_time_left_shows_expired_in_red_when_a_live_instance_is_past_its_deadline() -> None:
+    expired = cc._time_left(_row(expired=True))
+    assert expired.plain == "EXPIRED" and "red" in str(expired.style)
+    past = cc._time_left(_row(time_left_s=-3.0))
+    assert past.plain == "EXPIRED"
+    ok = cc._time_left(_row())
+    assert ok.plain == "10m 00s (idle)"
+    ended = cc._time_left(_row(state="terminated", time_left_s=-3.0))
+    assert ended.plain != "EXPIRED"
+
+
+def test_status_rows_accepts_both_reply_shapes() -> None:
+    assert cc.status_rows({"instances": [{"id": "a"}]}) == [{"id": "a"}]
+    assert cc.status_rows([{"id": "b"}]) == [{"id": "b"}]
+    assert cc.status_rows(None) == []
+
+
+def test_table_off_a_terminal_is_plain_and_whole() -> None:
+    buf = io.StringIO()
+    out = Out(stdout=buf, stderr=io.StringIO())
+    out.table(["ID", "GPU"], [["abcdef0123456789" * 4, "RTX 4090"]], totals=["TOTAL", "1"])
+    text = buf.getvalue()
+    assert "abcdef0123456789" * 4 in text  # not cut to 80 columns
+    assert "\x1b[" not in text  # no colour in a pipe
+    assert "TOTAL" in text
+
+
+def test_error_exit_codes_and_messages() -> None:
+    err = io.StringIO()
+    out = Out(stdout=io.StringIO(), stderr=err)
+    code = unreachable(out, Unreachable("/run/x.sock", "no such socket"))
+    assert code == EX_UNAVAILABLE
+    assert "/run/x.sock" in err.getvalue()
+    assert "systemctl status gpuwarden" in err.getvalue()
+    assert remote_error(out, RemoteError(1, "no instance 'x'", {"code": "not_found"})) == EX_DOMAIN
+    assert remote_error(out, RemoteError(-32602, "invalid params: hours")) == EX_USAGE
+    assert "no instance 'x'" in err.getvalue()
+
+
+def test_json_mode_prints_the_error_object_for_scripts() -> None:
+    buf = io.StringIO()
+    out = Out(True, stdout=buf, stderr=io.StringIO())
+    remote_error(out, RemoteError(1, "too long", {"code": "lease_max_exceeded"}))
+    assert '"code": "lease_max_exceeded"' in buf.getvalue()
+
+
+def test_event_line_for_humans() -> None:
+    line = cc.event_line(
+        {
+            "at": "2026-01-01T00:00:00Z",
+            "kind": "instance",
+            "entity_id": "ab12",
+            "name": "state",
+            "from_state": "running",
+            "to_state": "terminating",
+            "reason": "idle",
+            "details": {"by": "guard"},
+        }
+    )
+    assert "instance ab12" in line.plain
+    assert "running -> terminating" in line.plain
+    assert "reason=idle" in line.plain
+    lagged = cc.event_line({"name": "lagged", "details": {"dropped": 7}})
+    assert "7 events not shown" in lagged.plain

@@ -1,0 +1,148 @@
+"""Who may use the control socket: the pure credential check, and a real peer of another uid
+that is refused before it is read (when the test runs as root and can become nobody)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import socket
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from gpuwarden.app import App
+from gpuwarden.clock import SystemClock
+from gpuwarden.config import DaemonSettings, Settings
+from gpuwarden.control import AccessRules, ControlServer, peer_groups
+from gpuwarden.heartbeat import Heartbeats
+from gpuwarden.store import Store
+
+DAEMON_UID = 990
+GROUP_GID = 4242
+
+
+def _rules(**daemon: object) -> AccessRules:
+    settings = DaemonSettings(**daemon)
+    return AccessRules.from_settings(
+        settings, daemon_uid=DAEMON_UID, lookup_group=lambda name: {"gpuwarden": GROUP_GID}[name]
+    )
+
+
+@pytest.mark.parametrize(
+    ("uid", "gid", "groups", "allowed"),
+    [
+        (0, 0, frozenset(), True),  # root
+        (DAEMON_UID, 1, frozenset(), True),  # the daemon's own uid
+        (1500, 1500, frozenset(), True),  # in allowed_uids
+        (1000, GROUP_GID, frozenset(), True),  # primary group is socket_group
+        (1000, 1000, frozenset({27, GROUP_GID}), True),  # supplementary member
+        (1000, 1000, frozenset({27, 100}), False),  # a stranger
+        (65534, 65534, frozenset(), False),  # nobody
+        (1501, GROUP_GID + 1, frozenset({GROUP_GID - 1}), False),  # near misses
+    ],
+)
+def test_access_rules(uid: int, gid: int, groups: frozenset[int], allowed: bool) -> None:
+    rules = _rules(socket_group="gpuwarden", allowed_uids=[1500])
+    assert rules.allows(uid, gid, groups) is allowed
+
+
+def test_without_a_socket_group_only_root_self_and_listed_uids_pass() -> None:
+    rules = _rules(allowed_uids=[7])
+    assert rules.group_gid is None
+    assert rules.allows(7, 7, frozenset())
+    assert rules.allows(0, 0, frozenset())
+    assert not rules.allows(8, GROUP_GID, frozenset({GROUP_GID}))
+
+
+def test_an_unknown_group_admits_no_one_by_group() -> None:
+    rules = _rules(socket_group="no-such-group")
+    assert rules.group_gid is None
+    assert not rules.allows(1000, 1000, frozenset({GROUP_GID}))
+
+
+def test_peer_groups_of_this_process_match_the_kernel() -> None:
+    assert peer_groups(os.getpid(), os.getuid()) == frozenset(os.getgroups())
+
+
+# --- a real refused peer ------------------------------------------------------------------
+
+NOBODY = 65534
+REQUEST = b'{"jsonrpc":"2.0","id":1,"method":"daemon.info"}\n'
+
+
+def _fork_as_nobody(path: Path) -> tuple[int, int]:
+    """Fork a child that drops to uid/gid 65534 and no groups, connects, sends a request and
+    writes what it read back into a pipe. Returns (pid, read end of the pipe)."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: plain syscalls only, then _exit
+        try:
+            os.close(r)
+            os.setgroups([])
+            os.setgid(NOBODY)
+            os.setuid(NOBODY)
+            s = socket.socket(socket.AF_UNIX)
+            s.settimeout(5)
+            s.connect(str(path))
+            try:
+                s.sendall(REQUEST)
+                data = s.recv(65536)
+            except (ConnectionResetError, BrokenPipeError):
+                data = b""
+            os.write(w, f"uid={os.getuid()} got={data[:20]!r}".encode())
+        except BaseException as exc:
+            os.write(w, f"error {exc!r}".encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    return pid, r
+
+
+def _read_all(fd: int) -> str:
+    chunks = []
+    while chunk := os.read(fd, 4096):
+        chunks.append(chunk)
+    os.close(fd)
+    return b"".join(chunks).decode()
+
+
+async def _as_nobody(path: Path) -> str:
+    pid, r = _fork_as_nobody(path)
+    loop = asyncio.get_running_loop()
+    out = await asyncio.wait_for(loop.run_in_executor(None, _read_all, r), 20)
+    await loop.run_in_executor(None, os.waitpid, pid, 0)
+    return out
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a client as uid 65534")
+@pytest.mark.parametrize("allowed", [False, True])
+async def test_a_peer_of_another_uid_is_refused_before_it_is_read(allowed: bool) -> None:
+    base = Path(tempfile.mkdtemp(prefix="gwp-", dir="/tmp"))  # AF_UNIX paths are short
+    clock = SystemClock()
+    settings = Settings(
+        daemon=DaemonSettings(
+            state_dir=base, socket=base / "control.sock", allowed_uids=[NOBODY] if allowed else []
+        )
+    )
+    store = await Store.open(base / "db", clock)
+    app = App(settings, clock, store, {}, Heartbeats(clock))
+    server = ControlServer(app)
+    await server.start()
+    task = asyncio.create_task(server.run())
+    try:
+        # Let the kernel admit the connection (the file mode would stop nobody before our
+        # check does), so that what refuses it here is the credential check itself.
+        os.chmod(base, 0o755)
+        os.chmod(server.path, 0o666)
+        got = await _as_nobody(server.path)
+    finally:
+        app.stopping.set()
+        await asyncio.wait_for(task, 5)
+        await store.close()
+        shutil.rmtree(base, ignore_errors=True)
+    if allowed:
+        assert got.startswith('uid=65534 got=b\'{"jsonrpc":"2.0"'), got
+    else:
+        assert got == "uid=65534 got=b''", got  # nothing read, nothing answered: closed

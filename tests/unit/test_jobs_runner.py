@@ -1,0 +1,161 @@
+"""The runner against a FakeRemote: start, progress, fetch with checksums, failure, cancel,
+an SSH drop, and a resume that does not fetch twice. Real Store, FakeClock."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from jobs_fakes import FakeConnector, add_instance, add_job, drive, make_app
+
+from gpuwarden.app import App
+from gpuwarden.clock import FakeClock
+from gpuwarden.jobs.runner import Outcome, Runner
+from gpuwarden.model import EntityKind, JobState
+
+AppClock = tuple[App, FakeClock]
+
+
+@pytest.fixture
+async def app_clock(tmp_path: Path) -> AsyncIterator[AppClock]:
+    app, clock = await make_app(tmp_path)
+    try:
+        yield app, clock
+    finally:
+        await app.store.close()
+
+
+async def test_a_job_runs_and_its_image_lands_with_the_reported_checksum(
+    app_clock: AppClock,
+) -> None:
+    app, clock = app_clock
+    connector = FakeConnector()
+    runner = Runner(app, connector, poll=1.0, reattach=60.0)
+    inst = await add_instance(app)
+    job = await add_job(app, state=JobState.PROVISIONING, instance_id=inst.id)
+    outcome = await drive(clock, runner.execute(job, inst))
+    assert outcome is Outcome.SUCCEEDED
+    done = await app.store.get_job(job.id)
+    assert done.state is JobState.SUCCEEDED
+    [image] = done.outputs
+    remote = connector.remote(inst.id)
+    assert Path(image).read_bytes() == remote.files[f".gpuwarden/jobs/{job.id}/image-0.png"]
+    result = json.loads((app.settings.output_dir / job.id / "result.json").read_text())
+    assert result["files"][0]["sha256"] == hashlib.sha256(Path(image).read_bytes()).hexdigest()
+    assert done.progress_step == done.progress_total == 3
+    assert done.gpu_seconds > 0 and done.cost > 0
+    # The spec went over as JSON with the prompt untouched; the runner was started once.
+    spec = json.loads(remote.files[f".gpuwarden/jobs/{job.id}/spec.json"])
+    assert spec["prompt"] == "a fox" and spec["engine"] == "preview"
+    assert remote.starts == 1
+    # No temporary files are left beside the outputs.
+    assert sorted(p.name for p in (app.settings.output_dir / job.id).iterdir()) == [
+        "image-0.png",
+        "result.json",
+    ]
+    # The instance was marked active while the job ran.
+    events = await app.store.events(kind=EntityKind.INSTANCE, entity_id=inst.id)
+    assert any(e.name == "activity" for e in events)
+
+
+async def test_a_damaged_download_fails_the_job(app_clock: AppClock) -> None:
+    app, clock = app_clock
+    connector = FakeConnector()
+    inst = await add_instance(app)
+    connector.remote(inst.id).corrupt = True
+    job = await add_job(app, state=JobState.PROVISIONING, instance_id=inst.id)
+    outcome = await drive(clock, Runner(app, connector, poll=1.0, reattach=60.0).execute(job, inst))
+    assert outcome is Outcome.FAILED
+    failed = await app.store.get_job(job.id)
+    assert failed.state is JobState.FAILED and "checksum" in (failed.error or "")
+    assert not (app.settings.output_dir / job.id / "image-0.png").exists()
+
+
+async def test_a_runner_error_fails_the_job_with_its_message(app_clock: AppClock) -> None:
+    app, clock = app_clock
+    connector = FakeConnector()
+    inst = await add_instance(app)
+    connector.remote(inst.id).fail_with = "CUDA out of memory"
+    job = await add_job(app, state=JobState.PROVISIONING, instance_id=inst.id)
+    outcome = await drive(clock, Runner(app, connector, poll=1.0, reattach=60.0).execute(job, inst))
+    assert outcome is Outcome.FAILED
+    assert (await app.store.get_job(job.id)).error == "CUDA out of memory"
+
+
+async def test_a_cancel_request_kills_the_remote_process(app_clock: AppClock) -> None:
+    app, clock = app_clock
+    connector = FakeConnector()
+    inst = await add_instance(app)
+    job = await add_job(
+        app, state=JobState.RUNNING, instance_id=inst.id, progress_step=1, progress_total=3
+    )
+    await app.store.record(EntityKind.JOB, job.id, "cancel_requested")
+    remote = connector.remote(inst.id)
+    outcome = await drive(clock, Runner(app, connector, poll=1.0, reattach=60.0).execute(job, inst))
+    assert outcome is Outcome.CANCELLED
+    assert (await app.store.get_job(job.id)).state is JobState.CANCELLED
+    assert remote.kills == 1
+    assert remote.downloads == []
+
+
+async def test_an_ssh_drop_reconnects_and_the_runner_is_started_once(app_clock: AppClock) -> None:
+    app, clock = app_clock
+    connector = FakeConnector()
+    inst = await add_instance(app)
+    job = await add_job(app, state=JobState.PROVISIONING, instance_id=inst.id)
+    remote = connector.remote(inst.id)
+    runner = Runner(app, connector, poll=1.0, reattach=60.0)
+
+    original = remote.advance
+
+    def drop_after_first_step(job_dir: str) -> None:
+        original(job_dir)
+        if remote.jobs[job_dir].step == 1:
+            remote.drop_next = 2  # the next two calls fail: reconnect, then go on
+
+    remote.advance = drop_after_first_step  # type: ignore[method-assign]
+    outcome = await drive(clock, runner.execute(job, inst))
+    assert outcome is Outcome.SUCCEEDED
+    assert remote.starts == 1
+    assert remote.connects >= 2
+
+
+async def test_an_unreachable_instance_is_lost_after_the_reattach_budget(
+    app_clock: AppClock,
+) -> None:
+    app, clock = app_clock
+    connector = FakeConnector()
+    inst = await add_instance(app)
+    connector.remote(inst.id).refuse = True
+    job = await add_job(app, state=JobState.RUNNING, instance_id=inst.id)
+    start = clock.monotonic()
+    outcome = await drive(clock, Runner(app, connector, poll=1.0, reattach=30.0).execute(job, inst))
+    assert outcome is Outcome.LOST
+    assert 30.0 <= clock.monotonic() - start <= 40.0
+    assert (await app.store.get_job(job.id)).state is JobState.RUNNING  # the service decides
+
+
+async def test_a_resumed_fetch_does_not_download_what_already_landed(app_clock: AppClock) -> None:
+    app, clock = app_clock
+    connector = FakeConnector()
+    inst = await add_instance(app)
+    # As if the daemon died while fetching: the runner finished, the image had landed, the
+    # job row still says fetching.
+    job = await add_job(app, state=JobState.FETCHING, instance_id=inst.id)
+    remote = connector.remote(inst.id)
+    conn = await connector.connect(inst)
+    spec = {"prompt": "a fox", "seed": 7, "steps": 1, "count": 1, "engine": "preview"}
+    await conn.write(f".gpuwarden/jobs/{job.id}/spec.json", json.dumps(spec).encode())
+    await conn.start(f".gpuwarden/jobs/{job.id}", [])
+    await conn.status(f".gpuwarden/jobs/{job.id}")  # one step: done
+    landed = app.settings.output_dir / job.id / "image-0.png"
+    landed.parent.mkdir(parents=True)
+    landed.write_bytes(remote.files[f".gpuwarden/jobs/{job.id}/image-0.png"])
+    runner = Runner(app, connector, poll=1.0, reattach=60.0)
+    assert await drive(clock, runner.execute(job, inst)) is Outcome.SUCCEEDED
+    assert remote.downloads == []  # nothing fetched twice
+    assert remote.starts == 1  # and nothing run twice
+    assert (await app.store.get_job(job.id)).outputs == (str(landed),)

@@ -1,0 +1,263 @@
+"""The JobService's decisions with fakes all round: FakeProvider offers, a fake launch and end,
+the FakeConnector as the instances, a real Store and a FakeClock that the tests step."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from jobs_fakes import FakeConnector, add_instance, add_job, make_app
+
+from gpuwarden.app import App
+from gpuwarden.clock import FakeClock
+from gpuwarden.jobs import api
+from gpuwarden.jobs.service import JobService
+from gpuwarden.model import (
+    Instance,
+    InstanceState,
+    JobState,
+    TerminationReason,
+    instance_label,
+)
+from gpuwarden.providers.base import Offer
+from gpuwarden.providers.fake import FakeProvider
+
+
+@dataclass
+class Cloud:
+    """The fake launch and end paths, recording what they were asked."""
+
+    provider: FakeProvider
+    launches: list[str] = field(default_factory=list)  # offer ids
+    ends: list[tuple[str, TerminationReason]] = field(default_factory=list)
+    ended_at: dict[str, float] = field(default_factory=dict)
+
+    async def launch(self, app: App, offer: Offer, job_id: str) -> Instance:
+        self.launches.append(offer.offer_id)
+        iid = f"i{len(self.launches)}"
+        now = app.clock.now()
+        inst = Instance(
+            id=iid,
+            provider=offer.provider,
+            label=instance_label("main", iid),
+            state=InstanceState.REQUESTED,
+            created_at=now,
+            lease_until=now + timedelta(hours=4),
+            last_activity=now,
+            price_per_hour=offer.price_per_hour,
+            gpu=offer.gpu_name,
+            offer_id=offer.offer_id,
+            job_id=job_id,
+        )
+        await app.store.insert_instance(inst)
+        launched = await self.provider.launch(offer, _spec(inst.label))
+        return await app.store.transition_instance(
+            iid, InstanceState.PROVISIONING, provider_id=launched.provider_id
+        )
+
+    async def end(self, app: App, instance_id: str, reason: TerminationReason) -> None:
+        self.ends.append((instance_id, reason))
+        self.ended_at[instance_id] = app.clock.monotonic()
+        await app.store.transition_instance(instance_id, InstanceState.TERMINATING, reason=reason)
+        await app.store.transition_instance(instance_id, InstanceState.TERMINATED)
+
+
+def _spec(label: str) -> Any:
+    from gpuwarden.providers.base import LaunchSpec
+
+    return LaunchSpec(label=label, image="img")
+
+
+@dataclass
+class Env:
+    app: App
+    clock: FakeClock
+    cloud: Cloud
+    connector: FakeConnector
+    service: JobService
+    task: asyncio.Task[None] | None = None
+
+    async def until(self, cond: Callable[[], Awaitable[bool]], limit: float = 3600) -> None:
+        """Step the fake clock from wake-up to wake-up until `cond` holds (or `limit` fake
+        seconds pass); wait briefly on the database thread in between."""
+        start = self.clock.monotonic()
+        async with asyncio.timeout(30):
+            while not await cond():
+                if self.task is not None and self.task.done():
+                    self.task.result()
+                    raise AssertionError("the service stopped")
+                assert self.clock.monotonic() - start <= limit, "condition not reached in time"
+                wake = self.clock.next_wake()
+                if wake is not None and not await _busy(self):
+                    await self.clock.advance(max(0.0, (wake - self.clock.now()).total_seconds()))
+                else:
+                    await asyncio.sleep(0.005)
+
+    async def state(self, job_id: str) -> JobState:
+        return (await self.app.store.get_job(job_id)).state
+
+
+async def _busy(env: Env) -> bool:
+    """Let pending database work land before time moves (a few loop turns)."""
+    for _ in range(5):
+        await asyncio.sleep(0)
+    return False
+
+
+@pytest.fixture
+async def make_env(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[Env]]]:
+    envs: list[Env] = []
+
+    async def make(*, start: bool = True, **jobs: Any) -> Env:
+        app, clock = await make_app(tmp_path, **{"ssh_wait": "120s", **jobs})
+        provider = FakeProvider(clock, "fake", boot_delay=timedelta(seconds=60))
+        app.providers["fake"] = provider
+        cloud = Cloud(provider)
+        connector = FakeConnector()
+        service = JobService(app, connector=connector, launch=cloud.launch, end=cloud.end)
+        env = Env(app, clock, cloud, connector, service)
+        envs.append(env)
+        if start:
+            await service.start()
+            env.task = asyncio.create_task(service.run())
+        return env
+
+    yield make
+    for env in envs:
+        env.app.stopping.set()
+        if env.task is not None:
+            env.task.cancel()
+            await asyncio.gather(env.task, return_exceptions=True)
+        await env.app.store.close()
+
+
+async def submit(env: Env, prompt: str = "a fox", **kw: Any) -> str:
+    return str((await api.submit(env.app, prompt=prompt, steps=2, **kw))["id"])
+
+
+async def test_auto_keep_warm_is_the_measured_cold_start_then_idle(make_env: Any) -> None:
+    env: Env = await make_env(keep_warm="auto")
+    job_id = await submit(env)
+
+    async def done() -> bool:
+        return (await env.state(job_id)) is JobState.SUCCEEDED
+
+    await env.until(done)
+    job = await env.app.store.get_job(job_id)
+    inst = await env.app.store.get_instance(job.instance_id or "")
+    finished = env.clock.monotonic()
+
+    async def ended() -> bool:
+        return bool(env.cloud.ends)
+
+    await env.until(ended)
+    assert env.cloud.ends == [(inst.id, TerminationReason.IDLE)]
+    # The cold start (launch to SSH) was the provider's 60 s boot; warm for that long.
+    stats = await env.app.store.get_flag("jobs.cold_start:fake:RTX 4090")
+    assert stats["n"] == 1 and 60 <= stats["mean"] <= 75
+    assert stats["mean"] - 2 <= env.cloud.ended_at[inst.id] - finished <= stats["mean"] + 2
+
+
+async def test_a_waiting_job_reuses_the_instance_and_0s_ends_at_once(make_env: Any) -> None:
+    env: Env = await make_env(keep_warm="0s", max_instances=1)
+    first, second = await submit(env, "one"), await submit(env, "two")
+
+    async def both_done() -> bool:
+        return {await env.state(first), await env.state(second)} == {JobState.SUCCEEDED}
+
+    await env.until(both_done)
+    assert env.cloud.launches == ["fake-offer-1"]  # one rental for both
+    j1, j2 = env.app.store.get_job(first), env.app.store.get_job(second)
+    assert (await j1).instance_id == (await j2).instance_id
+
+    async def ended() -> bool:
+        return bool(env.cloud.ends)
+
+    await env.until(ended, limit=5)
+    assert env.cloud.ends == [("i1", TerminationReason.JOB_DONE)]
+
+
+async def test_at_most_max_instances_are_rented(make_env: Any) -> None:
+    env: Env = await make_env(keep_warm="0s", max_instances=2)
+    ids = [await submit(env, f"job {i}", gpu_ram_gb=float(i)) for i in range(3)]
+
+    async def two_launched() -> bool:
+        return len(env.cloud.launches) == 2
+
+    await env.until(two_launched)
+    assert await env.state(ids[2]) is JobState.QUEUED
+
+    async def all_done() -> bool:
+        return all([await env.state(j) is JobState.SUCCEEDED for j in ids])
+
+    await env.until(all_done)
+    assert len(env.cloud.launches) <= 3
+
+
+async def test_a_paused_queue_accepts_but_does_not_dispatch(make_env: Any) -> None:
+    env: Env = await make_env()
+    await api.pause(env.app)
+    out = await api.submit(env.app, prompt="later")
+    assert out["queue_paused"] is True and out["state"] == "queued"
+    await env.clock.advance(60)
+    assert env.cloud.launches == []
+    await api.resume(env.app)
+
+    async def launched() -> bool:
+        return bool(env.cloud.launches)
+
+    await env.until(launched, limit=10)
+
+
+async def test_no_ssh_within_ssh_wait_ends_the_instance_and_retries(make_env: Any) -> None:
+    env: Env = await make_env(ssh_wait="90s", max_attempts=2)
+    env.connector.remote("i1").refuse = True
+    env.connector.remote("i2").refuse = True
+    job_id = await submit(env)
+
+    async def failed() -> bool:
+        return (await env.state(job_id)) is JobState.FAILED
+
+    await env.until(failed)
+    assert env.cloud.ends == [
+        ("i1", TerminationReason.LAUNCH_FAILED),
+        ("i2", TerminationReason.LAUNCH_FAILED),
+    ]
+    # The retry avoided the offer that failed.
+    assert env.cloud.launches[0] != env.cloud.launches[1]
+    job = await env.app.store.get_job(job_id)
+    assert job.attempt == 1 and "after 2 attempts" in (job.error or "")
+
+
+async def test_restart_requeues_a_job_whose_instance_is_gone(make_env: Any) -> None:
+    env: Env = await make_env(start=False, max_attempts=2)
+    gone = await add_instance(env.app, "i9", state=InstanceState.RUNNING)
+    await env.app.store.transition_instance(
+        gone.id, InstanceState.TERMINATING, reason=TerminationReason.WATCHDOG
+    )
+    again = await add_job(env.app, "ja", JobState.RUNNING, instance_id=gone.id)
+    spent = await add_job(env.app, "jb", JobState.FETCHING, instance_id=gone.id, attempt=1)
+    await env.service.start()
+    job = await env.app.store.get_job(again.id)
+    assert (job.state, job.attempt, job.instance_id) == (JobState.QUEUED, 1, None)
+    assert (await env.app.store.get_job(spent.id)).state is JobState.FAILED
+
+
+async def test_restart_continues_a_job_on_its_live_instance(make_env: Any) -> None:
+    env: Env = await make_env(start=False)
+    inst = await add_instance(env.app, "i7", provider="fake")
+    job = await add_job(env.app, "jc", JobState.RUNNING, instance_id=inst.id)
+    await env.service.start()
+    env.task = asyncio.create_task(env.service.run())
+
+    async def done() -> bool:
+        return (await env.state(job.id)) is JobState.SUCCEEDED
+
+    await env.until(done)
+    assert env.cloud.launches == []  # no second rental
+    assert env.connector.remote(inst.id).starts == 1

@@ -1,0 +1,63 @@
+"""What a submit may hold: defaults from the settings, a recorded seed, and refusals."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from gpuwarden.config import JobsSettings
+from gpuwarden.jobs.spec import InvalidSpec, build_spec, job_dict, runner_spec
+from gpuwarden.model import Job, JobState
+
+
+def test_defaults_come_from_the_settings_and_the_seed_is_recorded() -> None:
+    s = JobsSettings(steps=6, width=640, height=384, model="org/model")
+    spec = build_spec(s, prompt="a cat")
+    assert (spec.steps, spec.width, spec.height, spec.model) == (6, 640, 384, "org/model")
+    assert spec.seed is not None and 0 <= spec.seed < 2**31
+    assert spec.engine == "" and spec.guidance == 0.0
+    assert build_spec(s, prompt="x", seed=0).seed == 0
+    assert build_spec(s, prompt="x", engine="auto").engine == ""
+    assert build_spec(s, prompt="x", engine="diffusers").engine == "diffusers"
+
+
+def test_a_long_unicode_prompt_is_fine() -> None:
+    prompt = "猫" * 10_000 + "'; touch pwned; '"
+    assert build_spec(JobsSettings(), prompt=prompt).prompt == prompt
+
+
+@pytest.mark.parametrize(
+    ("fields", "why"),
+    [
+        ({"prompt": "  "}, "prompt must not be empty"),
+        ({"prompt": "x" * 100_001}, "at most 100000"),
+        ({"prompt": "x", "width": 100}, "width must be a multiple of 8"),
+        ({"prompt": "x", "height": 4096}, "height must be a multiple of 8"),
+        ({"prompt": "x", "count": 9}, "count must be between 1 and 8"),
+        ({"prompt": "x", "count": 0}, "count must be between 1 and 8"),
+        ({"prompt": "x", "steps": 0}, "steps must be between"),
+        ({"prompt": "x", "engine": "dall-e"}, "engine must be one of"),
+        ({"prompt": "x", "guidance": 99}, "guidance must be between"),
+        ({"prompt": "x", "max_price": -1}, "max_price must not be negative"),
+    ],
+)
+def test_bad_values_are_refused_with_a_reason(fields: dict[str, Any], why: str) -> None:
+    with pytest.raises(InvalidSpec) as err:
+        build_spec(JobsSettings(), **fields)
+    assert why in err.value.message
+    assert err.value.code == "invalid_spec"
+
+
+def test_the_runner_spec_and_the_job_json_carry_the_values() -> None:
+    from datetime import UTC, datetime
+
+    spec = build_spec(JobsSettings(), prompt="$(touch pwned)", seed=5, count=2)
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+    job = Job(id="j1", state=JobState.QUEUED, spec=spec, created_at=now, updated_at=now)
+    rs = runner_spec(job, "preview", 0.01)
+    assert rs["prompt"] == "$(touch pwned)" and rs["count"] == 2 and rs["seed"] == 5
+    assert rs["engine"] == "preview" and rs["preview_step_delay"] == 0.01
+    out = job_dict(job)
+    assert out["state"] == "queued" and out["spec"]["prompt"] == "$(touch pwned)"
+    assert out["created_at"] == "2026-01-01T00:00:00+00:00"

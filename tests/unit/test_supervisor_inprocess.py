@@ -1,0 +1,172 @@
+"""The Supervisor in-process with test services: start order and READY, heartbeats under
+service names, start-up failure cleanup, and the shutdown deadline for a loop that will not
+stop."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import structlog
+
+from gpuwarden import config, supervisor, wiring
+from gpuwarden.app import App
+from gpuwarden.lock import StateLock
+from gpuwarden.services.base import Service
+from gpuwarden.systemd import Notifier
+
+
+class Recorder(Notifier):
+    """Records notifications, and what `journal` held when READY=1 went out."""
+
+    def __init__(self, journal: list[str] | None = None) -> None:
+        super().__init__(None)
+        self.sent: list[dict[str, object]] = []
+        self.ready_seen = asyncio.Event()
+        self.journal = journal if journal is not None else []
+        self.at_ready: list[str] = []
+
+    def notify(self, **fields: object) -> bool:
+        self.sent.append(fields)
+        if "READY" in fields and not self.ready_seen.is_set():
+            self.at_ready = list(self.journal)
+            self.ready_seen.set()
+        return True
+
+
+class Loop:
+    def __init__(self, name: str, journal: list[str], app: App) -> None:
+        self.name = name
+        self.journal = journal
+        self.app = app
+
+    async def start(self) -> None:
+        self.journal.append(f"start {self.name}")
+
+    async def run(self) -> None:
+        self.journal.append(f"run {self.name}")
+        while True:
+            self.app.heartbeats.beat(self.name)
+            await asyncio.sleep(0.01)
+
+
+@pytest.fixture
+def settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[config.Settings]:
+    for name in list(os.environ):
+        if name.startswith(("GPUWARDEN_", "NOTIFY_", "WATCHDOG_")):
+            monkeypatch.delenv(name)
+    path = tmp_path / "c.toml"
+    path.write_text(
+        f'[daemon]\nstate_dir = "{tmp_path / "state"}"\nshutdown_timeout = "0.3s"\n'
+        "[providers.sim]\nenabled = false\n"
+    )
+    yield config.load(path)
+
+
+def make(
+    settings: config.Settings, tmp_path: Path, journal: list[str] | None = None
+) -> tuple[supervisor.Supervisor, Recorder]:
+    sup = supervisor.Supervisor(settings, tmp_path / "c.toml")
+    rec = Recorder(journal)
+    sup.notifier = rec
+    return sup, rec
+
+
+async def test_services_start_in_order_then_ready_then_run(
+    settings: config.Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    journal: list[str] = []
+
+    def build(app: App) -> list[Service]:
+        journal.append("build")
+        return [Loop("alpha", journal, app), Loop("beta", journal, app)]
+
+    monkeypatch.setattr(wiring, "build_services", build)
+    sup, rec = make(settings, tmp_path, journal)
+    task = asyncio.create_task(sup.run())
+    await asyncio.wait_for(rec.ready_seen.wait(), 10)
+    assert rec.at_ready == ["build", "start alpha", "start beta"]  # after every start()
+    assert sup.app is not None and sup.app.ssh_public_key.startswith("ssh-ed25519 ")
+    assert sup.app.reload is not None
+    for _ in range(100):  # the loops get going
+        if "run beta" in journal:
+            break
+        await asyncio.sleep(0.01)
+    assert set(sup.app.heartbeats.ages()) >= {"alpha", "beta"}
+    names = {t.get_name() for t in asyncio.all_tasks()}
+    assert {"alpha", "beta", "systemd-watchdog", "config-reload"} <= names
+    sup.stopping.set()
+    assert await asyncio.wait_for(task, 10) == 0
+    assert [m for m in rec.sent if "STOPPING" in m]
+    with StateLock(settings.lock_path):  # released on the way out
+        pass
+
+
+async def test_a_failing_start_cleans_up_and_exits_1(
+    settings: config.Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    class Broken:
+        name = "broken"
+
+        async def start(self) -> None:
+            raise RuntimeError("cannot bind")
+
+        async def run(self) -> None:
+            raise AssertionError("never runs")
+
+    monkeypatch.setattr(wiring, "build_services", lambda app: [Broken()])
+    sup, rec = make(settings, tmp_path)
+    with structlog.testing.capture_logs() as logs:
+        code = await asyncio.wait_for(sup.run(), 10)
+    assert code == 1
+    assert not rec.ready_seen.is_set()  # never READY
+    failed = [e for e in logs if e["event"] == "startup_failed"]
+    assert failed and failed[0].get("exc_info")
+    with StateLock(settings.lock_path):
+        pass
+
+
+async def test_a_loop_that_ignores_cancellation_meets_the_shutdown_deadline(
+    settings: config.Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    release = asyncio.Event()
+
+    class Stubborn:
+        name = "stubborn"
+
+        async def run(self) -> None:
+            while not release.is_set():
+                try:
+                    await release.wait()
+                except asyncio.CancelledError:
+                    continue  # the bug this deadline exists for
+
+    monkeypatch.setattr(wiring, "build_services", lambda app: [Stubborn()])
+    sup, rec = make(settings, tmp_path)
+    task = asyncio.create_task(sup.run())
+    await asyncio.wait_for(rec.ready_seen.wait(), 10)
+    with structlog.testing.capture_logs() as logs:
+        sup.stopping.set()
+        code = await asyncio.wait_for(task, 10)
+    assert code == 1 and sup.abandoned
+    overran = [e for e in logs if e["event"] == "shutdown_deadline_exceeded"]
+    assert overran and "stubborn" in overran[0]["tasks"]
+    release.set()  # let the stuck task end so the test loop closes cleanly
+    await asyncio.sleep(0)
+    for t in asyncio.all_tasks():
+        if t.get_name() in ("stubborn", "root"):
+            await asyncio.gather(t, return_exceptions=True)
+
+
+async def test_a_held_lock_exits_75_before_opening_the_database(
+    settings: config.Settings, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    settings.daemon.state_dir.mkdir(parents=True)
+    with StateLock(settings.lock_path):
+        sup, _ = make(settings, tmp_path)
+        assert await sup.run() == 75
+    assert not settings.db_path.exists()
+    assert f"pid {os.getpid()}" in capsys.readouterr().err
