@@ -27,7 +27,7 @@ import stat
 import struct
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC
+from datetime import UTC, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -134,7 +134,9 @@ def bind_socket(path: Path, group_gid: int | None) -> socket.socket:
             sock.bind(str(path))
         finally:
             os.umask(old)
-        if group_gid is not None:
+        # Under the systemd unit the socket is born with the right group already (the
+        # daemon runs as that group), and chown is refused by its SystemCallFilter: skip it.
+        if group_gid is not None and path.lstat().st_gid != group_gid:
             try:
                 os.chown(path, -1, group_gid)
             except PermissionError:
@@ -239,15 +241,23 @@ class ControlServer:
     async def run(self) -> None:
         if self._sock is None:
             await self.start()
+        clock = self.app.clock
         serve = asyncio.create_task(self._accept_loop(), name="control-accept")
+        stop = asyncio.create_task(self.app.stopping.wait(), name="control-stop")
+        # Our own wake-up: sleep_until clears its interrupt event, and app.stopping must stay
+        # set for everyone else. A failed accept loop also wakes us, so its error is raised
+        # at once rather than at the next beat.
+        wake = asyncio.Event()
+        for task in (serve, stop):
+            task.add_done_callback(lambda _: wake.set())
         try:
             while not self.app.stopping.is_set():
                 self.app.heartbeats.beat(self.name)
                 if serve.done():
                     serve.result()  # the accept loop never ends by itself: re-raise its error
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.app.stopping.wait(), BEAT_EVERY)
+                await clock.sleep_until(clock.now() + timedelta(seconds=BEAT_EVERY), wake)
         finally:
+            stop.cancel()
             serve.cancel()
             await self.aclose()
             with contextlib.suppress(asyncio.CancelledError):

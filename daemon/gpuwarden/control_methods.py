@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from gpuwarden import __version__
 from gpuwarden.app import App
 from gpuwarden.errors import DomainError
+from gpuwarden.jobs.limits import MAX_COUNT, MAX_PROMPT_CHARS, MAX_STEPS
 from gpuwarden.model import JobState
 
 Handler = Callable[[App, Any], Awaitable[Any]]
@@ -76,14 +77,17 @@ class CostsParams(_Params):
 
 
 class SubmitParams(_Params):
-    prompt: str = Field(min_length=1, max_length=100_000)
-    negative_prompt: str = Field(default="", max_length=100_000)
-    steps: int | None = Field(default=None, ge=1, le=500)
+    """Types and bounds only; jobs.spec.build_spec checks the rest (prompt length together,
+    sizes, engine) and says what is wrong in the domain error."""
+
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+    negative_prompt: str = Field(default="", max_length=MAX_PROMPT_CHARS)
+    steps: int | None = Field(default=None, ge=1, le=MAX_STEPS)
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
     width: int | None = Field(default=None, ge=64, le=2048, multiple_of=8)
     height: int | None = Field(default=None, ge=64, le=2048, multiple_of=8)
     model: str | None = Field(default=None, max_length=200)
-    count: int = Field(default=1, ge=1, le=16)
+    count: int = Field(default=1, ge=1, le=MAX_COUNT)
     guidance: float | None = Field(default=None, ge=0, le=50)
     engine: str | None = Field(default=None, max_length=32)
     max_price: float | None = Field(default=None, ge=0, le=10_000)
@@ -161,8 +165,8 @@ async def _events(app: App, p: EventsListParams) -> list[dict[str, Any]]:
     from gpuwarden.control import event_json  # control imports this module
 
     since = app.clock.now() - timedelta(hours=p.hours)
-    found = await app.store.events(since=since, entity_id=p.entity_id, limit=100_000)
-    return [event_json(e) for e in found[-p.limit :]]
+    found = await app.store.events(since=since, entity_id=p.entity_id, limit=p.limit, newest=True)
+    return [event_json(e) for e in found]
 
 
 _API = "gpuwarden.services.api"

@@ -23,7 +23,6 @@ from pathlib import Path
 from types import TracebackType
 
 EX_TEMPFAIL = 75
-LOCK_NAME = "gpuwarden.lock"
 
 
 class LockHeld(Exception):

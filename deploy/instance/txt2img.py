@@ -54,14 +54,6 @@ class Progress:
         self.file.close()
 
 
-def sha256_file(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def write_atomic(path, data):
     tmp = path + ".tmp"
     with open(tmp, "wb") as f:

@@ -1,6 +1,6 @@
 """Helpers for the control socket tests: a ControlServer on a short temporary socket path
 (AF_UNIX paths are limited to 108 bytes, so not under pytest's long tmp_path) with a minimal
-App: a real Store, the system clock, no providers."""
+App: a real Store, the system clock (or a given one), no providers."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from gpuwarden.app import App
-from gpuwarden.clock import SystemClock
+from gpuwarden.clock import Clock, SystemClock
 from gpuwarden.config import DaemonSettings, Settings
 from gpuwarden.control import ControlServer
 from gpuwarden.control_methods import Method
@@ -28,11 +28,11 @@ def short_dir() -> Path:
 
 
 @asynccontextmanager
-async def make_app(base: Path, **daemon: Any) -> AsyncIterator[App]:
+async def make_app(base: Path, *, clock: Clock | None = None, **daemon: Any) -> AsyncIterator[App]:
     settings = Settings(
         daemon=DaemonSettings(state_dir=base, socket=base / "run" / "control.sock", **daemon)
     )
-    clock = SystemClock()
+    clock = clock or SystemClock()
     store = await Store.open(base / "gpuwarden.db", clock)
     try:
         yield App(

@@ -12,17 +12,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sim_support import sim_app, until
+
 from gpuwarden.app import App
-from gpuwarden.clock import SystemClock
 from gpuwarden.config import Settings
-from gpuwarden.heartbeat import Heartbeats
 from gpuwarden.jobs import api
 from gpuwarden.jobs.runner import Connector, RemoteConn
 from gpuwarden.jobs.service import JobService
 from gpuwarden.model import Instance, Job, JobState
-from gpuwarden.providers import build_providers
 from gpuwarden.providers.base import Launched, LaunchSpec, NoCapacity, Offer, Provider
-from gpuwarden.remote import load_or_create_key
 from gpuwarden.services.guard import Guard
 from gpuwarden.sim.server import SimCloud
 from gpuwarden.store import Store
@@ -114,16 +112,6 @@ class JobEnv:
         return inst.sandbox
 
 
-async def until(cond: Callable[[], Awaitable[bool]], timeout: float, what: str) -> None:
-    """Poll a condition on real processes with a short bounded wait and an overall bound."""
-    try:
-        async with asyncio.timeout(timeout):
-            while not await cond():
-                await asyncio.sleep(0.05)
-    except TimeoutError:
-        raise AssertionError(f"timed out waiting for {what}") from None
-
-
 def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -137,35 +125,11 @@ async def job_env(
     connector: Callable[[Connector], Connector] | None = None,
     start: bool = True,
 ) -> AsyncIterator[JobEnv]:
-    settings = settings or job_settings(tmp)
-    clock = SystemClock()
-    (tmp / "state").mkdir(parents=True, exist_ok=True)
-    sim = SimCloud(settings.providers.sim, clock, sandbox_root=tmp / "sim")
-    urls = await sim.start()
-    providers = build_providers(settings, clock, sim_urls=urls)
-    if wrap is not None:
-        providers = wrap(providers)
-    store = await Store.open(tmp / "state" / "gpuwarden.db", clock)
-    app = App(settings, clock, store, providers, Heartbeats(clock))
-    key, public = load_or_create_key(None, tmp / "state" / "ssh" / "id_ed25519")
-    app.ssh_key, app.ssh_public_key = key, public
-    service = JobService(app)
-    tasks: list[asyncio.Task[None]] = []
-    env = JobEnv(tmp, app, sim, service, tasks)
-    try:
+    async with sim_app(settings or job_settings(tmp), tmp, wrap=wrap) as base:
+        env = JobEnv(tmp, base.app, base.sim, JobService(base.app), base.tasks)
         if start:
             await env_start(env, connector)
         yield env
-    finally:
-        app.stopping.set()
-        for t in env.tasks:
-            t.cancel()
-        await asyncio.gather(*env.tasks, return_exceptions=True)
-        for p in providers.values():
-            with contextlib.suppress(Exception):
-                await p.aclose()
-        await sim.stop()
-        await store.close()
 
 
 async def env_start(env: JobEnv, connector: Callable[[Connector], Connector] | None) -> None:

@@ -1,12 +1,14 @@
 """Helpers for tests that run the simulated cloud: start/stop it, build the real clients
-against it, wait for SSH, and read its ledger."""
+against it (or a whole App without its loops), wait for SSH or a condition, and read its
+ledger."""
 
 from __future__ import annotations
 
 import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -14,12 +16,18 @@ from typing import Any
 import asyncssh
 import httpx
 
+from gpuwarden.app import App
 from gpuwarden.clock import Clock, SystemClock
-from gpuwarden.config import SimFaultSettings, SimSettings
+from gpuwarden.config import Settings, SimFaultSettings, SimSettings
+from gpuwarden.heartbeat import Heartbeats
+from gpuwarden.providers import build_providers
+from gpuwarden.providers.base import Provider
 from gpuwarden.providers.http import Backoff
 from gpuwarden.providers.lambdacloud import LambdaClient
 from gpuwarden.providers.vast import VastClient
+from gpuwarden.remote import load_or_create_key
 from gpuwarden.sim import SimCloud, SimUrls
+from gpuwarden.store import Store
 
 BOOT = timedelta(seconds=0.2)
 QUICK = Backoff(base=0.01, cap=0.05, rate_limited_base=0.01, max_retry_after=1.0)
@@ -41,6 +49,60 @@ async def running_sim(
         yield cloud
     finally:
         await cloud.stop()
+
+
+@dataclass
+class SimApp:
+    app: App
+    sim: SimCloud
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)  # cancelled at the end
+
+
+@asynccontextmanager
+async def sim_app(
+    settings: Settings,
+    tmp: Path,
+    *,
+    wrap: Callable[[dict[str, Provider]], dict[str, Provider]] | None = None,
+) -> AsyncIterator[SimApp]:
+    """A daemon's App without its loops: the in-process sim cloud (settings.providers.sim),
+    the real provider clients against it (optionally wrapped), a real Store under
+    tmp/state, the SystemClock and an SSH key. At the end `stopping` is set, the tasks a
+    test started are cancelled, then the rest is closed in reverse."""
+    clock = SystemClock()
+    (tmp / "state").mkdir(parents=True, exist_ok=True)
+    sim = SimCloud(settings.providers.sim, clock, sandbox_root=tmp / "sim")
+    providers = build_providers(settings, clock, sim_urls=await sim.start())
+    if wrap is not None:
+        providers = wrap(providers)
+    store = await Store.open(tmp / "state" / "gpuwarden.db", clock)
+    app = App(settings, clock, store, providers, Heartbeats(clock))
+    app.ssh_key, app.ssh_public_key = load_or_create_key(None, tmp / "state" / "ssh" / "key")
+    env = SimApp(app, sim)
+    try:
+        yield env
+    finally:
+        app.stopping.set()
+        for t in env.tasks:
+            t.cancel()
+        await asyncio.gather(*env.tasks, return_exceptions=True)
+        for p in providers.values():
+            with suppress(Exception):
+                await p.aclose()
+        await sim.stop()
+        await store.close()
+
+
+async def until(
+    cond: Callable[[], Awaitable[bool]], timeout: float, what: str, interval: float = 0.05
+) -> None:
+    """Poll a condition on real processes with a short bounded wait and an overall bound."""
+    try:
+        async with asyncio.timeout(timeout):
+            while not await cond():
+                await asyncio.sleep(interval)
+    except TimeoutError:
+        raise AssertionError(f"timed out waiting for {what}") from None
 
 
 def urls(cloud: SimCloud) -> SimUrls:

@@ -19,7 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -144,12 +144,21 @@ def gw_json(d: Daemon, *argv: str) -> Any:
     return json.loads(out)
 
 
-def _until_no_live(d: Daemon, timeout: float = 20.0) -> None:
-    """Poll a real process: short bounded waits under an overall deadline."""
+def _until(check: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
+    """Poll a real process until `check()` holds: short bounded waits, overall deadline."""
     deadline = time.monotonic() + timeout
-    while gw_json(d, "status"):
-        assert time.monotonic() < deadline, "instances still live"
+    while not check():
+        assert time.monotonic() < deadline, what
         time.sleep(0.2)
+
+
+def _until_no_live(d: Daemon) -> None:
+    _until(lambda: not gw_json(d, "status"), "instances still live")
+
+
+def _row(d: Daemon, iid: str) -> dict[str, Any]:
+    row: dict[str, Any] = next(r for r in gw_json(d, "status") if r["id"] == iid)
+    return row
 
 
 def _launch(d: Daemon, *extra: str) -> dict[str, Any]:
@@ -249,7 +258,13 @@ def test_launch_status_extend_activity_destroy_history(daemon: Daemon) -> None:
     assert row["created_at"].endswith(("Z", "+00:00"))
     code, out, _ = gw(daemon, "status")
     assert code == 0
-    assert iid in out and "TOTAL" in out and "TIME LEFT" in out
+    assert iid in out and "TOTAL" in out and "TIME LEFT" in out and "PROBE" in out
+    # The watchdog probes a new instance as soon as it runs; the PROBE cell then says so.
+    _until(lambda: _row(daemon, iid)["last_probe_ok"] is True, "never probed")
+    assert _row(daemon, iid)["strikes"] == 0
+    code, out, _ = gw(daemon, "status")
+    line = next(ln for ln in out.splitlines() if iid in ln)
+    assert "ok " in line and " ago" in line, out
 
     ext = gw_json(daemon, "extend", iid, "1")
     assert ext["id"] == iid
@@ -367,9 +382,12 @@ def test_events_follow_streams_new_events(daemon: Daemon) -> None:
                 break
         else:
             pytest.fail("the activity event never arrived")
-    finally:
         proc.send_signal(signal.SIGINT)
-        proc.wait(10)
+        assert proc.wait(10) == 0  # Ctrl-C is how a follower stops: not an error
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
         gw_json(daemon, "destroy", inst["id"])
 
 

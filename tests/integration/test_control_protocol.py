@@ -19,9 +19,11 @@ from control_support import Raw, make_app, request, running_server, short_dir
 
 from gpuwarden import control_rpc as rpc
 from gpuwarden.cli.client import ControlClient, RemoteError, Unreachable
+from gpuwarden.clock import FakeClock, settle
 from gpuwarden.control import ControlServer, SocketInUse, bind_socket
 from gpuwarden.control_methods import METHODS, Method, NoParams, _call
 from gpuwarden.errors import LeaseMaxExceeded
+from gpuwarden.heartbeat import BEAT_EVERY
 from gpuwarden.model import EntityKind, Event
 
 
@@ -97,6 +99,38 @@ async def test_socket_group_is_applied() -> None:
         st = app.settings.daemon.socket.lstat()
         assert st.st_gid == group.gr_gid
         assert stat.S_IMODE(st.st_mode) == 0o660
+
+
+def test_chown_is_skipped_when_the_socket_already_has_the_group(
+    base: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under the systemd unit chown is refused (SystemCallFilter); it is not even tried when
+    the socket is born with the right group, so that nothing is refused and logged."""
+    path = base / "s.sock"
+    bind_socket(path, None).close()
+    born_with = path.lstat().st_gid
+    calls: list[tuple[Any, ...]] = []
+    monkeypatch.setattr(os, "chown", lambda *a: calls.append(a))
+    bind_socket(path, born_with).close()
+    assert calls == []
+    bind_socket(path, born_with + 1).close()
+    assert calls == [(path, -1, born_with + 1)]
+
+
+async def test_the_heartbeat_follows_the_app_clock(base: Path) -> None:
+    clock = FakeClock()
+    async with make_app(base, clock=clock) as app:
+        server = ControlServer(app)
+        await server.start()
+        task = asyncio.create_task(server.run())
+        await settle()
+        await clock.advance(BEAT_EVERY - 1)
+        assert app.heartbeats.ages()["control"] == BEAT_EVERY - 1  # no beat on wall time
+        await clock.advance(1)
+        assert app.heartbeats.ages()["control"] == 0  # beat when the clock said so
+        app.stopping.set()
+        await asyncio.wait_for(task, 5)
+        assert app.stopping.is_set()  # still set for the other services
 
 
 def _has_gid(gid: int) -> bool:

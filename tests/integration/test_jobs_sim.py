@@ -20,8 +20,8 @@ from jobs_support import (
     job_env,
     job_settings,
     sha256,
-    until,
 )
+from sim_support import until
 
 from gpuwarden import errors
 from gpuwarden.jobs import api, queue

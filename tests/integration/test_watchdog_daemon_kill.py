@@ -11,11 +11,12 @@ import shutil
 import signal
 import sys
 import tempfile
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from datetime import datetime
 from pathlib import Path
 
 import pytest
+from sim_support import until
 
 from gpuwarden.cli.client import ControlClient
 from gpuwarden.cli.commands_control import status_rows
@@ -25,16 +26,6 @@ from gpuwarden.sim.server import SimCloud
 pytestmark = pytest.mark.slow
 
 DEADMAN_TIMEOUT = 3.0
-
-
-async def until(cond: Callable[[], Awaitable[bool]], timeout: float, what: str) -> None:
-    """Poll a condition on real processes with a short bounded wait and an overall bound."""
-    try:
-        async with asyncio.timeout(timeout):
-            while not await cond():
-                await asyncio.sleep(0.1)
-    except TimeoutError:
-        raise AssertionError(f"timed out waiting for {what}") from None
 
 
 @pytest.fixture

@@ -15,28 +15,23 @@ import asyncio
 import contextlib
 import dataclasses
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import asyncssh
-import httpx
 import pytest
+from sim_support import admin, ledger_row, sim_app, until
 
 from gpuwarden.app import App
-from gpuwarden.clock import SystemClock
 from gpuwarden.config import Settings
-from gpuwarden.heartbeat import Heartbeats
 from gpuwarden.model import EntityKind, Instance, InstanceState, TerminationReason
-from gpuwarden.providers import build_providers
 from gpuwarden.providers.base import ProviderState, Requirements
-from gpuwarden.remote import load_or_create_key
 from gpuwarden.services import launcher
 from gpuwarden.services.guard import Guard
 from gpuwarden.services.watchdog import ProbeResult, SshProber, Watchdog
 from gpuwarden.sim.server import SimCloud
-from gpuwarden.store import Store
 
 pytestmark = pytest.mark.slow
 
@@ -103,51 +98,16 @@ class Rig:
         return [e.name for e in evs if e.name != "state"]
 
     def ledger_row(self, provider_id: str) -> dict[str, Any]:
-        rows: list[dict[str, Any]] = [
-            r for r in self.sim.ledger()["instances"] if r["instance_id"] == provider_id
-        ]
-        assert len(rows) == 1
-        return rows[0]
+        return ledger_row(self.sim, provider_id)
 
     async def admin(self, path: str) -> None:
-        assert self.sim.urls is not None
-        async with httpx.AsyncClient(base_url=self.sim.urls.admin) as http:
-            (await http.post(path)).raise_for_status()
-
-
-async def until(cond: Callable[[], Awaitable[bool]], timeout: float, what: str) -> None:
-    """Poll a condition on real processes with a short bounded wait and an overall bound."""
-    try:
-        async with asyncio.timeout(timeout):
-            while not await cond():
-                await asyncio.sleep(0.05)
-    except TimeoutError:
-        raise AssertionError(f"timed out waiting for {what}") from None
+        await admin(self.sim, "POST", path)
 
 
 @contextlib.asynccontextmanager
 async def rig_for(settings: Settings, tmp: Path) -> AsyncIterator[Rig]:
-    clock = SystemClock()
-    (tmp / "state").mkdir(parents=True, exist_ok=True)
-    sim = SimCloud(settings.providers.sim, clock, sandbox_root=tmp / "sim")
-    urls = await sim.start()
-    providers = build_providers(settings, clock, sim_urls=urls)
-    store = await Store.open(tmp / "state" / "gpuwarden.db", clock)
-    app = App(settings, clock, store, providers, Heartbeats(clock))
-    app.ssh_key, app.ssh_public_key = load_or_create_key(None, tmp / "state" / "ssh" / "key")
-    rig = Rig(app, sim)
-    try:
-        yield rig
-    finally:
-        app.stopping.set()
-        for t in rig.tasks:
-            t.cancel()
-        await asyncio.gather(*rig.tasks, return_exceptions=True)
-        for p in providers.values():
-            with contextlib.suppress(Exception):
-                await p.aclose()
-        await sim.stop()
-        await store.close()
+    async with sim_app(settings, tmp) as base:
+        yield Rig(base.app, base.sim, base.tasks)
 
 
 async def test_dead_ssh_is_destroyed_after_exactly_two_failed_probes(tmp_path: Path) -> None:

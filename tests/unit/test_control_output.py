@@ -70,6 +70,33 @@ def test_time_left_shows_expired_in_red_when_a_live_instance_is_past_its_deadlin
     assert ended.plain != "EXPIRED"
 
 
+def test_probe_cell_shows_the_last_probe_its_age_and_strikes() -> None:
+    now = "2026-01-01T12:00:00Z"
+    never = cc.probe_cell(_row(last_probe_at=None, last_probe_ok=None, strikes=0), now)
+    assert never.plain == "-"
+    ok = cc.probe_cell(_row(last_probe_at="2026-01-01T11:58:00Z", last_probe_ok=True), now)
+    assert ok.plain == "ok 2m ago"
+    assert cc.probe_cell(
+        _row(last_probe_at="2026-01-01T11:59:15Z", last_probe_ok=True), now
+    ).plain == ("ok 45s ago")
+    struck = cc.probe_cell(
+        _row(last_probe_at="2026-01-01T11:59:00Z", last_probe_ok=False, strikes=2), now
+    )
+    assert struck.plain == "2 strikes" and "red" in str(struck.style)
+    one = cc.probe_cell(_row(last_probe_at=now, last_probe_ok=False, strikes=1), now)
+    assert one.plain == "1 strike"
+    # Without the daemon's time the age is left out rather than guessed from this machine.
+    assert cc.probe_cell(_row(last_probe_at=now, last_probe_ok=True), None).plain == "ok"
+
+
+@pytest.mark.parametrize(
+    ("secs", "text"),
+    [(-1, "0s"), (59, "59s"), (60, "1m"), (3599, "59m"), (7200, "2h"), (90000, "1d")],
+)
+def test_ago(secs: float, text: str) -> None:
+    assert cc.ago(secs) == text
+
+
 def test_status_rows_accepts_both_reply_shapes() -> None:
     assert cc.status_rows({"instances": [{"id": "a"}]}) == [{"id": "a"}]
     assert cc.status_rows([{"id": "b"}]) == [{"id": "b"}]
@@ -96,6 +123,18 @@ def test_error_exit_codes_and_messages() -> None:
     assert remote_error(out, RemoteError(1, "no instance 'x'", {"code": "not_found"})) == EX_DOMAIN
     assert remote_error(out, RemoteError(-32602, "invalid params: hours")) == EX_USAGE
     assert "no instance 'x'" in err.getvalue()
+
+
+def test_a_refusal_comes_with_a_hint_on_what_to_do() -> None:
+    err = io.StringIO()
+    out = Out(stdout=io.StringIO(), stderr=err)
+    remote_error(out, RemoteError(1, "no offer matching the requirements", {"code": "no_offer"}))
+    assert "hint: 'gpuwarden offers' shows what is available" in err.getvalue()
+    remote_error(out, RemoteError(1, "over", {"code": "budget_exceeded"}))
+    assert "budget.daily_limit" in err.getvalue()
+    quiet = io.StringIO()
+    remote_error(Out(stdout=io.StringIO(), stderr=quiet), RemoteError(1, "odd", {"code": "x"}))
+    assert "hint" not in quiet.getvalue()  # no hint rather than a wrong one
 
 
 def test_json_mode_prints_the_error_object_for_scripts() -> None:

@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 import pytest
 import respx
+from providers_support import AutoClock
 from structlog.testing import capture_logs
 
 from gpuwarden.clock import FakeClock, settle
@@ -33,18 +34,6 @@ from gpuwarden.providers.http import (
 
 BASE = "https://api.test/v1"
 KEY = "sk-test-SECRET-0123456789"
-
-
-class AutoClock(FakeClock):
-    """A FakeClock whose sleeps move time at once and are recorded (no waiting at all)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.slept: list[float] = []
-
-    async def sleep(self, seconds: float) -> None:
-        self.slept.append(seconds)
-        await self.advance(seconds)
 
 
 def classify(status: int, body: Any, now: Any) -> ProviderError | None:

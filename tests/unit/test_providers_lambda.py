@@ -8,12 +8,12 @@ import hashlib
 import itertools
 import json
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 import respx
+from providers_support import AutoClock, load_fixture
 from structlog.testing import capture_logs
 
 from gpuwarden.clock import FakeClock
@@ -37,39 +37,17 @@ from gpuwarden.providers.base import (
 from gpuwarden.providers.http import Backoff
 from gpuwarden.providers.lambdacloud import LambdaClient
 
-FIXTURES = Path(__file__).parent.parent / "fixtures" / "providers" / "lambda"
 BASE = "https://cloud.lambda.ai/api/v1"
 KEY = "secret_lambda_KEY_0123456789"
 PUB = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOurKeyMaterial gpuwarden@host"
 IID = "0920582c7ff041399e34823a0be62549"
 
 
-def _strip(value: Any) -> Any:
-    """Drop the reference annotations (`_http`, `_note`, `_source`): not on the wire."""
-    if isinstance(value, dict):
-        return {k: _strip(v) for k, v in value.items() if not k.startswith("_")}
-    if isinstance(value, list):
-        return [_strip(v) for v in value]
-    return value
-
-
 def load(name: str) -> Any:
-    return _strip(json.loads((FIXTURES / name).read_text()))
+    return load_fixture("lambda", name)
 
 
 ERRORS = load("errors.json")
-
-
-class AutoClock(FakeClock):
-    """A FakeClock whose sleeps move time at once and are recorded."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.slept: list[float] = []
-
-    async def sleep(self, seconds: float) -> None:
-        self.slept.append(seconds)
-        await self.advance(seconds)
 
 
 @pytest.fixture

@@ -9,12 +9,12 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 import respx
+from providers_support import AutoClock, load_fixture
 from structlog.testing import capture_logs
 
 from gpuwarden.clock import FakeClock
@@ -38,35 +38,13 @@ from gpuwarden.providers.base import (
 from gpuwarden.providers.http import Backoff
 from gpuwarden.providers.vast import VastClient
 
-FIXTURES = Path(__file__).parent.parent / "fixtures" / "providers" / "vast"
 BASE = "https://console.vast.ai"
 KEY = "vast-SECRET-key-abcdef"
 PUB = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOurKeyMaterial gpuwarden@host"
 
 
-def _strip(value: Any) -> Any:
-    """Drop the reference annotations (`_http`, `_note`, ...): they are not on the wire."""
-    if isinstance(value, dict):
-        return {k: _strip(v) for k, v in value.items() if not k.startswith("_")}
-    if isinstance(value, list):
-        return [_strip(v) for v in value]
-    return value
-
-
 def load(name: str) -> Any:
-    return _strip(json.loads((FIXTURES / name).read_text()))
-
-
-class AutoClock(FakeClock):
-    """A FakeClock whose sleeps move time at once and are recorded."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.slept: list[float] = []
-
-    async def sleep(self, seconds: float) -> None:
-        self.slept.append(seconds)
-        await self.advance(seconds)
+    return load_fixture("vast", name)
 
 
 @pytest.fixture

@@ -216,6 +216,15 @@ async def test_illegal_job_transition_writes_nothing(
     assert await count(store, "events") == events_before
 
 
+async def test_events_newest_reads_the_tail_of_the_log_oldest_first(store: Store) -> None:
+    for n in range(5):
+        await store.record(EntityKind.DAEMON, "d", "tick", {"n": n})
+    tail = await store.events(entity_id="d", limit=2, newest=True)
+    assert [e.details["n"] for e in tail] == [3, 4]
+    head = await store.events(entity_id="d", limit=2)
+    assert [e.details["n"] for e in head] == [0, 1]
+
+
 def test_every_state_is_covered() -> None:
     assert {a for a, _ in LEGAL_INSTANCE + ILLEGAL_INSTANCE} == set(InstanceState)
     assert len(LEGAL_INSTANCE) + len(ILLEGAL_INSTANCE) == len(InstanceState) ** 2

@@ -204,14 +204,19 @@ class EventStream:
         await _close(self._writer)
 
 
-async def _send(
-    writer: asyncio.StreamWriter, req_id: int, method: str, params: Mapping[str, Any] | None
-) -> None:
+def encode_request(req_id: int, method: str, params: Mapping[str, Any] | None) -> bytes:
+    """One request as the line the client sends."""
     req: dict[str, Any] = {"jsonrpc": "2.0", "id": req_id, "method": method}
     if params is not None:
         req["params"] = dict(params)
     # UTF-8 rather than \u escapes: a non-ASCII prompt stays as small as it can be.
-    line = json.dumps(req, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
+    return json.dumps(req, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
+
+
+async def _send(
+    writer: asyncio.StreamWriter, req_id: int, method: str, params: Mapping[str, Any] | None
+) -> None:
+    line = encode_request(req_id, method, params)
     if len(line) > MAX_REQUEST:
         raise RemoteError(
             INVALID_REQUEST,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from rich.text import Text
@@ -18,19 +18,18 @@ from gpuwarden.cli.client import ControlClient
 from gpuwarden.cli.output import (
     EX_DOMAIN,
     EX_OK,
-    EX_USAGE,
     Out,
-    add_common,
+    command,
     duration,
     gigabytes,
-    iso_utc,
     local_time,
     money,
+    parse_time,
+    positive,
     rate,
     run_command,
 )
 
-Body = Callable[[ControlClient, Out], Any]
 LIVE = ("requested", "provisioning", "running", "terminating")
 STATE_STYLE = {
     "requested": "yellow",
@@ -42,39 +41,22 @@ STATE_STYLE = {
 }
 
 
-def _positive(kind: type[float] | type[int]) -> Callable[[str], float | int]:
-    def parse(text: str) -> float | int:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-        if value <= 0:
-            raise argparse.ArgumentTypeError("must be greater than 0")
-        return value
-
-    return parse
-
-
-def _cmd(
-    sub: Any, name: str, help_text: str, func: Callable[[argparse.Namespace], int], **kw: Any
-) -> argparse.ArgumentParser:
-    p: argparse.ArgumentParser = sub.add_parser(name, help=help_text, description=help_text, **kw)
-    add_common(p)
-    p.set_defaults(func=func)
-    return p
+ID_HELP = "instance id or label (see 'gpuwarden status')"
 
 
 def register(sub: Any) -> None:
-    _cmd(sub, "status", "show live instances: uptime, time left, cost", _status)
+    command(sub, "status", "show live instances: uptime, time left, last probe, cost", _status)
 
-    p = _cmd(sub, "offers", "search GPU offers at the enabled providers", _offers)
+    p = command(sub, "offers", "search GPU offers at the enabled providers", _offers)
     p.add_argument("--provider", metavar="P", help="only this provider (e.g. vast, sim-vast)")
     p.add_argument("--gpu", metavar="NAME", help="GPU name contains NAME (e.g. 4090, A100)")
-    p.add_argument("--gpu-ram", metavar="GB", type=_positive(float), help="at least GB per GPU")
-    p.add_argument("--max-price", metavar="X", type=_positive(float), help="at most $X per hour")
-    p.add_argument("--limit", metavar="N", type=_positive(int), default=20, help="default 20")
+    p.add_argument("--gpu-ram", metavar="GB", type=positive(float), help="at least GB per GPU")
+    p.add_argument("--max-price", metavar="X", type=positive(float), help="at most $X per hour")
+    p.add_argument(
+        "--limit", metavar="N", type=positive(int), default=20, help="at most N (default 20)"
+    )
 
-    p = _cmd(
+    p = command(
         sub,
         "launch",
         "rent a GPU: shows the estimate, then asks to confirm",
@@ -84,47 +66,67 @@ def register(sub: Any) -> None:
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--offer", metavar="ID", help="rent this offer (see 'gpuwarden offers')")
     which.add_argument("--gpu", metavar="NAME", help="rent the cheapest offer with this GPU")
-    p.add_argument("--max-price", metavar="X", type=_positive(float), help="at most $X per hour")
-    p.add_argument("--gpu-ram", metavar="GB", type=_positive(float), help="at least GB per GPU")
+    p.add_argument("--max-price", metavar="X", type=positive(float), help="at most $X per hour")
+    p.add_argument("--gpu-ram", metavar="GB", type=positive(float), help="at least GB per GPU")
     p.add_argument("--provider", metavar="P", help="only this provider")
-    p.add_argument("--hours", metavar="N", type=_positive(float), help="lease (default: config)")
+    p.add_argument(
+        "--hours",
+        metavar="N",
+        type=positive(float),
+        help="lease in hours (default: policy.lease_default, at most policy.lease_max)",
+    )
     p.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
 
-    p = _cmd(sub, "extend", "extend an instance's lease by HOURS", _extend)
-    p.add_argument("id", metavar="ID", help="instance id (or label)")
-    p.add_argument("hours", metavar="HOURS", type=_positive(float))
+    p = command(sub, "extend", "extend an instance's lease by HOURS", _extend)
+    p.add_argument("id", metavar="ID", help=ID_HELP)
+    p.add_argument(
+        "hours",
+        metavar="HOURS",
+        type=positive(float),
+        help="hours to add; the whole lease may not pass policy.lease_max",
+    )
 
-    p = _cmd(sub, "activity", "mark an instance active now (resets its idle deadline)", _activity)
-    p.add_argument("id", metavar="ID")
+    p = command(
+        sub, "activity", "mark an instance active now (resets its idle deadline)", _activity
+    )
+    p.add_argument("id", metavar="ID", help=ID_HELP)
 
-    p = _cmd(sub, "destroy", "destroy an instance now (reason manual)", _destroy)
-    p.add_argument("id", metavar="ID")
+    p = command(sub, "destroy", "destroy an instance now (reason manual)", _destroy)
+    p.add_argument("id", metavar="ID", help=ID_HELP)
 
-    p = _cmd(sub, "destroy-all", "destroy every live instance", _destroy_all)
+    p = command(sub, "destroy-all", "destroy every live instance", _destroy_all)
     p.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
 
-    p = _cmd(sub, "history", "terminated instances: when, why, uptime and cost", _history)
-    p.add_argument("--hours", metavar="N", type=_positive(float), default=24.0, help="default 24")
+    p = command(sub, "history", "terminated instances: when, why, uptime and cost", _history)
+    p.add_argument(
+        "--hours", metavar="N", type=positive(float), default=24.0, help="the last N (default 24)"
+    )
 
-    p = _cmd(sub, "costs", "spend by day, provider and reason; idle spend apart", _costs)
-    p.add_argument("--days", metavar="N", type=_positive(int), default=7, help="default 7")
+    p = command(sub, "costs", "spend by day, provider and reason; idle spend apart", _costs)
+    p.add_argument(
+        "--days",
+        metavar="N",
+        type=positive(int),
+        default=7,
+        help="the last N UTC days (default 7)",
+    )
 
-    _cmd(sub, "reload", "re-read the config (like SIGHUP)", _reload)
-    _cmd(sub, "info", "daemon version, uptime, loop heartbeats, providers", _info)
+    command(sub, "reload", "re-read the config (like SIGHUP)", _reload)
+    command(sub, "info", "daemon version, uptime, loop heartbeats, providers", _info)
 
-    p = _cmd(sub, "events", "the event log: recent events, or follow them live", _events)
+    p = command(sub, "events", "the event log: recent events, or follow them live", _events)
     p.add_argument("--follow", "-f", action="store_true", help="keep printing new events")
-    p.add_argument("--hours", metavar="N", type=_positive(float), default=24.0, help="default 24")
-    p.add_argument("--limit", metavar="N", type=_positive(int), default=50, help="default 50")
+    p.add_argument(
+        "--hours", metavar="N", type=positive(float), default=24.0, help="the last N (default 24)"
+    )
+    p.add_argument(
+        "--limit", metavar="N", type=positive(int), default=50, help="the newest N (default 50)"
+    )
     p.add_argument("--id", metavar="ID", dest="entity", help="only events of this instance/job")
 
     from gpuwarden.cli.reap import register as register_reap
 
     register_reap(sub)
-
-
-def _run(args: argparse.Namespace, body: Body) -> int:
-    return run_command(args, body)
 
 
 # --- status -------------------------------------------------------------------------------
@@ -150,6 +152,31 @@ def _time_left(row: Mapping[str, Any]) -> Text:
     return Text(f"{text} ({reason})" if reason else text)
 
 
+def ago(seconds: float) -> str:
+    """A short age for a table cell: 45s, 2m, 3h, 1d."""
+    secs = int(max(0.0, seconds))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if secs >= size:
+            return f"{secs // size}{unit}"
+    return f"{secs}s"
+
+
+def probe_cell(row: Mapping[str, Any], now: Any) -> Text:
+    """The watchdog's last word on an instance: 'ok 2m ago', '2 strikes' (consecutive failed
+    probes; policy.watchdog_failures of them end it), or '-' when it was never probed.
+    `now` is the daemon's clock (the status reply's `now`), so that ages do not depend on
+    this machine's clock."""
+    strikes = int(row.get("strikes") or 0)
+    if strikes > 0:
+        return Text(f"{strikes} strike{'s' if strikes != 1 else ''}", style="bold red")
+    at, now_at = parse_time(row.get("last_probe_at")), parse_time(now)
+    if at is None:
+        return Text("-")
+    verdict = "ok" if row.get("last_probe_ok") else "failed"
+    when = f" {ago((now_at - at).total_seconds())} ago" if now_at is not None else ""
+    return Text(verdict + when, style="" if verdict == "ok" else "red")
+
+
 def _status(args: argparse.Namespace) -> int:
     async def body(client: ControlClient, out: Out) -> int:
         result = await client.call("status")
@@ -157,11 +184,13 @@ def _status(args: argparse.Namespace) -> int:
         if out.json_mode:
             out.json(rows)
             return EX_OK
+        now = result.get("now") if isinstance(result, Mapping) else None
         if not rows:
             out.print("No live instances.")
         else:
+            columns = ["ID", "PROVIDER", "GPU", "STATE", "UPTIME", "TIME LEFT", "PROBE"]
             out.table(
-                ["ID", "PROVIDER", "GPU", "STATE", "UPTIME", "TIME LEFT", "COST NOW", "EST. TOTAL"],
+                [*columns, "COST NOW", "EST. TOTAL"],
                 [
                     [
                         r.get("id", ""),
@@ -170,6 +199,7 @@ def _status(args: argparse.Namespace) -> int:
                         Text(str(r.get("state")), style=STATE_STYLE.get(str(r.get("state")), "")),
                         duration(r.get("uptime_s")),
                         _time_left(r),
+                        probe_cell(r, now),
                         money(r.get("cost_now")),
                         money(r.get("est_total")),
                     ]
@@ -178,12 +208,9 @@ def _status(args: argparse.Namespace) -> int:
                 totals=[
                     "TOTAL",
                     f"{len(rows)} instance{'s' if len(rows) != 1 else ''}",
-                    "",
-                    "",
-                    "",
-                    "",
-                    money(sum(float(r.get("cost_now") or 0) for r in rows)),
-                    money(sum(float(r.get("est_total") or 0) for r in rows)),
+                    *[""] * (len(columns) - 2),
+                    money(_sum(rows, "cost_now")),
+                    money(_sum(rows, "est_total")),
                 ],
                 right=["UPTIME", "COST NOW", "EST. TOTAL"],
             )
@@ -191,7 +218,7 @@ def _status(args: argparse.Namespace) -> int:
             out.print(Text("The job queue is paused.", style="yellow"))
         return EX_OK
 
-    return _run(args, body)
+    return run_command(args, body)
 
 
 # --- offers and launch ----------------------------------------------------------------------
@@ -232,7 +259,7 @@ def _offers(args: argparse.Namespace) -> int:
             )
         return EX_OK
 
-    return _run(args, body)
+    return run_command(args, body)
 
 
 def _launch(args: argparse.Namespace) -> int:
@@ -269,7 +296,7 @@ def _launch(args: argparse.Namespace) -> int:
         )
         return EX_OK
 
-    return _run(args, body)
+    return run_command(args, body)
 
 
 def _show_estimate(out: Out, est: Mapping[str, Any]) -> None:
@@ -305,7 +332,7 @@ def _extend(args: argparse.Namespace) -> int:
             )
         return EX_OK
 
-    return _run(args, body)
+    return run_command(args, body)
 
 
 def _activity(args: argparse.Namespace) -> int:
@@ -320,7 +347,7 @@ def _activity(args: argparse.Namespace) -> int:
             )
         return EX_OK
 
-    return _run(args, body)
+    return run_command(args, body)
 
 
 def _ended(out: Out, r: Mapping[str, Any]) -> None:
@@ -337,7 +364,7 @@ def _destroy(args: argparse.Namespace) -> int:
             _ended(out, r)
         return EX_OK
 
-    return _run(args, body)
+    return run_command(args, body)
 
 
 def _destroy_all(args: argparse.Namespace) -> int:
@@ -371,7 +398,7 @@ def _destroy_all(args: argparse.Namespace) -> int:
         out.print(f"{r.get('count', 0)} instance(s) destroyed or being destroyed.")
         return EX_OK
 
-    return _run(args, body)
+    return run_command(args, body)
 
 
 # --- history and costs --------------------------------------------------------------------
@@ -414,7 +441,7 @@ def _history(args: argparse.Namespace) -> int:
             )
         return EX_OK
 
-    return _run(args, body)
+    return run_command(args, body)
 
 
 def _costs(args: argparse.Namespace) -> int:
@@ -442,7 +469,7 @@ def _costs(args: argparse.Namespace) -> int:
             out.print(f"\nIncludes {money(c.get('live'))} so far on live instances.")
         return EX_OK
 
-    return _run(args, body)
+    return run_command(args, body)
 
 
 # --- daemon -------------------------------------------------------------------------------
@@ -459,7 +486,7 @@ def _reload(args: argparse.Namespace) -> int:
                 out.print(f"  {k}: {v}")
         return EX_OK
 
-    return _run(args, body)
+    return run_command(args, body)
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -486,7 +513,7 @@ def _info(args: argparse.Namespace) -> int:
             )
         return EX_OK
 
-    return _run(args, body)
+    return run_command(args, body)
 
 
 def event_line(ev: Mapping[str, Any]) -> Text:
@@ -545,18 +572,16 @@ def _events(args: argparse.Namespace) -> int:
             await stream.aclose()
         return EX_OK
 
-    try:
-        return _run(args, body)
-    except KeyboardInterrupt:
-        return EX_OK
+    # Ctrl-C is how a follower is meant to stop: not an error.
+    return run_command(args, body, interrupted=EX_OK if args.follow else 130)
 
 
 def _drop_none(d: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in d.items() if v is not None}
 
 
-def _sum(rows: list[Mapping[str, Any]], key: str) -> float:
+def _sum(rows: Iterable[Mapping[str, Any]], key: str) -> float:
     return sum(float(r.get(key) or 0) for r in rows)
 
 
-__all__ = ["EX_USAGE", "event_line", "iso_utc", "register", "status_rows"]
+__all__ = ["event_line", "probe_cell", "register", "status_rows"]

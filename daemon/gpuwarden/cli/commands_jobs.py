@@ -16,8 +16,19 @@ from typing import Any
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.text import Text
 
-from gpuwarden.cli.client import ControlClient, RemoteError, Unreachable
-from gpuwarden.cli.output import EX_DOMAIN, EX_OK, Out, add_common, local_time, money, run_command
+from gpuwarden.cli.client import DOMAIN_ERROR, ControlClient, RemoteError, Unreachable
+from gpuwarden.cli.output import (
+    EX_DOMAIN,
+    EX_OK,
+    Out,
+    command,
+    local_time,
+    money,
+    positive,
+    remote_error,
+    run_command,
+)
+from gpuwarden.jobs.limits import MAX_COUNT, MAX_PROMPT_CHARS, MAX_STEPS, prompt_problems
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 STATES = ("queued", "provisioning", "running", "fetching", *TERMINAL)
@@ -54,57 +65,66 @@ def _int_range(lo: int, hi: int) -> Callable[[str], int]:
     return parse
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError("must be greater than 0")
-    return value
-
-
-def _cmd(
-    sub: Any, name: str, help_text: str, func: Callable[[argparse.Namespace], int]
-) -> argparse.ArgumentParser:
-    p: argparse.ArgumentParser = sub.add_parser(name, help=help_text, description=help_text)
-    add_common(p)
-    p.set_defaults(func=func)
-    return p
+JOB_ID_HELP = "job id (see 'gpuwarden jobs')"
 
 
 def register(sub: Any) -> None:
-    p = _cmd(sub, "submit", "queue a text-to-image job; prints its id", _submit)
-    p.add_argument("--prompt", required=True, metavar="TEXT", help="what to draw")
+    p = command(
+        sub,
+        "submit",
+        "queue a text-to-image job; prints its id",
+        _submit,
+        epilog="With --wait, exit code 1 also means that the job failed or was cancelled.",
+    )
+    p.add_argument(
+        "--prompt",
+        required=True,
+        metavar="TEXT",
+        help=f"what to draw (with --negative, at most {MAX_PROMPT_CHARS} characters)",
+    )
     p.add_argument("--negative", metavar="TEXT", default="", help="what to keep out")
-    p.add_argument("--steps", type=_int_range(1, 500), metavar="N", help="inference steps")
+    p.add_argument("--steps", type=_int_range(1, MAX_STEPS), metavar="N", help="inference steps")
     p.add_argument("--seed", type=_int_range(0, 2**63 - 1), metavar="N", help="default: random")
     p.add_argument("--width", type=_int_range(64, 2048), metavar="W", help="multiple of 8")
     p.add_argument("--height", type=_int_range(64, 2048), metavar="H", help="multiple of 8")
     p.add_argument("--model", metavar="ID", help="diffusers model id (default: jobs.model)")
-    p.add_argument("--count", type=_int_range(1, 8), default=1, metavar="N", help="images, 1-8")
+    p.add_argument(
+        "--count", type=_int_range(1, MAX_COUNT), default=1, metavar="N", help="images (default 1)"
+    )
     p.add_argument("--guidance", type=float, metavar="X", help="guidance scale (default 0)")
     p.add_argument(
         "--engine", choices=("auto", "diffusers", "preview"), help="runner engine (default: auto)"
     )
-    p.add_argument("--max-price", type=_positive_float, metavar="X", help="at most $X per hour")
-    p.add_argument("--gpu-ram", type=_positive_float, metavar="GB", help="at least GB of GPU RAM")
+    p.add_argument("--max-price", type=positive(float), metavar="X", help="at most $X per hour")
+    p.add_argument("--gpu-ram", type=positive(float), metavar="GB", help="at least GB of GPU RAM")
     p.add_argument("--priority", type=int, default=0, metavar="N", help="higher runs first")
     p.add_argument("--wait", action="store_true", help="follow the job and print the image paths")
 
-    p = _cmd(sub, "jobs", "list jobs, in queue order", _jobs)
-    p.add_argument("--state", action="append", choices=STATES, help="only these (repeatable)")
-    p.add_argument("--limit", type=_int_range(1, 10_000), default=50, metavar="N")
+    p = command(sub, "jobs", "list jobs, in queue order", _jobs)
+    p.add_argument(
+        "--state",
+        action="append",
+        choices=STATES,
+        metavar="STATE",
+        help=f"only jobs in STATE (repeatable): {', '.join(STATES)}",
+    )
+    p.add_argument(
+        "--limit",
+        type=_int_range(1, 10_000),
+        default=50,
+        metavar="N",
+        help="at most N (default 50)",
+    )
 
-    p = _cmd(sub, "job", "show one job", _job)
-    p.add_argument("id", metavar="ID")
+    p = command(sub, "job", "show one job", _job)
+    p.add_argument("id", metavar="ID", help=JOB_ID_HELP)
 
-    p = _cmd(sub, "cancel", "cancel a job (a running one has its process killed)", _cancel)
-    p.add_argument("id", metavar="ID")
+    p = command(sub, "cancel", "cancel a job (a running one has its process killed)", _cancel)
+    p.add_argument("id", metavar="ID", help=JOB_ID_HELP)
 
-    p = _cmd(sub, "pause", "stop dispatching queued jobs (running ones go on)", _pause)
-    p.add_argument("--reason", metavar="TEXT")
-    _cmd(sub, "resume", "dispatch queued jobs again", _resume)
+    p = command(sub, "pause", "stop dispatching queued jobs (running ones go on)", _pause)
+    p.add_argument("--reason", metavar="TEXT", help="why, for the event log (default: user)")
+    command(sub, "resume", "dispatch queued jobs again", _resume)
 
 
 # --- submit ----------------------------------------------------------------------------------
@@ -131,6 +151,12 @@ def _submit_params(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _submit(args: argparse.Namespace) -> int:
+    problems = prompt_problems(args.prompt, args.negative)
+    if problems:  # checked here too, as the daemon would: a request too large to send would
+        # be refused for its size, without saying that the prompt is the cause
+        data = {"code": "invalid_spec", "problems": problems}
+        return remote_error(Out(args.json), RemoteError(DOMAIN_ERROR, "; ".join(problems), data))
+
     async def body(client: ControlClient, out: Out) -> int:
         job = await client.call("jobs.submit", _submit_params(args))
         if not args.wait:
@@ -228,6 +254,8 @@ def _finished(out: Out, job: Mapping[str, Any]) -> int:
     if job["state"] == "succeeded":
         return EX_OK
     out.error(f"job {job['id']} {job['state']}" + (f": {job['error']}" if job["error"] else ""))
+    if job["state"] == "failed":
+        out.hint(f"'gpuwarden events --id {job['id']}' shows what happened, attempt by attempt")
     return EX_DOMAIN
 
 

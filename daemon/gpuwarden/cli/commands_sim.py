@@ -24,10 +24,18 @@ def register(sub: Any) -> None:
             "instance is a real SSH server on its own port. Prints the billing ledger at exit."
         ),
     )
-    p.add_argument("--port", type=int, help="HTTP port (default: providers.sim.port, 0 = any)")
-    p.add_argument("--config", help="config file; [providers.sim] settings are used if present")
-    p.add_argument("--boot-delay", help="time from launch until SSH answers, e.g. 2s")
-    p.add_argument("--sandbox", help="directory for instance sandboxes (default: a temp dir)")
+    p.add_argument(
+        "--port", type=int, metavar="N", help="HTTP port (default: providers.sim.port, 0 = any)"
+    )
+    p.add_argument(
+        "--config", metavar="PATH", help="config file; its [providers.sim] settings are used"
+    )
+    p.add_argument(
+        "--boot-delay", metavar="DURATION", help="time from launch until SSH answers, e.g. 2s"
+    )
+    p.add_argument(
+        "--sandbox", metavar="DIR", help="directory for instance sandboxes (default: a temp dir)"
+    )
     p.add_argument("--json", action="store_true", help="print the URLs and the ledger as JSON")
     p.set_defaults(func=run)
 

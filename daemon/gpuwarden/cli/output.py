@@ -21,7 +21,6 @@ from rich.table import Table
 from rich.text import Text
 
 from gpuwarden.cli.client import (
-    DOMAIN_ERROR,
     ControlClient,
     RemoteError,
     Unreachable,
@@ -33,9 +32,51 @@ EX_DOMAIN = 1
 EX_USAGE = 2
 EX_UNAVAILABLE = 69  # sysexits EX_UNAVAILABLE
 INVALID_PARAMS = -32602
+METHOD_NOT_FOUND = -32601
 PIPE_WIDTH = 250  # columns for tables written to a pipe or file
 
 Body = Callable[[ControlClient, "Out"], Awaitable[int]]
+
+
+EXIT_CODES = (
+    "exit codes: 0 done, 1 the daemon refused (the reason is on stderr), 2 usage, "
+    "69 the daemon is unreachable"
+)
+
+
+def command(
+    sub: Any,
+    name: str,
+    help_text: str,
+    func: Callable[[argparse.Namespace], int],
+    *,
+    epilog: str | None = None,
+) -> argparse.ArgumentParser:
+    """A control command's parser: its help, the exit codes, --json/--socket/--config."""
+    p: argparse.ArgumentParser = sub.add_parser(
+        name,
+        help=help_text,
+        description=help_text,
+        epilog=f"{epilog} {EXIT_CODES}." if epilog else f"{EXIT_CODES}.",
+    )
+    add_common(p)
+    p.set_defaults(func=func)
+    return p
+
+
+def positive(kind: type[float] | type[int]) -> Callable[[str], float | int]:
+    """An argparse type: a number greater than 0."""
+
+    def parse(text: str) -> float | int:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError("must be greater than 0")
+        return value
+
+    return parse
 
 
 def add_common(p: argparse.ArgumentParser) -> None:
@@ -197,8 +238,9 @@ def iso_utc(value: Any) -> str | None:
 # --- running a command ------------------------------------------------------------------
 
 
-def run_command(args: argparse.Namespace, body: Body) -> int:
-    """Open a client on the resolved socket, run `body`, map errors to exit codes."""
+def run_command(args: argparse.Namespace, body: Body, *, interrupted: int = 130) -> int:
+    """Open a client on the resolved socket, run `body`, map errors to exit codes.
+    Ctrl-C exits with `interrupted` (0 for a command that runs until stopped)."""
     out = Out(getattr(args, "json", False))
     path = resolve_socket(getattr(args, "socket", None), getattr(args, "config", None))
 
@@ -213,7 +255,7 @@ def run_command(args: argparse.Namespace, body: Body) -> int:
     except RemoteError as exc:
         return remote_error(out, exc)
     except KeyboardInterrupt:
-        return 130
+        return interrupted
 
 
 def unreachable(out: Out, exc: Unreachable) -> int:
@@ -230,17 +272,35 @@ def unreachable(out: Out, exc: Unreachable) -> int:
     return EX_UNAVAILABLE
 
 
+# What to do next, by the stable code of a refusal (error.data.code). The message says what
+# went wrong; the hint says where to look or what to change.
+HINTS = {
+    "not_found": "'gpuwarden status' lists the live instances, 'gpuwarden jobs' the jobs",
+    "no_offer": "'gpuwarden offers' shows what is available; a higher --max-price or another "
+    "--gpu may find one",
+    "budget_exceeded": "'gpuwarden costs' shows the spend; the limits are budget.daily_limit "
+    "and budget.monthly_limit in the config",
+    "price_too_high": "the limit is budget.max_hourly_price in the config",
+    "lease_max_exceeded": "a lease totals at most policy.lease_max; for longer work, launch "
+    "a new instance when this one ends",
+    "queue_paused": "fix the cause ('gpuwarden events' says what it was), then run "
+    "'gpuwarden resume'",
+    "provider_error": "the daemon's log has the provider's answer: journalctl -u gpuwarden",
+    "timeout": "the daemon or a provider is slow; see journalctl -u gpuwarden",
+    "invalid_spec": "'gpuwarden submit --help' lists what a job may ask for",
+    "request_too_large": "a request may be at most 64 KiB; shorten the prompt",
+}
+
+
 def remote_error(out: Out, exc: RemoteError) -> int:
     if out.json_mode:
         out.json({"error": {"code": exc.code, "message": exc.message, "data": exc.data}})
     out.error(exc.message)
+    hint = HINTS.get(exc.domain_code or "")
+    if hint:
+        out.hint(hint)
     if exc.code == INVALID_PARAMS:
         return EX_USAGE
-    if exc.code != DOMAIN_ERROR and exc.code == -32601:
+    if exc.code == METHOD_NOT_FOUND:
         out.hint("the daemon does not know this command; is it older than this client?")
     return EX_DOMAIN
-
-
-def usage_error(out: Out, message: str) -> int:
-    out.error(message)
-    return EX_USAGE

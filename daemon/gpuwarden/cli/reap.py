@@ -27,7 +27,8 @@ from typing import Any
 import structlog
 from rich.text import Text
 
-from gpuwarden.cli.output import EX_DOMAIN, EX_OK, Out, local_time, rate
+from gpuwarden.cli.commands_daemon import CONFIG_HELP
+from gpuwarden.cli.output import EX_DOMAIN, EX_OK, Out, iso_utc, local_time, rate
 from gpuwarden.clock import SystemClock
 from gpuwarden.config import EX_CONFIG, ConfigError, Settings, load
 from gpuwarden.model import EntityKind, InstanceState, TerminationReason, label_prefix
@@ -45,10 +46,12 @@ def register(sub: Any) -> None:
             "each enabled provider and destroy them. Records what it did in the database "
             "when the daemon is not running."
         ),
+        epilog=(
+            "exit codes: 0 nothing of ours is left, 1 something could not be listed or "
+            "destroyed (or you declined), 78 invalid config"
+        ),
     )
-    p.add_argument(
-        "--config", metavar="PATH", help="config file (default: $GPUWARDEN_CONFIG or /etc/...)"
-    )
+    p.add_argument("--config", metavar="PATH", help=CONFIG_HELP)
     p.add_argument("--yes", "-y", action="store_true", help="destroy without asking")
     p.add_argument("--json", action="store_true", help="print JSON for scripts")
     p.set_defaults(func=main)
@@ -78,7 +81,7 @@ def _pi_json(p: ProviderInstance) -> dict[str, Any]:
         "state": p.state.value,
         "gpu": p.gpu_name,
         "price_per_hour": p.price_per_hour,
-        "started_at": p.started_at.isoformat().replace("+00:00", "Z") if p.started_at else None,
+        "started_at": iso_utc(p.started_at),
     }
 
 

@@ -30,39 +30,10 @@ def new_job_id() -> str:
     return "j" + secrets.token_hex(5)
 
 
-async def submit(
-    app: App,
-    *,
-    prompt: str,
-    negative_prompt: str = "",
-    steps: int | None = None,
-    seed: int | None = None,
-    width: int | None = None,
-    height: int | None = None,
-    model: str | None = None,
-    count: int = 1,
-    guidance: float | None = None,
-    engine: str | None = None,
-    max_price: float | None = None,
-    gpu_ram_gb: float | None = None,
-    priority: int = 0,
-) -> dict[str, Any]:
-    """Validate, store as QUEUED, wake the dispatcher. Raises InvalidSpec (invalid_spec)."""
-    spec = build_spec(
-        app.settings.jobs,
-        prompt=prompt,
-        negative_prompt=negative_prompt,
-        steps=steps,
-        seed=seed,
-        width=width,
-        height=height,
-        model=model,
-        count=count,
-        guidance=guidance,
-        engine=engine,
-        max_price=max_price,
-        gpu_ram_gb=gpu_ram_gb,
-    )
+async def submit(app: App, *, priority: int = 0, **fields: Any) -> dict[str, Any]:
+    """Validate `fields` (the job spec: prompt, negative_prompt, steps, seed, ...; see
+    jobs.spec.build_spec), store as QUEUED, wake the dispatcher. Raises InvalidSpec."""
+    spec = build_spec(app.settings.jobs, **fields)
     now = app.clock.now()
     job = Job(
         id=new_job_id(),

@@ -151,8 +151,8 @@ class JobService:
             self.app.heartbeats.beat(self.name)
             now = clock.now()
             wake = now + timedelta(seconds=BEAT_EVERY)
-            queued = await self.app.store.jobs([JobState.QUEUED])
             if not await self.app.store.get_flag(PAUSED_FLAG, False):
+                queued = await self.app.store.jobs([JobState.QUEUED])  # not read while paused
                 await self._dispatch(queue.runnable(queued, now))
                 backoff_end = queue.next_wake(queued, now)
                 if backoff_end is not None:

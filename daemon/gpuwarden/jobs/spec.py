@@ -12,12 +12,9 @@ from typing import Any
 
 from gpuwarden.config import JobsSettings
 from gpuwarden.errors import DomainError
+from gpuwarden.jobs.limits import ENGINES, MAX_COUNT, MAX_STEPS, prompt_problems
 from gpuwarden.model import Job, JobSpec
 
-MAX_PROMPT_CHARS = 100_000
-MAX_COUNT = 8
-MAX_STEPS = 500
-ENGINES = ("", "auto", "diffusers", "preview")
 JOB_DIR = ".gpuwarden/jobs"  # on the instance, relative to the login home
 
 
@@ -46,11 +43,7 @@ def build_spec(
     gpu_ram_gb: float | None = None,
 ) -> JobSpec:
     """A validated JobSpec with defaults filled in from the settings. Raises InvalidSpec."""
-    problems: list[str] = []
-    if not isinstance(prompt, str) or not prompt.strip():
-        problems.append("prompt must not be empty")
-    elif len(prompt) > MAX_PROMPT_CHARS or len(negative_prompt) > MAX_PROMPT_CHARS:
-        problems.append(f"a prompt may hold at most {MAX_PROMPT_CHARS} characters")
+    problems = prompt_problems(prompt, negative_prompt)
     steps = settings.steps if steps is None else steps
     width = settings.width if width is None else width
     height = settings.height if height is None else height

@@ -10,16 +10,13 @@ from typing import Protocol
 
 from gpuwarden.clock import Clock
 from gpuwarden.config import ConfigError, ProviderSettings, Settings
-from gpuwarden.providers import lambdacloud, vast
 from gpuwarden.providers.base import Provider, factory_for, register
-from gpuwarden.providers.http import Backoff
+from gpuwarden.providers.http import Backoff, ClientOptions
 from gpuwarden.providers.lambdacloud import LambdaClient
 from gpuwarden.providers.vast import VastClient
 
 register("vast", VastClient)
 register("lambda", LambdaClient)
-
-DEFAULT_BASE_URLS = {"vast": vast.DEFAULT_BASE_URL, "lambda": lambdacloud.DEFAULT_BASE_URL}
 
 # The sim has no rate limits, and tests drive its fault knobs: no pacing, quick retries.
 SIM_PACING: dict[str, float] = {}
@@ -66,7 +63,7 @@ def build_providers(
             continue
         kwargs: dict[str, object] = {
             "name": name,
-            "base_url": s.base_url or DEFAULT_BASE_URLS[name],
+            "base_url": s.base_url,  # None: the client's default
             "api_key": _api_key(name, s),
             "clock": clock,
             "timeout": s.timeout.total_seconds(),
@@ -82,29 +79,24 @@ def build_providers(
 
 def _sim_clients(settings: Settings, clock: Clock, urls: SimUrls) -> dict[str, Provider]:
     sim = settings.providers.sim
-    key = (sim.api_key.get_secret_value() if sim.api_key else "") or SIM_DEFAULT_KEY
-    timeout = sim.timeout.total_seconds()
+
+    def options(name: str, base_url: str) -> ClientOptions:
+        return {
+            "name": name,
+            "base_url": base_url,
+            "api_key": (sim.api_key.get_secret_value() if sim.api_key else "") or SIM_DEFAULT_KEY,
+            "clock": clock,
+            "timeout": sim.timeout.total_seconds(),
+            "max_retries": sim.max_retries,
+            "pacing": SIM_PACING,
+            "backoff": SIM_BACKOFF,
+        }
+
     return {
-        "sim-vast": VastClient(
-            name="sim-vast",
-            base_url=urls.vast,
-            api_key=key,
-            clock=clock,
-            timeout=timeout,
-            max_retries=sim.max_retries,
-            pacing=SIM_PACING,
-            backoff=SIM_BACKOFF,
-        ),
+        "sim-vast": VastClient(**options("sim-vast", urls.vast)),
         "sim-lambda": LambdaClient(
-            name="sim-lambda",
-            base_url=urls.lambda_,
-            api_key=key,
-            clock=clock,
             ssh_key_name=f"gpuwarden-{settings.daemon.installation}",
-            timeout=timeout,
-            max_retries=sim.max_retries,
-            pacing=SIM_PACING,
-            backoff=SIM_BACKOFF,
+            **options("sim-lambda", urls.lambda_),
         ),
     }
 

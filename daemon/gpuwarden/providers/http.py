@@ -21,7 +21,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from email.utils import parsedate_to_datetime
-from typing import Any
+from typing import Any, ClassVar, Required, TypedDict
 
 import httpx
 import structlog
@@ -192,44 +192,22 @@ class ApiClient:
         take effect: a refused connection or a rate limit. A timeout after sending raises
         Transient at once so that the caller can look for what may have been created.
         """
+        rlog = log.bind(provider=self.provider, method=method, path=path)
         attempt = 0
         while True:
             await self.pacer.wait(pace)
             err, sent, cause = await self._attempt(method, path, json, params)
             if isinstance(err, Reply):
-                log.debug(
-                    "provider_request",
-                    provider=self.provider,
-                    method=method,
-                    path=path,
-                    status=err.status,
-                    attempt=attempt,
-                )
+                rlog.debug("provider_request", status=err.status, attempt=attempt)
                 return err
+            what = {"status": err.status, "attempt": attempt, "error": type(err).__name__}
             delay = self._retry_delay(err, attempt, sent=sent, idempotent=idempotent)
             if delay is None:
                 # "No such thing" is often the answer the caller wanted (destroy, get).
-                emit = log.debug if isinstance(err, NotFound) else log.warning
-                emit(
-                    "provider_request_failed",
-                    provider=self.provider,
-                    method=method,
-                    path=path,
-                    status=err.status,
-                    attempt=attempt,
-                    error=type(err).__name__,
-                )
+                emit = rlog.debug if isinstance(err, NotFound) else rlog.warning
+                emit("provider_request_failed", **what)
                 raise err from cause
-            log.info(
-                "provider_retry",
-                provider=self.provider,
-                method=method,
-                path=path,
-                status=err.status,
-                attempt=attempt,
-                error=type(err).__name__,
-                delay=round(delay, 3),
-            )
+            rlog.info("provider_retry", **what, delay=round(delay, 3))
             await self._clock.sleep(delay)
             attempt += 1
 
@@ -273,6 +251,56 @@ class ApiClient:
         if isinstance(err, Transient) and (idempotent or not sent):
             return backoff_delay(attempt, self._rng(), base=b.base, cap=b.cap)
         return None
+
+
+class ClientOptions(TypedDict, total=False):
+    """What every HTTP provider client takes (ApiClient's options); api_key and clock are
+    required, the rest fall back to the client's defaults."""
+
+    name: str
+    base_url: str | None
+    api_key: Required[str]
+    clock: Required[Clock]
+    timeout: float
+    max_retries: int
+    pacing: Mapping[str, float] | None
+    backoff: Backoff | None
+    rng: Callable[[], float] | None
+    transport: httpx.AsyncBaseTransport | None
+
+
+class HttpProvider:
+    """The plumbing the provider clients share: a `name`, an ApiClient built from the common
+    options with the client's defaults, and `aclose`. A client sets the three defaults and
+    passes its wire module's error classifier."""
+
+    default_name: ClassVar[str]
+    default_base_url: ClassVar[str]
+    default_pacing: ClassVar[Mapping[str, float]]
+
+    def __init__(self, classify: Classifier, options: ClientOptions) -> None:
+        self.name: str = options.get("name", self.default_name)
+        pacing = options.get("pacing")
+        self._api = ApiClient(
+            provider=self.name,
+            base_url=options.get("base_url") or self.default_base_url,
+            api_key=options["api_key"],
+            clock=options["clock"],
+            classify=classify,
+            timeout=options.get("timeout", 30.0),
+            max_retries=options.get("max_retries", 4),
+            pacing=self.default_pacing if pacing is None else pacing,
+            backoff=options.get("backoff"),
+            rng=options.get("rng"),
+            transport=options.get("transport"),
+        )
+
+    @property
+    def api(self) -> ApiClient:
+        return self._api
+
+    async def aclose(self) -> None:
+        await self._api.aclose()
 
 
 def error_text(body: Any, *keys: str, limit: int = 300) -> str:

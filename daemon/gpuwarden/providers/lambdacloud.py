@@ -9,12 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, Unpack
 
-import httpx
-
-from gpuwarden.clock import Clock
 from gpuwarden.model import Billing
 from gpuwarden.providers import lambda_wire as wire
 from gpuwarden.providers.base import (
@@ -28,7 +25,7 @@ from gpuwarden.providers.base import (
     Requirements,
     Transient,
 )
-from gpuwarden.providers.http import GENERAL, ApiClient, Backoff
+from gpuwarden.providers.http import GENERAL, ClientOptions, HttpProvider
 from gpuwarden.providers.sshkeys import key_material
 
 DEFAULT_BASE_URL = "https://cloud.lambda.ai/api/v1"
@@ -37,50 +34,22 @@ DEFAULT_BASE_URL = "https://cloud.lambda.ai/api/v1"
 DEFAULT_PACING: Mapping[str, float] = {GENERAL: 1.0, "launch": 12.0}
 
 
-class LambdaClient:
+class LambdaClient(HttpProvider):
     """Lambda Cloud. Billing per minute; SSH as ubuntu; keys are account-level, by name."""
 
     billing = Billing.PER_MINUTE
 
+    default_name = "lambda"
+    default_base_url = DEFAULT_BASE_URL
+    default_pacing = DEFAULT_PACING
+
     def __init__(
-        self,
-        *,
-        name: str = "lambda",
-        base_url: str | None = None,
-        api_key: str,
-        clock: Clock,
-        ssh_key_name: str = "gpuwarden",
-        timeout: float = 30.0,
-        max_retries: int = 4,
-        pacing: Mapping[str, float] | None = None,
-        backoff: Backoff | None = None,
-        rng: Callable[[], float] | None = None,
-        transport: httpx.AsyncBaseTransport | None = None,
+        self, *, ssh_key_name: str = "gpuwarden", **options: Unpack[ClientOptions]
     ) -> None:
-        self.name = name
+        super().__init__(wire.classify, options)
         self.ssh_key_name = ssh_key_name
-        self._api = ApiClient(
-            provider=name,
-            base_url=base_url or DEFAULT_BASE_URL,
-            api_key=api_key,
-            clock=clock,
-            classify=wire.classify,
-            timeout=timeout,
-            max_retries=max_retries,
-            pacing=DEFAULT_PACING if pacing is None else pacing,
-            backoff=backoff,
-            rng=rng,
-            transport=transport,
-        )
         self._key_names: dict[str, str] = {}  # key material -> the name it is registered as
         self._key_lock = asyncio.Lock()
-
-    @property
-    def api(self) -> ApiClient:
-        return self._api
-
-    async def aclose(self) -> None:
-        await self._api.aclose()
 
     async def search_offers(self, want: Requirements) -> list[Offer]:
         reply = await self._api.request("GET", "/instance-types")

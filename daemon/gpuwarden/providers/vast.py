@@ -9,12 +9,9 @@ Wire mapping lives in `vast_wire` (pure); this module does the calls.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, Unpack
 
-import httpx
-
-from gpuwarden.clock import Clock
 from gpuwarden.model import Billing
 from gpuwarden.providers import vast_wire as wire
 from gpuwarden.providers.base import (
@@ -27,7 +24,7 @@ from gpuwarden.providers.base import (
     Requirements,
     Transient,
 )
-from gpuwarden.providers.http import GENERAL, ApiClient, Backoff
+from gpuwarden.providers.http import GENERAL, ClientOptions, HttpProvider
 from gpuwarden.providers.sshkeys import key_material
 
 DEFAULT_BASE_URL = "https://console.vast.ai"
@@ -39,48 +36,19 @@ DEFAULT_PACING: Mapping[str, float] = {GENERAL: 0.25, "search": 6.0, "launch": 1
 MAX_PAGES = 400  # 25 instances a page: 10,000 instances is far beyond any installation
 
 
-class VastClient:
+class VastClient(HttpProvider):
     """Vast.ai. Billing per second; SSH as root; each instance gets its own API key."""
 
     billing = Billing.PER_SECOND
 
-    def __init__(
-        self,
-        *,
-        name: str = "vast",
-        base_url: str | None = None,
-        api_key: str,
-        clock: Clock,
-        timeout: float = 30.0,
-        max_retries: int = 4,
-        pacing: Mapping[str, float] | None = None,
-        backoff: Backoff | None = None,
-        rng: Callable[[], float] | None = None,
-        transport: httpx.AsyncBaseTransport | None = None,
-    ) -> None:
-        self.name = name
-        self._api = ApiClient(
-            provider=name,
-            base_url=base_url or DEFAULT_BASE_URL,
-            api_key=api_key,
-            clock=clock,
-            classify=wire.classify,
-            timeout=timeout,
-            max_retries=max_retries,
-            pacing=DEFAULT_PACING if pacing is None else pacing,
-            backoff=backoff,
-            rng=rng,
-            transport=transport,
-        )
+    default_name = "vast"
+    default_base_url = DEFAULT_BASE_URL
+    default_pacing = DEFAULT_PACING
+
+    def __init__(self, **options: Unpack[ClientOptions]) -> None:
+        super().__init__(wire.classify, options)
         self._registered_keys: set[str] = set()
         self._key_lock = asyncio.Lock()
-
-    @property
-    def api(self) -> ApiClient:
-        return self._api
-
-    async def aclose(self) -> None:
-        await self._api.aclose()
 
     async def search_offers(self, want: Requirements) -> list[Offer]:
         reply = await self._api.request(

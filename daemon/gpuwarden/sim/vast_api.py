@@ -29,7 +29,7 @@ from gpuwarden.sim.vast_query import (
     parse_instance_order,
     parse_offer_order,
 )
-from gpuwarden.sim.web import add, fault_middleware, json_body, presented_key
+from gpuwarden.sim.web import add, fault_middleware, json_body, json_object, presented_key
 
 ACCOUNT, INSTANCE = "account", "instance_key"
 USER_ID = 412377
@@ -294,17 +294,21 @@ class VastApi:
         await self.core.end(inst, by=f"api:{who}")
         return web.json_response({"success": True})
 
-    async def manage(self, request: web.Request) -> web.Response:
+    def _owned(self, request: web.Request) -> SimInstance | web.Response:
+        """The path's instance for a call only the account key may make, or the refusal."""
         inst, who, denied = self._target(request)
         if denied:
             return denied
         if inst is None or who != ACCOUNT:
             return error(404, "no_such_instance", "Instance not found.")
-        try:
-            body = await json_body(request)
-        except ValueError:
-            body = None
-        if not isinstance(body, dict):
+        return inst
+
+    async def manage(self, request: web.Request) -> web.Response:
+        inst = self._owned(request)
+        if isinstance(inst, web.Response):
+            return inst
+        body = await json_object(request)
+        if body is None:
             return error(400, "invalid_args", "expected a JSON object")
         if "state" in body:
             return error(400, "invalid_args", "the sim does not stop or start instances")
@@ -360,11 +364,7 @@ class VastApi:
         denied = self._account(request)
         if denied:
             return denied
-        try:
-            body = await json_body(request)
-        except ValueError:
-            body = {}
-        key = str(body.get("ssh_key") or "").strip() if isinstance(body, dict) else ""
+        key = _ssh_key_of(await json_object(request))
         if not key:
             return error(400, "no_ssh_key", "No ssh key provided")
         row = next((k for k in self.core.vast_keys if k["key"] == key), None)
@@ -392,16 +392,10 @@ class VastApi:
         return web.json_response({"success": True})
 
     async def ssh_attach(self, request: web.Request) -> web.Response:
-        inst, who, denied = self._target(request)
-        if denied:
-            return denied
-        if inst is None or who != ACCOUNT:
-            return error(404, "no_such_instance", "Instance not found.")
-        try:
-            body = await json_body(request)
-        except ValueError:
-            body = None
-        key = str(body.get("ssh_key") or "").strip() if isinstance(body, dict) else ""
+        inst = self._owned(request)
+        if isinstance(inst, web.Response):
+            return inst
+        key = _ssh_key_of(await json_object(request))
         if not key:
             return error(400, "no_ssh_key", "No ssh key provided")
         inst.details["attached_keys"].append(key)
@@ -429,3 +423,7 @@ def build_app(core: SimCore) -> web.Application:
     add(app, "DELETE", "/api/v0/ssh/{id}", api.ssh_delete)
     add(app, "GET", "/_sim/ledger", api.ledger)
     return app
+
+
+def _ssh_key_of(body: dict[str, Any] | None) -> str:
+    return str((body or {}).get("ssh_key") or "").strip()

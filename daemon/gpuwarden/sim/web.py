@@ -54,6 +54,15 @@ async def json_body(request: web.Request) -> Any:
     return json.loads(raw)
 
 
+async def json_object(request: web.Request) -> dict[str, Any] | None:
+    """The body as a JSON object ({} when empty); None when it is not JSON or not an object."""
+    try:
+        body = await json_body(request)
+    except ValueError:
+        return None
+    return body if isinstance(body, dict) else None
+
+
 def fault_middleware(core: SimCore, kind: ProviderKind, error: ErrorBuilder) -> Any:
     """Latency, then a drawn 429 or 5xx, then the sim-time tick, then the handler.
     Paths under /_sim/ (the sim's own admin and ledger) are never faulted."""

@@ -414,7 +414,10 @@ class Store:
         entity_id: str | None = None,
         after_id: int = 0,
         limit: int = 10_000,
+        newest: bool = False,
     ) -> list[Event]:
+        """Matching events, oldest first: the first `limit` of them, or with `newest` the
+        last `limit` (the tail of a long log, without reading all of it)."""
         clauses, args = ["id > ?"], [after_id]
         if since is not None:
             clauses.append("at >= ?")
@@ -425,10 +428,12 @@ class Store:
         if entity_id is not None:
             clauses.append("entity_id = ?")
             args.append(entity_id)  # type: ignore[arg-type]
-        sql = f"SELECT * FROM events WHERE {' AND '.join(clauses)} ORDER BY id LIMIT ?"  # noqa: S608
+        order = "DESC" if newest else "ASC"
+        sql = f"SELECT * FROM events WHERE {' AND '.join(clauses)} ORDER BY id {order} LIMIT ?"  # noqa: S608
         async with self._lock:
             got = await _fetch(self._conn, sql, (*args, limit))
-        return [rows.event_from_row(r) for r in got]
+        found = [rows.event_from_row(r) for r in got]
+        return found[::-1] if newest else found
 
     async def get_flag(self, key: str, default: Any = None) -> Any:
         async with self._lock:

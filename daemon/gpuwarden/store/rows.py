@@ -22,20 +22,6 @@ from gpuwarden.model import (
     TerminationReason,
 )
 
-INSTANCE_TIME_FIELDS = frozenset(
-    {
-        "created_at",
-        "lease_until",
-        "last_activity",
-        "provider_started_at",
-        "running_at",
-        "terminating_at",
-        "terminated_at",
-        "last_probe_at",
-    }
-)
-JOB_TIME_FIELDS = frozenset({"created_at", "updated_at", "started_at", "finished_at"})
-
 
 def _ts(value: Any) -> datetime:
     out = parse_ts(value)

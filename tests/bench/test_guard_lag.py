@@ -1,0 +1,105 @@
+"""Benchmark (`make bench`): the lag from each deadline to its destroy call.
+
+1,000 instances on the FakeProvider, their lease deadlines spread over a 10 s window, the
+real Guard on the SystemClock and a real Store (WAL, synchronous=FULL) on tmp_path. Prints
+p50 / p99 / max and asserts p99 < 1 s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import statistics
+import time
+from datetime import datetime, timedelta
+from pathlib import Path
+
+from gpuwarden.app import App
+from gpuwarden.clock import SystemClock
+from gpuwarden.config import DaemonSettings, PolicySettings, Settings
+from gpuwarden.heartbeat import Heartbeats
+from gpuwarden.model import Instance, InstanceState, instance_label
+from gpuwarden.providers.fake import FakeProvider
+from gpuwarden.services.guard import Guard
+from gpuwarden.store import Store
+
+COUNT = 1000
+WINDOW = timedelta(seconds=10)
+SETUP = timedelta(seconds=5)  # inserting 1,000 rows, each its own fsynced transaction (~1 s)
+
+
+def _quantile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+async def test_deadline_to_destroy_lag_p99_under_one_second(tmp_path: Path) -> None:
+    clock = SystemClock()
+    fake = FakeProvider(clock, "fake")
+    called: dict[str, datetime] = {}
+
+    def on_destroy(pid: str) -> None:
+        called.setdefault(pid, clock.now())
+
+    fake.on_destroy = on_destroy
+    store = await Store.open(tmp_path / "bench.db", clock)
+    conf = Settings(
+        daemon=DaemonSettings(state_dir=tmp_path),
+        policy=PolicySettings(idle_timeout="8h", lease_min="1s", lease_default="1h"),
+    )
+    app = App(
+        settings=conf,
+        clock=clock,
+        store=store,
+        providers={"fake": fake},
+        heartbeats=Heartbeats(clock),
+    )
+    start = clock.now()
+    first = start + SETUP
+    deadlines: dict[str, datetime] = {}
+    offer = fake.offers[0]
+    for n in range(COUNT):
+        iid = f"b{n:07x}"
+        label = instance_label(app.installation, iid)
+        pid = fake.spawn(label, offer)
+        due = first + WINDOW * (n / COUNT)
+        deadlines[pid] = due
+        await store.insert_instance(
+            Instance(
+                id=iid,
+                provider="fake",
+                label=label,
+                state=InstanceState.RUNNING,
+                created_at=start,
+                lease_until=due,
+                last_activity=start,
+                price_per_hour=offer.price_per_hour,
+                provider_id=pid,
+                provider_started_at=start,
+                billing=offer.billing,
+            )
+        )
+    setup_s = (clock.now() - start).total_seconds()
+    assert clock.now() < first, f"setup took {setup_s:.1f} s; raise SETUP"
+    guard = Guard(app)
+    task = asyncio.create_task(guard.run())
+    t0 = time.perf_counter()
+    try:
+        async with asyncio.timeout((first - clock.now() + WINDOW).total_seconds() + 60):
+            while len(called) < COUNT or await store.live_instances():
+                await asyncio.sleep(0.05)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await store.close()
+    lags = [(called[pid] - due).total_seconds() for pid, due in deadlines.items()]
+    early = [lag for lag in lags if lag < 0]
+    p50, p99 = statistics.median(lags), _quantile(lags, 0.99)
+    print(
+        f"\nguard lag over {COUNT} deadlines in {WINDOW.total_seconds():g} s:"
+        f" p50 {p50 * 1000:.1f} ms, p99 {p99 * 1000:.1f} ms, max {max(lags) * 1000:.1f} ms"
+        f" (setup {setup_s:.1f} s, run {time.perf_counter() - t0:.1f} s, {guard.passes} passes)"
+    )
+    assert not early, f"{len(early)} destroyed before their deadline"
+    assert p99 < 1.0
