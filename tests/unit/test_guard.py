@@ -3,6 +3,7 @@ on change, and destroy retries that never give up."""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 from datetime import timedelta
 from pathlib import Path
@@ -224,26 +225,27 @@ async def test_a_terminating_instance_is_driven_again_after_restart(
     await app2.store.close()
 
 
-async def test_slow_destroys_do_not_delay_other_deadlines(
-    tmp_path: Path, clock: FakeClock, fake: FakeProvider
-) -> None:
-    import asyncio
+class HangingProvider(FakeProvider):
+    """A provider whose destroy of one instance hangs until released."""
 
-    gate = asyncio.Event()
-    real_destroy = fake.destroy
-    slow_pid: list[str] = []
+    def __init__(self, clock: FakeClock) -> None:
+        super().__init__(clock, "fake")
+        self.gate = asyncio.Event()
+        self.slow: set[str] = set()
 
-    async def destroy(pid: str) -> None:
-        if slow_pid and pid == slow_pid[0]:
-            await gate.wait()
-        await real_destroy(pid)
+    async def destroy(self, provider_id: str) -> None:
+        if provider_id in self.slow:
+            await self.gate.wait()
+        await super().destroy(provider_id)
 
-    fake.destroy = destroy  # type: ignore[method-assign]
+
+async def test_slow_destroys_do_not_delay_other_deadlines(tmp_path: Path, clock: FakeClock) -> None:
+    fake = HangingProvider(clock)
     app = await make_app(tmp_path, clock, [fake], settings(tmp_path, idle_timeout="1m"))
     rec = Recorder(app.store)
     async with running_guard(app) as run:
         a = await launcher.launch(app, fake.offers[0], hours=1)
-        slow_pid.append(str(a.provider_id))
+        fake.slow.add(str(a.provider_id))
         await run.step(clock, 30)
         b = await launcher.launch(app, fake.offers[0], hours=1)
         await clock.advance(30)  # a is due; its destroy hangs
@@ -251,6 +253,6 @@ async def test_slow_destroys_do_not_delay_other_deadlines(
         await clock.advance(30)  # b is due 30 s later
         await rec.terminated(b.id)
         assert fake.bills[str(b.provider_id)].end == T0 + timedelta(seconds=90)
-        gate.set()
+        fake.gate.set()
         await rec.terminated(a.id)
     await app.store.close()

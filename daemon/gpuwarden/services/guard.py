@@ -49,7 +49,6 @@ class Guard:
         # Set while the loop sleeps between passes (tests wait on it instead of on time).
         self.asleep = asyncio.Event()
         self.next_wake: datetime | None = None
-        self._unsubscribe = app.store.subscribe(self._on_event)
 
     def _on_event(self, event: Event) -> None:
         # Any instance change may move a deadline earlier (a new launch, a strike).
@@ -59,17 +58,29 @@ class Guard:
     async def run(self) -> None:
         app = self.app
         app.heartbeats.register(self.name)
+        unsubscribe = app.store.subscribe(self._on_event)
         try:
             async with asyncio.TaskGroup() as tasks:
                 while not app.stopping.is_set():
-                    wake = await self.pass_once(tasks)
+                    wake = await self._safe_pass(tasks)
                     app.heartbeats.beat(self.name)
                     self.next_wake = wake
                     self.asleep.set()
                     await app.clock.sleep_until(wake, interrupt=app.guard_wake)
                     self.asleep.clear()
         finally:
-            self._unsubscribe()
+            unsubscribe()
+
+    async def _safe_pass(self, tasks: asyncio.TaskGroup) -> datetime:
+        """A pass that fails (a database hiccup) is logged and tried again in a second,
+        without dropping the destroy attempts in flight."""
+        try:
+            return await self.pass_once(tasks)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("guard_pass_failed")
+            return self.app.clock.now() + timedelta(seconds=1)
 
     async def pass_once(self, tasks: asyncio.TaskGroup) -> datetime:
         """Judge every live instance at `now`; returns when the next pass is due."""
@@ -93,20 +104,21 @@ class Guard:
             if verdict.terminate is None:
                 wake = min(wake, verdict.next_check)
                 continue
-            lag = (now - verdict.deadline).total_seconds()
-            log.info(
-                "deadline_reached",
-                instance_id=inst.id,
-                provider=inst.provider,
-                reason=verdict.terminate.value,
-                why=verdict.why,
-                lag_s=round(max(0.0, lag), 3),
-            )
+            lag = round(max(0.0, (now - verdict.deadline).total_seconds()), 3)
             ended = await self.terminator.begin(
                 inst.id,
                 verdict.terminate,
-                {"why": verdict.why, "deadline": verdict.deadline.isoformat()},
+                {"why": verdict.why, "deadline": verdict.deadline.isoformat(), "lag_s": lag},
             )
+            if ended.reason is verdict.terminate:  # not already ended for another reason
+                log.info(
+                    "deadline_reached",
+                    instance_id=inst.id,
+                    provider=inst.provider,
+                    reason=verdict.terminate.value,
+                    why=verdict.why,
+                    lag_s=lag,
+                )
             if ended.state is InstanceState.TERMINATING:
                 self._spawn_drive(tasks, ended)
         self.passes += 1

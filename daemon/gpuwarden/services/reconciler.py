@@ -52,6 +52,7 @@ class Reconciler:
         self.app = app
         self.terminator = terminator or terminator_for(app)
         self.passes = 0
+        self.asleep = asyncio.Event()  # set while the loop sleeps (tests wait on it)
         self._misses: dict[str, int] = {}  # instance id -> consecutive misses past grace
         self._list_failing: set[str] = set()  # providers whose last listing failed
 
@@ -70,7 +71,9 @@ class Reconciler:
                 next_pass = app.clock.now() + app.settings.policy.poll_interval
             app.heartbeats.beat(self.name)
             beat = app.clock.now() + timedelta(seconds=BEAT_EVERY)
+            self.asleep.set()
             await app.clock.sleep_until(min(next_pass, beat))
+            self.asleep.clear()
 
     async def _safe_pass(self) -> None:
         try:
@@ -118,6 +121,9 @@ class Reconciler:
         for seen in listed:
             inst = by_pid.get(seen.provider_id)
             if inst is None:
+                named = by_id.get(seen.label.removeprefix(prefix))
+                if named is not None and named.provider_id is None:
+                    matched.add(named.id)  # its label is listed: not a miss, whatever follows
                 inst = await self._unmatched(seen, by_id, prefix)
             if inst is not None:
                 matched.add(inst.id)

@@ -84,6 +84,11 @@ class Terminator:
         """True while a destroy attempt is in flight."""
         return bool(self._inflight)
 
+    @property
+    def retrying(self) -> bool:
+        """True while some destroy waits for a retry."""
+        return bool(self._retry)
+
     def attempts(self, instance_id: str) -> int:
         r = self._retry.get(instance_id)
         return 0 if r is None else r.attempts

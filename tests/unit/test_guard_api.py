@@ -1,0 +1,110 @@
+"""The cost guard's service functions (what the control socket exposes): data in, data out."""
+
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from guard_support import T0, make_app, settings
+
+from gpuwarden import errors
+from gpuwarden.clock import FakeClock
+from gpuwarden.model import Billing, TerminationReason
+from gpuwarden.providers.fake import FakeProvider
+from gpuwarden.services import api, launcher
+from gpuwarden.services.terminator import terminator_for
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock(T0)
+
+
+async def test_offers_are_cheapest_first_across_providers(tmp_path: Path, clock: FakeClock) -> None:
+    vast = FakeProvider(clock, "vast")
+    lam = FakeProvider(clock, "lambda", billing=Billing.PER_MINUTE)
+    app = await make_app(tmp_path, clock, [vast, lam])
+    got = await api.offers(app, gpu_ram_gb=0, limit=4)
+    prices = [o["price_per_hour"] for o in got]
+    assert prices == sorted(prices) and len(got) == 4
+    assert {o["provider"] for o in got} == {"vast", "lambda"}
+    only = await api.offers(app, provider="lambda", gpu="a100")
+    assert [o["gpu"] for o in only] == ["A100 80GB"]
+    assert only[0]["billing"] == "per_minute"
+    with pytest.raises(errors.ProviderUnavailable):
+        await api.offers(app, provider="nope")
+    await app.store.close()
+
+
+async def test_launch_dry_run_estimates_without_renting(tmp_path: Path, clock: FakeClock) -> None:
+    fake = FakeProvider(clock, "lambda", billing=Billing.PER_MINUTE)
+    app = await make_app(tmp_path, clock, [fake], settings(tmp_path, budget={"daily_limit": 1.0}))
+    est = await api.launch(app, gpu="a10", hours=2, dry_run=True)
+    assert est["gpu"] == "A10" and est["hours"] == 2
+    assert est["estimated_cost"] == pytest.approx(1.5)
+    assert est["refused"] is not None and "daily limit" in est["refused"]
+    assert fake.calls_to("launch") == []
+    with pytest.raises(errors.NoOffer):
+        await api.launch(app, offer_id="no-such-offer")
+    await app.store.close()
+
+
+async def test_status_reports_deadline_cost_and_estimate(tmp_path: Path, clock: FakeClock) -> None:
+    fake = FakeProvider(clock, "fake")
+    app = await make_app(tmp_path, clock, [fake], settings(tmp_path, idle_timeout="30m"))
+    out = await api.launch(app, offer_id=fake.offers[1].offer_id, hours=2)  # $1.20/h
+    clock.set(T0 + timedelta(minutes=10))
+    st = await api.status(app)
+    json.dumps(st)  # JSON-friendly
+    [row] = st["instances"]
+    assert row["id"] == out["id"]
+    assert row["state"] == "provisioning"
+    assert row["deadline_reason"] == "idle"
+    assert row["time_left_s"] == 20 * 60
+    assert row["uptime_s"] == 600
+    assert row["cost_now"] == pytest.approx(0.2)
+    assert row["est_total"] == pytest.approx(0.6)
+    assert row["expired"] is False
+    clock.set(T0 + timedelta(minutes=31))  # the guard is not running: it shows as expired
+    [late] = (await api.status(app))["instances"]
+    assert late["expired"] is True
+    await app.store.close()
+
+
+async def test_extend_refusal_says_how_much_is_allowed(tmp_path: Path, clock: FakeClock) -> None:
+    fake = FakeProvider(clock, "fake")
+    app = await make_app(tmp_path, clock, [fake])
+    inst = await launcher.launch(app, fake.offers[0], hours=6)
+    with pytest.raises(errors.LeaseMaxExceeded) as got:
+        await api.extend(app, id=inst.id, hours=3)
+    assert "at most 2 h more" in got.value.message
+    out = await api.extend(app, id=inst.id, hours=2)
+    assert out["still_allowed_h"] == 0
+    with pytest.raises(errors.NotFound):
+        await api.extend(app, id="nope", hours=1)
+    await app.store.close()
+
+
+async def test_destroy_history_and_costs(tmp_path: Path, clock: FakeClock) -> None:
+    fake = FakeProvider(clock, "fake")
+    app = await make_app(tmp_path, clock, [fake], settings(tmp_path, idle_timeout="30m"))
+    a = await launcher.launch(app, fake.offers[1])  # $1.20/h
+    b = await launcher.launch(app, fake.offers[0])  # $0.40/h
+    clock.set(T0 + timedelta(hours=1))
+    await terminator_for(app).end(a.id, TerminationReason.IDLE)
+    done = await api.destroy(app, id=b.label)  # by label works too
+    assert done["confirmed"] is True and done["reason"] == "manual"
+    with pytest.raises(errors.InvalidState):
+        await api.destroy(app, id=b.id)
+    hist = await api.history(app, hours=2)
+    assert [(h["instance_id"], h["reason"]) for h in hist] == [(a.id, "idle"), (b.id, "manual")]
+    assert hist[0]["cost"] == pytest.approx(1.2) and hist[0]["uptime_s"] == 3600
+    costs = await api.costs(app, days=1)
+    assert costs["total"] == pytest.approx(1.6)
+    assert costs["idle"] == pytest.approx(0.6)  # the idle tail: 30 min at $1.20/h
+    assert costs["by_reason"] == {"idle": pytest.approx(1.2), "manual": pytest.approx(0.4)}
+    assert costs["days"] == [{"day": "2026-03-01", "total": 1.6, "idle": 0.6}]
+    assert (await api.destroy_all(app))["count"] == 0
+    await app.store.close()
