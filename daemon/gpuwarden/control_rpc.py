@@ -2,7 +2,7 @@
 an error reply, and build replies. Kept apart from control.py so the fuzz and unit tests can
 drive every malformed input straight through it.
 
-Choices (documented in docs/readme/control.md):
+Choices (documented in README.md, under "The control socket"):
 - one JSON object per line, UTF-8, at most MAX_REQUEST bytes including the newline;
 - params must be an object (named parameters) or absent; positional arrays are refused;
 - batches (a JSON array) are refused with -32600: the CLI never sends them, and refusing

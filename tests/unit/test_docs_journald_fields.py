@@ -21,7 +21,7 @@ from gpuwarden import systemd
 from gpuwarden.model import TerminationReason
 
 ROOT = Path(__file__).resolve().parents[2]
-DOCS = [ROOT / "docs" / "readme" / "operations.md", ROOT / "README.md"]
+DOCS = [ROOT / "README.md"]
 DAEMON = ROOT / "daemon" / "gpuwarden"
 MATCH = re.compile(r"^([A-Z][A-Z0-9_]*)=(.*)$")
 
@@ -124,5 +124,5 @@ def test_recipe_reasons_are_termination_reasons() -> None:
 
 @pytest.mark.parametrize("reason", [r.value for r in TerminationReason])
 def test_every_termination_reason_is_explained(reason: str) -> None:
-    text = (ROOT / "docs" / "readme" / "operations.md").read_text()
+    text = (ROOT / "README.md").read_text()
     assert f"| `{reason}` |" in text
