@@ -1,4 +1,4 @@
-"""The operations docs' journalctl recipes, run against a real systemd-journald.
+"""The README's journalctl recipes, run against a real systemd-journald.
 
 A private mount namespace (`unshare --mount`) gets tmpfs over /run/systemd, /run/log and
 /var/log, so the journald started there is the only one its clients see and it keeps its
@@ -86,6 +86,13 @@ try:
     log.error("destroy_retry", instance_id=other, provider="lambda", attempts=12, error="HTTP 502")
     log.info("config_reloaded", changed=["policy.idle_timeout"], needs_restart=[])
     sent = 8
+    # Recipes elsewhere in the README name other events (probe_failed, ...): one entry each.
+    named = {w.split("=", 1)[1] for argv in recipes for w in argv if w.startswith("EVENT=")}
+    for event in sorted(named - {"instance_launched", "instance_running", "instance_terminating",
+                                 "instance_terminated", "instance_vanished", "launch_failed",
+                                 "destroy_retry", "config_reloaded"}):
+        log.info(event, instance_id=iid, provider="vast")
+        sent += 1
     wait_for(lambda: len(journal("-t", "gpuwarden", "-o", "json")) >= sent, "the entries")
 
     results = []

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from jobs_fakes import FakeConnector, add_instance, add_job, make_app
 
+from gpuwarden import policy
 from gpuwarden.app import App
 from gpuwarden.clock import FakeClock
 from gpuwarden.jobs import api
@@ -36,9 +37,11 @@ class Cloud:
     launches: list[str] = field(default_factory=list)  # offer ids
     ends: list[tuple[str, TerminationReason]] = field(default_factory=list)
     ended_at: dict[str, float] = field(default_factory=dict)
+    peak: int = 0  # the most instances rented at once
 
     async def launch(self, app: App, offer: Offer, job_id: str) -> Instance:
         self.launches.append(offer.offer_id)
+        self.peak = max(self.peak, len(self.launches) - len(self.ends))
         iid = f"i{len(self.launches)}"
         now = app.clock.now()
         inst = Instance(
@@ -186,17 +189,14 @@ async def test_at_most_max_instances_are_rented(make_env: Any) -> None:
     env: Env = await make_env(keep_warm="0s", max_instances=2)
     ids = [await submit(env, f"job {i}", gpu_ram_gb=float(i)) for i in range(3)]
 
-    async def two_launched() -> bool:
-        return len(env.cloud.launches) == 2
-
-    await env.until(two_launched)
-    assert await env.state(ids[2]) is JobState.QUEUED
-
     async def all_done() -> bool:
         return all([await env.state(j) is JobState.SUCCEEDED for j in ids])
 
     await env.until(all_done)
-    assert len(env.cloud.launches) <= 3
+    # Three jobs, never more than two instances at once (the third waited for capacity or
+    # reused a finished instance); how the third got its GPU depends on timing.
+    assert env.cloud.peak == 2
+    assert 2 <= len(env.cloud.launches) <= 3
 
 
 async def test_a_paused_queue_accepts_but_does_not_dispatch(make_env: Any) -> None:
@@ -261,3 +261,58 @@ async def test_restart_continues_a_job_on_its_live_instance(make_env: Any) -> No
     await env.until(done)
     assert env.cloud.launches == []  # no second rental
     assert env.connector.remote(inst.id).starts == 1
+
+
+async def test_the_idle_timer_counts_from_the_end_of_the_job(make_env: Any) -> None:
+    """The runner touches last_activity at most every 30 s here (idle_timeout 30 m / 4, at
+    most 30 s), and not while it fetches; a 40-step job (40 s or more) ends after its last
+    touch. The job's end, not that touch (nor the launch), is where the idle deadline counts
+    from."""
+    env: Env = await make_env(keep_warm="1h")
+    job_id = str((await api.submit(env.app, prompt="slow", steps=40))["id"])
+
+    async def done() -> bool:
+        return (await env.state(job_id)) is JobState.SUCCEEDED
+
+    await env.until(done)
+    job = await env.app.store.get_job(job_id)
+    assert job.started_at is not None and job.finished_at is not None
+    assert (job.finished_at - job.started_at).total_seconds() >= 35  # outlived a touch period
+
+    async def moved() -> bool:
+        inst = await env.app.store.get_instance(job.instance_id or "")
+        return inst.last_activity == job.finished_at
+
+    await env.until(moved, limit=5)
+    inst = await env.app.store.get_instance(job.instance_id or "")
+    limits = policy.Limits.from_settings(env.app.settings.policy, env.app.settings.budget)
+    idle_at = policy.idle_deadline(inst, policy.Observations(), limits, env.clock.now())
+    assert idle_at == job.finished_at + timedelta(minutes=30)
+
+
+async def test_a_job_cancelled_while_its_instance_booted_counts_from_the_cancel(
+    make_env: Any,
+) -> None:
+    """No runner ever touched this instance: without the move at the job's end its idle
+    deadline would count from the launch."""
+    env: Env = await make_env(keep_warm="1h")
+    job_id = await submit(env)
+
+    async def launched() -> bool:
+        return bool(env.cloud.launches)
+
+    await env.until(launched, limit=10)
+    await env.clock.advance(20)  # the instance boots for 60 s
+    await api.cancel(env.app, id=job_id)
+    job = await env.app.store.get_job(job_id)
+    assert job.state is JobState.CANCELLED and job.finished_at is not None
+
+    async def moved() -> bool:
+        inst = await env.app.store.get_instance("i1")
+        return inst.last_activity == job.finished_at
+
+    await env.until(moved, limit=120)
+    inst = await env.app.store.get_instance("i1")
+    assert inst.created_at < job.finished_at  # not the launch time any more
+    [ev] = [e for e in await env.app.store.events(entity_id="i1") if e.name == "activity"]
+    assert ev.details == {"job_id": job_id, "job_state": "cancelled", "by": "job_end"}
