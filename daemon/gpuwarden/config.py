@@ -160,6 +160,9 @@ class SimFaultSettings(_Section):
     seed: int = 0  # of the random draws for the rates
 
 
+SIM_DEFAULT_KEY = "sim-key"  # the API key of the simulated cloud when api_key is unset
+
+
 class SimSettings(ProviderSettings):
     """The simulated cloud, run inside the daemon (demo) or standalone (`gpuwarden sim`)."""
 
@@ -169,6 +172,10 @@ class SimSettings(ProviderSettings):
     credit: Price = 100.0
     sandbox_dir: Path | None = None  # default: <state_dir>/sim
     faults: SimFaultSettings = SimFaultSettings()
+
+    def effective_api_key(self) -> str:
+        """The key the sim accepts and its clients send: api_key, else SIM_DEFAULT_KEY."""
+        return (self.api_key.get_secret_value() if self.api_key else "") or SIM_DEFAULT_KEY
 
 
 class ProvidersSettings(_Section):

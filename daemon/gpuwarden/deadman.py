@@ -60,6 +60,29 @@ def default_api_base(kind: ProviderKind, settings: Settings) -> str:
     return (configured or (VAST_API if kind == "vast" else LAMBDA_API)).rstrip("/")
 
 
+def switch_api_key(settings: Settings, provider_name: str) -> str | None:
+    """The account key a Lambda instance's switch gets: only with the operator's opt-in
+    (policy.lambda_deadman_api_key), and only when there is one (for `sim-lambda` the sim's
+    key, which defaults to SIM_DEFAULT_KEY). None otherwise, and always for Vast, whose
+    switch uses the instance's own key."""
+    if provider_kind(provider_name) != "lambda" or not settings.policy.lambda_deadman_api_key:
+        return None
+    conf = settings.providers
+    if provider_name.startswith("sim-"):
+        return conf.sim.effective_api_key()
+    secret = conf.lambda_.api_key
+    return (secret.get_secret_value() if secret is not None else "") or None
+
+
+def switch_can_end(settings: Settings, provider_name: str) -> bool:
+    """Whether an instance of this provider carries a switch able to end it: always on Vast
+    (the instance-scoped key), on Lambda only with an account key on it (see above)."""
+    kind = provider_kind(provider_name)
+    if kind == "vast":
+        return True
+    return kind == "lambda" and switch_api_key(settings, provider_name) is not None
+
+
 def deploy_file(name: str) -> str:
     """The text of a file from deploy/instance/ (a source checkout), or from the package's
     assets/ directory (an installed wheel)."""

@@ -19,6 +19,12 @@ class NotFound(DomainError):
     code = "not_found"
 
 
+class Ambiguous(DomainError):
+    """A short id that more than one instance starts with; `candidates` lists them."""
+
+    code = "ambiguous"
+
+
 class LeaseMaxExceeded(DomainError):
     code = "lease_max_exceeded"
 

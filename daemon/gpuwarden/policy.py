@@ -93,6 +93,8 @@ class Limits:
     watchdog_failures: int = 2
     poll_interval: timedelta = timedelta(seconds=30)
     vanish_grace: timedelta = timedelta(seconds=60)
+    deadman_timeout: timedelta = timedelta(minutes=20)
+    deadman_margin: timedelta = timedelta(minutes=10)
     max_hourly_price: float | None = None
     daily_limit: float | None = None
     monthly_limit: float | None = None
@@ -109,6 +111,8 @@ class Limits:
             watchdog_failures=policy.watchdog_failures,
             poll_interval=policy.poll_interval,
             vanish_grace=policy.vanish_grace,
+            deadman_timeout=policy.deadman_timeout,
+            deadman_margin=policy.deadman_margin,
             max_hourly_price=budget.max_hourly_price,
             daily_limit=budget.daily_limit,
             monthly_limit=budget.monthly_limit,
@@ -207,6 +211,37 @@ def _why(reason: TerminationReason, deadline: datetime) -> str:
         TerminationReason.IDLE: "idle timeout reached",
     }[reason]
     return f"{what} at {deadline.isoformat()}"
+
+
+# --- an instance the provider ended --------------------------------------------------------
+
+
+def last_contact(inst: Instance) -> datetime:
+    """The last time the daemon knew the instance's dead-man switch was fed: the last good
+    probe (each one refreshes the heartbeat), else when it came up, else its creation."""
+    if inst.last_probe_ok and inst.last_probe_at is not None:
+        return inst.last_probe_at
+    return inst.running_at or inst.created_at
+
+
+def vanish_reason(
+    inst: Instance, limits: Limits, first_missed: datetime, *, switch: bool = True
+) -> TerminationReason:
+    """Why an instance the provider no longer runs ended, as far as we can tell.
+
+    `first_missed` is when the reconciler first found it gone (after a daemon restart, the
+    first pass). The dead-man switch on the instance (deploy/instance/deadman.sh) ends it
+    when its heartbeat is deadman_timeout old, or when it is hard_cap + deadman_margin old;
+    so when either had passed by `first_missed` the switch is the likely cause: `deadman`.
+    Otherwise (or when the instance had no switch able to end it: `switch` False) the
+    provider or someone else ended it: `vanished`. Exactly at a limit counts as passed.
+    """
+    if switch:
+        silent = first_missed - last_contact(inst)
+        too_old = first_missed >= hard_deadline(inst, limits) + limits.deadman_margin
+        if silent >= limits.deadman_timeout or too_old:
+            return TerminationReason.DEADMAN
+    return TerminationReason.VANISHED
 
 
 # --- lease math --------------------------------------------------------------------------

@@ -26,9 +26,11 @@ from typing import Any
 
 import asyncssh
 import pytest
+from control_support import running_server
 
 from gpuwarden.cli import main
 from gpuwarden.cli.client import ControlClient, Unreachable
+from gpuwarden.control_methods import LaunchParams, Method
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "config.example.toml"
@@ -306,6 +308,20 @@ def test_domain_errors_exit_1(daemon: Daemon) -> None:
     assert code == 1 and "no offer" in err
 
 
+def test_an_instance_is_named_by_a_unique_id_prefix_or_its_label(daemon: Daemon) -> None:
+    inst = _launch(daemon)
+    iid, label = inst["id"], inst["label"]
+    assert gw_json(daemon, "extend", iid[:5], "0.5")["id"] == iid
+    code, out, _ = gw(daemon, "activity", iid[:4])
+    assert code == 0 and f"Marked {iid} active" in out
+    code, out, err = gw(daemon, "destroy", iid[:3], "--json")
+    assert code == 1
+    assert json.loads(out)["error"]["data"]["code"] == "not_found"
+    assert "at least 4 characters" in err
+    assert gw_json(daemon, "destroy", label)["id"] == iid
+    _until_no_live(daemon)
+
+
 def test_launch_by_offer_id_and_destroy_all(daemon: Daemon) -> None:
     offer = gw_json(daemon, "offers", "--provider", "sim-lambda", "--limit", "1")[0]
     inst = gw_json(
@@ -552,6 +568,52 @@ def _on_a_terminal(d: Daemon, answer: bytes, *argv: str) -> tuple[int, str]:
         os.close(master)
     assert answered, seen
     return code, seen.decode(errors="replace")
+
+
+REFUSED = "$9.00/h is over budget.max_hourly_price ($2.50/h)"
+
+
+async def test_a_launch_the_dry_run_refuses_is_not_attempted() -> None:
+    """The dry run says a launch would be refused (price, budget): the confirmation shows
+    why, and the CLI stops there with exit 1, without asking and without launching."""
+    asked: list[bool] = []
+
+    async def launch(app: Any, p: LaunchParams) -> dict[str, Any]:
+        asked.append(p.dry_run)
+        assert p.dry_run, "a refused launch was attempted"
+        return {
+            "dry_run": True,
+            "provider": "sim-vast",
+            "offer_id": "o1",
+            "gpu": "H100 80GB",
+            "num_gpus": 1,
+            "gpu_ram_gb": 80.0,
+            "price_per_hour": 9.0,
+            "region": "EU",
+            "hours": 4.0,
+            "estimated_cost": 36.0,
+            "refused": REFUSED,
+            "refused_code": "price_too_high",
+        }
+
+    async with running_server(methods={"launch": Method(LaunchParams, launch)}) as (_, app):
+        sock = str(app.settings.daemon.socket)
+
+        def run(*argv: str) -> tuple[int, str, str]:
+            return gw(None, "launch", "--gpu", "h100", *argv, "--socket", sock)
+
+        code, out, err = await asyncio.to_thread(run)
+        assert code == 1
+        assert f"Refused:   {REFUSED}" in out and "Estimate" in out  # in the confirmation
+        assert REFUSED in err and "budget.max_hourly_price in the config" in err  # and a hint
+        assert "--yes" not in err  # it did not get as far as asking
+        code, out, err = await asyncio.to_thread(run, "--yes")
+        assert code == 1 and REFUSED in err and out == ""
+        code, out, err = await asyncio.to_thread(run, "--yes", "--json")
+        assert code == 1
+        error = json.loads(out)["error"]
+        assert error["message"] == REFUSED and error["data"]["code"] == "price_too_high"
+        assert asked == [True, True, True]
 
 
 def test_launch_and_destroy_all_ask_on_a_terminal(daemon: Daemon) -> None:

@@ -1,18 +1,23 @@
 """The dead-man switch against a real daemon that dies: `gpuwarden run` as a subprocess,
 renting from a sim cloud that runs in this test (so the cloud outlives the daemon), is
 SIGKILLed after its watchdog has probed the instance; the switch on the instance then ends it
-through the Vast API with the instance's own key, and the sim's ledger says so."""
+through the Vast API with the instance's own key, and the sim's ledger says so. A new daemon
+on the same state dir then finds the instance gone and records the reason `deadman` (not
+`vanished`): it had been silent for longer than the switch's timeout."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import os
 import shutil
 import signal
+import sqlite3
 import sys
 import tempfile
 from collections.abc import AsyncIterator
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -20,12 +25,14 @@ from sim_support import until
 
 from gpuwarden.cli.client import ControlClient
 from gpuwarden.cli.commands_control import status_rows
+from gpuwarden.clock import parse_ts
 from gpuwarden.config import SimSettings
 from gpuwarden.sim.server import SimCloud
 
 pytestmark = pytest.mark.slow
 
 DEADMAN_TIMEOUT = 3.0
+SECOND = timedelta(seconds=1)
 
 
 @pytest.fixture
@@ -59,6 +66,10 @@ watchdog_interval = "1s"
 probe_timeout = "3s"
 poll_interval = "1s"
 deadman_timeout = "{DEADMAN_TIMEOUT:g}s"
+vanish_grace = "1s"
+# After the restart the dead instance fails its probes; the reconciler, not the
+# watchdog, must be the one to find it gone.
+watchdog_failures = 20
 
 [providers.vast]
 enabled = true
@@ -71,24 +82,29 @@ connect_timeout = "2s"
     )
     env = {**os.environ, "GPUWARDEN_CONFIG": str(config), "GPUWARDEN_SOCKET": str(sock)}
     env.pop("NOTIFY_SOCKET", None)
-    daemon = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "gpuwarden",
-        "run",
-        "--config",
-        str(config),
-        env=env,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.DEVNULL,
-    )
-    try:
+
+    async def start_daemon() -> asyncio.subprocess.Process:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "gpuwarden",
+            "run",
+            "--config",
+            str(config),
+            env=env,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
 
         async def listening() -> bool:
-            assert daemon.returncode is None, "the daemon exited"
+            assert proc.returncode is None, "the daemon exited"
             return sock.exists()
 
-        await until(listening, 20, "the daemon's control socket")
+        await until(listening, 30, "the daemon's control socket")
+        return proc
+
+    daemon = await start_daemon()
+    try:
         # One launch call over the socket (the CLI's confirm step would search twice, and
         # the Vast client paces searches 6 s apart).
         async with ControlClient(sock, timeout=30) as client:
@@ -137,6 +153,48 @@ connect_timeout = "2s"
         # Not before the heartbeat the last probe left went stale.
         assert (entry.ended_at - killed_at).total_seconds() >= DEADMAN_TIMEOUT - 1.5
         assert "ending instance: no heartbeat" in log.read_text()
+
+        # A new daemon on the same state dir finds the instance gone. It was silent (no good
+        # probe) for longer than the switch's timeout before that: the reason is deadman.
+        db_uri = f"file:{tmp_path / 'state' / 'gpuwarden.db'}?mode=ro"
+        with contextlib.closing(sqlite3.connect(db_uri, uri=True)) as db:
+            query = "SELECT last_probe_at, last_probe_ok FROM instances WHERE id = ?"
+            probed_at, probed_ok = db.execute(query, (iid,)).fetchone()
+        assert probed_ok  # the switch was fed until the kill
+        last_probe = parse_ts(probed_at)
+        assert last_probe is not None
+
+        async def silent_long_enough() -> bool:  # the switch rounds to whole seconds
+            return sim.clock.now() >= last_probe + DEADMAN_TIMEOUT * SECOND + SECOND / 2
+
+        await until(silent_long_enough, 5, "the dead-man timeout since the last probe")
+        sock.unlink(missing_ok=True)  # the killed daemon left it; wait for the new one's
+        daemon = await start_daemon()
+
+        async def recorded() -> list[dict[str, object]]:
+            cli = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "gpuwarden",
+                "history",
+                "--json",
+                "--socket",
+                str(sock),
+                env=env,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.DEVNULL,
+            )
+            out, _ = await asyncio.wait_for(cli.communicate(), 30)
+            assert cli.returncode == 0
+            return [t for t in json.loads(out) if t["instance_id"] == iid]
+
+        async def terminated() -> bool:
+            return bool(await recorded())
+
+        await until(terminated, 30, "the restarted daemon to record the termination", 0.5)
+        [record] = await recorded()
+        assert record["reason"] == "deadman"
+        assert record["provider_id"] == provider_id
     finally:
         if daemon.returncode is None:
             daemon.send_signal(signal.SIGKILL)

@@ -36,18 +36,14 @@ from gpuwarden.sim.server import SimCloud
 pytestmark = pytest.mark.slow
 
 
-def sim_settings(tmp: Path, **policy: Any) -> Settings:
+def sim_settings(tmp: Path, api_key: str | None = "sim-key", **policy: Any) -> Settings:
+    sim: dict[str, Any] = {"enabled": True, "boot_delay": "0.2s", "sandbox_dir": str(tmp / "sim")}
+    if api_key is not None:
+        sim["api_key"] = api_key
     return Settings(
         daemon={"state_dir": str(tmp / "state"), "socket": str(tmp / "control.sock")},
         policy={"watchdog_interval": "1s", "probe_timeout": "3s", **policy},
-        providers={
-            "sim": {
-                "enabled": True,
-                "boot_delay": "0.2s",
-                "sandbox_dir": str(tmp / "sim"),
-                "api_key": "sim-key",
-            }
-        },
+        providers={"sim": sim},
         ssh={"connect_timeout": "2s"},
     )
 
@@ -226,7 +222,10 @@ async def test_a_user_session_keeps_the_instance_from_going_idle(tmp_path: Path)
 
 
 async def test_dead_man_switch_on_lambda_with_the_opt_in(tmp_path: Path) -> None:
-    settings = sim_settings(tmp_path, deadman_timeout="2s", lambda_deadman_api_key=True)
+    # No providers.sim.api_key: the switch gets the key the sim accepts by default.
+    settings = sim_settings(
+        tmp_path, api_key=None, deadman_timeout="2s", lambda_deadman_api_key=True
+    )
     async with rig_for(settings, tmp_path) as rig:
         inst = await rig.launch("sim-lambda")
         pid = inst.provider_id or ""

@@ -132,6 +132,8 @@ def test_a_refusal_comes_with_a_hint_on_what_to_do() -> None:
     assert "hint: 'gpuwarden offers' shows what is available" in err.getvalue()
     remote_error(out, RemoteError(1, "over", {"code": "budget_exceeded"}))
     assert "budget.daily_limit" in err.getvalue()
+    remote_error(out, RemoteError(1, "'abcd' matches 2 instances", {"code": "ambiguous"}))
+    assert "give more characters of the id" in err.getvalue()
     quiet = io.StringIO()
     remote_error(Out(stdout=io.StringIO(), stderr=quiet), RemoteError(1, "odd", {"code": "x"}))
     assert "hint" not in quiet.getvalue()  # no hint rather than a wrong one

@@ -45,6 +45,9 @@ async def test_launch_dry_run_estimates_without_renting(tmp_path: Path, clock: F
     assert est["gpu"] == "A10" and est["hours"] == 2
     assert est["estimated_cost"] == pytest.approx(1.5)
     assert est["refused"] is not None and "daily limit" in est["refused"]
+    assert est["refused_code"] == "budget_exceeded"
+    ok = await api.launch(app, gpu="a10", hours=1, dry_run=True)
+    assert (ok["refused"], ok["refused_code"]) == (None, None)
     assert fake.calls_to("launch") == []
     with pytest.raises(errors.NoOffer):
         await api.launch(app, offer_id="no-such-offer")
@@ -107,4 +110,41 @@ async def test_destroy_history_and_costs(tmp_path: Path, clock: FakeClock) -> No
     assert costs["by_reason"] == {"idle": pytest.approx(1.2), "manual": pytest.approx(0.4)}
     assert costs["days"] == [{"day": "2026-03-01", "total": 1.6, "idle": 0.6}]
     assert (await api.destroy_all(app))["count"] == 0
+    await app.store.close()
+
+
+async def test_an_instance_is_named_by_a_unique_id_prefix_or_its_label(
+    tmp_path: Path, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake = FakeProvider(clock, "fake")
+    app = await make_app(tmp_path, clock, [fake])
+    ids = iter(["abcd1234", "abcd9999", "abce0000", "f00d0001"])
+    monkeypatch.setattr(launcher, "new_instance_id", lambda: next(ids))
+    a, b, c, d = [await launcher.launch(app, fake.offers[0]) for _ in range(4)]
+
+    async def named(ref: str) -> str:
+        return (await api.resolve_instance(app, ref)).id
+
+    assert await named("abcd1234") == a.id  # the full id
+    assert await named(c.label) == c.id  # the full label
+    assert await named("abce") == c.id  # a unique prefix of 4
+    assert await named("abcd9") == b.id
+    with pytest.raises(errors.Ambiguous) as amb:
+        await named("abcd")
+    assert amb.value.code == "ambiguous"
+    assert [x["id"] for x in amb.value.data["candidates"]] == [a.id, b.id]
+    assert "abcd1234 (provisioning), abcd9999 (provisioning)" in amb.value.message
+    with pytest.raises(errors.NotFound, match="at least 4 characters"):
+        await named("abc")  # too short to be a prefix, though it is one
+    with pytest.raises(errors.NotFound):
+        await named("beef")
+    with pytest.raises(errors.NotFound):
+        await named(c.label[:-1])  # a label is only ever whole
+    # Of several matches, the only live one is meant: the others are history.
+    await api.destroy(app, id="abcd1")
+    assert await named("abcd") == b.id
+    # The service functions resolve the same way.
+    assert (await api.activity(app, id="f00d"))["id"] == d.id
+    assert (await api.extend(app, id="abcd", hours=1))["id"] == b.id
+    assert (await api.destroy(app, id="abce"))["id"] == c.id
     await app.store.close()

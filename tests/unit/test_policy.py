@@ -293,3 +293,66 @@ def test_limits_from_settings() -> None:
     assert lim.idle_timeout == 5 * S
     assert lim.hard_cap == 20 * H
     assert lim.daily_limit == 10.0
+
+
+# --- vanish_reason: the dead-man switch or someone else ------------------------------------
+
+DM = policy.Limits(deadman_timeout=20 * M, deadman_margin=10 * M)  # hard cap 8 h
+PROBED = T0 + H  # the last good probe
+
+
+@pytest.mark.parametrize(
+    ("name", "instance", "first_missed", "switch", "reason"),
+    [
+        ("probed, missed soon after", inst(last_probe_at=PROBED, last_probe_ok=True),
+         PROBED + 5 * M, True, R.VANISHED),
+        ("probed, one second short of the timeout", inst(last_probe_at=PROBED, last_probe_ok=True),
+         PROBED + 20 * M - S, True, R.VANISHED),
+        ("probed, exactly the timeout", inst(last_probe_at=PROBED, last_probe_ok=True),
+         PROBED + 20 * M, True, R.DEADMAN),
+        ("probed, long silent (daemon was down)", inst(last_probe_at=PROBED, last_probe_ok=True),
+         PROBED + 3 * H, True, R.DEADMAN),
+        ("no switch able to end it", inst(last_probe_at=PROBED, last_probe_ok=True),
+         PROBED + 3 * H, False, R.VANISHED),
+        ("last probe failed: counts from running_at",
+         inst(running_at=T0 + M, last_probe_at=PROBED, last_probe_ok=False),
+         T0 + 21 * M, True, R.DEADMAN),
+        ("last probe failed: running_at too recent",
+         inst(running_at=T0 + M, last_probe_at=PROBED, last_probe_ok=False),
+         T0 + 21 * M - S, True, R.VANISHED),
+        ("never probed, never running: counts from creation", inst(), T0 + 20 * M, True,
+         R.DEADMAN),
+        ("never probed, young", inst(), T0 + 19 * M, True, R.VANISHED),
+        ("fresh probe but past hard cap + margin",
+         inst(last_probe_at=T0 + 8 * H + 9 * M, last_probe_ok=True),
+         T0 + 8 * H + 10 * M, True, R.DEADMAN),
+        ("fresh probe, one second short of hard cap + margin",
+         inst(last_probe_at=T0 + 8 * H + 9 * M, last_probe_ok=True),
+         T0 + 8 * H + 10 * M - S, True, R.VANISHED),
+        ("hard cap counts from the earlier provider start",
+         inst(provider_started_at=T0 - H, last_probe_at=T0 + 7 * H + 9 * M, last_probe_ok=True),
+         T0 + 7 * H + 10 * M, True, R.DEADMAN),
+    ],
+)  # fmt: skip
+def test_vanish_reason(
+    name: str, instance: Instance, first_missed: datetime, switch: bool, reason: R
+) -> None:
+    assert policy.vanish_reason(instance, DM, first_missed, switch=switch) is reason, name
+
+
+def test_last_contact_prefers_a_good_probe() -> None:
+    assert policy.last_contact(inst()) == T0
+    assert policy.last_contact(inst(running_at=T0 + M)) == T0 + M
+    good = inst(running_at=T0 + M, last_probe_at=T0 + H, last_probe_ok=True)
+    assert policy.last_contact(good) == T0 + H
+    bad = inst(running_at=T0 + M, last_probe_at=T0 + H, last_probe_ok=False)
+    assert policy.last_contact(bad) == T0 + M
+
+
+def test_limits_from_settings_carry_the_deadman_timing() -> None:
+    from gpuwarden.config import BudgetSettings, PolicySettings
+
+    lim = policy.Limits.from_settings(
+        PolicySettings(deadman_timeout="3s", deadman_margin="7m"), BudgetSettings()
+    )
+    assert (lim.deadman_timeout, lim.deadman_margin) == (3 * S, 7 * M)

@@ -10,7 +10,7 @@ import pytest
 from guard_support import T0, make_app, settings
 
 from gpuwarden import errors
-from gpuwarden.clock import FakeClock
+from gpuwarden.clock import FakeClock, format_ts
 from gpuwarden.model import EntityKind, InstanceState, TerminationReason, instance_label
 from gpuwarden.providers.fake import FakeProvider
 from gpuwarden.services import api, budget, launcher
@@ -252,4 +252,70 @@ async def test_budget_refuses_new_rentals_and_stops_spend_past_the_limit(
     for row in await app.store.instances():
         assert row.state is InstanceState.TERMINATED
         assert row.reason is TerminationReason.BUDGET
+    await app.store.close()
+
+
+@pytest.mark.parametrize(
+    ("provider", "silent", "reason"),
+    [
+        # The daemon was down 30 min; the switch (20 min) had cause: deadman.
+        ("vast", timedelta(minutes=30), TerminationReason.DEADMAN),
+        # Missed 5 min after the last good probe: the switch had no cause.
+        ("vast", timedelta(minutes=5), TerminationReason.VANISHED),
+        # Lambda without the opt-in carries no key: its switch cannot end it.
+        ("lambda", timedelta(minutes=30), TerminationReason.VANISHED),
+        # A provider without a switch at all.
+        ("fake", timedelta(minutes=30), TerminationReason.VANISHED),
+    ],
+)
+async def test_a_restart_that_finds_an_instance_gone_blames_the_switch_when_it_had_cause(
+    tmp_path: Path, clock: FakeClock, provider: str, silent: timedelta, reason: TerminationReason
+) -> None:
+    cloud = FakeProvider(clock, provider, boot_delay=timedelta(seconds=10))
+    conf = settings(tmp_path, vanish_grace="60s", deadman_timeout="20m", deadman_margin="10m")
+    app = await make_app(tmp_path, clock, [cloud], conf)
+    inst = await launcher.launch(app, cloud.offers[0])
+    clock.set(T0 + timedelta(seconds=11))
+    await Reconciler(app).pass_once()  # RUNNING
+    probed = T0 + timedelta(minutes=2)
+    await app.store.update_instance(inst.id, last_probe_at=probed, last_probe_ok=True)
+    # The daemon goes silent after that probe; the instance ends (by its switch, or not).
+    clock.set(probed + timedelta(minutes=1))
+    await cloud.destroy(str(inst.provider_id))
+    # A new daemon: its reconciler's first pass (before READY), then the next one.
+    rec = Reconciler(app)
+    clock.set(probed + silent)
+    await rec.pass_once()
+    assert (await app.store.get_instance(inst.id)).state is InstanceState.RUNNING
+    clock.set(probed + silent + timedelta(seconds=30))
+    await rec.pass_once()
+    got = await app.store.get_instance(inst.id)
+    assert got.state is InstanceState.TERMINATED
+    assert got.reason is reason
+    [term] = await app.store.terminations(T0)
+    assert term.reason is reason
+    [ev] = [e for e in await app.store.events(entity_id=inst.id) if e.to_state == "terminated"]
+    assert ev.details["first_missed"] == format_ts(probed + silent)
+    assert ev.details["last_contact"] == format_ts(probed)
+    await app.store.close()
+
+
+async def test_the_first_miss_not_the_confirming_pass_decides(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    """Missed 19 min after the last probe and confirmed at 20+: still vanished (the switch
+    needs 20 min of silence before the instance is gone)."""
+    cloud = FakeProvider(clock, "sim-vast")
+    conf = settings(tmp_path, vanish_grace="10s", deadman_timeout="20m")
+    app = await make_app(tmp_path, clock, [cloud], conf)
+    inst = await launcher.launch(app, cloud.offers[0])
+    await app.store.update_instance(inst.id, last_probe_at=T0, last_probe_ok=True)
+    await cloud.destroy(str(inst.provider_id))
+    rec = Reconciler(app)
+    clock.set(T0 + timedelta(minutes=19))
+    await rec.pass_once()
+    clock.set(T0 + timedelta(minutes=21))
+    await rec.pass_once()
+    got = await app.store.get_instance(inst.id)
+    assert (got.state, got.reason) == (InstanceState.TERMINATED, TerminationReason.VANISHED)
     await app.store.close()

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+from types import SimpleNamespace
+from typing import cast
 
 import pytest
 
-from gpuwarden.config import Settings
+from gpuwarden.app import App
+from gpuwarden.config import SIM_DEFAULT_KEY, Settings
 from gpuwarden.deadman import (
     ONSTART_LIMIT,
     check_interval,
@@ -15,7 +18,10 @@ from gpuwarden.deadman import (
     onstart_script,
     provider_kind,
     shipped_deadman,
+    switch_api_key,
+    switch_can_end,
 )
+from gpuwarden.services.launcher import app_onstart
 
 SH = shutil.which("dash") or "sh"
 LONG_KEY = "k" * 200
@@ -108,3 +114,43 @@ def test_shipped_switch_is_posix_sh_without_comments() -> None:
         assert (
             subprocess.run(["checkbashisms", "-"], check=False, input=text.encode()).returncode == 0
         )
+
+
+OPT_IN = {"lambda_deadman_api_key": True}
+
+
+@pytest.mark.parametrize(
+    ("policy", "providers", "name", "key"),
+    [
+        # sim-lambda without providers.sim.api_key: the key the sim accepts by default.
+        (OPT_IN, {}, "sim-lambda", SIM_DEFAULT_KEY),
+        (OPT_IN, {"sim": {"api_key": "own-sim"}}, "sim-lambda", "own-sim"),
+        (OPT_IN, {"sim": {"api_key": ""}}, "sim-lambda", SIM_DEFAULT_KEY),
+        (OPT_IN, {"lambda": {"api_key": "acct"}}, "lambda", "acct"),
+        (OPT_IN, {}, "lambda", None),  # nothing to give
+        ({}, {"lambda": {"api_key": "acct"}}, "lambda", None),  # no opt-in
+        ({}, {}, "sim-lambda", None),
+        (OPT_IN, {"vast": {"api_key": "acct"}}, "vast", None),  # Vast: the instance's own key
+        (OPT_IN, {}, "fake", None),
+    ],
+)
+def test_switch_api_key(
+    policy: dict[str, bool], providers: dict[str, object], name: str, key: str | None
+) -> None:
+    s = Settings(policy=policy, providers=providers)
+    assert switch_api_key(s, name) == key
+    # Whether the switch can end the instance follows: Vast always, Lambda with a key.
+    assert switch_can_end(s, name) is (name.endswith("vast") or key is not None)
+
+
+def test_sim_lambda_gets_the_default_sim_key_in_its_start_up_script() -> None:
+    """The launcher's script for sim-lambda with the opt-in and no providers.sim.api_key
+    carries the key the sim accepts (before: none, so the switch could not end it)."""
+
+    def app(s: Settings) -> App:
+        return cast(App, SimpleNamespace(settings=s))  # app_onstart reads only the settings
+
+    script = app_onstart(app(Settings(policy=OPT_IN)), "sim-lambda", "abcd1234")
+    assert f"printf '%s' {SIM_DEFAULT_KEY} > deadman.key" in script
+    assert parses(script)
+    assert "deadman.key" not in app_onstart(app(Settings()), "sim-lambda", "abcd1234")

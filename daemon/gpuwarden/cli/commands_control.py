@@ -14,7 +14,7 @@ from typing import Any
 
 from rich.text import Text
 
-from gpuwarden.cli.client import ControlClient
+from gpuwarden.cli.client import DOMAIN_ERROR, ControlClient, RemoteError
 from gpuwarden.cli.output import (
     EX_DOMAIN,
     EX_OK,
@@ -41,7 +41,7 @@ STATE_STYLE = {
 }
 
 
-ID_HELP = "instance id or label (see 'gpuwarden status')"
+ID_HELP = "instance id, a unique start of it (4+ characters), or label (see 'gpuwarden status')"
 
 
 def register(sub: Any) -> None:
@@ -278,6 +278,11 @@ def _launch(args: argparse.Namespace) -> int:
         est = await client.call("launch", {**params, "dry_run": True})
         if not args.yes:
             _show_estimate(out, est)
+        if est.get("refused"):
+            # What the launch itself would answer: refused now, before asking to confirm.
+            code = str(est.get("refused_code") or "refused")
+            raise RemoteError(DOMAIN_ERROR, str(est["refused"]), {"code": code, "estimate": est})
+        if not args.yes:
             if not out.interactive:
                 out.error("not launching without confirmation: this is not a terminal")
                 out.hint("pass --yes to launch from a script")
@@ -310,6 +315,8 @@ def _show_estimate(out: Out, est: Mapping[str, Any]) -> None:
         f"Duration:  {duration(float(est.get('hours') or 0) * 3600)} lease",
         f"Estimate:  {money(est.get('estimated_cost'))} if kept for the whole lease",
     ]
+    if est.get("refused"):
+        lines.append(f"Refused:   {est['refused']}")
     console = out.err if out.json_mode else out.console
     for line in lines:
         console.print(line)

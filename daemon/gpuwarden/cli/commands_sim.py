@@ -12,7 +12,14 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from gpuwarden.config import EX_CONFIG, ConfigError, SimSettings, load, parse_duration
+from gpuwarden.config import (
+    EX_CONFIG,
+    SIM_DEFAULT_KEY,
+    ConfigError,
+    SimSettings,
+    load,
+    parse_duration,
+)
 
 
 def register(sub: Any) -> None:
@@ -78,7 +85,7 @@ async def _serve(settings: SimSettings, *, as_json: bool) -> int:
     root = settings.sandbox_dir or Path(tempfile.mkdtemp(prefix="gpuwarden-sim-"))
     cloud = SimCloud(settings, sandbox_root=root)
     urls = await cloud.start()
-    key_hint = "the providers.sim.api_key setting" if settings.api_key else "sim-key"
+    key_hint = "the providers.sim.api_key setting" if settings.api_key else SIM_DEFAULT_KEY
     if as_json:
         info = {"vast": urls.vast, "lambda": urls.lambda_, "admin": urls.admin,
                 "api_key": key_hint, "sandbox": str(root)}  # fmt: skip

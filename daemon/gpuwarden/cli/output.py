@@ -276,6 +276,7 @@ def unreachable(out: Out, exc: Unreachable) -> int:
 # went wrong; the hint says where to look or what to change.
 HINTS = {
     "not_found": "'gpuwarden status' lists the live instances, 'gpuwarden jobs' the jobs",
+    "ambiguous": "give more characters of the id; 'gpuwarden status' shows the full ids",
     "no_offer": "'gpuwarden offers' shows what is available; a higher --max-price or another "
     "--gpu may find one",
     "budget_exceeded": "'gpuwarden costs' shows the spend; the limits are budget.daily_limit "

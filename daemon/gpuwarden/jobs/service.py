@@ -270,7 +270,7 @@ class JobService:
             # Still counted busy until it is warm: the dispatcher must not see a free slot
             # (and rent anew) in between.
             try:
-                await self._after_job(after)
+                await self._after_job(after, job.id)
             finally:
                 self._busy.pop(after.id, None)
 
@@ -443,17 +443,19 @@ class JobService:
 
     # --- after a job ---------------------------------------------------------------------
 
-    async def _after_job(self, inst: Instance) -> None:
+    async def _after_job(self, inst: Instance, job_id: str) -> None:
         inst = await self.app.store.get_instance(inst.id)
         if inst.state is not InstanceState.RUNNING:
             return
+        ended = await self._active_until_job_end(inst, job_id)
         stats = await self.app.store.get_flag(queue.cold_start_key(inst.provider, inst.gpu))
         mean = float(stats["mean"]) if isinstance(stats, dict) and "mean" in stats else None
         window = queue.keep_warm_window(self.settings.keep_warm, mean)
         reason = TerminationReason.IDLE if window > timedelta(0) else TerminationReason.JOB_DONE
         # A waiting job that fits takes it on the next dispatch (at once: we wake the loop);
-        # with a window of 0 the instance is ended right after that dispatch.
-        self._warm[inst.id] = _Warm(self.app.clock.now() + window, reason)
+        # with a window of 0 the instance is ended right after that dispatch. The window,
+        # like the idle timer, counts from the end of the job (as after a restart).
+        self._warm[inst.id] = _Warm(ended + window, reason)
         log.info(
             "instance_warm",
             instance_id=inst.id,
@@ -461,6 +463,26 @@ class JobService:
             window_s=window.total_seconds(),
         )
         self.app.jobs_wake.set()
+
+    async def _active_until_job_end(self, inst: Instance, job_id: str) -> datetime:
+        """Move the instance's last activity to the end of the job (returned), so that its
+        idle deadline counts from there. While the job ran the guard treated it as busy, but
+        last_activity only moved with the runner's rate-limited touches (none while booting
+        or fetching). A job queued again (its runner died) ends now."""
+        job = await self.app.store.get_job(job_id)
+        ended = job.finished_at if job.state.terminal and job.finished_at else None
+        end = ended or self.app.clock.now()
+        if end <= inst.last_activity:
+            return end
+        await self.app.store.record(
+            EntityKind.INSTANCE,
+            inst.id,
+            "activity",
+            {"job_id": job_id, "job_state": job.state.value, "by": "job_end"},
+            updates={"last_activity": end},
+        )
+        self.app.guard_wake.set()
+        return end
 
     async def _expire_warm(self, now: datetime) -> None:
         for iid, warm in list(self._warm.items()):

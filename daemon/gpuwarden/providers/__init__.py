@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Protocol
 
 from gpuwarden.clock import Clock
-from gpuwarden.config import ConfigError, ProviderSettings, Settings
+from gpuwarden.config import SIM_DEFAULT_KEY, ConfigError, ProviderSettings, Settings
 from gpuwarden.providers.base import Provider, factory_for, register
 from gpuwarden.providers.http import Backoff, ClientOptions
 from gpuwarden.providers.lambdacloud import LambdaClient
@@ -21,7 +21,6 @@ register("lambda", LambdaClient)
 # The sim has no rate limits, and tests drive its fault knobs: no pacing, quick retries.
 SIM_PACING: dict[str, float] = {}
 SIM_BACKOFF = Backoff(base=0.05, cap=1.0, rate_limited_base=0.1, max_retry_after=5.0)
-SIM_DEFAULT_KEY = "sim-key"
 
 
 class SimUrls(Protocol):
@@ -84,7 +83,7 @@ def _sim_clients(settings: Settings, clock: Clock, urls: SimUrls) -> dict[str, P
         return {
             "name": name,
             "base_url": base_url,
-            "api_key": (sim.api_key.get_secret_value() if sim.api_key else "") or SIM_DEFAULT_KEY,
+            "api_key": sim.effective_api_key(),
             "clock": clock,
             "timeout": sim.timeout.total_seconds(),
             "max_retries": sim.max_retries,
@@ -103,6 +102,7 @@ def _sim_clients(settings: Settings, clock: Clock, urls: SimUrls) -> dict[str, P
 
 __all__ = [
     "SIM_BACKOFF",
+    "SIM_DEFAULT_KEY",
     "SIM_PACING",
     "LambdaClient",
     "SimUrls",

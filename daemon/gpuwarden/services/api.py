@@ -32,8 +32,15 @@ from gpuwarden.store import NotFoundError
 # --- lookups -----------------------------------------------------------------------------
 
 
-async def _instance(app: App, ref: str) -> Instance:
-    """By id, or by label."""
+MIN_PREFIX = 4  # the shortest id prefix accepted, as with git's short hashes
+
+
+async def resolve_instance(app: App, ref: str) -> Instance:
+    """The instance `ref` names: its full id, its full label, or a unique prefix of its id
+    of at least MIN_PREFIX characters. A prefix that several instances share names the one
+    of them that is live, if exactly one is (ended instances stay in the history, and only
+    a live one can be extended or destroyed); otherwise it is refused as Ambiguous, with the
+    candidates. Raises NotFound when nothing matches."""
     try:
         return await app.store.get_instance(ref)
     except NotFoundError:
@@ -44,7 +51,23 @@ async def _instance(app: App, ref: str) -> Instance:
             return await app.store.get_instance(ref.removeprefix(prefix))
         except NotFoundError:
             pass
-    raise errors.NotFound(f"no instance {ref!r}", id=ref)
+    elif len(ref) >= MIN_PREFIX:
+        found = [i for i in await app.store.instances() if i.id.startswith(ref)]
+        live = [i for i in found if i.state.live]
+        if len(found) == 1:
+            return found[0]
+        if len(live) == 1:
+            return live[0]
+        if found:
+            shown = ", ".join(f"{i.id} ({i.state.value})" for i in found)
+            raise errors.Ambiguous(
+                f"{ref!r} matches {len(found)} instances: {shown}; give more of the id",
+                id=ref,
+                candidates=[{"id": i.id, "state": i.state.value} for i in found],
+            )
+    short = len(ref) < MIN_PREFIX and not ref.startswith(prefix)
+    hint = f" (an id prefix needs at least {MIN_PREFIX} characters)" if short else ""
+    raise errors.NotFound(f"no instance {ref!r}{hint}", id=ref)
 
 
 def _requirements(
@@ -175,18 +198,20 @@ async def launch(
     limits = budget.limits_of(app)
     lease = policy.initial_lease(hours, limits)
     if dry_run:
-        refused: str | None = None
+        refused: errors.DomainError | None = None
         try:
             now = app.clock.now()
             await budget.check_new(app, offer.price_per_hour, lease, offer.billing, now)
         except errors.DomainError as exc:
-            refused = exc.message
+            refused = exc
         return {
             "dry_run": True,
             **offer_dict(offer),
             "hours": lease / policy.HOUR,
             "estimated_cost": round(policy.estimate(offer.price_per_hour, lease, offer.billing), 6),
-            "refused": refused,  # what a real launch would answer, or None
+            # What a real launch would answer (message and error code), or None.
+            "refused": refused.message if refused else None,
+            "refused_code": refused.code if refused else None,
         }
     inst = await launcher.launch(app, offer, hours=hours)
     return await _instance_dict(app, inst, app.clock.now())
@@ -197,7 +222,7 @@ async def launch(
 
 async def extend(app: App, id: str, hours: float) -> dict[str, Any]:
     """Extend the lease by `hours` (counts as activity). Refusals say how much is allowed."""
-    inst = await _instance(app, id)
+    inst = await resolve_instance(app, id)
     now = app.clock.now()
     limits = budget.limits_of(app)
     new_lease = policy.extend(inst, hours, limits, now)
@@ -222,7 +247,7 @@ async def extend(app: App, id: str, hours: float) -> dict[str, Any]:
 
 async def activity(app: App, id: str) -> dict[str, Any]:
     """Mark the instance active now (resets its idle deadline)."""
-    inst = await _instance(app, id)
+    inst = await resolve_instance(app, id)
     if inst.state not in (
         InstanceState.REQUESTED,
         InstanceState.PROVISIONING,
@@ -248,7 +273,7 @@ async def activity(app: App, id: str) -> dict[str, Any]:
 
 async def destroy(app: App, id: str) -> dict[str, Any]:
     """End the instance (reason manual; an instance already ending keeps its reason)."""
-    inst = await _instance(app, id)
+    inst = await resolve_instance(app, id)
     if not inst.state.live:
         raise errors.InvalidState(
             f"instance {inst.id} is already {inst.state.value}", state=inst.state.value

@@ -67,11 +67,7 @@ def app_onstart(app: App, provider: str, instance_id: str, onstart: str = "") ->
     kind = deadman.provider_kind(provider)
     if kind is None:
         return onstart
-    key: str | None = None
-    if kind == "lambda" and app.settings.policy.lambda_deadman_api_key:
-        conf = app.settings.providers
-        secret = conf.sim.api_key if provider.startswith("sim-") else conf.lambda_.api_key
-        key = secret.get_secret_value() if secret is not None else None
+    key = deadman.switch_api_key(app.settings, provider)
     try:
         script = deadman.onstart_script(
             app.settings, kind, deadman.default_api_base(kind, app.settings), instance_id, key

@@ -9,7 +9,10 @@ At start-up (before READY) and then every policy.poll_interval, for each provide
   SSH endpoint and the provider's start time);
 - confirm TERMINATING instances that are no longer listed, with `get()`;
 - mark an instance vanished (the provider ended it) only after two consecutive misses past
-  policy.vanish_grace since its creation, and after `get()` agrees (listings lag);
+  policy.vanish_grace since its creation, and after `get()` agrees (listings lag); the
+  reason is `deadman` instead when the instance's dead-man switch had cause to end it by the
+  time it was first missed (policy.vanish_reason: silent for deadman_timeout, or past
+  hard_cap + deadman_margin), typically found by the first pass after a daemon restart;
 - mark a REQUESTED intent launch_failed after two misses past the grace period.
 A provider whose listing fails is skipped for this pass (and logged), never read as
 "nothing exists". Then the account: credit under budget.credit_floor, or InsufficientCredit
@@ -25,7 +28,9 @@ from typing import Any
 
 import structlog
 
+from gpuwarden import deadman, policy
 from gpuwarden.app import App
+from gpuwarden.clock import format_ts
 from gpuwarden.heartbeat import BEAT_EVERY
 from gpuwarden.model import Instance, InstanceState, TerminationReason, label_prefix
 from gpuwarden.providers.base import (
@@ -54,6 +59,7 @@ class Reconciler:
         self.passes = 0
         self.asleep = asyncio.Event()  # set while the loop sleeps (tests wait on it)
         self._misses: dict[str, int] = {}  # instance id -> consecutive misses past grace
+        self._first_missed: dict[str, datetime] = {}  # instance id -> first of those misses
         self._list_failing: set[str] = set()  # providers whose last listing failed
 
     async def start(self) -> None:
@@ -127,7 +133,7 @@ class Reconciler:
                 inst = await self._unmatched(seen, by_id, prefix)
             if inst is not None:
                 matched.add(inst.id)
-                self._misses.pop(inst.id, None)
+                self._forget_misses(inst.id)
                 await self._sync(inst, seen)
         now = self.app.clock.now()
         for inst in ours:
@@ -244,6 +250,7 @@ class Reconciler:
             return  # too young: listings lag
         misses = self._misses.get(inst.id, 0) + 1
         self._misses[inst.id] = misses
+        self._first_missed.setdefault(inst.id, now)
         if misses < MISSES_TO_VANISH:
             return
         if inst.provider_id is None:
@@ -258,7 +265,11 @@ class Reconciler:
         if gone(seen):
             await self._vanished(inst, f"not listed in {misses} passes")
         else:
-            self._misses.pop(inst.id, None)  # the listing lags; get() still sees it
+            self._forget_misses(inst.id)  # the listing lags; get() still sees it
+
+    def _forget_misses(self, instance_id: str) -> None:
+        self._misses.pop(instance_id, None)
+        self._first_missed.pop(instance_id, None)
 
     async def _confirm_if_gone(
         self, inst: Instance, provider_id: str, provider: Provider, now: datetime
@@ -277,7 +288,7 @@ class Reconciler:
 
     async def _never_found(self, inst: Instance) -> None:
         """An intent without a provider id that no listing shows: nothing was created."""
-        self._misses.pop(inst.id, None)
+        self._forget_misses(inst.id)
         try:
             if inst.state is InstanceState.REQUESTED:
                 await self.app.store.transition_instance(
@@ -298,13 +309,30 @@ class Reconciler:
             return
 
     async def _vanished(self, inst: Instance, why: str) -> None:
-        self._misses.pop(inst.id, None)
+        """The provider no longer runs it and we did not end it: `deadman` when its switch
+        had cause to end it by the time we first missed it, else `vanished`."""
+        now = self.app.clock.now()
+        first_missed = self._first_missed.get(inst.id, now)
+        self._forget_misses(inst.id)
+        try:  # the row as it is now: a probe may have landed since the pass began
+            inst = await self.app.store.get_instance(inst.id)
+        except NotFoundError:
+            return
+        settings = self.app.settings
+        reason = policy.vanish_reason(
+            inst,
+            budget.limits_of(self.app),
+            first_missed,
+            switch=deadman.switch_can_end(settings, inst.provider),
+        )
+        details = {
+            "why": why,
+            "first_missed": format_ts(first_missed),
+            "last_contact": format_ts(policy.last_contact(inst)),
+        }
         try:
             await self.app.store.transition_instance(
-                inst.id,
-                InstanceState.TERMINATED,
-                reason=TerminationReason.VANISHED,
-                details={"why": why},
+                inst.id, InstanceState.TERMINATED, reason=reason, details=details
             )
         except (IllegalTransition, NotFoundError):
             return
@@ -313,8 +341,9 @@ class Reconciler:
             instance_id=inst.id,
             provider=inst.provider,
             provider_id=inst.provider_id,
-            reason=TerminationReason.VANISHED.value,
+            reason=reason.value,
             why=why,
+            last_contact=details["last_contact"],
         )
         self.app.jobs_wake.set()
 

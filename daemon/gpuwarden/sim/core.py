@@ -72,7 +72,7 @@ class SimCore:
         self.settings = settings
         self.clock = clock
         self.sandbox_root = sandbox_root
-        self.api_key = settings.api_key.get_secret_value() if settings.api_key else "sim-key"
+        self.api_key = settings.effective_api_key()
         self.faults = FaultState(settings.faults)
         self.ledger = Ledger()
         self.token = secrets.token_hex(8)  # tags this sim's processes (see procs.py)
