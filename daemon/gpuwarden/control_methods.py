@@ -140,11 +140,10 @@ async def _reload(app: App, _: NoParams) -> Any:
     return await app.reload()
 
 
-QUEUE_PAUSED_FLAG = "queue_paused"  # the same flag as services/budget.QUEUE_PAUSED
-
-
 async def _info(app: App, _: NoParams) -> dict[str, Any]:
-    paused = await app.store.get_flag(QUEUE_PAUSED_FLAG, False)
+    from gpuwarden.services.budget import QUEUE_PAUSED  # lazily, like the service modules
+
+    paused = await app.store.get_flag(QUEUE_PAUSED, False)
     uptime = max(0.0, app.clock.monotonic() - app.started_monotonic)
     return {
         "version": __version__,

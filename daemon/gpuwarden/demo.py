@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import importlib.util
 import json
 import os
 import shutil
@@ -184,7 +183,7 @@ STEPS: list[Step] = [
 # --- driver ----------------------------------------------------------------------------------
 
 
-def demo_env(workdir: Path, *, sim: bool) -> dict[str, str]:
+def demo_env(workdir: Path) -> dict[str, str]:
     """The child's environment: paths in the temporary dir and short intervals."""
     env = {
         k: v
@@ -202,8 +201,6 @@ def demo_env(workdir: Path, *, sim: bool) -> dict[str, str]:
         "GPUWARDEN_PROVIDERS__SIM__BOOT_DELAY": "0.5s",
         "PYTHONUNBUFFERED": "1",
     }
-    if not sim:
-        env["GPUWARDEN_PROVIDERS__SIM__ENABLED"] = "false"
     return env
 
 
@@ -222,13 +219,10 @@ async def run_demo(
 ) -> int:
     clock = SystemClock()
     workdir = Path(tempfile.mkdtemp(prefix="gpuwarden-demo-"))
-    sim = importlib.util.find_spec("gpuwarden.sim.server") is not None
-    demo = Demo(config=config, workdir=workdir, env=demo_env(workdir, sim=sim), verbose=verbose)
+    demo = Demo(config=config, workdir=workdir, env=demo_env(workdir), verbose=verbose)
     print("gpuwarden demo")
     print(f"  config    {config}")
     print(f"  state dir {demo.state_dir}")
-    if not sim:
-        print("  note      this build has no simulated cloud yet: running with no providers")
     results: list[tuple[str, bool, str, float]] = []
     try:
         for n, (title, step) in enumerate(steps, start=1):

@@ -169,10 +169,14 @@ def earliest_deadline(
     inst: Instance, seen: Observations, limits: Limits, now: datetime
 ) -> tuple[datetime, TerminationReason]:
     """The earliest time deadline and its reason; ties go to the higher precedence."""
-    found = deadlines(inst, seen, limits, now)
-    when = min(w for w, _ in found)
-    reason = next(r for w, r in found if w == when)
-    return when, reason
+    return _earliest(deadlines(inst, seen, limits, now))
+
+
+def _earliest(
+    found: list[tuple[datetime, TerminationReason]],
+) -> tuple[datetime, TerminationReason]:
+    # min() keeps the first of equal keys, and `found` is in precedence order.
+    return min(found, key=lambda deadline: deadline[0])
 
 
 def decide(inst: Instance, seen: Observations, limits: Limits, now: datetime) -> Verdict:
@@ -182,10 +186,11 @@ def decide(inst: Instance, seen: Observations, limits: Limits, now: datetime) ->
     REQUESTED and PROVISIONING are judged like running ones: their deadlines count from
     creation. TERMINATING and ended instances are never ended again (terminate is None).
     """
-    when, first = earliest_deadline(inst, seen, limits, now)
+    found = deadlines(inst, seen, limits, now)  # computed once: the guard's hot path
+    when, first = _earliest(found)
     if inst.state is InstanceState.TERMINATING or inst.state in _ENDED:
         return Verdict(None, when, when, f"already {inst.state.value}")
-    for deadline, reason in deadlines(inst, seen, limits, now):
+    for deadline, reason in found:
         if now >= deadline:
             return Verdict(reason, now, when, _why(reason, deadline))
     failures = inst.strikes if seen.watchdog_failures is None else seen.watchdog_failures

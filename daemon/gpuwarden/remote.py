@@ -1,5 +1,5 @@
-"""SSH to rented instances (asyncssh): the key, connecting, and (in later modules) running
-detached commands, uploads, downloads and probes.
+"""SSH to rented instances (asyncssh): the key, connecting, running detached commands, and
+writing, reading and downloading files over SFTP.
 
 User text never enters a command line here: commands are argument lists quoted with
 shlex.join, and prompts travel only inside JSON files sent over SFTP.
@@ -13,8 +13,12 @@ import shlex
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import asyncssh
+
+if TYPE_CHECKING:
+    from gpuwarden.config import Settings
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +41,19 @@ def load_or_create_key(pem: str | None, path: Path) -> tuple[asyncssh.SSHKey, st
         path.chmod(0o600)
     public = key.export_public_key().decode().strip()
     return key, public
+
+
+def key_source(settings: Settings) -> tuple[str | None, Path]:
+    """Where the daemon's key comes from: ssh.private_key (PEM) if set, and the file that
+    holds it otherwise (ssh.private_key_file, default <state_dir>/ssh/id_ed25519)."""
+    ssh = settings.ssh
+    pem = ssh.private_key.get_secret_value() if ssh.private_key else None
+    return pem, ssh.private_key_file or settings.daemon.state_dir / "ssh" / "id_ed25519"
+
+
+def daemon_key(settings: Settings) -> tuple[asyncssh.SSHKey, str]:
+    """The daemon's configured SSH key and public line (`load_or_create_key` of `key_source`)."""
+    return load_or_create_key(*key_source(settings))
 
 
 async def connect(
@@ -65,14 +82,6 @@ async def connect(
 
 def _parent(rel: str) -> str:
     return posixpath.dirname(rel.rstrip("/"))
-
-
-async def upload(conn: asyncssh.SSHClientConnection, local: Path, remote_rel: str) -> None:
-    """Copy a local file to `remote_rel` (relative to the login home), making its folders."""
-    async with conn.start_sftp_client() as sftp:
-        if _parent(remote_rel):
-            await sftp.makedirs(_parent(remote_rel), exist_ok=True)
-        await sftp.put(str(local), remote_rel)
 
 
 async def write_file(conn: asyncssh.SSHClientConnection, remote_rel: str, data: bytes) -> None:

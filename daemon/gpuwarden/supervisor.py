@@ -31,13 +31,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib
-import importlib.util
 import os
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -48,10 +46,13 @@ from gpuwarden.clock import Clock, SystemClock
 from gpuwarden.config import EX_CONFIG, ConfigError, Settings
 from gpuwarden.heartbeat import Heartbeats
 from gpuwarden.lock import EX_TEMPFAIL, LockHeld, StateLock
-from gpuwarden.providers.base import Provider
+from gpuwarden.providers import build_providers
 from gpuwarden.reloader import ConfigReloader
 from gpuwarden.services.base import Service
 from gpuwarden.store import Store, StoreCorrupt
+
+if TYPE_CHECKING:
+    from gpuwarden.sim.server import SimUrls
 
 log = structlog.get_logger(__name__)
 
@@ -181,7 +182,7 @@ class Supervisor:
         stack.push_async_callback(_closing, "store", store.close)
         key, public = self._ssh_key()
         sim_urls = await self._start_sim(stack)
-        providers = self._build_providers(sim_urls)
+        providers = build_providers(s, self.clock, sim_urls=sim_urls)
         for name, provider in providers.items():
             stack.push_async_callback(_closing, f"provider {name}", provider.aclose)
         app = App(
@@ -210,9 +211,7 @@ class Supervisor:
                 await start()
 
     def _ssh_key(self) -> tuple[Any, str]:
-        ssh = self.settings.ssh
-        path = ssh.private_key_file or self.settings.daemon.state_dir / "ssh" / "id_ed25519"
-        pem = ssh.private_key.get_secret_value() if ssh.private_key else None
+        pem, path = remote.key_source(self.settings)
         try:
             return remote.load_or_create_key(pem, path)
         except (ValueError, OSError) as exc:  # asyncssh.KeyImportError is a ValueError
@@ -221,36 +220,17 @@ class Supervisor:
                 EX_CONFIG, "ssh_key_unusable", source=where, error=str(exc)
             ) from None
 
-    async def _start_sim(self, stack: contextlib.AsyncExitStack) -> Any:
+    async def _start_sim(self, stack: contextlib.AsyncExitStack) -> SimUrls | None:
         sim_settings = self.settings.providers.sim
         if not sim_settings.enabled:
             return None
-        if importlib.util.find_spec("gpuwarden.sim.server") is None:
-            raise StartupFailed(
-                EXIT_FAILED,
-                "sim_unavailable",
-                error="providers.sim.enabled is true but this build has no simulated cloud"
-                " (gpuwarden.sim.server); disable providers.sim",
-            )
-        from gpuwarden.sim.server import SimCloud  # type: ignore[import-not-found,unused-ignore]
+        from gpuwarden.sim.server import SimCloud  # imported only when enabled: aiohttp server
 
         sandbox = sim_settings.sandbox_dir or self.settings.daemon.state_dir / "sim"
         sim = SimCloud(sim_settings, self.clock, sandbox_root=sandbox)
         urls = await sim.start()
         stack.push_async_callback(_closing, "sim", sim.stop)
         return urls
-
-    def _build_providers(self, sim_urls: Any) -> dict[str, Provider]:
-        module = importlib.import_module("gpuwarden.providers")
-        build = getattr(module, "build_providers", None)
-        if build is None:  # the provider clients are not in this build yet
-            if self.settings.providers.enabled():
-                log.warning(
-                    "providers_unavailable", enabled=list(self.settings.providers.enabled())
-                )
-            return {}
-        providers: dict[str, Provider] = build(self.settings, self.clock, sim_urls=sim_urls)
-        return providers
 
     async def _serve(self) -> int:
         app = self.app

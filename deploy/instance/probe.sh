@@ -33,15 +33,21 @@ if command -v nvidia-smi >/dev/null 2>&1; then
     [ -n "$g" ] && gpu_util=$g
 fi
 
+# Alive: present in /proc and not a zombie. /proc, not kill -0: on Lambda the switch runs as
+# root and the probe as ubuntu. Not a zombie: in a container whose PID 1 does not reap
+# orphans, a finished runner may linger as one for ever, and would count as activity.
+alive() {
+    s=$(cut -d' ' -f3 "/proc/$1/stat" 2>/dev/null) && [ -n "$s" ] && [ "$s" != Z ]
+}
+
 # Our job runners: one pid file per job, alive while its process lives.
 runners=0
 for f in .gpuwarden/jobs/*/pid; do
-    [ -f "$f" ] && kill -0 "$(cat "$f")" 2>/dev/null && runners=$((runners + 1))
+    [ -f "$f" ] && alive "$(cat "$f")" && runners=$((runners + 1))
 done
 
 deadman=false
-# /proc, not kill -0: on Lambda the switch runs as root and the probe as ubuntu.
-p=$(cat .gpuwarden/deadman.pid 2>/dev/null) && [ -n "$p" ] && [ -d "/proc/$p" ] && deadman=true
+p=$(cat .gpuwarden/deadman.pid 2>/dev/null) && [ -n "$p" ] && alive "$p" && deadman=true
 
 printf '{"heartbeat": %s, "sessions": %s, "gpu_util": %s, "runners": %s, "deadman": %s}\n' \
     "$heartbeat" "$sessions" "$gpu_util" "$runners" "$deadman"

@@ -11,9 +11,14 @@ import asyncio
 import contextlib
 import statistics
 import time
+from collections.abc import Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
 
+import pytest
+import structlog
+
+from gpuwarden import logging as glog
 from gpuwarden.app import App
 from gpuwarden.clock import SystemClock
 from gpuwarden.config import DaemonSettings, PolicySettings, Settings
@@ -26,6 +31,15 @@ from gpuwarden.store import Store
 COUNT = 1000
 WINDOW = timedelta(seconds=10)
 SETUP = timedelta(seconds=5)  # inserting 1,000 rows, each its own fsynced transaction (~1 s)
+
+
+@pytest.fixture(autouse=True)
+def _warnings_only() -> Iterator[None]:
+    """`make bench` runs with -s: an info line for each of 1,000 terminations would bury the
+    figure, so only warnings and errors reach the console."""
+    glog.configure(level="warning")
+    yield
+    structlog.reset_defaults()
 
 
 def _quantile(values: list[float], q: float) -> float:

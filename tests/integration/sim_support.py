@@ -5,7 +5,6 @@ ledger."""
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
@@ -97,12 +96,7 @@ async def until(
     cond: Callable[[], Awaitable[bool]], timeout: float, what: str, interval: float = 0.05
 ) -> None:
     """Poll a condition on real processes with a short bounded wait and an overall bound."""
-    try:
-        async with asyncio.timeout(timeout):
-            while not await cond():
-                await asyncio.sleep(interval)
-    except TimeoutError:
-        raise AssertionError(f"timed out waiting for {what}") from None
+    await _poll(cond, timeout, interval, lambda _: f"timed out waiting for {what}")
 
 
 def urls(cloud: SimCloud) -> SimUrls:
@@ -141,14 +135,33 @@ async def eventually(
     check: Callable[[], Awaitable[Any]], *, timeout: float = 15.0, interval: float = 0.03
 ) -> Any:
     """Poll `check` until it returns something truthy; fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = await check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s (last: {result!r})")
-        await asyncio.sleep(interval)
+    return await _poll(
+        check,
+        timeout,
+        interval,
+        lambda last: f"condition not met within {timeout}s (last: {last!r})",
+    )
+
+
+async def _poll(
+    check: Callable[[], Awaitable[Any]],
+    timeout: float,
+    interval: float,
+    failure: Callable[[Any], str],
+) -> Any:
+    """`until` and `eventually`: the first truthy result of `check`, polled every `interval`;
+    past `timeout` (a check still running is cancelled) an AssertionError with `failure(last)`."""
+    result: Any = None
+    bound = asyncio.timeout(timeout)
+    try:
+        async with bound:
+            while not (result := await check()):
+                await asyncio.sleep(interval)
+    except TimeoutError:
+        if not bound.expired():
+            raise  # the check's own timeout, not ours
+        raise AssertionError(failure(result)) from None
+    return result
 
 
 async def ssh_run(

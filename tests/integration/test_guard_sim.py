@@ -25,11 +25,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sim_support import until
+from sim_support import KEY, running_sim, until
 
 from gpuwarden.cli.client import ControlClient
 from gpuwarden.clock import parse_ts
-from gpuwarden.config import SimSettings
 from gpuwarden.crashpoints import LAUNCH_POINTS, TERMINATION_POINTS
 from gpuwarden.sim.server import SimCloud
 
@@ -41,15 +40,8 @@ BOUND = timedelta(seconds=POLL + 1.5)  # a poll, plus a first retry and process 
 
 @pytest.fixture
 async def sim(tmp_path: Path) -> AsyncIterator[SimCloud]:
-    cloud = SimCloud(
-        SimSettings(boot_delay="0.2s", api_key="sim-key"),  # type: ignore[arg-type,unused-ignore]
-        sandbox_root=tmp_path / "sim",
-    )
-    await cloud.start()
-    try:
+    async with running_sim(tmp_path, api_key=KEY) as cloud:  # boots in 0.2 s
         yield cloud
-    finally:
-        await cloud.stop()
 
 
 @dataclass

@@ -163,7 +163,7 @@ async def test_a_launch_without_ssh_is_ended_and_the_job_retried_elsewhere(tmp_p
 
     # The first instance never answers, so the wait runs out there; the second one must
     # answer within it even on a loaded machine (boot, then an SSH handshake).
-    settings = job_settings(tmp_path, ssh_wait="3s")
+    settings = job_settings(tmp_path, ssh_wait="6s")
     async with job_env(tmp_path, settings=settings, connector=NoSshOnFirst) as env:
         job = await env.wait_job(await env.submit("elsewhere"), DONE)
         assert job.state is JobState.SUCCEEDED, job.error

@@ -297,6 +297,9 @@ async def test_lambda_responses_follow_the_spec(tmp_path: Path) -> None:
         launch = f"{base}/instance-operations/launch"
         await check("POST", launch, status=400, headers=bearer, body={**good, "ssh_key_names": []})
         await check("POST", launch, status=400, headers=bearer, body={**good, "quantity": 2})
+        not_json = await http.post(launch, headers=bearer, content=b"[1, 2")
+        assert not_json.status_code == 400
+        assert not_json.json()["error"]["code"] == "global/invalid-parameters"
         await check(
             "POST", launch, status=400, headers=bearer, body={**good, "region_name": "us-south-1"}
         )

@@ -88,10 +88,6 @@ class FakeConn:
     remote: FakeRemote
     closed: bool = False
 
-    async def put(self, local: Path, rel: str) -> None:
-        self.remote._maybe_drop()
-        self.remote.files[rel] = local.read_bytes()
-
     async def write(self, rel: str, data: bytes) -> None:
         self.remote._maybe_drop()
         self.remote.files[rel] = data

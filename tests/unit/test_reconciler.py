@@ -319,3 +319,19 @@ async def test_the_first_miss_not_the_confirming_pass_decides(
     got = await app.store.get_instance(inst.id)
     assert (got.state, got.reason) == (InstanceState.TERMINATED, TerminationReason.VANISHED)
     await app.store.close()
+
+
+async def test_yesterdays_spend_counts_in_the_month_not_the_day(
+    tmp_path: Path, clock: FakeClock, fake: FakeProvider
+) -> None:
+    app = await make_app(tmp_path, clock, [fake])
+    inst = await launcher.launch(app, fake.offers[0])
+    clock.set(T0 + timedelta(hours=1))
+    ended = await terminator_for(app).end(inst.id, TerminationReason.MANUAL)
+    assert ended.state is InstanceState.TERMINATED
+    [term] = await app.store.terminations(T0)
+    assert term.cost > 0
+    st = await budget.state(app, T0 + timedelta(days=1))  # the next day, the same month
+    assert st.daily.spent == 0
+    assert st.monthly.spent == pytest.approx(term.cost)
+    await app.store.close()

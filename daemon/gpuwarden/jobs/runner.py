@@ -33,7 +33,7 @@ from gpuwarden.clock import parse_ts
 from gpuwarden.deadman import deploy_file
 from gpuwarden.jobs import queue
 from gpuwarden.jobs.spec import remote_dir, runner_spec
-from gpuwarden.model import EntityKind, Instance, Job, JobState
+from gpuwarden.model import EntityKind, Instance, InstanceState, Job, JobState
 from gpuwarden.store import IllegalTransition
 
 log = structlog.get_logger(__name__)
@@ -47,7 +47,6 @@ SSH_ERRORS = (OSError, asyncssh.Error, TimeoutError, asyncssh.misc.ChannelOpenEr
 class RemoteConn(Protocol):
     """One connection to an instance; paths are relative to the login home."""
 
-    async def put(self, local: Path, rel: str) -> None: ...
     async def write(self, rel: str, data: bytes) -> None: ...
     async def read(self, rel: str) -> bytes | None: ...
     async def start(self, job_dir: str, argv: list[str]) -> None: ...
@@ -66,9 +65,6 @@ class Connector(Protocol):
 class SshConn:
     conn: asyncssh.SSHClientConnection
     timeout: float
-
-    async def put(self, local: Path, rel: str) -> None:
-        await remote.upload(self.conn, local, rel)
 
     async def write(self, rel: str, data: bytes) -> None:
         await remote.write_file(self.conn, rel, data)
@@ -220,7 +216,7 @@ class _Run:
         delay = self.r.poll
         while True:
             inst = await self.app.store.get_instance(self.inst.id)
-            if not inst.state.live or inst.state.value == "terminating":
+            if not inst.state.live or inst.state is InstanceState.TERMINATING:
                 return False
             self.inst = inst
             try:

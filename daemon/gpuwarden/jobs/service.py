@@ -106,12 +106,7 @@ class JobService:
     def _ssh_connector(self) -> Connector:
         from gpuwarden import remote
 
-        key = self.app.ssh_key
-        if key is None:
-            s = self.app.settings
-            pem = s.ssh.private_key.get_secret_value() if s.ssh.private_key else None
-            path = s.ssh.private_key_file or s.daemon.state_dir / "ssh" / "id_ed25519"
-            key, _ = remote.load_or_create_key(pem, path)
+        key = self.app.ssh_key or remote.daemon_key(self.app.settings)[0]
         return SshConnector(
             key,
             self.app.settings.ssh.connect_timeout.total_seconds(),
@@ -448,14 +443,10 @@ class JobService:
         if inst.state is not InstanceState.RUNNING:
             return
         ended = await self._active_until_job_end(inst, job_id)
-        stats = await self.app.store.get_flag(queue.cold_start_key(inst.provider, inst.gpu))
-        mean = float(stats["mean"]) if isinstance(stats, dict) and "mean" in stats else None
-        window = queue.keep_warm_window(self.settings.keep_warm, mean)
-        reason = TerminationReason.IDLE if window > timedelta(0) else TerminationReason.JOB_DONE
         # A waiting job that fits takes it on the next dispatch (at once: we wake the loop);
         # with a window of 0 the instance is ended right after that dispatch. The window,
         # like the idle timer, counts from the end of the job (as after a restart).
-        self._warm[inst.id] = _Warm(ended + window, reason)
+        window = await self._keep_warm(inst, ended)
         log.info(
             "instance_warm",
             instance_id=inst.id,
@@ -463,6 +454,16 @@ class JobService:
             window_s=window.total_seconds(),
         )
         self.app.jobs_wake.set()
+
+    async def _keep_warm(self, inst: Instance, since: datetime) -> timedelta:
+        """Hold `inst` warm for the keep-warm window from `since` (returned); then it is
+        ended with reason idle, or job_done when the window is 0."""
+        stats = await self.app.store.get_flag(queue.cold_start_key(inst.provider, inst.gpu))
+        mean = float(stats["mean"]) if isinstance(stats, dict) and "mean" in stats else None
+        window = queue.keep_warm_window(self.settings.keep_warm, mean)
+        reason = TerminationReason.IDLE if window > timedelta(0) else TerminationReason.JOB_DONE
+        self._warm[inst.id] = _Warm(since + window, reason)
+        return window
 
     async def _active_until_job_end(self, inst: Instance, job_id: str) -> datetime:
         """Move the instance's last activity to the end of the job (returned), so that its
@@ -580,8 +581,4 @@ class JobService:
                 continue
             if job.state in ACTIVE:
                 continue
-            stats = await self.app.store.get_flag(queue.cold_start_key(inst.provider, inst.gpu))
-            mean = float(stats["mean"]) if isinstance(stats, dict) and "mean" in stats else None
-            window = queue.keep_warm_window(self.settings.keep_warm, mean)
-            reason = TerminationReason.IDLE if window > timedelta(0) else TerminationReason.JOB_DONE
-            self._warm[inst.id] = _Warm(inst.last_activity + window, reason)
+            await self._keep_warm(inst, inst.last_activity)

@@ -66,12 +66,14 @@ async def state(app: App, now: datetime) -> BudgetState:
     live = await app.store.live_instances()
     so_far = sum(policy.cost_so_far(i, now) for i in live)
     ahead = sum(policy.committed_cost(i, now, limits) for i in live)
+    # One read per pass: today's terminations are the month's from midnight on.
+    month = await app.store.terminations(month_start(now))
+    today = day_start(now)
     out: list[Window] = []
-    for name, since, limit in (
-        ("daily", day_start(now), limits.daily_limit),
-        ("monthly", month_start(now), limits.monthly_limit),
+    for name, ended, limit in (
+        ("daily", sum(t.cost for t in month if t.at >= today), limits.daily_limit),
+        ("monthly", sum(t.cost for t in month), limits.monthly_limit),
     ):
-        ended = sum(t.cost for t in await app.store.terminations(since))
         out.append(Window(name, limit, ended + so_far, ended + ahead))
     return BudgetState(*out)
 

@@ -196,10 +196,7 @@ def _app_key(app: App) -> Callable[[], asyncssh.SSHKey]:
         if app.ssh_key is not None:
             return app.ssh_key
         if not loaded:
-            ssh = app.settings.ssh
-            pem = ssh.private_key.get_secret_value() if ssh.private_key else None
-            path = ssh.private_key_file or app.settings.daemon.state_dir / "ssh" / "id_ed25519"
-            loaded.append(remote.load_or_create_key(pem, path)[0])
+            loaded.append(remote.daemon_key(app.settings)[0])
         return loaded[0]
 
     return key

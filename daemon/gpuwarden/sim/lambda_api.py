@@ -19,9 +19,10 @@ from aiohttp import web
 
 from gpuwarden.sim import catalog
 from gpuwarden.sim.core import SimCore, SimInstance
-from gpuwarden.sim.web import add, fault_middleware, json_body, presented_key
+from gpuwarden.sim.web import add, fault_middleware, json_object, presented_key
 
 _HOSTNAME = re.compile(r"^[a-z0-9][0-9a-z-]{0,62}$")
+_NOT_AN_OBJECT = "The request body must be a JSON object."
 
 _ERRORS: dict[str, tuple[str, str]] = {
     "global/invalid-api-key": (
@@ -132,10 +133,9 @@ class LambdaApi:
         return web.json_response({"data": catalog.lambda_instance_types()})
 
     async def launch(self, request: web.Request) -> web.Response:  # noqa: PLR0911 - one per error
-        try:
-            body = await json_body(request)
-        except ValueError:
-            return invalid("The request body is not valid JSON.")
+        body = await json_object(request)
+        if body is None:
+            return invalid(_NOT_AN_OBJECT)
         problem = _launch_problem(body)
         if problem:
             return invalid(problem)
@@ -219,22 +219,20 @@ class LambdaApi:
         inst = self._find(request.match_info["id"])
         if inst is None:
             return error(404, "global/object-does-not-exist", "Specified instance does not exist.")
-        try:
-            body = await json_body(request)
-        except ValueError:
-            return invalid("The request body is not valid JSON.")
-        name = body.get("name") if isinstance(body, dict) else None
+        body = await json_object(request)
+        if body is None:
+            return invalid(_NOT_AN_OBJECT)
+        name = body.get("name")
         if not isinstance(name, str) or len(name) > 64:
             return invalid("name must be a string of at most 64 characters.")
         inst.label = name
         return web.json_response({"data": self.payload(inst)})
 
     async def terminate(self, request: web.Request) -> web.Response:
-        try:
-            body = await json_body(request)
-        except ValueError:
-            return invalid("The request body is not valid JSON.")
-        ids = body.get("instance_ids") if isinstance(body, dict) else None
+        body = await json_object(request)
+        if body is None:
+            return invalid(_NOT_AN_OBJECT)
+        ids = body.get("instance_ids")
         if not isinstance(ids, list) or not ids or not all(isinstance(i, str) for i in ids):
             return invalid("instance_ids must be a non-empty list of instance ids.")
         targets = [self._find(i) for i in ids]
@@ -254,11 +252,10 @@ class LambdaApi:
         return web.json_response({"data": list(self.core.lambda_keys.values())})
 
     async def add_key(self, request: web.Request) -> web.Response:
-        try:
-            body = await json_body(request)
-        except ValueError:
-            return invalid("The request body is not valid JSON.")
-        name = body.get("name") if isinstance(body, dict) else None
+        body = await json_object(request)
+        if body is None:
+            return invalid(_NOT_AN_OBJECT)
+        name = body.get("name")
         if not isinstance(name, str) or not 1 <= len(name) <= 64:
             return invalid("name must be 1 to 64 characters.")
         if any(k["name"] == name for k in self.core.lambda_keys.values()):
@@ -287,10 +284,8 @@ class LambdaApi:
         return web.json_response(self.core.ledger.to_json(self.core.now(), "lambda"))
 
 
-def _launch_problem(body: Any) -> str | None:  # noqa: PLR0911 - one per rule
+def _launch_problem(body: dict[str, Any]) -> str | None:  # noqa: PLR0911 - one per rule
     """Why a launch request is invalid (400 global/invalid-parameters), or None."""
-    if not isinstance(body, dict):
-        return "The request body must be a JSON object."
     for name in ("region_name", "instance_type_name", "ssh_key_names"):
         if name not in body:
             return f"{name} is required."
