@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m gpuwarden.demo
+	$(BIN)/python -m gpuwarden.cli.demo
 
 run: $(STAMP)
 	$(BIN)/gpuwarden run --config $${GPUWARDEN_CONFIG:-config.example.toml}

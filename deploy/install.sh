@@ -89,7 +89,7 @@ if [[ -n $ROOT ]]; then
     [[ $ROOT != / ]] || ROOT=""
 fi
 
-# The credential names the daemon reads from $CREDENTIALS_DIRECTORY (gpuwarden.config.CREDENTIALS).
+# The credential names the daemon reads from $CREDENTIALS_DIRECTORY (gpuwarden.config.settings.CREDENTIALS).
 CRED_IDS=(vast_api_key lambda_api_key ssh_private_key)
 
 # Where things go on the target system (without the --root prefix).

@@ -18,15 +18,15 @@ from pathlib import Path
 import pytest
 import structlog
 
-from gpuwarden import logging as glog
-from gpuwarden.app import App
-from gpuwarden.clock import SystemClock
-from gpuwarden.config import DaemonSettings, PolicySettings, Settings
-from gpuwarden.heartbeat import Heartbeats
-from gpuwarden.model import Instance, InstanceState, instance_label
+from gpuwarden.config.settings import DaemonSettings, PolicySettings, Settings
+from gpuwarden.core.clock import SystemClock
+from gpuwarden.core.heartbeat import Heartbeats
+from gpuwarden.core.model import Instance, InstanceState, instance_label
+from gpuwarden.fleet.app import App
+from gpuwarden.loops.guard import Guard
 from gpuwarden.providers.fake import FakeProvider
-from gpuwarden.services.guard import Guard
 from gpuwarden.store import Store
+from gpuwarden.system import logs as glog
 
 COUNT = 1000
 WINDOW = timedelta(seconds=10)

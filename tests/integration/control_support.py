@@ -14,12 +14,12 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from gpuwarden.app import App
-from gpuwarden.clock import Clock, SystemClock
-from gpuwarden.config import DaemonSettings, Settings
-from gpuwarden.control import ControlServer
-from gpuwarden.control_methods import Method
-from gpuwarden.heartbeat import Heartbeats
+from gpuwarden.config.settings import DaemonSettings, Settings
+from gpuwarden.control.methods import Method
+from gpuwarden.control.server import ControlServer
+from gpuwarden.core.clock import Clock, SystemClock
+from gpuwarden.core.heartbeat import Heartbeats
+from gpuwarden.fleet.app import App
 from gpuwarden.store import Store
 
 

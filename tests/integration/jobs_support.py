@@ -14,14 +14,14 @@ from typing import Any
 
 from sim_support import sim_app, until
 
-from gpuwarden.app import App
-from gpuwarden.config import Settings
-from gpuwarden.jobs import api
+from gpuwarden.config.settings import Settings
+from gpuwarden.control import jobs as api
+from gpuwarden.core.model import Instance, Job, JobState
+from gpuwarden.fleet.app import App
 from gpuwarden.jobs.runner import Connector, RemoteConn
 from gpuwarden.jobs.service import JobService
-from gpuwarden.model import Instance, Job, JobState
+from gpuwarden.loops.guard import Guard
 from gpuwarden.providers.base import Launched, LaunchSpec, NoCapacity, Offer, Provider
-from gpuwarden.services.guard import Guard
 from gpuwarden.sim.server import SimCloud
 from gpuwarden.store import Store
 

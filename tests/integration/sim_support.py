@@ -15,16 +15,16 @@ from typing import Any
 import asyncssh
 import httpx
 
-from gpuwarden.app import App
-from gpuwarden.clock import Clock, SystemClock
-from gpuwarden.config import Settings, SimFaultSettings, SimSettings
-from gpuwarden.heartbeat import Heartbeats
+from gpuwarden.config.settings import Settings, SimFaultSettings, SimSettings
+from gpuwarden.core.clock import Clock, SystemClock
+from gpuwarden.core.heartbeat import Heartbeats
+from gpuwarden.fleet.app import App
 from gpuwarden.providers import build_providers
 from gpuwarden.providers.base import Provider
 from gpuwarden.providers.http import Backoff
 from gpuwarden.providers.lambdacloud import LambdaClient
 from gpuwarden.providers.vast import VastClient
-from gpuwarden.remote import load_or_create_key
+from gpuwarden.remote.ssh import load_or_create_key
 from gpuwarden.sim import SimCloud, SimUrls
 from gpuwarden.store import Store
 

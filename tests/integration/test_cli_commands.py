@@ -30,7 +30,7 @@ from control_support import running_server
 
 from gpuwarden.cli import main
 from gpuwarden.cli.client import ControlClient, Unreachable
-from gpuwarden.control_methods import LaunchParams, Method
+from gpuwarden.control.methods import LaunchParams, Method
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "config.example.toml"
@@ -411,9 +411,9 @@ def test_events_follow_streams_new_events(daemon: Daemon) -> None:
 
 
 async def test_reap_destroys_labelled_instances_while_the_daemon_is_stopped() -> None:
-    from gpuwarden.clock import SystemClock
-    from gpuwarden.config import SimSettings, load
-    from gpuwarden.model import Instance, InstanceState, TerminationReason
+    from gpuwarden.config.settings import SimSettings, load
+    from gpuwarden.core.clock import SystemClock
+    from gpuwarden.core.model import Instance, InstanceState, TerminationReason
     from gpuwarden.providers import build_providers
     from gpuwarden.providers.base import LaunchSpec, Requirements
     from gpuwarden.sim.server import SimCloud

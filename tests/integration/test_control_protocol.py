@@ -17,14 +17,14 @@ from typing import Any
 import pytest
 from control_support import Raw, make_app, request, running_server, short_dir
 
-from gpuwarden import control_rpc as rpc
 from gpuwarden.cli.client import ControlClient, RemoteError, Unreachable
-from gpuwarden.clock import FakeClock, settle
-from gpuwarden.control import ControlServer, SocketInUse, bind_socket
-from gpuwarden.control_methods import METHODS, Method, NoParams, _call
-from gpuwarden.errors import LeaseMaxExceeded
-from gpuwarden.heartbeat import BEAT_EVERY
-from gpuwarden.model import EntityKind, Event
+from gpuwarden.control import rpc
+from gpuwarden.control.methods import METHODS, Method, NoParams, _call
+from gpuwarden.control.server import ControlServer, SocketInUse, bind_socket
+from gpuwarden.core.clock import FakeClock, settle
+from gpuwarden.core.errors import LeaseMaxExceeded
+from gpuwarden.core.heartbeat import BEAT_EVERY
+from gpuwarden.core.model import EntityKind, Event
 
 
 async def _hang(app: Any, params: Any) -> Any:

@@ -28,9 +28,9 @@ import pytest
 from sim_support import KEY, running_sim, until
 
 from gpuwarden.cli.client import ControlClient
-from gpuwarden.clock import parse_ts
-from gpuwarden.crashpoints import LAUNCH_POINTS, TERMINATION_POINTS
+from gpuwarden.core.clock import parse_ts
 from gpuwarden.sim.server import SimCloud
+from gpuwarden.system.crashpoints import LAUNCH_POINTS, TERMINATION_POINTS
 
 pytestmark = pytest.mark.slow
 

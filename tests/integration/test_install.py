@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from gpuwarden import config
+from gpuwarden.config import settings as config
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "deploy" / "install.sh"

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from gpuwarden.childproc import DaemonProcess
+from gpuwarden.system.childproc import DaemonProcess
 
 pytestmark = pytest.mark.slow
 

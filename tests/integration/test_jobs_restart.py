@@ -15,13 +15,13 @@ from typing import Any
 
 import pytest
 
-from gpuwarden.childproc import DaemonProcess
 from gpuwarden.cli.client import ControlClient
-from gpuwarden.clock import SystemClock
-from gpuwarden.config import Settings
-from gpuwarden.model import EntityKind
+from gpuwarden.config.settings import Settings
+from gpuwarden.core.clock import SystemClock
+from gpuwarden.core.model import EntityKind
 from gpuwarden.sim.server import SimCloud
 from gpuwarden.store import Store
+from gpuwarden.system.childproc import DaemonProcess
 
 pytestmark = pytest.mark.slow
 

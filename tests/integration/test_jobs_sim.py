@@ -23,11 +23,9 @@ from jobs_support import (
 )
 from sim_support import until
 
-from gpuwarden import errors
-from gpuwarden.jobs import api, queue
-from gpuwarden.jobs.runner import Connector, RemoteConn
-from gpuwarden.jobs.service import JobService
-from gpuwarden.model import (
+from gpuwarden.control import jobs as api
+from gpuwarden.core import errors
+from gpuwarden.core.model import (
     EntityKind,
     Instance,
     InstanceState,
@@ -35,6 +33,9 @@ from gpuwarden.model import (
     JobState,
     TerminationReason,
 )
+from gpuwarden.jobs import decisions as queue
+from gpuwarden.jobs.runner import Connector, RemoteConn
+from gpuwarden.jobs.service import JobService
 from gpuwarden.providers.base import Provider
 
 pytestmark = pytest.mark.slow

@@ -3,7 +3,7 @@
 A private mount namespace (`unshare --mount`) gets tmpfs over /run/systemd, /run/log and
 /var/log, so the journald started there is the only one its clients see and it keeps its
 journal in memory; the host's logging is untouched. The daemon's own logging setup
-(gpuwarden.logging.configure in journal mode) writes events like the ones the services log,
+(gpuwarden.system.logs.configure in journal mode) writes events like the ones the services log,
 then every recipe runs with `-u gpuwarden` replaced by `-t gpuwarden` (there is no unit here;
 the daemon's entries carry SYSLOG_IDENTIFIER=gpuwarden), `-f` dropped and `-o json` forced.
 Each must find entries, and only entries that satisfy its FIELD=value matches.
@@ -72,7 +72,7 @@ def journal(*args):
 try:
     wait_for(lambda: Path("/run/systemd/journal/socket").is_socket(), "the journal socket")
     import structlog
-    from gpuwarden import logging as glog
+    from gpuwarden.system import logs as glog
 
     glog.configure(mode="journal")
     log = structlog.get_logger("gpuwarden.services.test")

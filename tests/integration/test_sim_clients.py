@@ -17,7 +17,7 @@ from sim_support import (
     vast_client,
 )
 
-from gpuwarden.clock import FakeClock
+from gpuwarden.core.clock import FakeClock
 from gpuwarden.providers.base import LaunchSpec, ProviderInstance, ProviderState, Requirements
 
 pytestmark = pytest.mark.slow

@@ -17,8 +17,8 @@ JOB_PATH = ["queued", "provisioning", "running", "fetching", "succeeded"]
 CHILD = r"""
 import asyncio, itertools, sys
 from datetime import timedelta
-from gpuwarden.clock import SystemClock
-from gpuwarden.model import Instance, InstanceState, Job, JobSpec, JobState, TerminationReason
+from gpuwarden.core.clock import SystemClock
+from gpuwarden.core.model import Instance, InstanceState, Job, JobSpec, JobState, TerminationReason
 from gpuwarden.store import Store
 
 I_PATH = [InstanceState.PROVISIONING, InstanceState.RUNNING, InstanceState.TERMINATING,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from gpuwarden import demo
+from gpuwarden.cli import demo
 
 pytestmark = pytest.mark.slow
 

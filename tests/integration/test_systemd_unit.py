@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from gpuwarden.config import CREDENTIALS, DaemonSettings
+from gpuwarden.config.settings import CREDENTIALS, DaemonSettings
 
 ROOT = Path(__file__).resolve().parents[2]
 UNIT = ROOT / "systemd" / "gpuwarden.service"

@@ -25,8 +25,8 @@ from sim_support import until
 
 from gpuwarden.cli.client import ControlClient
 from gpuwarden.cli.commands_control import status_rows
-from gpuwarden.clock import parse_ts
-from gpuwarden.config import SimSettings
+from gpuwarden.config.settings import SimSettings
+from gpuwarden.core.clock import parse_ts
 from gpuwarden.sim.server import SimCloud
 
 pytestmark = pytest.mark.slow

@@ -16,9 +16,9 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from gpuwarden.config import Settings
-from gpuwarden.deadman import onstart_script
-from gpuwarden.model import instance_label
+from gpuwarden.config.settings import Settings
+from gpuwarden.core.model import instance_label
+from gpuwarden.remote.deadman import onstart_script
 
 pytestmark = pytest.mark.slow
 

@@ -24,13 +24,13 @@ import asyncssh
 import pytest
 from sim_support import admin, ledger_row, sim_app, until
 
-from gpuwarden.app import App
-from gpuwarden.config import Settings
-from gpuwarden.model import EntityKind, Instance, InstanceState, TerminationReason
+from gpuwarden.config.settings import Settings
+from gpuwarden.core.model import EntityKind, Instance, InstanceState, TerminationReason
+from gpuwarden.fleet import launcher
+from gpuwarden.fleet.app import App
+from gpuwarden.loops.guard import Guard
+from gpuwarden.loops.watchdog import ProbeResult, SshProber, Watchdog
 from gpuwarden.providers.base import ProviderState, Requirements
-from gpuwarden.services import launcher
-from gpuwarden.services.guard import Guard
-from gpuwarden.services.watchdog import ProbeResult, SshProber, Watchdog
 from gpuwarden.sim.server import SimCloud
 
 pytestmark = pytest.mark.slow

@@ -19,13 +19,13 @@ from typing import Any
 
 import pytest
 
-from gpuwarden import wiring
-from gpuwarden.app import App
-from gpuwarden.clock import Clock, FakeClock, SystemClock, settle
-from gpuwarden.config import Settings
-from gpuwarden.heartbeat import BEAT_EVERY, STALE_AFTER
-from gpuwarden.services.base import Service
-from gpuwarden.supervisor import Supervisor
+from gpuwarden.config.settings import Settings
+from gpuwarden.core.clock import Clock, FakeClock, SystemClock, settle
+from gpuwarden.core.heartbeat import BEAT_EVERY, STALE_AFTER
+from gpuwarden.fleet.app import App
+from gpuwarden.lifecycle import wiring
+from gpuwarden.lifecycle.service import Service
+from gpuwarden.lifecycle.supervisor import Supervisor
 
 WATCHDOG_SEC = 10.0  # WatchdogSec: the supervisor pings every half of it
 

@@ -11,15 +11,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from gpuwarden.app import App
-from gpuwarden.clock import Clock, FakeClock
-from gpuwarden.config import BudgetSettings, DaemonSettings, PolicySettings, Settings
-from gpuwarden.heartbeat import Heartbeats
-from gpuwarden.model import Event, InstanceState
+from gpuwarden.config.settings import BudgetSettings, DaemonSettings, PolicySettings, Settings
+from gpuwarden.core.clock import Clock, FakeClock
+from gpuwarden.core.heartbeat import Heartbeats
+from gpuwarden.core.model import Event, InstanceState
+from gpuwarden.fleet.app import App
+from gpuwarden.loops.guard import Guard
+from gpuwarden.loops.reconciler import Reconciler
 from gpuwarden.providers.base import Provider
 from gpuwarden.providers.fake import FakeProvider
-from gpuwarden.services.guard import Guard
-from gpuwarden.services.reconciler import Reconciler
 from gpuwarden.store import Store
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)

@@ -12,13 +12,13 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
-from gpuwarden.app import App
-from gpuwarden.clock import FakeClock
-from gpuwarden.config import Settings
-from gpuwarden.heartbeat import Heartbeats
-from gpuwarden.model import Instance, InstanceState, Job, JobSpec, JobState
+from gpuwarden.config.settings import Settings
+from gpuwarden.core.clock import FakeClock
+from gpuwarden.core.heartbeat import Heartbeats
+from gpuwarden.core.model import Instance, InstanceState, Job, JobSpec, JobState
+from gpuwarden.fleet.app import App
 from gpuwarden.providers.base import Provider
-from gpuwarden.remote import RemoteStatus
+from gpuwarden.remote.ssh import RemoteStatus
 from gpuwarden.store import Store
 
 T = TypeVar("T")

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from gpuwarden.clock import FakeClock
+from gpuwarden.core.clock import FakeClock
 
 FIXTURES = Path(__file__).parent.parent / "fixtures" / "providers"
 

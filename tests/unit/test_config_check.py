@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from gpuwarden import config
 from gpuwarden.cli import main
+from gpuwarden.config import settings as config
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "config.example.toml"
 

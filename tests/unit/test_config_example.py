@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 from pydantic import BaseModel
 
-from gpuwarden import config
-from gpuwarden.config import Settings
+from gpuwarden.config import settings as config
+from gpuwarden.config.settings import Settings
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "config.example.toml"
 COMMENTED_KEY = re.compile(r"^#\s?([a-z_][a-z0-9_]*\s*=.*)$")

@@ -13,10 +13,10 @@ import pytest
 import structlog
 from pydantic import SecretStr
 
-from gpuwarden import config
-from gpuwarden import logging as glog
 from gpuwarden.cli import main
-from gpuwarden.clock import FakeClock
+from gpuwarden.config import settings as config
+from gpuwarden.core.clock import FakeClock
+from gpuwarden.system import logs as glog
 
 FILE_KEY = "lambda-secret-in-the-config-file-0001"
 ENV_KEY = "vast-secret-from-the-environment-0002"

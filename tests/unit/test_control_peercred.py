@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from gpuwarden.app import App
-from gpuwarden.clock import SystemClock
-from gpuwarden.config import DaemonSettings, Settings
-from gpuwarden.control import AccessRules, ControlServer, peer_groups
-from gpuwarden.heartbeat import Heartbeats
+from gpuwarden.config.settings import DaemonSettings, Settings
+from gpuwarden.control.server import AccessRules, ControlServer, peer_groups
+from gpuwarden.core.clock import SystemClock
+from gpuwarden.core.heartbeat import Heartbeats
+from gpuwarden.fleet.app import App
 from gpuwarden.store import Store
 
 DAEMON_UID = 990

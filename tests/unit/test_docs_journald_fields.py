@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from gpuwarden import logging as glog
-from gpuwarden import systemd
-from gpuwarden.model import TerminationReason
+from gpuwarden.core.model import TerminationReason
+from gpuwarden.system import logs as glog
+from gpuwarden.system import systemd
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCS = [ROOT / "README.md"]

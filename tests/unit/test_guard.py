@@ -11,12 +11,13 @@ from pathlib import Path
 import pytest
 from guard_support import T0, Recorder, make_app, running_guard, settings
 
-from gpuwarden import errors
-from gpuwarden.clock import FakeClock
-from gpuwarden.model import EntityKind, InstanceState, TerminationReason
+from gpuwarden.control import instances as api
+from gpuwarden.core import errors
+from gpuwarden.core.clock import FakeClock
+from gpuwarden.core.model import EntityKind, InstanceState, TerminationReason
+from gpuwarden.fleet import launcher
+from gpuwarden.fleet.terminator import ESCALATE_AFTER, backoff, terminator_for
 from gpuwarden.providers.fake import FakeProvider
-from gpuwarden.services import api, launcher
-from gpuwarden.services.terminator import ESCALATE_AFTER, backoff, terminator_for
 
 
 @pytest.fixture

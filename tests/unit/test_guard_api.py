@@ -9,12 +9,13 @@ from pathlib import Path
 import pytest
 from guard_support import T0, make_app, settings
 
-from gpuwarden import errors
-from gpuwarden.clock import FakeClock
-from gpuwarden.model import Billing, TerminationReason
+from gpuwarden.control import instances as api
+from gpuwarden.core import errors
+from gpuwarden.core.clock import FakeClock
+from gpuwarden.core.model import Billing, TerminationReason
+from gpuwarden.fleet import launcher
+from gpuwarden.fleet.terminator import terminator_for
 from gpuwarden.providers.fake import FakeProvider
-from gpuwarden.services import api, launcher
-from gpuwarden.services.terminator import terminator_for
 
 
 @pytest.fixture

@@ -34,24 +34,26 @@ from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from gpuwarden import errors, policy
-from gpuwarden.app import App
-from gpuwarden.clock import FakeClock
-from gpuwarden.heartbeat import Heartbeats
-from gpuwarden.model import (
+from gpuwarden.control import instances as api
+from gpuwarden.core import errors, policy
+from gpuwarden.core.clock import FakeClock
+from gpuwarden.core.heartbeat import Heartbeats
+from gpuwarden.core.model import (
     Instance,
     InstanceState,
     instance_label,
 )
-from gpuwarden.model import (
+from gpuwarden.core.model import (
     TerminationReason as R,
 )
+from gpuwarden.fleet import launcher
+from gpuwarden.fleet.app import App
+from gpuwarden.fleet.limits import limits_from
+from gpuwarden.fleet.terminator import terminator_for
+from gpuwarden.loops.guard import Guard
+from gpuwarden.loops.reconciler import Reconciler
 from gpuwarden.providers.base import LaunchSpec
 from gpuwarden.providers.fake import FakeProvider
-from gpuwarden.services import api, launcher
-from gpuwarden.services.guard import Guard
-from gpuwarden.services.reconciler import Reconciler
-from gpuwarden.services.terminator import terminator_for
 from gpuwarden.store import Store
 
 # Durations scaled down (the rules are the same at any scale) so that an example is fast.
@@ -78,7 +80,7 @@ class GuardMachine(RuleBasedStateMachine):
         self.clock = FakeClock(T0)
         self.fake = FakeProvider(self.clock, "fake")
         self.conf = settings(self.dir, **CONF)
-        self.limits = policy.Limits.from_settings(self.conf.policy, self.conf.budget)
+        self.limits = limits_from(self.conf)
         self.expect: dict[str, set[R]] = {}  # instance id -> acceptable reasons
         self.uncertain: set[str] = set()  # launches whose outcome was unknown
         self.lag_seen: timedelta = timedelta(0)

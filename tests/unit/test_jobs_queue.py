@@ -6,8 +6,8 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from gpuwarden.jobs import queue
-from gpuwarden.model import Instance, InstanceState, Job, JobSpec, JobState
+from gpuwarden.core.model import Instance, InstanceState, Job, JobSpec, JobState
+from gpuwarden.jobs import decisions as queue
 from gpuwarden.providers.base import Offer, Requirements
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)

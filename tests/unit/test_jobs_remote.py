@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from gpuwarden import remote
+from gpuwarden.remote import ssh as remote
 
 
 @dataclass

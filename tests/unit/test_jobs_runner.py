@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 from jobs_fakes import FakeConnector, add_instance, add_job, drive, make_app
 
-from gpuwarden.app import App
-from gpuwarden.clock import FakeClock
+from gpuwarden.core.clock import FakeClock
+from gpuwarden.core.model import EntityKind, JobState
+from gpuwarden.fleet.app import App
 from gpuwarden.jobs.runner import Outcome, Runner
-from gpuwarden.model import EntityKind, JobState
 
 AppClock = tuple[App, FakeClock]
 

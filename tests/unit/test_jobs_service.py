@@ -13,18 +13,19 @@ from typing import Any
 import pytest
 from jobs_fakes import FakeConnector, add_instance, add_job, make_app
 
-from gpuwarden import policy
-from gpuwarden.app import App
-from gpuwarden.clock import FakeClock
-from gpuwarden.jobs import api
-from gpuwarden.jobs.service import JobService
-from gpuwarden.model import (
+from gpuwarden.control import jobs as api
+from gpuwarden.core import policy
+from gpuwarden.core.clock import FakeClock
+from gpuwarden.core.model import (
     Instance,
     InstanceState,
     JobState,
     TerminationReason,
     instance_label,
 )
+from gpuwarden.fleet.app import App
+from gpuwarden.fleet.limits import limits_from
+from gpuwarden.jobs.service import JobService
 from gpuwarden.providers.base import Offer
 from gpuwarden.providers.fake import FakeProvider
 
@@ -285,7 +286,7 @@ async def test_the_idle_timer_counts_from_the_end_of_the_job(make_env: Any) -> N
 
     await env.until(moved, limit=5)
     inst = await env.app.store.get_instance(job.instance_id or "")
-    limits = policy.Limits.from_settings(env.app.settings.policy, env.app.settings.budget)
+    limits = limits_from(env.app.settings)
     idle_at = policy.idle_deadline(inst, policy.Observations(), limits, env.clock.now())
     assert idle_at == job.finished_at + timedelta(minutes=30)
 

@@ -6,14 +6,14 @@ from typing import Any
 
 import pytest
 
-from gpuwarden import control_rpc as rpc
 from gpuwarden.cli import main
 from gpuwarden.cli.client import MAX_REQUEST, encode_request
-from gpuwarden.config import JobsSettings
-from gpuwarden.control_methods import SubmitParams
+from gpuwarden.config.settings import JobsSettings
+from gpuwarden.control import rpc
+from gpuwarden.control.methods import SubmitParams
+from gpuwarden.core.model import Job, JobState
 from gpuwarden.jobs.limits import MAX_PROMPT_CHARS, prompt_problems
 from gpuwarden.jobs.spec import InvalidSpec, build_spec, job_dict, runner_spec
-from gpuwarden.model import Job, JobState
 
 
 def test_defaults_come_from_the_settings_and_the_seed_is_recorded() -> None:

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 import structlog
 
-from gpuwarden import logging as glog
-from gpuwarden import systemd
-from gpuwarden.clock import FakeClock
+from gpuwarden.core.clock import FakeClock
+from gpuwarden.system import logs as glog
+from gpuwarden.system import systemd
 
 
 @pytest.fixture(autouse=True)

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from gpuwarden import systemd
+from gpuwarden.system import systemd
 
 
 @pytest.fixture

@@ -7,10 +7,10 @@ import asyncio
 
 import structlog
 
-from gpuwarden.clock import FakeClock
-from gpuwarden.heartbeat import STALE_AFTER, Heartbeats
-from gpuwarden.runtime import watchdog_loop
-from gpuwarden.systemd import Notifier
+from gpuwarden.core.clock import FakeClock
+from gpuwarden.core.heartbeat import STALE_AFTER, Heartbeats
+from gpuwarden.lifecycle.runtime import watchdog_loop
+from gpuwarden.system.systemd import Notifier
 
 
 class RecordingNotifier(Notifier):

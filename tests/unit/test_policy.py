@@ -7,9 +7,9 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from gpuwarden import errors, policy
-from gpuwarden.model import Billing, Instance, InstanceState
-from gpuwarden.model import TerminationReason as R
+from gpuwarden.core import errors, policy
+from gpuwarden.core.model import Billing, Instance, InstanceState
+from gpuwarden.core.model import TerminationReason as R
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 S = timedelta(seconds=1)
@@ -284,11 +284,14 @@ def test_cost_of_ended_instance_stops_at_termination() -> None:
 
 
 def test_limits_from_settings() -> None:
-    from gpuwarden.config import BudgetSettings, PolicySettings
+    from gpuwarden.config.settings import BudgetSettings, PolicySettings, Settings
+    from gpuwarden.fleet.limits import limits_from
 
-    lim = policy.Limits.from_settings(
-        PolicySettings(idle_timeout="5s", hard_cap="20h", lease_max="8h"),
-        BudgetSettings(daily_limit=10.0),
+    lim = limits_from(
+        Settings(
+            policy=PolicySettings(idle_timeout="5s", hard_cap="20h", lease_max="8h"),
+            budget=BudgetSettings(daily_limit=10.0),
+        )
     )
     assert lim.idle_timeout == 5 * S
     assert lim.hard_cap == 20 * H
@@ -350,9 +353,8 @@ def test_last_contact_prefers_a_good_probe() -> None:
 
 
 def test_limits_from_settings_carry_the_deadman_timing() -> None:
-    from gpuwarden.config import BudgetSettings, PolicySettings
+    from gpuwarden.config.settings import PolicySettings, Settings
+    from gpuwarden.fleet.limits import limits_from
 
-    lim = policy.Limits.from_settings(
-        PolicySettings(deadman_timeout="3s", deadman_margin="7m"), BudgetSettings()
-    )
+    lim = limits_from(Settings(policy=PolicySettings(deadman_timeout="3s", deadman_margin="7m")))
     assert (lim.deadman_timeout, lim.deadman_margin) == (3 * S, 7 * M)

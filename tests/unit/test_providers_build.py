@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from gpuwarden.clock import FakeClock
-from gpuwarden.config import ConfigError, Settings
+from gpuwarden.config.settings import ConfigError, Settings
+from gpuwarden.core.clock import FakeClock
 from gpuwarden.providers import SIM_PACING, build_providers
 from gpuwarden.providers.base import Provider, registered
 from gpuwarden.providers.lambdacloud import LambdaClient

@@ -17,7 +17,7 @@ import respx
 from providers_support import AutoClock
 from structlog.testing import capture_logs
 
-from gpuwarden.clock import FakeClock, settle
+from gpuwarden.core.clock import FakeClock, settle
 from gpuwarden.providers.base import (
     InvalidRequest,
     ProviderError,

@@ -16,8 +16,8 @@ import respx
 from providers_support import AutoClock, load_fixture
 from structlog.testing import capture_logs
 
-from gpuwarden.clock import FakeClock
-from gpuwarden.model import Billing
+from gpuwarden.core.clock import FakeClock
+from gpuwarden.core.model import Billing
 from gpuwarden.providers import lambda_wire
 from gpuwarden.providers.base import (
     AuthError,

@@ -9,13 +9,14 @@ from pathlib import Path
 import pytest
 from guard_support import T0, make_app, settings
 
-from gpuwarden import errors
-from gpuwarden.clock import FakeClock, format_ts
-from gpuwarden.model import EntityKind, InstanceState, TerminationReason, instance_label
+from gpuwarden.control import instances as api
+from gpuwarden.core import errors
+from gpuwarden.core.clock import FakeClock, format_ts
+from gpuwarden.core.model import EntityKind, InstanceState, TerminationReason, instance_label
+from gpuwarden.fleet import budget, launcher
+from gpuwarden.fleet.terminator import terminator_for
+from gpuwarden.loops.reconciler import Reconciler
 from gpuwarden.providers.fake import FakeProvider
-from gpuwarden.services import api, budget, launcher
-from gpuwarden.services.reconciler import Reconciler
-from gpuwarden.services.terminator import terminator_for
 
 
 @pytest.fixture

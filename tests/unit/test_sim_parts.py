@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from gpuwarden.config import SimFaultSettings
+from gpuwarden.config.settings import SimFaultSettings
 from gpuwarden.sim import catalog
 from gpuwarden.sim.faults import FaultError, FaultState
 from gpuwarden.sim.ledger import Ledger, LedgerEntry, billed_seconds, render

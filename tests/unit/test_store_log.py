@@ -13,8 +13,8 @@ from typing import TypeVar
 
 import pytest
 
-from gpuwarden.clock import FakeClock
-from gpuwarden.model import (
+from gpuwarden.core.clock import FakeClock
+from gpuwarden.core.model import (
     INSTANCE_TRANSITIONS,
     JOB_TRANSITIONS,
     EntityKind,

@@ -12,11 +12,12 @@ from pathlib import Path
 import pytest
 import structlog
 
-from gpuwarden import config, supervisor, wiring
-from gpuwarden.app import App
-from gpuwarden.lock import StateLock
-from gpuwarden.services.base import Service
-from gpuwarden.systemd import Notifier
+from gpuwarden.config import settings as config
+from gpuwarden.fleet.app import App
+from gpuwarden.lifecycle import supervisor, wiring
+from gpuwarden.lifecycle.service import Service
+from gpuwarden.system.lock import StateLock
+from gpuwarden.system.systemd import Notifier
 
 
 class Recorder(Notifier):

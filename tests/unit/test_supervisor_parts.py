@@ -12,14 +12,14 @@ from pathlib import Path
 import pytest
 import structlog
 
-from gpuwarden import config
-from gpuwarden.app import App
-from gpuwarden.clock import FakeClock
-from gpuwarden.heartbeat import Heartbeats
-from gpuwarden.reloader import ConfigReloader, changed_keys
-from gpuwarden.runtime import EXIT_FORCED, SignalHandlers, backoff, keep_running
+from gpuwarden.config import settings as config
+from gpuwarden.core.clock import FakeClock
+from gpuwarden.core.heartbeat import Heartbeats
+from gpuwarden.fleet.app import App
+from gpuwarden.lifecycle.reloader import ConfigReloader, changed_keys
+from gpuwarden.lifecycle.runtime import EXIT_FORCED, SignalHandlers, backoff, keep_running
 from gpuwarden.store import Store
-from gpuwarden.systemd import Notifier
+from gpuwarden.system.systemd import Notifier
 
 
 def test_backoff_doubles_up_to_the_cap() -> None:

@@ -13,19 +13,18 @@ from pathlib import Path
 
 import pytest
 
-from gpuwarden.app import App
-from gpuwarden.clock import FakeClock
-from gpuwarden.config import Settings
-from gpuwarden.heartbeat import BEAT_EVERY, Heartbeats
-from gpuwarden.model import (
+from gpuwarden.config.settings import Settings
+from gpuwarden.core.clock import FakeClock
+from gpuwarden.core.heartbeat import BEAT_EVERY, Heartbeats
+from gpuwarden.core.model import (
     EntityKind,
     Instance,
     InstanceState,
     TerminationReason,
     instance_label,
 )
-from gpuwarden.providers.fake import FakeProvider
-from gpuwarden.services.watchdog import (
+from gpuwarden.fleet.app import App
+from gpuwarden.loops.watchdog import (
     ProbeFailed,
     ProbeResult,
     Watchdog,
@@ -34,6 +33,7 @@ from gpuwarden.services.watchdog import (
     probe_offset,
     probe_script,
 )
+from gpuwarden.providers.fake import FakeProvider
 from gpuwarden.store import Store
 
 START = datetime(2026, 1, 1, tzinfo=UTC)

@@ -9,9 +9,10 @@ from typing import cast
 
 import pytest
 
-from gpuwarden.app import App
-from gpuwarden.config import SIM_DEFAULT_KEY, Settings
-from gpuwarden.deadman import (
+from gpuwarden.config.settings import SIM_DEFAULT_KEY, Settings
+from gpuwarden.fleet.app import App
+from gpuwarden.fleet.launcher import app_onstart
+from gpuwarden.remote.deadman import (
     ONSTART_LIMIT,
     check_interval,
     default_api_base,
@@ -21,7 +22,6 @@ from gpuwarden.deadman import (
     switch_api_key,
     switch_can_end,
 )
-from gpuwarden.services.launcher import app_onstart
 
 SH = shutil.which("dash") or "sh"
 LONG_KEY = "k" * 200

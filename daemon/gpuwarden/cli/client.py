@@ -73,7 +73,7 @@ def resolve_socket(
         return Path(env)
     cfg = config or os.environ.get("GPUWARDEN_CONFIG")
     if cfg:
-        from gpuwarden import config as config_mod
+        from gpuwarden.config import settings as config_mod
 
         with contextlib.suppress(config_mod.ConfigError, OSError):
             return config_mod.load(cfg).daemon.socket

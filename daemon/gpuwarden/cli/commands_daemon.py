@@ -48,14 +48,14 @@ def register(sub: Any) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from gpuwarden import supervisor
+    from gpuwarden.lifecycle import supervisor
 
     return supervisor.main(args.config)
 
 
 def _check_config(args: argparse.Namespace) -> int:
-    from gpuwarden import config
-    from gpuwarden import logging as glog
+    from gpuwarden.config import settings as config
+    from gpuwarden.system import logs as glog
 
     path = config.resolve_path(args.path)
     try:
@@ -75,7 +75,7 @@ def _check_config(args: argparse.Namespace) -> int:
 
 def _scrubbed(value: Any) -> Any:
     """Belt and braces: a secret pasted into a non-secret setting is masked too."""
-    from gpuwarden import logging as glog
+    from gpuwarden.system import logs as glog
 
     if isinstance(value, dict):
         return {k: _scrubbed(v) for k, v in value.items()}

@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from gpuwarden.config import (
+from gpuwarden.config.settings import (
     EX_CONFIG,
     SIM_DEFAULT_KEY,
     ConfigError,
@@ -74,9 +74,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def _serve(settings: SimSettings, *, as_json: bool) -> int:
-    from gpuwarden import logging as gw_logging
     from gpuwarden.sim import SimCloud
     from gpuwarden.sim.ledger import render
+    from gpuwarden.system import logs as gw_logging
 
     # Logs to stderr: stdout carries only the URLs and the ledger (scriptable with --json).
     gw_logging.configure(stream=sys.stderr)

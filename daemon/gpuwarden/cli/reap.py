@@ -29,9 +29,9 @@ from rich.text import Text
 
 from gpuwarden.cli.commands_daemon import CONFIG_HELP
 from gpuwarden.cli.output import EX_DOMAIN, EX_OK, Out, iso_utc, local_time, rate
-from gpuwarden.clock import SystemClock
-from gpuwarden.config import EX_CONFIG, ConfigError, Settings, load
-from gpuwarden.model import EntityKind, InstanceState, TerminationReason, label_prefix
+from gpuwarden.config.settings import EX_CONFIG, ConfigError, Settings, load
+from gpuwarden.core.clock import SystemClock
+from gpuwarden.core.model import EntityKind, InstanceState, TerminationReason, label_prefix
 from gpuwarden.providers.base import Provider, ProviderInstance, ProviderState
 
 log = structlog.get_logger(__name__)
@@ -87,7 +87,7 @@ def _pi_json(p: ProviderInstance) -> dict[str, Any]:
 
 def main(args: argparse.Namespace) -> int:
     out = Out(args.json)
-    from gpuwarden import logging as gw_logging
+    from gpuwarden.system import logs as gw_logging
 
     # Warnings and errors only, on stderr: stdout carries the table or the JSON.
     gw_logging.configure(mode="console", level="warning", stream=sys.stderr)
@@ -186,8 +186,8 @@ async def _destroy(
 
 async def record(settings: Settings, clock: SystemClock, done: list[ProviderInstance]) -> str:
     """Write what reap did into the database, if the daemon is not holding it."""
-    from gpuwarden.lock import LockHeld, StateLock
     from gpuwarden.store import Store
+    from gpuwarden.system.lock import LockHeld, StateLock
 
     if not settings.db_path.exists():
         return f"no database at {settings.db_path}; nothing recorded"

@@ -27,13 +27,13 @@ from typing import Any, Protocol
 import asyncssh
 import structlog
 
-from gpuwarden import remote
-from gpuwarden.app import App
-from gpuwarden.clock import parse_ts
-from gpuwarden.deadman import deploy_file
-from gpuwarden.jobs import queue
+from gpuwarden.core.clock import parse_ts
+from gpuwarden.core.model import EntityKind, Instance, InstanceState, Job, JobState
+from gpuwarden.fleet.app import App
+from gpuwarden.jobs import decisions as queue
 from gpuwarden.jobs.spec import remote_dir, runner_spec
-from gpuwarden.model import EntityKind, Instance, InstanceState, Job, JobState
+from gpuwarden.remote import ssh as remote
+from gpuwarden.remote.deploy import deploy_file
 from gpuwarden.store import IllegalTransition
 
 log = structlog.get_logger(__name__)

@@ -27,12 +27,19 @@ from typing import Any
 
 import structlog
 
-from gpuwarden import errors
-from gpuwarden.app import App
-from gpuwarden.heartbeat import BEAT_EVERY
-from gpuwarden.jobs import queue
+from gpuwarden.core import errors
+from gpuwarden.core.heartbeat import BEAT_EVERY
+from gpuwarden.core.model import (
+    EntityKind,
+    Instance,
+    InstanceState,
+    Job,
+    JobState,
+    TerminationReason,
+)
+from gpuwarden.fleet.app import App
+from gpuwarden.jobs import decisions as queue
 from gpuwarden.jobs.runner import Connector, Outcome, Runner, SshConnector
-from gpuwarden.model import EntityKind, Instance, InstanceState, Job, JobState, TerminationReason
 from gpuwarden.providers.base import InsufficientCredit, Offer, ProviderError, ProviderState
 from gpuwarden.store import IllegalTransition, NotFoundError
 
@@ -47,13 +54,13 @@ EndFn = Callable[[App, str, TerminationReason], Awaitable[None]]
 
 
 async def default_launch(app: App, offer: Offer, job_id: str) -> Instance:
-    from gpuwarden.services import launcher
+    from gpuwarden.fleet import launcher
 
     return await launcher.launch(app, offer, job_id=job_id)
 
 
 async def default_end(app: App, instance_id: str, reason: TerminationReason) -> None:
-    from gpuwarden.services.terminator import terminator_for
+    from gpuwarden.fleet.terminator import terminator_for
 
     await terminator_for(app).end(instance_id, reason)
 
@@ -104,7 +111,7 @@ class JobService:
         await self._recover()
 
     def _ssh_connector(self) -> Connector:
-        from gpuwarden import remote
+        from gpuwarden.remote import ssh as remote
 
         key = self.app.ssh_key or remote.daemon_key(self.app.settings)[0]
         return SshConnector(

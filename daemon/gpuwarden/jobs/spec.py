@@ -10,10 +10,10 @@ import dataclasses
 import secrets
 from typing import Any
 
-from gpuwarden.config import JobsSettings
-from gpuwarden.errors import DomainError
+from gpuwarden.config.settings import JobsSettings
+from gpuwarden.core.errors import DomainError
+from gpuwarden.core.model import Job, JobSpec
 from gpuwarden.jobs.limits import ENGINES, MAX_COUNT, MAX_STEPS, prompt_problems
-from gpuwarden.model import Job, JobSpec
 
 JOB_DIR = ".gpuwarden/jobs"  # on the instance, relative to the login home
 

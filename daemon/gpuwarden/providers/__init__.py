@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from gpuwarden.clock import Clock
-from gpuwarden.config import SIM_DEFAULT_KEY, ConfigError, ProviderSettings, Settings
+from gpuwarden.config.settings import SIM_DEFAULT_KEY, ConfigError, ProviderSettings, Settings
+from gpuwarden.core.clock import Clock
 from gpuwarden.providers.base import Provider, factory_for, register
 from gpuwarden.providers.http import Backoff, ClientOptions
 from gpuwarden.providers.lambdacloud import LambdaClient

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol, runtime_checkable
 
-from gpuwarden.model import Billing
+from gpuwarden.core.model import Billing
 
 
 class ProviderState(enum.StrEnum):

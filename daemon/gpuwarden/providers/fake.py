@@ -17,8 +17,8 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
 
-from gpuwarden.clock import Clock
-from gpuwarden.model import Billing
+from gpuwarden.core.clock import Clock
+from gpuwarden.core.model import Billing
 from gpuwarden.providers.base import (
     Account,
     CreatedWithError,

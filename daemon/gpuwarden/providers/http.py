@@ -26,7 +26,7 @@ from typing import Any, ClassVar, Required, TypedDict
 import httpx
 import structlog
 
-from gpuwarden.clock import Clock
+from gpuwarden.core.clock import Clock
 from gpuwarden.providers.base import NotFound, ProviderError, RateLimited, Transient
 
 log = structlog.get_logger(__name__)

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
-from gpuwarden.model import Billing
+from gpuwarden.core.model import Billing
 from gpuwarden.providers.base import (
     AuthError,
     InsufficientCredit,

@@ -12,7 +12,7 @@ import hashlib
 from collections.abc import Mapping
 from typing import Any, Unpack
 
-from gpuwarden.model import Billing
+from gpuwarden.core.model import Billing
 from gpuwarden.providers import lambda_wire as wire
 from gpuwarden.providers.base import (
     Account,

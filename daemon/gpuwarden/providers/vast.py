@@ -12,7 +12,7 @@ import asyncio
 from collections.abc import Mapping
 from typing import Any, Unpack
 
-from gpuwarden.model import Billing
+from gpuwarden.core.model import Billing
 from gpuwarden.providers import vast_wire as wire
 from gpuwarden.providers.base import (
     Account,

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from gpuwarden.model import Billing
+from gpuwarden.core.model import Billing
 from gpuwarden.providers.base import (
     AuthError,
     CreatedWithError,

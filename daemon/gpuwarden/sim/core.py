@@ -25,8 +25,8 @@ from typing import Any
 import asyncssh
 import structlog
 
-from gpuwarden.clock import Clock
-from gpuwarden.config import SimSettings
+from gpuwarden.config.settings import SimSettings
+from gpuwarden.core.clock import Clock
 from gpuwarden.sim import procs
 from gpuwarden.sim.faults import FaultState
 from gpuwarden.sim.ledger import Ledger, LedgerEntry, ProviderKind

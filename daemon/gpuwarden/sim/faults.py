@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from pydantic import ValidationError
 
-from gpuwarden.config import SimFaultSettings
+from gpuwarden.config.settings import SimFaultSettings
 from gpuwarden.sim.ledger import ProviderKind
 
 KINDS: tuple[ProviderKind, ...] = ("vast", "lambda")

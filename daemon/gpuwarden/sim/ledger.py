@@ -4,7 +4,7 @@ provider bills in. This is the ground truth that leak tests check.
 Billing runs from creation (the create/launch call) until the instance ended: destroyed or
 terminated through the API, ended from outside, or ended by the credit running out.
 Vast bills each started second, Lambda each started minute. The arithmetic is written out
-here on purpose instead of reusing gpuwarden.policy: the ground truth must not share code
+here on purpose instead of reusing gpuwarden.core.policy: the ground truth must not share code
 with the thing it checks.
 """
 
@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any, Literal
 
-from gpuwarden.clock import format_ts
+from gpuwarden.core.clock import format_ts
 
 ProviderKind = Literal["vast", "lambda"]
 

@@ -21,8 +21,8 @@ from typing import Any
 import structlog
 from aiohttp import web
 
-from gpuwarden.clock import Clock, SystemClock, format_ts
-from gpuwarden.config import SimSettings
+from gpuwarden.config.settings import SimSettings
+from gpuwarden.core.clock import Clock, SystemClock, format_ts
 from gpuwarden.sim import lambda_api, vast_api
 from gpuwarden.sim.core import SimCore, SimInstance
 from gpuwarden.sim.faults import KINDS, FaultError

@@ -21,9 +21,9 @@ from typing import Any
 
 import aiosqlite
 
-from gpuwarden import policy
-from gpuwarden.clock import Clock, format_ts
-from gpuwarden.model import (
+from gpuwarden.core import policy
+from gpuwarden.core.clock import Clock, format_ts
+from gpuwarden.core.model import (
     INSTANCE_TRANSITIONS,
     JOB_TRANSITIONS,
     LIVE_INSTANCE_STATES,

@@ -8,8 +8,8 @@ import sqlite3
 from datetime import datetime
 from typing import Any
 
-from gpuwarden.clock import format_ts, parse_ts
-from gpuwarden.model import (
+from gpuwarden.core.clock import format_ts, parse_ts
+from gpuwarden.core.model import (
     Billing,
     EntityKind,
     Event,

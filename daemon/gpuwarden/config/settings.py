@@ -1,0 +1,381 @@
+"""Settings: a TOML file, overridden by GPUWARDEN_<SECTION>__<KEY> variables, secrets from
+systemd credentials ($CREDENTIALS_DIRECTORY) or the environment.
+
+A bad config never half-starts the daemon: `load` raises ConfigError naming every bad field
+by its dotted path, with the reason and where the value came from; the CLI exits 78.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from datetime import timedelta
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+DEFAULT_CONFIG_PATH = Path("/etc/gpuwarden/config.toml")
+EX_CONFIG = 78
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_duration(value: object) -> timedelta:
+    """Accept "90s", "30m", "4h", "1.5h", "2d", a number of seconds, or a timedelta."""
+    if isinstance(value, timedelta):
+        return value
+    if isinstance(value, bool):
+        raise ValueError("expected a duration such as '90s', '30m' or '4h'")
+    if isinstance(value, int | float):
+        if value < 0:
+            raise ValueError("a duration cannot be negative")
+        return timedelta(seconds=value)
+    if isinstance(value, str):
+        m = _DURATION.match(value)
+        if m:
+            return timedelta(seconds=float(m.group(1)) * _UNIT_SECONDS[m.group(2)])
+    raise ValueError(f"{value!r} is not a duration; write it like '90s', '30m' or '4h'")
+
+
+def format_duration(value: timedelta) -> str:
+    secs = value.total_seconds()
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if secs >= size and secs % size == 0:
+            return f"{int(secs // size)}{unit}"
+    return f"{secs:g}s"
+
+
+Duration = Annotated[
+    timedelta,
+    BeforeValidator(parse_duration),
+    PlainSerializer(format_duration, return_type=str, when_used="json"),
+]
+Price = Annotated[float, Field(ge=0)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DaemonSettings(_Section):
+    state_dir: Path = Path("/var/lib/gpuwarden")
+    socket: Path = Path("/run/gpuwarden/control.sock")
+    socket_group: str | None = None
+    allowed_uids: list[int] = Field(default_factory=list)
+    installation: str = Field(default="main", pattern=r"^[a-z0-9][a-z0-9-]{0,30}$")
+    shutdown_timeout: Duration = timedelta(seconds=10)
+    request_timeout: Duration = timedelta(seconds=30)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class PolicySettings(_Section):
+    # Defaults are validated too, so that lease_default = "9h" alone is caught by the
+    # lease_max check instead of slipping past the 8h default.
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+    idle_timeout: Duration = timedelta(minutes=30)
+    lease_default: Duration = timedelta(hours=4)
+    lease_min: Duration = timedelta(hours=1)
+    lease_max: Duration = timedelta(hours=8)
+    hard_cap: Duration = timedelta(hours=8)
+    watchdog_interval: Duration = timedelta(minutes=5)
+    watchdog_failures: int = Field(default=2, ge=1)
+    probe_timeout: Duration = timedelta(seconds=20)
+    gpu_busy_percent: float = Field(default=10.0, ge=0, le=100)
+    poll_interval: Duration = timedelta(seconds=30)
+    vanish_grace: Duration = timedelta(seconds=60)
+    deadman_timeout: Duration = timedelta(minutes=20)
+    deadman_margin: Duration = timedelta(minutes=10)
+    lambda_deadman_api_key: bool = False  # opt in: put the account key on Lambda instances
+
+    # Field validators (not a model validator) so that an error names the field at fault.
+    @field_validator("lease_min")
+    @classmethod
+    def _min_le_default(cls, v: timedelta, info: ValidationInfo) -> timedelta:
+        default = info.data.get("lease_default")
+        if default is not None and v > default:
+            raise ValueError(f"must not exceed lease_default ({format_duration(default)})")
+        return v
+
+    @field_validator("lease_max")
+    @classmethod
+    def _max_ge_default(cls, v: timedelta, info: ValidationInfo) -> timedelta:
+        default = info.data.get("lease_default")
+        if default is not None and v < default:
+            raise ValueError(f"must be at least lease_default ({format_duration(default)})")
+        return v
+
+    @field_validator("hard_cap")
+    @classmethod
+    def _cap_ge_max(cls, v: timedelta, info: ValidationInfo) -> timedelta:
+        lease_max = info.data.get("lease_max")
+        if lease_max is not None and v < lease_max:
+            raise ValueError(
+                f"must be at least lease_max ({format_duration(lease_max)}):"
+                " nothing outlives the cap"
+            )
+        return v
+
+
+class BudgetSettings(_Section):
+    max_hourly_price: Price | None = None
+    daily_limit: Price | None = None
+    monthly_limit: Price | None = None
+    credit_floor: Price = 0.0
+
+
+class ProviderSettings(_Section):
+    enabled: bool = False
+    base_url: str | None = None
+    api_key: SecretStr | None = None
+    timeout: Duration = timedelta(seconds=30)
+    max_retries: int = Field(default=4, ge=0, le=10)
+
+
+class SimFaultSettings(_Section):
+    """Fault knobs of the simulated cloud (also settable at run time: POST /_sim/faults)."""
+
+    latency: Duration = timedelta(0)  # added before every API answer
+    rate_5xx: float = Field(default=0.0, ge=0, le=1)  # share of API calls answered 5xx
+    rate_429: float = Field(default=0.0, ge=0, le=1)  # share of API calls answered 429
+    create_error_exists: int = Field(default=0, ge=0)  # next N creates: error, yet it exists
+    list_lag: Duration = timedelta(0)  # listings show new ones late and ended ones still
+    destroy_noop: int = Field(default=0, ge=0)  # next N destroys answer success, do nothing
+    end_on_zero_credit: bool = False  # at zero credit also end the running instances
+    seed: int = 0  # of the random draws for the rates
+
+
+SIM_DEFAULT_KEY = "sim-key"  # the API key of the simulated cloud when api_key is unset
+
+
+class SimSettings(ProviderSettings):
+    """The simulated cloud, run inside the daemon (demo) or standalone (`gpuwarden sim`)."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=0, ge=0, le=65535)  # 0: any free port
+    boot_delay: Duration = timedelta(seconds=1)
+    credit: Price = 100.0
+    sandbox_dir: Path | None = None  # default: <state_dir>/sim
+    faults: SimFaultSettings = SimFaultSettings()
+
+    def effective_api_key(self) -> str:
+        """The key the sim accepts and its clients send: api_key, else SIM_DEFAULT_KEY."""
+        return (self.api_key.get_secret_value() if self.api_key else "") or SIM_DEFAULT_KEY
+
+
+class ProvidersSettings(_Section):
+    vast: ProviderSettings = ProviderSettings()
+    lambda_: ProviderSettings = Field(default=ProviderSettings(), alias="lambda")
+    sim: SimSettings = SimSettings()
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    def enabled(self) -> dict[str, ProviderSettings]:
+        out: dict[str, ProviderSettings] = {}
+        for name, s in (("vast", self.vast), ("lambda", self.lambda_), ("sim", self.sim)):
+            if s.enabled:
+                out[name] = s
+        return out
+
+
+def _keep_warm(value: object) -> str | timedelta:
+    if value == "auto":
+        return "auto"
+    return parse_duration(value)
+
+
+KeepWarm = Annotated[
+    Literal["auto"] | timedelta,
+    BeforeValidator(_keep_warm),
+    PlainSerializer(
+        lambda v: v if isinstance(v, str) else format_duration(v), return_type=str, when_used="json"
+    ),
+]
+
+
+class JobsSettings(_Section):
+    image: str = "pytorch/pytorch:2.4.0-cuda12.4-cudnn9-runtime"
+    model: str = "stabilityai/sd-turbo"
+    engine: Literal["auto", "diffusers", "preview"] = "auto"
+    steps: int = Field(default=4, ge=1, le=500)
+    width: int = Field(default=512, ge=64, le=2048, multiple_of=8)
+    height: int = Field(default=512, ge=64, le=2048, multiple_of=8)
+    gpu_ram_gb: float = Field(default=8.0, ge=0)
+    min_reliability: float = Field(default=0.95, ge=0, le=1)
+    max_instances: int = Field(default=2, ge=1)
+    keep_warm: KeepWarm = "auto"
+    output_dir: Path | None = None  # default: <state_dir>/outputs
+    max_attempts: int = Field(default=3, ge=1)
+    ssh_wait: Duration = timedelta(minutes=10)
+    disk_gb: float = Field(default=20.0, gt=0)
+    # How often a running job's progress and status are read over SSH.
+    progress_interval: Duration = timedelta(seconds=1)
+    # The preview engine sleeps this long per step so that its progress can be seen.
+    preview_step_delay: Duration = timedelta(milliseconds=250)
+
+
+class SshSettings(_Section):
+    private_key: SecretStr | None = None  # PEM text; usually from the credentials directory
+    private_key_file: Path | None = None  # default: <state_dir>/ssh/id_ed25519, made if absent
+    connect_timeout: Duration = timedelta(seconds=15)
+    known_hosts: Path | None = None  # None: accept new host keys (rented hosts are new)
+
+
+class Settings(BaseSettings):
+    """The whole configuration. Frozen: a reload builds a new one."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="GPUWARDEN_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+        populate_by_name=True,
+    )
+
+    daemon: DaemonSettings = DaemonSettings()
+    policy: PolicySettings = PolicySettings()
+    budget: BudgetSettings = BudgetSettings()
+    providers: ProvidersSettings = ProvidersSettings()
+    jobs: JobsSettings = JobsSettings()
+    ssh: SshSettings = SshSettings()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The environment overrides the file (passed in as init kwargs); no .env files.
+        return (env_settings, init_settings)
+
+    @property
+    def output_dir(self) -> Path:
+        return self.jobs.output_dir or self.daemon.state_dir / "outputs"
+
+    @property
+    def db_path(self) -> Path:
+        return self.daemon.state_dir / "gpuwarden.db"
+
+    @property
+    def lock_path(self) -> Path:
+        return self.daemon.state_dir / "gpuwarden.system.lock"
+
+
+# credential file name -> dotted setting
+CREDENTIALS: dict[str, tuple[str, ...]] = {
+    "vast_api_key": ("providers", "vast", "api_key"),
+    "lambda_api_key": ("providers", "lambda", "api_key"),
+    "ssh_private_key": ("ssh", "private_key"),
+}
+
+
+class ConfigError(Exception):
+    """Every problem with a config, each as (dotted field, reason, where the value came from)."""
+
+    def __init__(self, problems: list[tuple[str, str, str]]) -> None:
+        self.problems = problems
+        super().__init__(self.render())
+
+    def render(self) -> str:
+        lines = ["invalid configuration:"]
+        lines += [f"  {field}: {reason} (from {where})" for field, reason, where in self.problems]
+        return "\n".join(lines)
+
+
+def resolve_path(explicit: str | os.PathLike[str] | None) -> Path:
+    if explicit:
+        return Path(explicit)
+    env = os.environ.get("GPUWARDEN_CONFIG")
+    return Path(env) if env else DEFAULT_CONFIG_PATH
+
+
+def _set_in(data: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
+    node = data
+    for key in path[:-1]:
+        node = node.setdefault(key, {})
+    node.setdefault(path[-1], value)  # the file or env wins over a credential file
+
+
+def _credentials(data: dict[str, Any], env: Mapping[str, str]) -> dict[str, Any]:
+    cred_dir = env.get("CREDENTIALS_DIRECTORY")
+    if not cred_dir:
+        return data
+    for fname, path in CREDENTIALS.items():
+        f = Path(cred_dir) / fname
+        if f.is_file():
+            _set_in(
+                data, path, f.read_text().strip() if fname != "ssh_private_key" else f.read_text()
+            )
+    return data
+
+
+def _location(
+    loc: tuple[str | int, ...], raw: Mapping[str, Any], path: Path, env: Mapping[str, str]
+) -> str:
+    keys = [str(k) for k in loc]
+    var = "GPUWARDEN_" + "__".join(k.upper() for k in keys)
+    if var in env:
+        return f"environment variable {var}"
+    node: Any = raw
+    for key in keys:
+        if isinstance(node, Mapping) and key in node:
+            node = node[key]
+        else:
+            return f"{path} or its defaults"
+    return str(path)
+
+
+def load(path: str | os.PathLike[str] | None = None, *, require_file: bool = True) -> Settings:
+    """Load and validate. Raises ConfigError; never returns a half-valid Settings."""
+    env = os.environ
+    cfg_path = resolve_path(path)
+    raw: dict[str, Any] = {}
+    if cfg_path.exists():
+        try:
+            raw = tomllib.loads(cfg_path.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError([("(file)", f"not valid TOML: {exc}", str(cfg_path))]) from None
+        except OSError as exc:
+            raise ConfigError([("(file)", f"cannot read: {exc.strerror}", str(cfg_path))]) from None
+    elif require_file:
+        raise ConfigError([("(file)", "no such file", str(cfg_path))])
+    data = _credentials(_deep_copy(raw), env)
+    try:
+        return Settings(**data)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            loc = tuple(err["loc"])
+            dotted = ".".join(str(p) for p in loc) or "(root)"
+            reason = err["msg"].removeprefix("Value error, ")
+            if err["type"] == "extra_forbidden":
+                reason = "unknown setting"
+            problems.append((dotted, reason, _location(loc, raw, cfg_path, env)))
+        raise ConfigError(problems) from None
+
+
+def _deep_copy(d: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: _deep_copy(v) if isinstance(v, Mapping) else v for k, v in d.items()}
+
+
+def redacted(settings: Settings) -> dict[str, Any]:
+    """The effective config as JSON-able data, with every secret shown as '**********'."""
+    return settings.model_dump(mode="json", by_alias=True)

@@ -1,0 +1,446 @@
+"""The cost guard's service functions: what the control socket and the CLI expose.
+
+Each takes the App and keyword arguments (the control socket passes its params by name) and
+returns JSON-friendly data (dicts, lists, ISO 8601 strings, floats). A request that cannot be
+done raises an errors.DomainError subclass with a stable code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+from datetime import datetime, timedelta
+from typing import Any
+
+from gpuwarden.core import errors, policy
+from gpuwarden.core.clock import format_ts
+from gpuwarden.core.model import (
+    EntityKind,
+    Instance,
+    InstanceState,
+    Termination,
+    TerminationReason,
+    label_prefix,
+)
+from gpuwarden.fleet import budget, launcher
+from gpuwarden.fleet.app import App
+from gpuwarden.fleet.terminator import terminator_for
+from gpuwarden.loops.guard import busy_instances, observations
+from gpuwarden.providers.base import Offer, Requirements
+from gpuwarden.store import NotFoundError
+
+# --- lookups -----------------------------------------------------------------------------
+
+
+MIN_PREFIX = 4  # the shortest id prefix accepted, as with git's short hashes
+
+
+async def resolve_instance(app: App, ref: str) -> Instance:
+    """The instance `ref` names: its full id, its full label, or a unique prefix of its id
+    of at least MIN_PREFIX characters. A prefix that several instances share names the one
+    of them that is live, if exactly one is (ended instances stay in the history, and only
+    a live one can be extended or destroyed); otherwise it is refused as Ambiguous, with the
+    candidates. Raises NotFound when nothing matches."""
+    try:
+        return await app.store.get_instance(ref)
+    except NotFoundError:
+        pass
+    prefix = label_prefix(app.installation)
+    if ref.startswith(prefix):
+        try:
+            return await app.store.get_instance(ref.removeprefix(prefix))
+        except NotFoundError:
+            pass
+    elif len(ref) >= MIN_PREFIX:
+        found = [i for i in await app.store.instances() if i.id.startswith(ref)]
+        live = [i for i in found if i.state.live]
+        if len(found) == 1:
+            return found[0]
+        if len(live) == 1:
+            return live[0]
+        if found:
+            shown = ", ".join(f"{i.id} ({i.state.value})" for i in found)
+            raise errors.Ambiguous(
+                f"{ref!r} matches {len(found)} instances: {shown}; give more of the id",
+                id=ref,
+                candidates=[{"id": i.id, "state": i.state.value} for i in found],
+            )
+    short = len(ref) < MIN_PREFIX and not ref.startswith(prefix)
+    hint = f" (an id prefix needs at least {MIN_PREFIX} characters)" if short else ""
+    raise errors.NotFound(f"no instance {ref!r}{hint}", id=ref)
+
+
+def _requirements(
+    app: App,
+    *,
+    requirements: Requirements | None,
+    gpu: str | None,
+    gpu_ram_gb: float | None,
+    max_price: float | None,
+    limit: int,
+) -> Requirements:
+    if requirements is not None:
+        return requirements
+    jobs = app.settings.jobs
+    cap = app.settings.budget.max_hourly_price
+    price = max_price if cap is None or max_price is None else min(max_price, cap)
+    return Requirements(
+        gpu_name=gpu,
+        min_gpu_ram_gb=jobs.gpu_ram_gb if gpu_ram_gb is None else gpu_ram_gb,
+        max_price=cap if price is None else price,
+        min_reliability=jobs.min_reliability,
+        limit=limit,
+    )
+
+
+def _providers(app: App, provider: str | None) -> dict[str, Any]:
+    if provider is None:
+        return dict(app.providers)
+    if provider not in app.providers:
+        known = ", ".join(sorted(app.providers)) or "none"
+        raise errors.ProviderUnavailable(
+            f"provider {provider!r} is not enabled (enabled: {known})", provider=provider
+        )
+    return {provider: app.providers[provider]}
+
+
+async def _search(app: App, provider: str | None, want: Requirements) -> list[Offer]:
+    """Offers from every chosen provider, cheapest first. A provider that fails is left
+    out; if all fail, ProviderUnavailable."""
+    chosen = _providers(app, provider)
+    results = await asyncio.gather(
+        *(p.search_offers(want) for p in chosen.values()), return_exceptions=True
+    )
+    found: list[Offer] = []
+    failures: list[str] = []
+    for name, res in zip(chosen, results, strict=True):
+        if isinstance(res, asyncio.CancelledError):
+            raise res
+        if isinstance(res, BaseException):
+            failures.append(f"{name}: {res}")
+        else:
+            found.extend(res)
+    if failures and not found and len(failures) == len(chosen):
+        raise errors.ProviderUnavailable("offer search failed: " + "; ".join(failures))
+    return sorted(found, key=lambda o: (o.price_per_hour, o.provider, o.offer_id))
+
+
+def offer_dict(o: Offer) -> dict[str, Any]:
+    return {
+        "provider": o.provider,
+        "offer_id": o.offer_id,
+        "gpu": o.gpu_name,
+        "num_gpus": o.num_gpus,
+        "gpu_ram_gb": o.gpu_ram_gb,
+        "price_per_hour": o.price_per_hour,
+        "region": o.region,
+        "reliability": o.reliability,
+        "verified": o.verified,
+        "billing": o.billing.value,
+    }
+
+
+# --- offers and launch -------------------------------------------------------------------
+
+
+async def offers(
+    app: App,
+    *,
+    requirements: Requirements | None = None,
+    provider: str | None = None,
+    limit: int = 20,
+    gpu: str | None = None,
+    gpu_ram_gb: float | None = None,
+    max_price: float | None = None,
+) -> list[dict[str, Any]]:
+    want = _requirements(
+        app,
+        requirements=requirements,
+        gpu=gpu,
+        gpu_ram_gb=gpu_ram_gb,
+        max_price=max_price,
+        limit=limit,
+    )
+    return [offer_dict(o) for o in (await _search(app, provider, want))[:limit]]
+
+
+async def launch(
+    app: App,
+    *,
+    offer_id: str | None = None,
+    provider: str | None = None,
+    requirements: Requirements | None = None,
+    hours: float | None = None,
+    dry_run: bool = False,
+    gpu: str | None = None,
+    gpu_ram_gb: float | None = None,
+    max_price: float | None = None,
+) -> dict[str, Any]:
+    """Rent `offer_id`, or the cheapest offer matching the requirements across the enabled
+    providers. `dry_run`: only the estimate (gpu, rate, hours, estimated cost)."""
+    want = _requirements(
+        app,
+        requirements=requirements,
+        gpu=gpu,
+        gpu_ram_gb=gpu_ram_gb,
+        max_price=max_price,
+        limit=500,
+    )
+    if offer_id is not None:
+        want = Requirements(min_reliability=0.0, verified=False, limit=500, num_gpus=1)
+    found = await _search(app, provider, want)
+    if offer_id is not None:
+        found = [o for o in found if o.offer_id == offer_id]
+    if not found:
+        what = f"offer {offer_id!r}" if offer_id else "an offer matching the requirements"
+        raise errors.NoOffer(f"no {what} is available")
+    offer = found[0]
+    limits = budget.limits_of(app)
+    lease = policy.initial_lease(hours, limits)
+    if dry_run:
+        refused: errors.DomainError | None = None
+        try:
+            now = app.clock.now()
+            await budget.check_new(app, offer.price_per_hour, lease, offer.billing, now)
+        except errors.DomainError as exc:
+            refused = exc
+        return {
+            "dry_run": True,
+            **offer_dict(offer),
+            "hours": lease / policy.HOUR,
+            "estimated_cost": round(policy.estimate(offer.price_per_hour, lease, offer.billing), 6),
+            # What a real launch would answer (message and error code), or None.
+            "refused": refused.message if refused else None,
+            "refused_code": refused.code if refused else None,
+        }
+    inst = await launcher.launch(app, offer, hours=hours)
+    return await _instance_dict(app, inst, app.clock.now())
+
+
+# --- lease and activity ------------------------------------------------------------------
+
+
+async def extend(app: App, id: str, hours: float) -> dict[str, Any]:
+    """Extend the lease by `hours` (counts as activity). Refusals say how much is allowed."""
+    inst = await resolve_instance(app, id)
+    now = app.clock.now()
+    limits = budget.limits_of(app)
+    new_lease = policy.extend(inst, hours, limits, now)
+    await budget.check_extension(app, inst, new_lease, now)
+    await app.store.record(
+        EntityKind.INSTANCE,
+        inst.id,
+        "extended",
+        {"hours": hours, "from": format_ts(inst.lease_until), "to": format_ts(new_lease)},
+        updates={"lease_until": new_lease, "last_activity": now},
+    )
+    app.guard_wake.set()
+    after = await app.store.get_instance(inst.id)
+    return {
+        "id": after.id,
+        "lease_until": format_ts(after.lease_until),
+        "extended_by_h": hours,
+        "still_allowed_h": round(policy.lease_room(after, limits) / policy.HOUR, 6),
+        **_deadline_fields(after, policy.Observations(), limits, now),
+    }
+
+
+async def activity(app: App, id: str) -> dict[str, Any]:
+    """Mark the instance active now (resets its idle deadline)."""
+    inst = await resolve_instance(app, id)
+    if inst.state not in (
+        InstanceState.REQUESTED,
+        InstanceState.PROVISIONING,
+        InstanceState.RUNNING,
+    ):
+        raise errors.InvalidState(
+            f"instance {inst.id} is {inst.state.value}", state=inst.state.value
+        )
+    now = app.clock.now()
+    limits = budget.limits_of(app)
+    if policy.decide(inst, policy.Observations(), limits, now).terminate is not None:
+        raise errors.InvalidState(f"instance {inst.id} is past its deadline; it is being ended")
+    await app.store.record(
+        EntityKind.INSTANCE, inst.id, "activity", {"by": "user"}, updates={"last_activity": now}
+    )
+    app.guard_wake.set()
+    after = await app.store.get_instance(inst.id)
+    return {"id": after.id, **_deadline_fields(after, policy.Observations(), limits, now)}
+
+
+# --- destroy -----------------------------------------------------------------------------
+
+
+async def destroy(app: App, id: str) -> dict[str, Any]:
+    """End the instance (reason manual; an instance already ending keeps its reason)."""
+    inst = await resolve_instance(app, id)
+    if not inst.state.live:
+        raise errors.InvalidState(
+            f"instance {inst.id} is already {inst.state.value}", state=inst.state.value
+        )
+    after = await terminator_for(app).end(inst.id, TerminationReason.MANUAL, {"by": "user"})
+    return _ended_dict(after)
+
+
+async def destroy_all(app: App) -> dict[str, Any]:
+    term = terminator_for(app)
+    live = await app.store.live_instances()
+    begun = [
+        await term.begin(i.id, TerminationReason.MANUAL, {"by": "user", "all": True}) for i in live
+    ]
+    await asyncio.gather(*(term.drive(i) for i in begun if i.provider_id is not None))
+    after = [await app.store.get_instance(i.id) for i in begun]
+    return {"instances": [_ended_dict(i) for i in after], "count": len(after)}
+
+
+def _ended_dict(inst: Instance) -> dict[str, Any]:
+    return {
+        "id": inst.id,
+        "provider": inst.provider,
+        "provider_id": inst.provider_id,
+        "state": inst.state.value,
+        "reason": inst.reason.value if inst.reason else None,
+        "confirmed": inst.state is InstanceState.TERMINATED,
+    }
+
+
+# --- status, history, costs --------------------------------------------------------------
+
+
+def _deadline_fields(
+    inst: Instance, seen: policy.Observations, limits: policy.Limits, now: datetime
+) -> dict[str, Any]:
+    when, reason = policy.earliest_deadline(inst, seen, limits, now)
+    live = inst.state.live and inst.state is not InstanceState.TERMINATING
+    return {
+        "deadline": format_ts(when),
+        "deadline_reason": reason.value,
+        "time_left_s": round((when - now).total_seconds(), 3),
+        "expired": live and now >= when,
+    }
+
+
+async def _instance_dict(
+    app: App, inst: Instance, now: datetime, busy: set[str] | None = None
+) -> dict[str, Any]:
+    limits = budget.limits_of(app)
+    seen = observations(inst, busy or set())
+    start = policy.billing_start(inst)
+    end = inst.terminated_at or now
+    return {
+        "id": inst.id,
+        "provider": inst.provider,
+        "provider_id": inst.provider_id,
+        "label": inst.label,
+        "gpu": inst.gpu,
+        "num_gpus": inst.num_gpus,
+        "region": inst.region,
+        "state": inst.state.value,
+        "reason": inst.reason.value if inst.reason else None,
+        "created_at": format_ts(inst.created_at),
+        "uptime_s": round((end - start).total_seconds(), 3) if start else 0.0,
+        "lease_until": format_ts(inst.lease_until),
+        "last_activity": format_ts(inst.last_activity),
+        "busy": seen.busy,
+        **_deadline_fields(inst, seen, limits, now),
+        "price_per_hour": inst.price_per_hour,
+        "billing": inst.billing.value,
+        "cost_now": round(policy.cost_so_far(inst, now), 6),
+        "est_total": round(policy.est_total(inst, now, limits, seen), 6),
+        "strikes": inst.strikes,
+        "last_probe_at": format_ts(inst.last_probe_at),
+        "last_probe_ok": inst.last_probe_ok,
+        "ssh": f"{inst.ssh_user}@{inst.ssh_host}:{inst.ssh_port}" if inst.ssh_host else None,
+        "job_id": inst.job_id,
+    }
+
+
+async def status(app: App) -> dict[str, Any]:
+    now = app.clock.now()
+    live = await app.store.live_instances()
+    busy = await busy_instances(app)
+    rows = [await _instance_dict(app, i, now, busy) for i in live]
+    st = await budget.state(app, now)
+    return {
+        "now": format_ts(now),
+        "instances": rows,
+        "count": len(rows),
+        "cost_per_hour": round(sum(i.price_per_hour for i in live if i.provider_id), 6),
+        "cost_now": round(sum(r["cost_now"] for r in rows), 6),
+        "est_total": round(sum(r["est_total"] for r in rows), 6),
+        "budget": {
+            w.name: {
+                "limit": w.limit,
+                "spent": round(w.spent, 6),
+                "committed": round(w.committed, 6),
+            }
+            for w in st.windows()
+        },
+        "queue_paused": bool(await app.store.get_flag(budget.QUEUE_PAUSED, False)),
+    }
+
+
+def termination_dict(t: Termination) -> dict[str, Any]:
+    return {
+        "at": format_ts(t.at),
+        "instance_id": t.instance_id,
+        "provider": t.provider,
+        "provider_id": t.provider_id,
+        "reason": t.reason.value,
+        "uptime_s": round(t.uptime_s, 3),
+        "gpu": t.gpu,
+        "region": t.region,
+        "price_per_hour": t.price_per_hour,
+        "cost": round(t.cost, 6),
+    }
+
+
+async def history(app: App, hours: float = 24.0) -> list[dict[str, Any]]:
+    """Termination records of the last `hours`, oldest first."""
+    since = app.clock.now() - timedelta(hours=hours)
+    return [termination_dict(t) for t in await app.store.terminations(since)]
+
+
+def idle_tail(t: Termination, idle_timeout: timedelta) -> float:
+    """What an instance ended for idle spent idling before the end: its idle_timeout tail."""
+    if t.reason is not TerminationReason.IDLE:
+        return 0.0
+    tail = min(idle_timeout, timedelta(seconds=t.uptime_s))
+    return min(t.cost, t.price_per_hour * tail.total_seconds() / 3600.0)
+
+
+async def costs(app: App, days: int = 7) -> dict[str, Any]:
+    """Spend of the last `days` UTC days (from the termination record, plus live instances
+    so far), by day, provider and reason; idle spend (the idle tails) shown apart."""
+    now = app.clock.now()
+    since = budget.day_start(now) - timedelta(days=days - 1)
+    idle_timeout = app.settings.policy.idle_timeout
+    by_day: dict[str, dict[str, float]] = defaultdict(lambda: {"total": 0.0, "idle": 0.0})
+    by_provider: dict[str, float] = defaultdict(float)
+    by_reason: dict[str, float] = defaultdict(float)
+    for t in await app.store.terminations(since):
+        day = by_day[t.at.date().isoformat()]
+        day["total"] += t.cost
+        day["idle"] += idle_tail(t, idle_timeout)
+        by_provider[t.provider] += t.cost
+        by_reason[t.reason.value] += t.cost
+    live_cost = 0.0
+    for inst in await app.store.live_instances():
+        c = policy.cost_so_far(inst, now)
+        live_cost += c
+        by_day[now.date().isoformat()]["total"] += c
+        by_provider[inst.provider] += c
+        by_reason["live"] += c
+    total = sum(d["total"] for d in by_day.values())
+    return {
+        "since": format_ts(since),
+        "days": [
+            {"day": k, "total": round(v["total"], 6), "idle": round(v["idle"], 6)}
+            for k, v in sorted(by_day.items())
+        ],
+        "by_provider": {k: round(v, 6) for k, v in sorted(by_provider.items())},
+        "by_reason": {k: round(v, 6) for k, v in sorted(by_reason.items())},
+        "total": round(total, 6),
+        "idle": round(sum(d["idle"] for d in by_day.values()), 6),
+        "live": round(live_cost, 6),
+    }

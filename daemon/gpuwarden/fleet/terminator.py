@@ -1,0 +1,326 @@
+"""Ending instances: commit the intent, call destroy, confirm, retry for as long as it takes.
+
+`end()` commits TERMINATING with the reason first (the intent is on record before any call),
+then makes one destroy attempt. `drive()` is one attempt: destroy, then confirm with `get()`;
+the instance becomes TERMINATED only when the provider no longer knows it or says it is
+terminated. A failed or unconfirmed attempt is retried with capped exponential backoff
+(1 s, 2 s, 4 s ... 60 s) forever: a leaked GPU costs more than a few extra API calls.
+
+The retry schedule is kept in memory (one Terminator per process: `terminator_for(app)`);
+the attempt count is persisted in `Instance.extra["destroy_attempts"]`. After a restart every
+TERMINATING instance is due at once. Escalations are logged once each (warning on the first
+failures, error after ESCALATE_AFTER attempts or ESCALATE_AGE), and recorded as
+`destroy_retry` events only when the level changes.
+
+An instance with no provider id (its launch outcome is unknown) cannot be destroyed by id:
+the reconciler adopts it when the provider lists our label, then it is destroyed here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+import structlog
+
+from gpuwarden.core.model import Billing, EntityKind, Instance, InstanceState, TerminationReason
+from gpuwarden.fleet.app import App
+from gpuwarden.providers.base import ProviderInstance, ProviderState
+from gpuwarden.store import IllegalTransition, NotFoundError, termination_of
+from gpuwarden.system import crashpoints
+
+log = structlog.get_logger(__name__)
+
+BACKOFF_MIN = 1.0  # seconds
+BACKOFF_MAX = 60.0
+ESCALATE_AFTER = 10  # attempts before a failing destroy is logged at error level
+ESCALATE_AGE = timedelta(minutes=5)
+_WARNING, _ERROR = 1, 2
+_LEVEL_NAMES = {_WARNING: "warning", _ERROR: "error"}
+_GONE = frozenset({InstanceState.TERMINATED, InstanceState.LAUNCH_FAILED})
+
+
+def backoff(attempts: int) -> float:
+    """Seconds before retry number `attempts` (1-based): 1, 2, 4, ... capped at 60."""
+    return float(min(BACKOFF_MAX, BACKOFF_MIN * 2.0 ** max(0, attempts - 1)))
+
+
+@dataclass
+class _Retry:
+    attempts: int
+    at: datetime  # next attempt due
+    level: int = 0  # 0 quiet, 1 warning, 2 error
+
+
+def terminator_for(app: App) -> Terminator:
+    """The process's one Terminator (its retry schedule must not be split)."""
+    if app.terminator is None:
+        app.terminator = Terminator(app)
+    return app.terminator
+
+
+class Terminator:
+    def __init__(self, app: App) -> None:
+        self.app = app
+        self._retry: dict[str, _Retry] = {}
+        self._inflight: set[str] = set()
+
+    # --- the schedule ---------------------------------------------------------------
+
+    def retry_at(self, inst: Instance, now: datetime) -> datetime | None:
+        """When `drive(inst)` is next due; None while an attempt is in flight or while the
+        instance has no provider id (the reconciler must find it first)."""
+        if inst.id in self._inflight or inst.provider_id is None:
+            return None
+        r = self._retry.get(inst.id)
+        return now if r is None else r.at
+
+    @property
+    def busy(self) -> bool:
+        """True while a destroy attempt is in flight."""
+        return bool(self._inflight)
+
+    @property
+    def retrying(self) -> bool:
+        """True while some destroy waits for a retry."""
+        return bool(self._retry)
+
+    def attempts(self, instance_id: str) -> int:
+        r = self._retry.get(instance_id)
+        return 0 if r is None else r.attempts
+
+    # --- ending ---------------------------------------------------------------------
+
+    async def begin(
+        self,
+        instance_id: str,
+        reason: TerminationReason,
+        details: Mapping[str, Any] | None = None,
+    ) -> Instance:
+        """Commit TERMINATING with `reason` (the intent). Idempotent: an instance already
+        terminating keeps its first reason; an ended one is returned unchanged."""
+        inst = await self.app.store.get_instance(instance_id)
+        if inst.state is InstanceState.TERMINATING or inst.state in _GONE:
+            return inst
+        try:
+            inst = await self.app.store.transition_instance(
+                instance_id, InstanceState.TERMINATING, reason=reason, details=details
+            )
+        except IllegalTransition:  # raced with another ender: theirs stands
+            return await self.app.store.get_instance(instance_id)
+        log.info(
+            "instance_terminating",
+            instance_id=inst.id,
+            provider=inst.provider,
+            provider_id=inst.provider_id,
+            reason=reason.value,
+        )
+        self.app.guard_wake.set()
+        crashpoints.hit("after_terminating_commit")
+        return inst
+
+    async def end(
+        self,
+        instance_id: str,
+        reason: TerminationReason,
+        details: Mapping[str, Any] | None = None,
+    ) -> Instance:
+        """Commit the intent, then make one destroy attempt. Returns the instance as it
+        stands afterwards (TERMINATED when the provider confirmed at once)."""
+        inst = await self.begin(instance_id, reason, details)
+        due = self.retry_at(inst, self.app.clock.now())
+        # Already failing? Its backoff stands: a repeated request is not a new attempt.
+        if (
+            inst.state is InstanceState.TERMINATING
+            and due is not None
+            and due <= self.app.clock.now()
+        ):
+            await self.drive(inst)
+            inst = await self.app.store.get_instance(instance_id)
+        return inst
+
+    def claim(self, inst: Instance) -> bool:
+        """Mark an attempt as in flight before its task starts (so a second pass of the
+        guard does not start another). False when one is in flight or cannot be made."""
+        if inst.provider_id is None or inst.id in self._inflight:
+            return False
+        self._inflight.add(inst.id)
+        return True
+
+    async def drive(self, inst: Instance, *, claimed: bool = False) -> bool:
+        """One attempt: destroy, confirm, and on success go TERMINATED. True when done.
+        Never raises for provider trouble (it schedules a retry instead). `claimed`: the
+        caller already holds the in-flight mark from `claim()`."""
+        if not claimed and not self.claim(inst):
+            return False
+        assert inst.provider_id is not None
+        try:
+            return await self._attempt(inst, inst.provider_id)
+        finally:
+            self._inflight.discard(inst.id)
+
+    async def _attempt(self, inst: Instance, provider_id: str) -> bool:
+        provider = self.app.providers.get(inst.provider)
+        if provider is None:
+            await self._failed(inst, f"provider {inst.provider!r} is not configured")
+            return False
+        try:
+            await provider.destroy(provider_id)
+            crashpoints.hit("after_destroy_call")
+            seen = await provider.get(provider_id)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # any failure: retry later, never give up
+            await self._failed(inst, f"{type(exc).__name__}: {exc}")
+            return False
+        if not gone(seen):
+            assert seen is not None
+            await self._failed(inst, f"still listed as {seen.state.value} after destroy")
+            return False
+        return await self.confirmed(inst)
+
+    async def confirmed(self, inst: Instance, details: Mapping[str, Any] | None = None) -> bool:
+        """The provider no longer has it: TERMINATED (writes the termination record)."""
+        self._retry.pop(inst.id, None)
+        try:
+            done = await self.app.store.transition_instance(
+                inst.id, InstanceState.TERMINATED, details=details
+            )
+        except IllegalTransition:  # someone else confirmed first
+            return True
+        log.info(
+            "instance_terminated",
+            instance_id=done.id,
+            provider=done.provider,
+            provider_id=done.provider_id,
+            reason=done.reason.value if done.reason else None,
+            cost=round(self._cost(done), 4),
+        )
+        self.app.guard_wake.set()
+        self.app.jobs_wake.set()  # capacity freed
+        return True
+
+    @staticmethod
+    def _cost(inst: Instance) -> float:
+        return termination_of(inst, inst.terminated_at or inst.created_at).cost
+
+    async def _failed(self, inst: Instance, error: str) -> None:
+        now = self.app.clock.now()
+        r = self._retry.get(inst.id)
+        if r is None:
+            r = _Retry(attempts=int(inst.extra.get("destroy_attempts", 0)), at=now)
+            self._retry[inst.id] = r
+        r.attempts += 1
+        r.at = now + timedelta(seconds=backoff(r.attempts))
+        since = inst.terminating_at or now
+        level = _ERROR if r.attempts >= ESCALATE_AFTER or now - since >= ESCALATE_AGE else _WARNING
+        extra = {**inst.extra, "destroy_attempts": r.attempts}
+        fields = {
+            "instance_id": inst.id,
+            "provider": inst.provider,
+            "provider_id": inst.provider_id,
+            "attempts": r.attempts,
+            "retry_in_s": backoff(r.attempts),
+            "error": error,
+        }
+        if level != r.level:
+            r.level = level
+            if level == _ERROR:
+                log.error("destroy_retry", **fields)
+            else:
+                log.warning("destroy_retry", **fields)
+            details = {k: v for k, v in fields.items() if k != "instance_id"}
+            details["level"] = _LEVEL_NAMES[level]
+            await self._quiet(
+                self.app.store.record(
+                    EntityKind.INSTANCE, inst.id, "destroy_retry", details, updates={"extra": extra}
+                )
+            )
+        else:
+            log.debug("destroy_retry", **fields)
+            await self._quiet(self.app.store.update_instance(inst.id, extra=extra))
+
+    @staticmethod
+    async def _quiet(write: Any) -> None:
+        """A bookkeeping write that must not stop the retries if it fails."""
+        try:
+            await write
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.warning("destroy_bookkeeping_failed", error=str(exc))
+
+    # --- orphans --------------------------------------------------------------------
+
+    async def orphan(self, seen: ProviderInstance, *, instance_id: str | None = None) -> Instance:
+        """Track a labelled provider instance that matches nothing live: insert it as
+        TERMINATING with reason orphan (so it has a termination record), then destroy it."""
+        store = self.app.store
+        now = self.app.clock.now()
+        iid, label = await self._free_identity(seen, instance_id)
+        row = Instance(
+            id=iid,
+            provider=seen.provider,
+            label=label,
+            state=InstanceState.TERMINATING,
+            created_at=seen.started_at or now,
+            lease_until=now,
+            last_activity=now,
+            price_per_hour=seen.price_per_hour,
+            gpu=seen.gpu_name,
+            num_gpus=seen.num_gpus,
+            region=seen.region,
+            provider_id=seen.provider_id,
+            provider_started_at=seen.started_at,
+            terminating_at=now,
+            reason=TerminationReason.ORPHAN,
+            billing=_billing_of(self.app, seen.provider),
+        )
+        await store.insert_instance(
+            row, details={"reason": "orphan", "provider_id": seen.provider_id}
+        )
+        await store.record(
+            EntityKind.INSTANCE,
+            iid,
+            "orphan_found",
+            {"provider": seen.provider, "provider_id": seen.provider_id, "label": seen.label},
+            reason=TerminationReason.ORPHAN.value,
+        )
+        log.warning(
+            "orphan_found",
+            instance_id=iid,
+            provider=seen.provider,
+            provider_id=seen.provider_id,
+            label=seen.label,
+            reason=TerminationReason.ORPHAN.value,
+        )
+        self.app.guard_wake.set()
+        await self.drive(row)
+        return await store.get_instance(iid)
+
+    async def _free_identity(
+        self, seen: ProviderInstance, instance_id: str | None
+    ) -> tuple[str, str]:
+        """Our id and label for an orphan row: the ones its label names when free (labels
+        of plain rows always name their own id), otherwise a fresh id and a unique label."""
+        if instance_id is not None:
+            try:
+                await self.app.store.get_instance(instance_id)
+            except NotFoundError:
+                return instance_id, seen.label
+        return secrets.token_hex(4), f"{seen.label}/{seen.provider}/{seen.provider_id}"
+
+
+def gone(seen: ProviderInstance | None) -> bool:
+    """The provider confirms an instance no longer exists (or is terminated)."""
+    return seen is None or seen.state is ProviderState.TERMINATED
+
+
+def _billing_of(app: App, provider: str) -> Billing:
+    p = app.providers.get(provider)
+    billing = getattr(p, "billing", Billing.PER_SECOND)
+    return billing if isinstance(billing, Billing) else Billing.PER_SECOND

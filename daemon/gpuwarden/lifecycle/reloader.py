@@ -1,0 +1,78 @@
+"""Config reload (SIGHUP, or `config.reload` on the control socket).
+
+An invalid file is refused with an error log and the running config stays. A valid one
+replaces `app.settings` (loops re-read it on each pass) and wakes the guard and the job
+queue, since limits and deadlines may have moved. Settings read only at start-up (paths,
+providers, SSH) are reported as needing a restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from gpuwarden.config import settings as config
+from gpuwarden.config.settings import ConfigError
+from gpuwarden.fleet.app import App
+from gpuwarden.system import logs as glog
+from gpuwarden.system.systemd import Notifier
+
+log = structlog.get_logger(__name__)
+
+# Read once at start-up; a reload that changes them only takes effect after a restart.
+RESTART_ONLY = ("daemon.state_dir", "daemon.socket", "daemon.installation", "providers.", "ssh.")
+
+
+class ConfigReloader:
+    def __init__(self, app: App, path: Path, notifier: Notifier, status: Callable[[], str]) -> None:
+        self.app = app
+        self.path = path
+        self.notifier = notifier
+        self.status = status
+
+    async def run(self, requested: asyncio.Event) -> None:
+        """Reload each time `requested` is set (the SIGHUP handler sets it)."""
+        while True:
+            await requested.wait()
+            requested.clear()
+            await self.reload()
+
+    async def reload(self) -> dict[str, Any]:
+        """Re-read the file; returns what happened (for the control socket's answer)."""
+        app = self.app
+        self.notifier.reloading(int(app.clock.monotonic() * 1_000_000))
+        try:
+            new = config.load(self.path)
+        except ConfigError as exc:
+            problems = [f"{f}: {reason} (from {where})" for f, reason, where in exc.problems]
+            log.error("config_reload_refused", path=str(self.path), problems=problems)
+            self.notifier.ready(self.status())
+            return {"reloaded": False, "problems": problems}
+        glog.register_secrets_from(new)
+        # Python-mode dumps: SecretStr compares by value, so a changed key is noticed.
+        changed = changed_keys(
+            app.settings.model_dump(by_alias=True), new.model_dump(by_alias=True)
+        )
+        needs_restart = [k for k in changed if k.startswith(RESTART_ONLY)]
+        if new.daemon.log_level != app.settings.daemon.log_level:
+            glog.set_level(new.daemon.log_level)
+        app.settings = new
+        app.guard_wake.set()
+        app.jobs_wake.set()
+        log.info("config_reloaded", changed=changed, needs_restart=needs_restart)
+        self.notifier.ready(self.status())
+        return {"reloaded": True, "changed": changed, "needs_restart": needs_restart}
+
+
+def changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested settings dicts."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out: list[str] = []
+        for key in sorted(set(old) | set(new)):
+            out += changed_keys(old.get(key), new.get(key), f"{prefix}{key}.")
+        return out
+    return [] if old == new else [prefix.rstrip(".")]

@@ -1,0 +1,309 @@
+"""`gpuwarden run`: start the daemon, supervise its loops, stop it cleanly.
+
+Start-up, in this order, so that a refused start touches nothing:
+config (bad: exit 78) -> logging -> uvloop -> state dir -> lock (held: exit 75) -> store
+(open, integrity check, migrate) -> SSH key -> in-process sim cloud (if enabled) ->
+providers -> App -> each service's start() -> READY=1.
+
+Running: every service's run() is a named task in ONE root TaskGroup, beside the systemd
+watchdog task and the config-reload task. Signal handlers only set events (runtime.py).
+
+Failure policy: a loop that raises is logged with its traceback and restarted with capped
+exponential backoff (1 s .. 60 s). While it waits it does not beat, so a loop that keeps
+failing goes stale: WATCHDOG=1 pings stop, STATUS says which loop stalled, and systemd's
+watchdog restarts the daemon. We restart a loop ourselves first because most failures are
+passing (a provider's 500, a dropped SSH connection); we let systemd restart the process
+when it persists, because a fresh process is the cure we can trust for a wedged one.
+
+Stopping (SIGTERM/SIGINT): STOPPING=1, cancel the root group, drain for at most
+daemon.shutdown_timeout, close providers, sim and store, release the lock, exit 0.
+
+SIGHUP reloads the config from the same path (reloader.py): an invalid file is refused with
+an error log and the running config stays; a valid one replaces app.settings (loops re-read
+it on each pass) and wakes the guard. Settings read only at start-up (paths, providers, SSH)
+are reported as needing a restart.
+
+Exit codes: 0 clean stop; 1 start-up failed or shutdown overran its deadline; 75 another
+daemon holds the state dir (EX_TEMPFAIL); 78 invalid config (EX_CONFIG); 130 second SIGINT.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from gpuwarden.config import settings as config
+from gpuwarden.config.settings import EX_CONFIG, ConfigError, Settings
+from gpuwarden.core.clock import Clock, SystemClock
+from gpuwarden.core.heartbeat import Heartbeats
+from gpuwarden.fleet.app import App
+from gpuwarden.lifecycle import runtime, wiring
+from gpuwarden.lifecycle.reloader import ConfigReloader
+from gpuwarden.lifecycle.service import Service
+from gpuwarden.providers import build_providers
+from gpuwarden.remote import ssh as remote
+from gpuwarden.store import Store, StoreCorrupt
+from gpuwarden.system import logs as glog
+from gpuwarden.system import systemd
+from gpuwarden.system.lock import EX_TEMPFAIL, LockHeld, StateLock
+
+if TYPE_CHECKING:
+    from gpuwarden.sim.server import SimUrls
+
+log = structlog.get_logger(__name__)
+
+EXIT_FAILED = 1
+
+
+class StartupFailed(Exception):
+    def __init__(self, code: int, event: str, **details: Any) -> None:
+        super().__init__(event)
+        self.code = code
+        self.event = event
+        self.details = details
+
+
+def main(config_path: str | None = None) -> int:
+    """The `gpuwarden run` entry point; returns the process exit code."""
+    path = config.resolve_path(config_path)
+    try:
+        settings = config.load(path)
+    except ConfigError as exc:
+        print(exc.render(), file=sys.stderr)
+        return EX_CONFIG
+    glog.register_secrets_from(settings)
+    glog.configure(level=settings.daemon.log_level)
+    import uvloop
+
+    sup = Supervisor(settings, path)
+    runner = asyncio.Runner(loop_factory=uvloop.new_event_loop)
+    code = runner.run(sup.run())
+    if sup.abandoned:
+        # A task ignored cancellation past the deadline; closing the loop would wait for it.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    runner.close()
+    return code
+
+
+class Supervisor:
+    def __init__(self, settings: Settings, config_path: Path, clock: Clock | None = None) -> None:
+        self.settings = settings
+        self.config_path = config_path
+        self.clock = clock or SystemClock()
+        self.notifier = systemd.Notifier.from_env()
+        self.stopping = asyncio.Event()
+        self.reload_requested = asyncio.Event()
+        self.abandoned = False
+        self.locked = False  # got as far as holding the state-dir lock
+        self.app: App | None = None
+        self.reloader: ConfigReloader | None = None
+        self.services: list[Service] = []
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        signals = runtime.SignalHandlers(self.stopping, self.reload_requested)
+        signals.install(loop)
+        try:
+            async with contextlib.AsyncExitStack() as stack:
+                code = await self._run(stack)
+            if self.locked:  # a refused start never began, so it does not "stop"
+                log.info("daemon_stopped", code=code)  # after providers, sim, store, lock
+            return code
+        finally:
+            signals.remove(loop)
+
+    async def _run(self, stack: contextlib.AsyncExitStack) -> int:
+        try:
+            started = await self._until_stopped(self._start(stack))
+        except StartupFailed as exc:
+            log.error(exc.event, **exc.details)
+            return exc.code
+        except ConfigError as exc:  # e.g. a provider enabled without its API key
+            print(exc.render(), file=sys.stderr)
+            log.error("config_invalid", problems=[p[0] for p in exc.problems])
+            return EX_CONFIG
+        except Exception:
+            log.exception("startup_failed")
+            return EXIT_FAILED
+        if not started:
+            log.info("startup_interrupted")
+            return 0
+        return await self._serve()
+
+    async def _until_stopped(self, coro: Any) -> bool:
+        """Run a start-up step; if a stop signal comes first, cancel it. True if it finished."""
+        task = asyncio.create_task(coro, name="start-up")
+        stop = asyncio.create_task(self.stopping.wait(), name="stop-wait")
+        try:
+            await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+            if not task.done():
+                task.cancel()
+                await asyncio.wait({task})
+        if task.cancelled():
+            return False
+        task.result()  # re-raise a start-up failure
+        return True
+
+    async def _start(self, stack: contextlib.AsyncExitStack) -> None:
+        s = self.settings
+        state_dir = s.daemon.state_dir
+        state_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
+        lock = StateLock(s.lock_path)
+        try:
+            lock.acquire()
+        except LockHeld as exc:
+            print(f"gpuwarden: {exc}", file=sys.stderr)
+            raise StartupFailed(
+                EX_TEMPFAIL, "daemon_already_running", lock=str(exc.path), pid=exc.pid
+            ) from None
+        stack.callback(lock.release)
+        self.locked = True
+        log.info(
+            "daemon_starting",
+            pid=os.getpid(),
+            state_dir=str(state_dir.absolute()),
+            config=str(self.config_path),
+        )
+        try:
+            self.notifier.status("starting: opening the database")
+            store = await Store.open(s.db_path, self.clock)
+        except StoreCorrupt as exc:
+            raise StartupFailed(
+                EXIT_FAILED, "store_corrupt", path=str(s.db_path), error=str(exc)
+            ) from exc
+        stack.push_async_callback(_closing, "store", store.close)
+        key, public = self._ssh_key()
+        sim_urls = await self._start_sim(stack)
+        providers = build_providers(s, self.clock, sim_urls=sim_urls)
+        for name, provider in providers.items():
+            stack.push_async_callback(_closing, f"provider {name}", provider.aclose)
+        app = App(
+            settings=s,
+            clock=self.clock,
+            store=store,
+            providers=providers,
+            heartbeats=Heartbeats(self.clock),
+            stopping=self.stopping,
+            started_monotonic=self.clock.monotonic(),
+            ssh_key=key,
+            ssh_public_key=public,
+        )
+        self.reloader = ConfigReloader(app, self.config_path, self.notifier, self._status)
+        app.reload = self.reloader.reload
+        self.app = app
+        self.services = wiring.build_services(app)
+        names = [service.name for service in self.services]
+        if len(set(names)) != len(names):  # task, heartbeat and STATUS names must be unique
+            raise StartupFailed(EXIT_FAILED, "duplicate_service_names", services=names)
+        for service in self.services:
+            start = getattr(service, "start", None)
+            if start is not None:
+                log.debug("service_starting", service=service.name)
+                self.notifier.status(f"starting: {service.name}")
+                await start()
+
+    def _ssh_key(self) -> tuple[Any, str]:
+        pem, path = remote.key_source(self.settings)
+        try:
+            return remote.load_or_create_key(pem, path)
+        except (ValueError, OSError) as exc:  # asyncssh.KeyImportError is a ValueError
+            where = "ssh.private_key" if pem else str(path)
+            raise StartupFailed(
+                EX_CONFIG, "ssh_key_unusable", source=where, error=str(exc)
+            ) from None
+
+    async def _start_sim(self, stack: contextlib.AsyncExitStack) -> SimUrls | None:
+        sim_settings = self.settings.providers.sim
+        if not sim_settings.enabled:
+            return None
+        from gpuwarden.sim.server import SimCloud  # imported only when enabled: aiohttp server
+
+        sandbox = sim_settings.sandbox_dir or self.settings.daemon.state_dir / "sim"
+        sim = SimCloud(sim_settings, self.clock, sandbox_root=sandbox)
+        urls = await sim.start()
+        stack.push_async_callback(_closing, "sim", sim.stop)
+        return urls
+
+    async def _serve(self) -> int:
+        app = self.app
+        assert app is not None
+        self.notifier.ready(self._status())
+        log.info(
+            "daemon_ready",
+            pid=os.getpid(),
+            services=[s.name for s in self.services],
+            providers=sorted(app.providers),
+            socket=str(app.settings.daemon.socket.absolute()),
+            watchdog_interval=systemd.watchdog_interval(),
+        )
+        root = asyncio.create_task(self._root(app), name="root")
+        stop = asyncio.create_task(self.stopping.wait(), name="stop-wait")
+        deadline = app.settings.daemon.shutdown_timeout.total_seconds()
+        try:
+            await asyncio.wait({root, stop}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:  # we are being cancelled: take the loops with us
+            root.cancel()
+            await asyncio.wait({root}, timeout=deadline)
+            raise
+        finally:
+            stop.cancel()
+        code = 0
+        if root.done() and not root.cancelled() and root.exception() is not None:
+            log.error("supervisor_failed", error=repr(root.exception()))
+            code = EXIT_FAILED
+        self.notifier.stopping("stopping")
+        log.info("daemon_stopping")
+        root.cancel()
+        _, pending = await asyncio.wait({root}, timeout=deadline)
+        if pending:
+            me = asyncio.current_task()
+            stuck = sorted(t.get_name() for t in asyncio.all_tasks() if t is not me)
+            log.error("shutdown_deadline_exceeded", timeout_s=deadline, tasks=stuck)
+            self.abandoned = True
+            code = EXIT_FAILED
+        return code
+
+    async def _root(self, app: App) -> None:
+        interval = systemd.watchdog_interval()
+        assert self.reloader is not None
+        async with asyncio.TaskGroup() as tg:
+            for service in self.services:
+                app.heartbeats.register(service.name)
+                tg.create_task(
+                    runtime.keep_running(service, app.clock, app.stopping), name=service.name
+                )
+            tg.create_task(
+                runtime.watchdog_loop(
+                    self.notifier,
+                    app.heartbeats,
+                    app.clock,
+                    interval=interval,
+                    running_status=self._status,
+                ),
+                name="systemd-watchdog",
+            )
+            tg.create_task(self.reloader.run(self.reload_requested), name="config-reload")
+
+    def _status(self) -> str:
+        app = self.app
+        providers = ", ".join(sorted(app.providers)) if app and app.providers else "none"
+        return f"running: {len(self.services)} loops; providers: {providers}"
+
+
+async def _closing(what: str, close: Callable[[], Awaitable[object]]) -> None:
+    """Close one resource on the way out; a failure is logged and the others still close."""
+    try:
+        await close()
+    except Exception:
+        log.exception("close_failed", what=what)

@@ -1,0 +1,376 @@
+"""The reconciler: makes the database agree with what each provider is really running.
+
+At start-up (before READY) and then every policy.poll_interval, for each provider:
+- list the instances whose label starts with `gpuwarden-<installation>-`;
+- adopt what matches a REQUESTED intent (a crash or an unclear answer hid the provider id);
+- destroy what matches nothing live (reason orphan; a row is inserted so the orphan has a
+  termination record);
+- copy the provider's state into ours (pending -> provisioning, running -> running with the
+  SSH endpoint and the provider's start time);
+- confirm TERMINATING instances that are no longer listed, with `get()`;
+- mark an instance vanished (the provider ended it) only after two consecutive misses past
+  policy.vanish_grace since its creation, and after `get()` agrees (listings lag); the
+  reason is `deadman` instead when the instance's dead-man switch had cause to end it by the
+  time it was first missed (policy.vanish_reason: silent for deadman_timeout, or past
+  hard_cap + deadman_margin), typically found by the first pass after a daemon restart;
+- mark a REQUESTED intent launch_failed after two misses past the grace period.
+A provider whose listing fails is skipped for this pass (and logged), never read as
+"nothing exists". Then the account: credit under budget.credit_floor, or InsufficientCredit
+from any call, ends everything and pauses the queue; recorded spend past a budget limit
+ends everything with reason budget.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import datetime, timedelta
+from typing import Any
+
+import structlog
+
+from gpuwarden.core import policy
+from gpuwarden.core.clock import format_ts
+from gpuwarden.core.heartbeat import BEAT_EVERY
+from gpuwarden.core.model import Instance, InstanceState, TerminationReason, label_prefix
+from gpuwarden.fleet import budget
+from gpuwarden.fleet.app import App
+from gpuwarden.fleet.launcher import record_provider_id, running_fields
+from gpuwarden.fleet.terminator import Terminator, gone, terminator_for
+from gpuwarden.providers.base import (
+    InsufficientCredit,
+    Provider,
+    ProviderInstance,
+    ProviderState,
+)
+from gpuwarden.remote import deadman
+from gpuwarden.store import IllegalTransition, NotFoundError
+
+log = structlog.get_logger(__name__)
+
+MISSES_TO_VANISH = 2
+_STATE_OF = {ProviderState.PENDING: InstanceState.PROVISIONING}
+
+
+class Reconciler:
+    name = "reconciler"
+
+    def __init__(self, app: App, terminator: Terminator | None = None) -> None:
+        self.app = app
+        self.terminator = terminator or terminator_for(app)
+        self.passes = 0
+        self.asleep = asyncio.Event()  # set while the loop sleeps (tests wait on it)
+        self._misses: dict[str, int] = {}  # instance id -> consecutive misses past grace
+        self._first_missed: dict[str, datetime] = {}  # instance id -> first of those misses
+        self._list_failing: set[str] = set()  # providers whose last listing failed
+
+    async def start(self) -> None:
+        """One full pass before READY, so a restart finds what a crash hid at once."""
+        await self.pass_once()
+
+    async def run(self) -> None:
+        app = self.app
+        app.heartbeats.register(self.name)
+        next_pass = app.clock.now() + app.settings.policy.poll_interval
+        while not app.stopping.is_set():
+            now = app.clock.now()
+            if now >= next_pass:
+                await self._safe_pass()
+                next_pass = app.clock.now() + app.settings.policy.poll_interval
+            app.heartbeats.beat(self.name)
+            beat = app.clock.now() + timedelta(seconds=BEAT_EVERY)
+            self.asleep.set()
+            await app.clock.sleep_until(min(next_pass, beat))
+            self.asleep.clear()
+
+    async def _safe_pass(self) -> None:
+        try:
+            await self.pass_once()
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # a bug in one pass must not stop the next
+            log.exception("reconcile_pass_failed")
+
+    async def pass_once(self) -> None:
+        prefix = label_prefix(self.app.installation)
+        for name, provider in list(self.app.providers.items()):
+            try:
+                listed = await provider.list_instances(prefix)
+            except asyncio.CancelledError:
+                raise
+            except InsufficientCredit as exc:
+                await budget.credit_stop(self.app, provider=name, why=str(exc))
+                continue
+            except Exception as exc:
+                self._list_failed(name, exc)
+                continue
+            if name in self._list_failing:
+                self._list_failing.discard(name)
+                log.info("provider_list_recovered", provider=name)
+            await self._reconcile(name, provider, listed, prefix)
+            await self._account(name, provider)
+        await self._budget()
+        self.passes += 1
+
+    def _list_failed(self, name: str, exc: Exception) -> None:
+        if name not in self._list_failing:  # log state changes, not repeats
+            self._list_failing.add(name)
+            log.warning("provider_list_failed", provider=name, error=f"{type(exc).__name__}: {exc}")
+
+    # --- one provider ---------------------------------------------------------------
+
+    async def _reconcile(
+        self, name: str, provider: Provider, listed: list[ProviderInstance], prefix: str
+    ) -> None:
+        ours = [i for i in await self.app.store.live_instances() if i.provider == name]
+        by_pid = {i.provider_id: i for i in ours if i.provider_id is not None}
+        by_id = {i.id: i for i in ours}
+        matched: set[str] = set()
+        for seen in listed:
+            inst = by_pid.get(seen.provider_id)
+            if inst is None:
+                named = by_id.get(seen.label.removeprefix(prefix))
+                if named is not None and named.provider_id is None:
+                    matched.add(named.id)  # its label is listed: not a miss, whatever follows
+                inst = await self._unmatched(seen, by_id, prefix)
+            if inst is not None:
+                matched.add(inst.id)
+                self._forget_misses(inst.id)
+                await self._sync(inst, seen)
+        now = self.app.clock.now()
+        for inst in ours:
+            if inst.id not in matched and inst.id not in self.app.launching:
+                await self._missing(inst, provider, now)
+
+    async def _unmatched(
+        self, seen: ProviderInstance, by_id: dict[str, Instance], prefix: str
+    ) -> Instance | None:
+        """A listed instance whose provider id we do not hold for a live row. Returns the
+        live row it now belongs to, or None when it was destroyed as an orphan or is a
+        stale listing of one we already ended."""
+        iid = seen.label.removeprefix(prefix) if seen.label.startswith(prefix) else None
+        inst = by_id.get(iid) if iid else None
+        if inst is not None and inst.provider_id is None and iid not in self.app.launching:
+            await self._adopt(inst, seen)
+            return None
+        if iid in self.app.launching:
+            return None  # the launch call will record it
+        known = await self.app.store.find_instance(seen.provider, seen.provider_id)
+        if known is not None and not known.state.live:
+            # Ended by us and confirmed; the listing lags or the destroy was lost. Destroy
+            # again (idempotent), without a second termination record.
+            if not gone(seen) and seen.state is not ProviderState.TERMINATING:
+                log.warning(
+                    "ended_instance_still_listed",
+                    instance_id=known.id,
+                    provider=known.provider,
+                    provider_id=seen.provider_id,
+                )
+                await self._destroy_quietly(seen)
+            return None
+        if gone(seen):
+            return None
+        await self.terminator.orphan(seen, instance_id=iid)
+        return None
+
+    async def _adopt(self, inst: Instance, seen: ProviderInstance) -> None:
+        """Record the provider id on an intent whose launch outcome was unknown, then end
+        it (reason orphan): nobody waits for it any more (the launch call returned an
+        error, or died with the previous daemon), so every minute it runs is waste."""
+        log.warning(
+            "instance_adopted",
+            instance_id=inst.id,
+            provider=inst.provider,
+            provider_id=seen.provider_id,
+            state=inst.state.value,
+            reason=TerminationReason.ORPHAN.value,
+        )
+        details = {"provider_id": seen.provider_id, "why": "adopted: its launch was abandoned"}
+        if inst.state is InstanceState.REQUESTED:
+            try:
+                ended = await self.app.store.transition_instance(
+                    inst.id,
+                    InstanceState.TERMINATING,
+                    reason=TerminationReason.ORPHAN,
+                    details=details,
+                    provider_id=seen.provider_id,
+                    provider_started_at=seen.started_at,
+                )
+            except (IllegalTransition, NotFoundError):
+                return  # changed under us; the next pass sees the new state
+            self.app.guard_wake.set()
+            await self.terminator.drive(ended)
+        else:  # TERMINATING without an id: keep its reason, destroy by the id found
+            await record_provider_id(self.app, inst.id, seen.provider_id, seen)
+
+    async def _destroy_quietly(self, seen: ProviderInstance) -> None:
+        provider = self.app.providers.get(seen.provider)
+        if provider is None:
+            return
+        try:
+            await provider.destroy(seen.provider_id)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.warning("destroy_failed", provider=seen.provider, error=str(exc))
+
+    async def _sync(self, inst: Instance, seen: ProviderInstance) -> None:
+        """Copy the provider's view into ours."""
+        store = self.app.store
+        try:
+            if inst.state is InstanceState.TERMINATING:
+                if gone(seen):
+                    await self.terminator.confirmed(inst, {"confirmed_by": "listing"})
+                return
+            if gone(seen) or seen.state is ProviderState.TERMINATING:
+                await self._vanished(inst, f"provider lists it as {seen.state.value}")
+                return
+            fields: dict[str, Any] = {}
+            if seen.started_at is not None and inst.provider_started_at != seen.started_at:
+                fields["provider_started_at"] = seen.started_at
+            if seen.state is ProviderState.RUNNING:
+                endpoint = running_fields(seen)
+                if inst.state is not InstanceState.RUNNING:
+                    await store.transition_instance(
+                        inst.id, InstanceState.RUNNING, details=endpoint, **endpoint, **fields
+                    )
+                    log.info("instance_running", instance_id=inst.id, provider=inst.provider)
+                    return
+                fields |= {k: v for k, v in endpoint.items() if getattr(inst, k) != v}
+            if fields:
+                await store.update_instance(inst.id, **fields)
+                self.app.guard_wake.set()  # the provider's start time may move the hard cap
+        except (IllegalTransition, NotFoundError):
+            return  # changed under us; the next pass sees the new state
+
+    async def _missing(self, inst: Instance, provider: Provider, now: datetime) -> None:
+        limits = budget.limits_of(self.app)
+        if inst.state is InstanceState.TERMINATING and inst.provider_id is not None:
+            await self._confirm_if_gone(inst, inst.provider_id, provider, now)
+            return
+        if now < inst.created_at + limits.vanish_grace:
+            return  # too young: listings lag
+        misses = self._misses.get(inst.id, 0) + 1
+        self._misses[inst.id] = misses
+        self._first_missed.setdefault(inst.id, now)
+        if misses < MISSES_TO_VANISH:
+            return
+        if inst.provider_id is None:
+            await self._never_found(inst)
+            return
+        try:
+            seen = await provider.get(inst.provider_id)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            return
+        if gone(seen):
+            await self._vanished(inst, f"not listed in {misses} passes")
+        else:
+            self._forget_misses(inst.id)  # the listing lags; get() still sees it
+
+    def _forget_misses(self, instance_id: str) -> None:
+        self._misses.pop(instance_id, None)
+        self._first_missed.pop(instance_id, None)
+
+    async def _confirm_if_gone(
+        self, inst: Instance, provider_id: str, provider: Provider, now: datetime
+    ) -> None:
+        """A TERMINATING instance no longer listed: TERMINATED once `get()` agrees."""
+        if self.terminator.retry_at(inst, now) is None:
+            return  # an attempt is in flight; it confirms by itself
+        try:
+            seen = await provider.get(provider_id)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            return  # the guard's retries go on
+        if gone(seen):
+            await self.terminator.confirmed(inst, {"confirmed_by": "reconciler"})
+
+    async def _never_found(self, inst: Instance) -> None:
+        """An intent without a provider id that no listing shows: nothing was created."""
+        self._forget_misses(inst.id)
+        try:
+            if inst.state is InstanceState.REQUESTED:
+                await self.app.store.transition_instance(
+                    inst.id,
+                    InstanceState.LAUNCH_FAILED,
+                    reason=TerminationReason.LAUNCH_FAILED,
+                    details={"why": "the provider never listed it"},
+                )
+                log.warning(
+                    "launch_failed",
+                    instance_id=inst.id,
+                    provider=inst.provider,
+                    reason=TerminationReason.LAUNCH_FAILED.value,
+                )
+            elif inst.state is InstanceState.TERMINATING:  # ended before it was found
+                await self.terminator.confirmed(inst, {"why": "the provider never listed it"})
+        except (IllegalTransition, NotFoundError):
+            return
+
+    async def _vanished(self, inst: Instance, why: str) -> None:
+        """The provider no longer runs it and we did not end it: `deadman` when its switch
+        had cause to end it by the time we first missed it, else `vanished`."""
+        now = self.app.clock.now()
+        first_missed = self._first_missed.get(inst.id, now)
+        self._forget_misses(inst.id)
+        try:  # the row as it is now: a probe may have landed since the pass began
+            inst = await self.app.store.get_instance(inst.id)
+        except NotFoundError:
+            return
+        settings = self.app.settings
+        reason = policy.vanish_reason(
+            inst,
+            budget.limits_of(self.app),
+            first_missed,
+            switch=deadman.switch_can_end(settings, inst.provider),
+        )
+        details = {
+            "why": why,
+            "first_missed": format_ts(first_missed),
+            "last_contact": format_ts(policy.last_contact(inst)),
+        }
+        try:
+            await self.app.store.transition_instance(
+                inst.id, InstanceState.TERMINATED, reason=reason, details=details
+            )
+        except (IllegalTransition, NotFoundError):
+            return
+        log.warning(
+            "instance_vanished",
+            instance_id=inst.id,
+            provider=inst.provider,
+            provider_id=inst.provider_id,
+            reason=reason.value,
+            why=why,
+            last_contact=details["last_contact"],
+        )
+        self.app.jobs_wake.set()
+
+    # --- money ----------------------------------------------------------------------
+
+    async def _account(self, name: str, provider: Provider) -> None:
+        floor = self.app.settings.budget.credit_floor
+        try:
+            account = await provider.account()
+        except asyncio.CancelledError:
+            raise
+        except InsufficientCredit as exc:
+            await budget.credit_stop(self.app, provider=name, why=str(exc))
+            return
+        except Exception as exc:
+            log.debug("account_read_failed", provider=name, error=str(exc))
+            return
+        if account.credit is not None and account.credit < floor:
+            await budget.credit_stop(
+                self.app,
+                provider=name,
+                why=f"credit ${account.credit:.2f} is under the floor ${floor:.2f}",
+            )
+
+    async def _budget(self) -> None:
+        st = await budget.state(self.app, self.app.clock.now())
+        window = budget.passed_limit(st)
+        if window is not None:
+            await budget.budget_stop(self.app, window)

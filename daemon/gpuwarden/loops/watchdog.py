@@ -1,0 +1,377 @@
+"""The watchdog: an SSH health and activity probe for every running instance.
+
+Every policy.watchdog_interval each RUNNING instance is probed once over SSH with
+policy.probe_timeout. Probe times are staggered: an instance's probes fall on fixed slots,
+offset from the epoch by a hash of its id over the interval, so a fleet's probes spread out
+instead of coming in bursts (and keep their phase across daemon restarts). An instance that
+has never been probed (it just started running) is probed at once.
+
+The probe (deploy/instance/probe.sh, a fixed script: no user text) refreshes the dead-man
+switch's heartbeat file and reports interactive sessions, GPU utilisation and our job runners.
+
+- A failed probe (timeout, refused, auth failure, garbled answer) is one strike: one `strike`
+  event, `strikes` and `last_probe_*` updated. policy.watchdog_failures consecutive strikes end
+  the instance with reason watchdog through the Terminator.
+- A good probe clears the strikes (one `probe_recovered` event when there were any).
+- Activity (GPU over policy.gpu_busy_percent, a user session, a live runner) moves
+  `last_activity` so the guard's idle rule counts it: an `activity` event, written only when
+  it moves last_activity by more than ACTIVITY_STEP (a minute; less for short idle timeouts),
+  and the guard is woken.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from functools import cache
+from pathlib import Path
+from typing import Any, Protocol
+
+import asyncssh
+import structlog
+
+from gpuwarden.core.heartbeat import BEAT_EVERY
+from gpuwarden.core.model import EntityKind, Event, Instance, InstanceState, TerminationReason
+from gpuwarden.fleet.app import App
+from gpuwarden.fleet.terminator import terminator_for
+from gpuwarden.remote import ssh as remote
+from gpuwarden.remote.deploy import deploy_file
+from gpuwarden.store import NotFoundError
+
+log = structlog.get_logger(__name__)
+
+ACTIVITY_STEP = timedelta(minutes=1)  # smaller moves of last_activity are not written
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+# --- pure parts ------------------------------------------------------------------------------
+
+
+_US = timedelta(microseconds=1)
+
+
+def _offset_us(instance_id: str, interval_us: int) -> int:
+    digest = hashlib.sha256(instance_id.encode()).digest()
+    return interval_us * int.from_bytes(digest[:8], "big") >> 64
+
+
+def probe_offset(instance_id: str, interval: float) -> float:
+    """Seconds into each interval at which this instance is probed: a stable hash of its id
+    (not Python's hash(), which changes per process)."""
+    return _offset_us(instance_id, round(interval * 1e6)) / 1e6
+
+
+def next_probe_at(instance_id: str, interval: float, after: datetime) -> datetime:
+    """The first probe slot strictly after `after`. Slots sit at offset + k * interval from
+    the epoch (integer microseconds, so a slot compares exactly with the clock)."""
+    interval_us = max(1, round(interval * 1e6))
+    offset_us = _offset_us(instance_id, interval_us)
+    elapsed_us = (after - _EPOCH) // _US - offset_us
+    k = elapsed_us // interval_us + 1
+    return _EPOCH + timedelta(microseconds=offset_us + k * interval_us)
+
+
+def activity_step(idle_timeout: timedelta) -> timedelta:
+    """The smallest move of last_activity worth an event: a minute, or a quarter of the idle
+    timeout when that is shorter (so activity always lands well before the idle deadline)."""
+    return min(ACTIVITY_STEP, idle_timeout / 4)
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeResult:
+    """What a good probe saw on the instance."""
+
+    sessions: int = 0  # interactive sessions other than ours
+    gpu_util: float | None = None  # the busiest GPU, percent; None without nvidia-smi
+    runners: int = 0  # our job runners alive
+    heartbeat: bool = True  # the dead-man heartbeat file was refreshed
+    deadman: bool | None = None  # the dead-man switch is running
+
+    def activity(self, gpu_busy_percent: float) -> list[str]:
+        """Why this probe counts as activity (empty: idle)."""
+        why = []
+        if self.gpu_util is not None and self.gpu_util > gpu_busy_percent:
+            why.append("gpu")
+        if self.sessions > 0:
+            why.append("session")
+        if self.runners > 0:
+            why.append("runner")
+        return why
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "sessions": self.sessions,
+            "gpu_util": self.gpu_util,
+            "runners": self.runners,
+            "heartbeat": self.heartbeat,
+            "deadman": self.deadman,
+        }
+
+
+class ProbeFailed(Exception):
+    """No good answer from the instance. `kind`: timeout, refused, auth, no_endpoint, error,
+    bad_answer."""
+
+    def __init__(self, kind: str, message: str = "") -> None:
+        super().__init__(f"{kind}: {message}" if message else kind)
+        self.kind = kind
+        self.message = message
+
+
+def parse_probe(stdout: str) -> ProbeResult:
+    """The probe's JSON line (the last non-empty line: a login banner may come first)."""
+    lines = [ln for ln in stdout.splitlines() if ln.strip()]
+    if not lines:
+        raise ProbeFailed("bad_answer", "no output")
+    try:
+        data = json.loads(lines[-1])
+        gpu = data.get("gpu_util")
+        deadman = data.get("deadman")
+        return ProbeResult(
+            sessions=max(0, int(data.get("sessions", 0))),
+            gpu_util=None if gpu is None else float(gpu),
+            runners=max(0, int(data.get("runners", 0))),
+            heartbeat=bool(data.get("heartbeat", False)),
+            deadman=None if deadman is None else bool(deadman),
+        )
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise ProbeFailed("bad_answer", lines[-1][:200]) from exc
+
+
+@cache
+def probe_script() -> str:
+    """The fixed probe script (read once)."""
+    return deploy_file("probe.sh")
+
+
+# --- the port and its SSH implementation -----------------------------------------------------
+
+
+class Prober(Protocol):
+    async def probe(self, inst: Instance, timeout: float) -> ProbeResult:
+        """Probe one instance; raises ProbeFailed when it does not answer well in time."""
+        ...
+
+
+class SshProber:
+    """Probes over SSH with the daemon's key: one connection, one fixed command."""
+
+    def __init__(self, key: Callable[[], asyncssh.SSHKey], known_hosts: Path | None = None) -> None:
+        self._key = key
+        self._known_hosts = known_hosts
+
+    async def probe(self, inst: Instance, timeout: float) -> ProbeResult:
+        if not inst.ssh_host or not inst.ssh_port:
+            raise ProbeFailed("no_endpoint", "the instance has no SSH address")
+        target = remote.SshTarget(inst.ssh_host, inst.ssh_port, inst.ssh_user)
+        try:
+            async with asyncio.timeout(timeout):
+                conn = await remote.connect(
+                    target, self._key(), timeout=timeout, known_hosts=self._known_hosts
+                )
+                async with conn:
+                    res = await remote.run(conn, ["sh", "-c", probe_script()], timeout)
+        except TimeoutError as exc:  # also asyncssh's command timeout
+            raise ProbeFailed("timeout", f"no answer within {timeout:g}s") from exc
+        except asyncssh.PermissionDenied as exc:
+            raise ProbeFailed("auth", str(exc)) from exc
+        except ConnectionRefusedError as exc:
+            raise ProbeFailed("refused", str(exc)) from exc
+        except (OSError, asyncssh.Error) as exc:
+            raise ProbeFailed("error", f"{type(exc).__name__}: {exc}") from exc
+        if res.exit_status not in (0, None):
+            raise ProbeFailed("bad_answer", f"exit {res.exit_status}: {res.stderr.strip()[:200]}")
+        return parse_probe(res.stdout)
+
+
+def _app_key(app: App) -> Callable[[], asyncssh.SSHKey]:
+    """The daemon's SSH key: the App's (the supervisor loads it), else loaded here once."""
+    loaded: list[asyncssh.SSHKey] = []
+
+    def key() -> asyncssh.SSHKey:
+        if app.ssh_key is not None:
+            return app.ssh_key
+        if not loaded:
+            loaded.append(remote.daemon_key(app.settings)[0])
+        return loaded[0]
+
+    return key
+
+
+# --- the service -----------------------------------------------------------------------------
+
+
+class Watchdog:
+    name = "watchdog"
+
+    def __init__(self, app: App, prober: Prober | None = None) -> None:
+        self.app = app
+        self.prober = prober or SshProber(_app_key(app), app.settings.ssh.known_hosts)
+        self._due: dict[str, datetime] = {}
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        # Set when an instance starts running, so its first probe does not wait for a beat.
+        self._wake = asyncio.Event()
+        self._unsubscribe = app.store.subscribe(self._on_event)
+        if prober is None:
+            probe_script()  # fail at start-up, not at the first probe, if it is missing
+
+    def _on_event(self, event: Event) -> None:
+        if event.kind is EntityKind.INSTANCE and event.to_state == InstanceState.RUNNING.value:
+            self._wake.set()
+
+    @property
+    def interval(self) -> float:
+        return max(1.0, self.app.settings.policy.watchdog_interval.total_seconds())
+
+    async def run(self) -> None:
+        try:
+            while not self.app.stopping.is_set():
+                self.app.heartbeats.beat(self.name)
+                wake = await self.tick()
+                await self.app.clock.sleep_until(wake, interrupt=self._wake)
+        finally:
+            self._unsubscribe()
+            for task in self._tasks.values():
+                task.cancel()
+            await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+
+    async def tick(self) -> datetime:
+        """Start the probes that are due; returns when to look again (within BEAT_EVERY)."""
+        now = self.app.clock.now()
+        running = await self.app.store.instances([InstanceState.RUNNING])
+        ids = {inst.id for inst in running}
+        for gone in set(self._due) - ids:
+            del self._due[gone]
+        for inst in running:
+            if inst.id not in self._due:
+                # Never probed (it just came up): at once, to confirm it and start its
+                # heartbeat. Probed before (a daemon restart): its own slot, so that a
+                # restart does not probe the whole fleet in one burst.
+                first = next_probe_at(inst.id, self.interval, now - _US)
+                self._due[inst.id] = now if inst.last_probe_at is None else first
+            due = self._due[inst.id]
+            if due > now:
+                continue
+            self._due[inst.id] = next_probe_at(inst.id, self.interval, now)
+            busy = self._tasks.get(inst.id)
+            if busy is not None and not busy.done():
+                continue  # the last probe is still out: this slot is skipped, not stacked
+            self._tasks[inst.id] = asyncio.create_task(
+                self._probe_one(inst.id), name=f"probe-{inst.id}"
+            )
+        for iid in [i for i, t in self._tasks.items() if t.done()]:
+            del self._tasks[iid]
+        return min([now + timedelta(seconds=BEAT_EVERY), *self._due.values()])
+
+    async def probes_done(self) -> None:
+        """Wait for the probes in flight (tests use this after `tick`)."""
+        await asyncio.gather(*self._tasks.values())
+
+    async def _probe_one(self, instance_id: str) -> None:
+        try:
+            inst = await self.app.store.get_instance(instance_id)
+            if inst.state is not InstanceState.RUNNING:
+                return
+            timeout = self.app.settings.policy.probe_timeout.total_seconds()
+            try:
+                result = await self.prober.probe(inst, timeout)
+            except ProbeFailed as exc:
+                await self._failed(instance_id, exc)
+                return
+            await self._passed(instance_id, result)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # a bug or a store error: log it, the next slot tries again
+            log.exception("probe_error", instance_id=instance_id)
+
+    async def _fresh(self, instance_id: str) -> Instance | None:
+        """The instance as it is now, if it is still RUNNING (it may have changed during the
+        probe: a strike on an instance already ending is noise)."""
+        try:
+            inst = await self.app.store.get_instance(instance_id)
+        except NotFoundError:
+            return None
+        return inst if inst.state is InstanceState.RUNNING else None
+
+    async def _failed(self, instance_id: str, exc: ProbeFailed) -> None:
+        inst = await self._fresh(instance_id)
+        if inst is None:
+            return
+        limit = self.app.settings.policy.watchdog_failures
+        strikes = inst.strikes + 1
+        now = self.app.clock.now()
+        details = {"strike": strikes, "of": limit, "error": exc.kind, "message": exc.message}
+        await self.app.store.record(
+            EntityKind.INSTANCE,
+            instance_id,
+            "strike",
+            details,
+            updates={"strikes": strikes, "last_probe_at": now, "last_probe_ok": False},
+        )
+        log.warning(
+            "probe_failed",
+            instance_id=instance_id,
+            provider=inst.provider,
+            strike=strikes,
+            of=limit,
+            error=exc.kind,
+            message=exc.message,
+        )
+        if strikes >= limit:
+            await self._terminate(inst, strikes, exc)
+
+    async def _terminate(self, inst: Instance, strikes: int, exc: ProbeFailed) -> None:
+        reason = TerminationReason.WATCHDOG
+        details = {"strikes": strikes, "error": exc.kind}
+        log.warning(
+            "watchdog_verdict",
+            instance_id=inst.id,
+            provider=inst.provider,
+            reason=reason.value,
+            strikes=strikes,
+        )
+        # The intent is committed first; an instance already ending keeps its first reason.
+        await terminator_for(self.app).end(inst.id, reason, details)
+        self.app.guard_wake.set()
+
+    async def _passed(self, instance_id: str, result: ProbeResult) -> None:
+        inst = await self._fresh(instance_id)
+        if inst is None:
+            return
+        now = self.app.clock.now()
+        store = self.app.store
+        updates: dict[str, Any] = {"strikes": 0, "last_probe_at": now, "last_probe_ok": True}
+        if inst.strikes > 0:
+            await store.record(
+                EntityKind.INSTANCE,
+                instance_id,
+                "probe_recovered",
+                {"after_strikes": inst.strikes},
+                updates=updates,
+            )
+            log.info(
+                "probe_recovered",
+                instance_id=instance_id,
+                provider=inst.provider,
+                after_strikes=inst.strikes,
+            )
+            updates = {}
+        if not result.heartbeat:
+            log.warning("heartbeat_not_refreshed", instance_id=instance_id)
+        policy = self.app.settings.policy
+        why = result.activity(policy.gpu_busy_percent)
+        if why and now - inst.last_activity > activity_step(policy.idle_timeout):
+            await store.record(
+                EntityKind.INSTANCE,
+                instance_id,
+                "activity",
+                {"source": "probe", "why": why, **result.to_json()},
+                updates={**updates, "last_activity": now},
+            )
+            self.app.guard_wake.set()
+        elif updates:
+            await store.update_instance(instance_id, **updates)

@@ -1,0 +1,290 @@
+"""SSH to rented instances (asyncssh): the key, connecting, running detached commands, and
+writing, reading and downloading files over SFTP.
+
+User text never enters a command line here: commands are argument lists quoted with
+shlex.join, and prompts travel only inside JSON files sent over SFTP.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import shlex
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import asyncssh
+
+if TYPE_CHECKING:
+    from gpuwarden.config.settings import Settings
+
+
+@dataclass(frozen=True, slots=True)
+class SshTarget:
+    host: str
+    port: int
+    user: str = "root"
+
+
+def load_or_create_key(pem: str | None, path: Path) -> tuple[asyncssh.SSHKey, str]:
+    """The daemon's SSH key and its OpenSSH public line. Generated (ed25519, 0600) if absent."""
+    if pem:
+        key = asyncssh.import_private_key(pem)
+    elif path.exists():
+        key = asyncssh.read_private_key(str(path))
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        key = asyncssh.generate_private_key("ssh-ed25519", comment="gpuwarden")
+        path.write_bytes(key.export_private_key())
+        path.chmod(0o600)
+    public = key.export_public_key().decode().strip()
+    return key, public
+
+
+def key_source(settings: Settings) -> tuple[str | None, Path]:
+    """Where the daemon's key comes from: ssh.private_key (PEM) if set, and the file that
+    holds it otherwise (ssh.private_key_file, default <state_dir>/ssh/id_ed25519)."""
+    ssh = settings.ssh
+    pem = ssh.private_key.get_secret_value() if ssh.private_key else None
+    return pem, ssh.private_key_file or settings.daemon.state_dir / "ssh" / "id_ed25519"
+
+
+def daemon_key(settings: Settings) -> tuple[asyncssh.SSHKey, str]:
+    """The daemon's configured SSH key and public line (`load_or_create_key` of `key_source`)."""
+    return load_or_create_key(*key_source(settings))
+
+
+async def connect(
+    target: SshTarget,
+    key: asyncssh.SSHKey,
+    *,
+    timeout: float,
+    known_hosts: Path | None = None,
+) -> asyncssh.SSHClientConnection:
+    """Open a connection. Rented hosts are new to us, so host keys are accepted unless a
+    known_hosts file is configured."""
+    return await asyncssh.connect(
+        target.host,
+        target.port,
+        username=target.user,
+        client_keys=[key],
+        known_hosts=str(known_hosts) if known_hosts else None,
+        connect_timeout=timeout,
+        login_timeout=timeout,
+        keepalive_interval=15,
+    )
+
+
+# --- files over SFTP (paths relative to the login home) ------------------------------------
+
+
+def _parent(rel: str) -> str:
+    return posixpath.dirname(rel.rstrip("/"))
+
+
+async def write_file(conn: asyncssh.SSHClientConnection, remote_rel: str, data: bytes) -> None:
+    """Write bytes to `remote_rel` through a temporary name and a rename, so a reader never
+    sees half a file (the job spec JSON travels this way: user text never meets a shell)."""
+    tmp = remote_rel + ".part"
+    async with conn.start_sftp_client() as sftp:
+        if _parent(remote_rel):
+            await sftp.makedirs(_parent(remote_rel), exist_ok=True)
+        async with sftp.open(tmp, "wb", encoding=None) as f:
+            await f.write(data)
+        await sftp.posix_rename(tmp, remote_rel)
+
+
+async def read_file(
+    conn: asyncssh.SSHClientConnection, remote_rel: str, *, limit: int = 16 << 20
+) -> bytes | None:
+    """The bytes of a small remote file, or None when it does not exist."""
+    async with conn.start_sftp_client() as sftp:
+        try:
+            async with sftp.open(remote_rel, "rb", encoding=None) as f:
+                data = _as_bytes(await f.read(limit))
+        except asyncssh.SFTPNoSuchFile:
+            return None
+    return data
+
+
+async def download(conn: asyncssh.SSHClientConnection, remote_rel: str, local: Path) -> None:
+    """Copy a remote file to `local` through `<local>.part` and an atomic rename, so a crash
+    mid-download never leaves a truncated file under the final name."""
+    local.parent.mkdir(parents=True, exist_ok=True)
+    part = local.with_name(local.name + ".part")
+    async with conn.start_sftp_client() as sftp:
+        await sftp.get(remote_rel, str(part))
+    os.replace(part, local)
+
+
+async def tail_progress(
+    conn: asyncssh.SSHClientConnection, remote_rel: str, offset: int, *, limit: int = 1 << 20
+) -> tuple[list[str], int]:
+    """Complete lines of a remote file from byte `offset` on, and the offset after the last
+    complete line (a half-written last line is left for the next call). ([], offset) when
+    the file does not exist yet."""
+    async with conn.start_sftp_client() as sftp:
+        try:
+            async with sftp.open(remote_rel, "rb", encoding=None) as f:
+                await f.seek(offset)
+                data = _as_bytes(await f.read(limit))
+        except asyncssh.SFTPNoSuchFile:
+            return [], offset
+    end = data.rfind(b"\n")
+    if end < 0:
+        return [], offset
+    chunk = data[: end + 1]
+    lines = [ln.decode("utf-8", "replace") for ln in chunk.splitlines() if ln.strip()]
+    return lines, offset + len(chunk)
+
+
+# --- commands (argument lists only) ----------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class CommandResult:
+    exit_status: int | None
+    stdout: str
+    stderr: str
+
+
+async def run(
+    conn: asyncssh.SSHClientConnection, argv: Sequence[str], timeout: float
+) -> CommandResult:
+    """Run a command given as an argument list (quoted with shlex.join, never user text) in
+    the login home, and wait for it at most `timeout` seconds."""
+    proc = await conn.run("cd ~ && " + shlex.join(argv), check=False, timeout=timeout)
+    return CommandResult(
+        proc.exit_status,
+        _text(proc.stdout),
+        _text(proc.stderr),
+    )
+
+
+def _as_bytes(value: bytes | str) -> bytes:
+    # asyncssh types reads as AnyStr; with encoding=None they are bytes.
+    return value if isinstance(value, bytes) else value.encode()
+
+
+def _text(value: object) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return str(value)
+
+
+# The wrapper that runs a detached job: it writes its pid (the process group leader, since
+# setsid made it one), the job's output to `log`, and the exit code to `exit` when the command
+# ends. So the daemon can tell "still running" (pid alive), "finished" (exit file) and "died"
+# (pid gone, no exit file: killed, OOM, reboot) apart, across SSH drops and its own restarts.
+_WRAPPER = """\
+d=$1; shift
+rm -f "$d/exit" "$d/exit.tmp"
+echo $$ > "$d/pid.tmp" && mv "$d/pid.tmp" "$d/pid"
+"$@" >> "$d/log" 2>&1
+echo $? > "$d/exit.tmp" && mv "$d/exit.tmp" "$d/exit"
+"""
+
+# A process counts as alive unless it is gone or a zombie: in a container whose PID 1 does
+# not reap orphans, a finished or killed wrapper may linger as a zombie for ever.
+_ALIVE = """\
+alive() { kill -0 "$1" 2>/dev/null && [ "$(cut -d' ' -f3 "/proc/$1/stat" 2>/dev/null)" != Z ]; }
+"""
+
+# The exit file is the wrapper's last act, so it is checked first (and again after the pid
+# check, for a job that ended between the two).
+_STATUS = (
+    _ALIVE
+    + """\
+d=$1
+if [ -f "$d/exit" ]; then echo "exited $(cat "$d/exit")"
+elif [ -f "$d/pid" ] && alive "$(cat "$d/pid")"; then echo running
+elif [ -f "$d/exit" ]; then echo "exited $(cat "$d/exit")"
+elif [ -f "$d/pid" ]; then echo dead
+else echo absent
+fi
+"""
+)
+
+_KILL = (
+    _ALIVE
+    + """\
+p=$(cat "$1" 2>/dev/null) || exit 0
+[ -n "$p" ] || exit 0
+kill -TERM -- "-$p" 2>/dev/null || kill -TERM "$p" 2>/dev/null || exit 0
+for _ in 1 2 3 4 5 6 7 8 9 10; do
+  alive "$p" || exit 0
+  sleep 0.2
+done
+kill -KILL -- "-$p" 2>/dev/null || kill -KILL "$p" 2>/dev/null
+exit 0
+"""
+)
+
+
+async def start_detached(
+    conn: asyncssh.SSHClientConnection, job_dir_rel: str, argv: Sequence[str], *, timeout: float
+) -> None:
+    """Start `argv` in its own session (setsid + nohup) inside `job_dir_rel`'s wrapper, so
+    that it survives the SSH connection and the daemon. Returns once it is launched."""
+    # The detached command is a simple command on its own line, so that its redirections
+    # (away from the SSH channel) apply in the forked child before anything runs: a
+    # backgrounded `a && b` list would keep the channel open until the job ends.
+    detach = shlex.join(["setsid", "nohup", "sh", "-c", _WRAPPER, "sh", job_dir_rel, *argv])
+    cmd = (
+        "cd ~ || exit 1\n"
+        + shlex.join(["mkdir", "-p", job_dir_rel])
+        + " || exit 1\n"
+        + detach
+        + " </dev/null >/dev/null 2>&1 &\n"
+    )
+    proc = await conn.run(cmd, check=False, timeout=timeout)
+    if proc.exit_status not in (0, None):
+        raise RemoteCommandError(f"could not start the job: {_text(proc.stderr).strip()}")
+
+
+class RemoteCommandError(Exception):
+    """A remote command we rely on failed."""
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteStatus:
+    state: str  # running | exited | dead | absent
+    exit_code: int | None = None
+
+
+async def job_status(
+    conn: asyncssh.SSHClientConnection, job_dir_rel: str, *, timeout: float
+) -> RemoteStatus:
+    """What became of a detached job: running, exited (with its code), dead (pid gone and no
+    exit code: killed), or absent (never started here)."""
+    res = await run(conn, ["sh", "-c", _STATUS, "sh", job_dir_rel], timeout)
+    return parse_status(res.stdout)
+
+
+def parse_status(text: str) -> RemoteStatus:
+    words = text.split()
+    if not words:
+        raise RemoteCommandError("no answer from the status check")
+    if words[0] == "exited":
+        try:
+            return RemoteStatus("exited", int(words[1]))
+        except (IndexError, ValueError):
+            return RemoteStatus("dead")
+    if words[0] in ("running", "dead", "absent"):
+        return RemoteStatus(words[0])
+    raise RemoteCommandError(f"unexpected status answer {text.strip()!r}")
+
+
+async def is_alive(conn: asyncssh.SSHClientConnection, pid_file: str, *, timeout: float) -> bool:
+    """True while the process whose pid is in `pid_file` (relative to home) lives."""
+    res = await run(conn, ["sh", "-c", _ALIVE + 'alive "$(cat "$1")"', "sh", pid_file], timeout)
+    return res.exit_status == 0
+
+
+async def kill(conn: asyncssh.SSHClientConnection, pid_file: str, *, timeout: float) -> None:
+    """End the process group whose leader's pid is in `pid_file`: TERM, then KILL after ~2 s."""
+    await run(conn, ["sh", "-c", _KILL, "sh", pid_file], timeout)
