@@ -294,7 +294,7 @@ STEPS: list[Step] = [
     ("Start the daemon on it", start_daemon),
     ("Wait until it reports ready", wait_ready),
     ("Ask it how it is (gpuwarden info)", ask_info),
-    # The job steps (engineer F, py): three jobs on the sim cloud, one cancelled.
+    # Three jobs on the sim cloud, one cancelled midway.
     ("Submit three jobs (gpuwarden submit)", submit_jobs),
     ("Watch them run; cancel the third midway (gpuwarden cancel)", watch_jobs),
     ("The images (gpuwarden job)", show_images),

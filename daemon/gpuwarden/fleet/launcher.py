@@ -53,6 +53,7 @@ from gpuwarden.providers.base import (
     ProviderInstance,
     ProviderState,
 )
+from gpuwarden.remote import deadman
 from gpuwarden.system import crashpoints
 
 log = structlog.get_logger(__name__)
@@ -65,12 +66,8 @@ def new_instance_id() -> str:
 
 
 def app_onstart(app: App, provider: str, instance_id: str, onstart: str = "") -> str:
-    """The start-up script for a launch: the dead-man switch (engineer G's
-    gpuwarden.remote.deadman) followed by `onstart`. Providers without a switch get `onstart`."""
-    try:
-        from gpuwarden.remote import deadman
-    except ImportError:  # pragma: no cover - the module ships with the daemon
-        return onstart
+    """The start-up script for a launch: the dead-man switch (remote/deadman.py) followed by
+    `onstart`. Providers without a switch get `onstart`."""
     kind = deadman.provider_kind(provider)
     if kind is None:
         return onstart

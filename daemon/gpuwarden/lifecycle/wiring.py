@@ -1,4 +1,4 @@
-"""Which services the daemon runs, in start-up order. Each engineer adds their loop here."""
+"""Which services the daemon runs, in start-up order."""
 
 from __future__ import annotations
 
