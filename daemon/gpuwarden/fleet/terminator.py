@@ -27,10 +27,11 @@ from typing import Any
 
 import structlog
 
+from gpuwarden.core import policy
 from gpuwarden.core.model import Billing, EntityKind, Instance, InstanceState, TerminationReason
 from gpuwarden.fleet.app import App
 from gpuwarden.providers.base import ProviderInstance, ProviderState
-from gpuwarden.store import IllegalTransition, NotFoundError, termination_of
+from gpuwarden.store import IllegalTransition, NotFoundError
 from gpuwarden.system import crashpoints
 
 log = structlog.get_logger(__name__)
@@ -206,7 +207,7 @@ class Terminator:
 
     @staticmethod
     def _cost(inst: Instance) -> float:
-        return termination_of(inst, inst.terminated_at or inst.created_at).cost
+        return policy.termination_of(inst, inst.terminated_at or inst.created_at).cost
 
     async def _failed(self, inst: Instance, error: str) -> None:
         now = self.app.clock.now()

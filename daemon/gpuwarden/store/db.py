@@ -235,7 +235,8 @@ class Store:
     ) -> Instance:
         """Check the transition, write the new state, its fields and one event, atomically.
 
-        Going to TERMINATED also writes the termination record (uptime and cost to now)."""
+        Going to TERMINATED also writes the termination record (uptime and cost to now, as
+        policy.termination_of figures them: the store records money, it does not compute it)."""
         now = self._clock.now()
         async with self.transaction() as conn:
             current = await self._instance(conn, instance_id)
@@ -256,7 +257,7 @@ class Store:
             after = await self._instance(conn, instance_id)
             body = dict(details or {})
             if to in (InstanceState.TERMINATED, InstanceState.LAUNCH_FAILED):
-                term = termination_of(after, now)
+                term = policy.termination_of(after, now)
                 body |= {
                     "provider_id": term.provider_id,
                     "uptime_s": term.uptime_s,
@@ -456,26 +457,6 @@ class Store:
         """A consistent copy of the database while the daemon runs."""
         async with self._lock:
             await self._conn.execute("VACUUM INTO ?", (str(target),))
-
-
-def termination_of(inst: Instance, now: datetime) -> Termination:
-    """The termination record of an instance ended at `now` (uptime and cost from its start)."""
-    start = inst.provider_started_at or inst.created_at  # billing starts at the provider
-    if inst.provider_id is None:  # the provider never acknowledged it: nothing billed
-        start = now
-    end = inst.terminated_at or now
-    return Termination(
-        at=end,
-        instance_id=inst.id,
-        provider=inst.provider,
-        provider_id=inst.provider_id,
-        reason=inst.reason or TerminationReason.VANISHED,
-        uptime_s=max(0.0, (end - start).total_seconds()),
-        gpu=inst.gpu,
-        region=inst.region,
-        price_per_hour=inst.price_per_hour,
-        cost=round(policy.cost(inst.price_per_hour, start, end, inst.billing), 6),
-    )
 
 
 async def _insert_termination(conn: aiosqlite.Connection, t: Termination) -> None:
