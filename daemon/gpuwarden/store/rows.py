@@ -124,6 +124,10 @@ def event_from_row(row: sqlite3.Row) -> Event:
     )
 
 
+def termination_columns(t: Termination) -> dict[str, Any]:
+    return {f.name: to_column(f.name, getattr(t, f.name)) for f in dataclasses.fields(t)}
+
+
 def termination_from_row(row: sqlite3.Row) -> Termination:
     return Termination(
         at=_ts(row["at"]),
