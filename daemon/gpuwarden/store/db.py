@@ -189,7 +189,7 @@ class Store:
         self, inst: Instance, details: Mapping[str, Any] | None = None
     ) -> None:
         """The intent row: committed before the provider is called."""
-        cols = rows.instance_columns(inst)
+        cols = rows.columns(inst)
         async with self.transaction() as conn:
             await sql.insert(conn, "instances", cols)
             await self._event(
@@ -244,9 +244,7 @@ class Store:
                     "cost": term.cost,
                 }
                 if to is InstanceState.TERMINATED:
-                    await sql.insert(
-                        conn, "terminations", rows.termination_columns(term), replace=True
-                    )
+                    await sql.insert(conn, "terminations", rows.columns(term), replace=True)
             await self._event(
                 conn,
                 EntityKind.INSTANCE,
@@ -317,7 +315,7 @@ class Store:
     # --- jobs ------------------------------------------------------------------------
 
     async def insert_job(self, job: Job) -> None:
-        cols = rows.job_columns(job)
+        cols = rows.columns(job)
         async with self.transaction() as conn:
             await sql.insert(conn, "jobs", cols)
             await self._event(conn, EntityKind.JOB, job.id, "state", to_state=job.state.value)
