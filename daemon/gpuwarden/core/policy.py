@@ -30,13 +30,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 
 from gpuwarden.core import errors
-from gpuwarden.core.model import (
-    Billing,
-    Instance,
-    InstanceState,
-    Termination,
-    TerminationReason,
-)
+from gpuwarden.core.model import Billing, Instance, InstanceState, Termination, TerminationReason
 
 HOUR = timedelta(hours=1)
 _ENDED = frozenset({InstanceState.TERMINATED, InstanceState.LAUNCH_FAILED})
