@@ -13,7 +13,6 @@ Every step is safe to repeat, which is what makes restarts and SSH drops harmles
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import enum
 import hashlib
@@ -432,9 +431,5 @@ def _write_atomic(path: Path, data: bytes) -> None:
 
 
 async def _quietly_close(conn: RemoteConn) -> None:
-    try:
+    with contextlib.suppress(*SSH_ERRORS):
         await conn.close()
-    except SSH_ERRORS:
-        pass
-    except asyncio.CancelledError:
-        raise

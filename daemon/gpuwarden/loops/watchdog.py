@@ -37,7 +37,6 @@ import structlog
 from gpuwarden.core.heartbeat import BEAT_EVERY
 from gpuwarden.core.model import EntityKind, Event, Instance, InstanceState, TerminationReason
 from gpuwarden.fleet.app import App
-from gpuwarden.fleet.terminator import terminator_for
 from gpuwarden.remote import ssh as remote
 from gpuwarden.remote.deploy import deploy_file
 from gpuwarden.store import NotFoundError
@@ -227,6 +226,9 @@ class Watchdog:
     def interval(self) -> float:
         return max(1.0, self.app.settings.policy.watchdog_interval.total_seconds())
 
+    async def start(self) -> None:
+        """Nothing to prepare: the first pass runs as soon as the loop starts."""
+
     async def run(self) -> None:
         try:
             while not self.app.stopping.is_set():
@@ -283,8 +285,6 @@ class Watchdog:
                 await self._failed(instance_id, exc)
                 return
             await self._passed(instance_id, result)
-        except asyncio.CancelledError:
-            raise
         except Exception:  # a bug or a store error: log it, the next slot tries again
             log.exception("probe_error", instance_id=instance_id)
 
@@ -335,8 +335,7 @@ class Watchdog:
             strikes=strikes,
         )
         # The intent is committed first; an instance already ending keeps its first reason.
-        await terminator_for(self.app).end(inst.id, reason, details)
-        self.app.guard_wake.set()
+        await self.app.terminator.end(inst.id, reason, details)
 
     async def _passed(self, instance_id: str, result: ProbeResult) -> None:
         inst = await self._fresh(instance_id)
@@ -372,6 +371,5 @@ class Watchdog:
                 {"source": "probe", "why": why, **result.to_json()},
                 updates={**updates, "last_activity": now},
             )
-            self.app.guard_wake.set()
         elif updates:
             await store.update_instance(instance_id, **updates)
