@@ -22,6 +22,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check daemon tests deploy
 	$(BIN)/ruff format --check daemon tests deploy
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 unit: $(STAMP)
 	$(BIN)/pytest -q

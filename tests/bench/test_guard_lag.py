@@ -23,6 +23,7 @@ from gpuwarden.core.clock import SystemClock
 from gpuwarden.core.heartbeat import Heartbeats
 from gpuwarden.core.model import Instance, InstanceState, instance_label
 from gpuwarden.fleet.app import App
+from gpuwarden.fleet.terminator import Terminator
 from gpuwarden.loops.guard import Guard
 from gpuwarden.providers.fake import FakeProvider
 from gpuwarden.store import Store
@@ -67,6 +68,7 @@ async def test_deadline_to_destroy_lag_p99_under_one_second(tmp_path: Path) -> N
         store=store,
         providers={"fake": fake},
         heartbeats=Heartbeats(clock),
+        terminator=Terminator(store, clock, {"fake": fake}),
     )
     start = clock.now()
     first = start + SETUP

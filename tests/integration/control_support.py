@@ -20,6 +20,7 @@ from gpuwarden.control.server import ControlServer
 from gpuwarden.core.clock import Clock, SystemClock
 from gpuwarden.core.heartbeat import Heartbeats
 from gpuwarden.fleet.app import App
+from gpuwarden.fleet.terminator import Terminator
 from gpuwarden.store import Store
 
 
@@ -36,7 +37,13 @@ async def make_app(base: Path, *, clock: Clock | None = None, **daemon: Any) -> 
     store = await Store.open(base / "gpuwarden.db", clock)
     try:
         yield App(
-            settings, clock, store, {}, Heartbeats(clock), started_monotonic=clock.monotonic()
+            settings,
+            clock,
+            store,
+            {},
+            Heartbeats(clock),
+            Terminator(store, clock, {}),
+            started_monotonic=clock.monotonic(),
         )
     finally:
         await store.close()
@@ -45,7 +52,7 @@ async def make_app(base: Path, *, clock: Clock | None = None, **daemon: Any) -> 
 @asynccontextmanager
 async def running_server(
     *,
-    methods: Mapping[str, Method] | None = None,
+    methods: Mapping[str, Method[Any]] | None = None,
     event_queue: int = 1000,
     request_timeout: float = 30.0,
     **daemon: Any,

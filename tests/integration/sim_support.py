@@ -19,6 +19,7 @@ from gpuwarden.config.settings import Settings, SimFaultSettings, SimSettings
 from gpuwarden.core.clock import Clock, SystemClock
 from gpuwarden.core.heartbeat import Heartbeats
 from gpuwarden.fleet.app import App
+from gpuwarden.fleet.terminator import Terminator
 from gpuwarden.providers import build_providers
 from gpuwarden.providers.base import Provider
 from gpuwarden.providers.http import Backoff
@@ -75,7 +76,9 @@ async def sim_app(
     if wrap is not None:
         providers = wrap(providers)
     store = await Store.open(tmp / "state" / "gpuwarden.db", clock)
-    app = App(settings, clock, store, providers, Heartbeats(clock))
+    app = App(
+        settings, clock, store, providers, Heartbeats(clock), Terminator(store, clock, providers)
+    )
     app.ssh_key, app.ssh_public_key = load_or_create_key(None, tmp / "state" / "ssh" / "key")
     env = SimApp(app, sim)
     try:

@@ -19,7 +19,7 @@ from control_support import Raw, make_app, request, running_server, short_dir
 
 from gpuwarden.cli.client import ControlClient, RemoteError, Unreachable
 from gpuwarden.control import rpc
-from gpuwarden.control.methods import METHODS, Method, NoParams, _call
+from gpuwarden.control.methods import METHODS, Method, NoParams
 from gpuwarden.control.server import ControlServer, SocketInUse, bind_socket
 from gpuwarden.core.clock import FakeClock, settle
 from gpuwarden.core.errors import LeaseMaxExceeded
@@ -61,7 +61,6 @@ METHODS_FOR_TEST = {
     "test.boom": Method(NoParams, _boom),
     "test.domain": Method(NoParams, _domain),
     "test.store_missing": Method(NoParams, _store_missing),
-    "test.missing": Method(NoParams, _call("gpuwarden.no_such_module", "fn")),
     "test.now": Method(NoParams, _now),
     "test.echo": Method(EchoParams, _echo),
 }
@@ -223,9 +222,6 @@ async def test_domain_errors_carry_a_stable_code() -> None:
         with pytest.raises(RemoteError) as nf:
             await client.call("test.store_missing")
         assert nf.value.domain_code == "not_found"
-        with pytest.raises(RemoteError) as ni:
-            await client.call("test.missing")
-        assert ni.value.domain_code == "not_implemented"
         # the same client keeps working after errors
         info = await client.call("daemon.info")
         assert info["queue_paused"] is False

@@ -35,6 +35,9 @@ class Steady:
 
     name = "steady"
 
+    async def start(self) -> None:
+        pass
+
     def __init__(self, app: App) -> None:
         self.app = app
 
@@ -48,6 +51,9 @@ class Stalling:
     """Beats like Steady until `stall` is set, then hangs (no beats) until `release`."""
 
     name = "stall"
+
+    async def start(self) -> None:
+        pass
 
     def __init__(self, app: App) -> None:
         self.app = app
@@ -68,6 +74,9 @@ class Failing:
     """Raises at once, every time: the supervisor restarts it with growing backoff."""
 
     name = "flaky"
+
+    async def start(self) -> None:
+        pass
 
     def __init__(self, app: App) -> None:
         self.app = app
@@ -153,12 +162,11 @@ async def daemon_factory(
             holder.extend(build(app))
             return holder
 
-        monkeypatch.setattr(wiring, "build_services", built)
         settings = Settings(
             daemon={"state_dir": str(tmp_path / "state"), "socket": str(short / "ctl.sock")}
         )
         clock = clock or FakeClock()
-        sup = Supervisor(settings, tmp_path / "config.toml", clock=clock)
+        sup = Supervisor(settings, tmp_path / "config.toml", clock=clock, build_services=built)
         task = asyncio.create_task(sup.run())
         async with asyncio.timeout(15):  # real start-up I/O: store, key, lock
             while not any(m.get("READY") == "1" for m in notify.drain()):

@@ -16,6 +16,7 @@ from gpuwarden.core.clock import Clock, FakeClock
 from gpuwarden.core.heartbeat import Heartbeats
 from gpuwarden.core.model import Event, InstanceState
 from gpuwarden.fleet.app import App
+from gpuwarden.fleet.terminator import Terminator
 from gpuwarden.loops.guard import Guard
 from gpuwarden.loops.reconciler import Reconciler
 from gpuwarden.providers.base import Provider
@@ -47,6 +48,7 @@ async def make_app(
         store=store,
         providers=provs,
         heartbeats=Heartbeats(clock),
+        terminator=Terminator(store, clock, provs),
     )
 
 
@@ -102,11 +104,7 @@ class Running:
         attempt in flight)."""
         term = self.guard.terminator
         await until(
-            lambda: (
-                self.guard.asleep.is_set()
-                and not self.app.guard_wake.is_set()
-                and not (drives and term.busy)
-            ),
+            lambda: self.guard.settled() and not (drives and term.busy),
             timeout,
         )
 

@@ -17,6 +17,7 @@ from gpuwarden.core.clock import FakeClock
 from gpuwarden.core.heartbeat import Heartbeats
 from gpuwarden.core.model import Instance, InstanceState, Job, JobSpec, JobState
 from gpuwarden.fleet.app import App
+from gpuwarden.fleet.terminator import Terminator
 from gpuwarden.providers.base import Provider
 from gpuwarden.remote.ssh import RemoteStatus
 from gpuwarden.store import Store
@@ -163,7 +164,15 @@ async def make_app(
 ) -> tuple[App, FakeClock]:
     clock = FakeClock()
     store = await Store.open(tmp / "db.sqlite", clock)
-    app = App(settings(tmp, **jobs), clock, store, providers or {}, Heartbeats(clock))
+    provs = providers or {}
+    app = App(
+        settings(tmp, **jobs),
+        clock,
+        store,
+        provs,
+        Heartbeats(clock),
+        Terminator(store, clock, provs),
+    )
     return app, clock
 
 

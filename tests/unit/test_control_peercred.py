@@ -17,6 +17,7 @@ from gpuwarden.control.server import AccessRules, ControlServer, peer_groups
 from gpuwarden.core.clock import SystemClock
 from gpuwarden.core.heartbeat import Heartbeats
 from gpuwarden.fleet.app import App
+from gpuwarden.fleet.terminator import Terminator
 from gpuwarden.store import Store
 
 DAEMON_UID = 990
@@ -127,7 +128,7 @@ async def test_a_peer_of_another_uid_is_refused_before_it_is_read(allowed: bool)
         )
     )
     store = await Store.open(base / "db", clock)
-    app = App(settings, clock, store, {}, Heartbeats(clock))
+    app = App(settings, clock, store, {}, Heartbeats(clock), Terminator(store, clock, {}))
     server = ControlServer(app)
     await server.start()
     task = asyncio.create_task(server.run())

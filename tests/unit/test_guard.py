@@ -16,7 +16,7 @@ from gpuwarden.core import errors
 from gpuwarden.core.clock import FakeClock
 from gpuwarden.core.model import EntityKind, InstanceState, TerminationReason
 from gpuwarden.fleet import launcher
-from gpuwarden.fleet.terminator import ESCALATE_AFTER, backoff, terminator_for
+from gpuwarden.fleet.terminator import ESCALATE_AFTER, backoff
 from gpuwarden.providers.fake import FakeProvider
 
 
@@ -200,7 +200,7 @@ async def test_end_is_idempotent_and_keeps_the_first_reason(
     app = await make_app(tmp_path, clock, [fake])
     inst = await launcher.launch(app, fake.offers[0])
     fake.faults.fail_next["destroy"] = 1
-    term = terminator_for(app)
+    term = app.terminator
     first = await term.end(inst.id, TerminationReason.MANUAL)
     assert first.state is InstanceState.TERMINATING
     again = await term.end(inst.id, TerminationReason.BUDGET)
@@ -216,7 +216,7 @@ async def test_a_terminating_instance_is_driven_again_after_restart(
 ) -> None:
     app = await make_app(tmp_path, clock, [fake])
     inst = await launcher.launch(app, fake.offers[0])
-    await terminator_for(app).begin(inst.id, TerminationReason.MANUAL)  # then a crash
+    await app.terminator.begin(inst.id, TerminationReason.MANUAL)  # then a crash
     await app.store.close()
     app2 = await make_app(tmp_path, clock, [fake])
     rec = Recorder(app2.store)

@@ -14,7 +14,6 @@ from gpuwarden.core import errors
 from gpuwarden.core.clock import FakeClock
 from gpuwarden.core.model import Billing, TerminationReason
 from gpuwarden.fleet import launcher
-from gpuwarden.fleet.terminator import terminator_for
 from gpuwarden.providers.fake import FakeProvider
 
 
@@ -97,7 +96,7 @@ async def test_destroy_history_and_costs(tmp_path: Path, clock: FakeClock) -> No
     a = await launcher.launch(app, fake.offers[1])  # $1.20/h
     b = await launcher.launch(app, fake.offers[0])  # $0.40/h
     clock.set(T0 + timedelta(hours=1))
-    await terminator_for(app).end(a.id, TerminationReason.IDLE)
+    await app.terminator.end(a.id, TerminationReason.IDLE)
     done = await api.destroy(app, id=b.label)  # by label works too
     assert done["confirmed"] is True and done["reason"] == "manual"
     with pytest.raises(errors.InvalidState):

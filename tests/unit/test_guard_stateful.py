@@ -49,7 +49,7 @@ from gpuwarden.core.model import (
 from gpuwarden.fleet import launcher
 from gpuwarden.fleet.app import App
 from gpuwarden.fleet.limits import limits_from
-from gpuwarden.fleet.terminator import terminator_for
+from gpuwarden.fleet.terminator import Terminator
 from gpuwarden.loops.guard import Guard
 from gpuwarden.loops.reconciler import Reconciler
 from gpuwarden.providers.base import LaunchSpec
@@ -100,6 +100,7 @@ class GuardMachine(RuleBasedStateMachine):
             store=store,
             providers={"fake": self.fake},
             heartbeats=Heartbeats(self.clock),
+            terminator=Terminator(store, self.clock, {"fake": self.fake}),
         )
         self.guard = Guard(app)
         self.reconciler = Reconciler(app)
@@ -121,14 +122,9 @@ class GuardMachine(RuleBasedStateMachine):
         await self.app.store.close()
 
     async def _quiet(self) -> None:
-        term = terminator_for(self.app)
+        term = self.app.terminator
         await until(
-            lambda: (
-                self.guard.asleep.is_set()
-                and self.reconciler.asleep.is_set()
-                and not self.app.guard_wake.is_set()
-                and not term.busy
-            ),
+            lambda: self.guard.settled() and self.reconciler.asleep.is_set() and not term.busy,
             10,
         )
 
@@ -230,7 +226,7 @@ class GuardMachine(RuleBasedStateMachine):
     def _clean(self) -> bool:
         """Faults are armed only while no destroy is being retried, so that a burst of
         them is finite (FAULT_BOUND); an endless run of failures has no bound."""
-        return not terminator_for(self.app).retrying
+        return not self.app.terminator.retrying
 
     @precondition(_clean)
     @rule(method=st.sampled_from(["destroy", "get", "list_instances"]), n=st.integers(1, 2))
@@ -292,7 +288,7 @@ class GuardMachine(RuleBasedStateMachine):
             if row.state is InstanceState.TERMINATING:
                 return
             self.expect[iid] = {R.MANUAL}
-            await terminator_for(self.app).begin(iid, R.MANUAL)
+            await self.app.terminator.begin(iid, R.MANUAL)
             await self._restart()
 
         self.run(go())

@@ -1,6 +1,6 @@
-"""remote.py's detached-job scripts, run for real under bash in a temporary HOME (standing in
-for an SSH exec, which runs `bash -c <command>` in the login home): start, status, kill, and
-the quoting of argument lists."""
+"""The detached-job scripts of remote/ssh.py, run for real under bash in a temporary HOME
+(standing in for an SSH exec, which runs `bash -c <command>` in the login home): start,
+status, kill, and the quoting of argument lists."""
 
 from __future__ import annotations
 

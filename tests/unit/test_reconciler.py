@@ -12,9 +12,14 @@ from guard_support import T0, make_app, settings
 from gpuwarden.control import instances as api
 from gpuwarden.core import errors
 from gpuwarden.core.clock import FakeClock, format_ts
-from gpuwarden.core.model import EntityKind, InstanceState, TerminationReason, instance_label
+from gpuwarden.core.model import (
+    QUEUE_PAUSED_FLAG,
+    EntityKind,
+    InstanceState,
+    TerminationReason,
+    instance_label,
+)
 from gpuwarden.fleet import budget, launcher
-from gpuwarden.fleet.terminator import terminator_for
 from gpuwarden.loops.reconciler import Reconciler
 from gpuwarden.providers.fake import FakeProvider
 
@@ -185,7 +190,7 @@ async def test_a_terminating_instance_no_longer_listed_is_confirmed(
 ) -> None:
     app = await make_app(tmp_path, clock, [fake])
     inst = await launcher.launch(app, fake.offers[0])
-    await terminator_for(app).begin(inst.id, TerminationReason.MANUAL)
+    await app.terminator.begin(inst.id, TerminationReason.MANUAL)
     await fake.destroy(str(inst.provider_id))
     await Reconciler(app).pass_once()
     got = await app.store.get_instance(inst.id)
@@ -208,7 +213,7 @@ async def test_credit_under_the_floor_ends_everything_and_pauses_the_queue(
         got = await app.store.get_instance(inst.id)
         assert got.state is InstanceState.TERMINATED
         assert got.reason is TerminationReason.INSUFFICIENT_CREDIT
-    assert await app.store.get_flag(budget.QUEUE_PAUSED) is True
+    assert await app.store.get_flag(QUEUE_PAUSED_FLAG) is True
     [flag] = [e for e in await app.store.events(kind=EntityKind.DAEMON) if e.name == "flag"]
     assert flag.reason == "insufficient_credit"
     await app.store.close()
@@ -225,7 +230,7 @@ async def test_insufficient_credit_on_launch_triggers_the_credit_stop(
     got = await app.store.get_instance(running.id)
     assert got.reason is TerminationReason.INSUFFICIENT_CREDIT
     assert got.state is InstanceState.TERMINATED
-    assert await app.store.get_flag(budget.QUEUE_PAUSED) is True
+    assert await app.store.get_flag(QUEUE_PAUSED_FLAG) is True
     await app.store.close()
 
 
@@ -328,7 +333,7 @@ async def test_yesterdays_spend_counts_in_the_month_not_the_day(
     app = await make_app(tmp_path, clock, [fake])
     inst = await launcher.launch(app, fake.offers[0])
     clock.set(T0 + timedelta(hours=1))
-    ended = await terminator_for(app).end(inst.id, TerminationReason.MANUAL)
+    ended = await app.terminator.end(inst.id, TerminationReason.MANUAL)
     assert ended.state is InstanceState.TERMINATED
     [term] = await app.store.terminations(T0)
     assert term.cost > 0

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -14,7 +14,7 @@ import structlog
 
 from gpuwarden.config import settings as config
 from gpuwarden.fleet.app import App
-from gpuwarden.lifecycle import supervisor, wiring
+from gpuwarden.lifecycle import supervisor
 from gpuwarden.lifecycle.service import Service
 from gpuwarden.system.lock import StateLock
 from gpuwarden.system.systemd import Notifier
@@ -68,9 +68,12 @@ def settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[config
 
 
 def make(
-    settings: config.Settings, tmp_path: Path, journal: list[str] | None = None
+    settings: config.Settings,
+    tmp_path: Path,
+    build: Callable[[App], list[Service]],
+    journal: list[str] | None = None,
 ) -> tuple[supervisor.Supervisor, Recorder]:
-    sup = supervisor.Supervisor(settings, tmp_path / "c.toml")
+    sup = supervisor.Supervisor(settings, tmp_path / "c.toml", build_services=build)
     rec = Recorder(journal)
     sup.notifier = rec
     return sup, rec
@@ -85,8 +88,7 @@ async def test_services_start_in_order_then_ready_then_run(
         journal.append("build")
         return [Loop("alpha", journal, app), Loop("beta", journal, app)]
 
-    monkeypatch.setattr(wiring, "build_services", build)
-    sup, rec = make(settings, tmp_path, journal)
+    sup, rec = make(settings, tmp_path, build, journal)
     task = asyncio.create_task(sup.run())
     await asyncio.wait_for(rec.ready_seen.wait(), 10)
     assert rec.at_ready == ["build", "start alpha", "start beta"]  # after every start()
@@ -118,8 +120,7 @@ async def test_a_failing_start_cleans_up_and_exits_1(
         async def run(self) -> None:
             raise AssertionError("never runs")
 
-    monkeypatch.setattr(wiring, "build_services", lambda app: [Broken()])
-    sup, rec = make(settings, tmp_path)
+    sup, rec = make(settings, tmp_path, lambda app: [Broken()])
     with structlog.testing.capture_logs() as logs:
         code = await asyncio.wait_for(sup.run(), 10)
     assert code == 1
@@ -138,6 +139,9 @@ async def test_a_loop_that_ignores_cancellation_meets_the_shutdown_deadline(
     class Stubborn:
         name = "stubborn"
 
+        async def start(self) -> None:
+            pass
+
         async def run(self) -> None:
             while not release.is_set():
                 try:
@@ -145,8 +149,7 @@ async def test_a_loop_that_ignores_cancellation_meets_the_shutdown_deadline(
                 except asyncio.CancelledError:
                     continue  # the bug this deadline exists for
 
-    monkeypatch.setattr(wiring, "build_services", lambda app: [Stubborn()])
-    sup, rec = make(settings, tmp_path)
+    sup, rec = make(settings, tmp_path, lambda app: [Stubborn()])
     task = asyncio.create_task(sup.run())
     await asyncio.wait_for(rec.ready_seen.wait(), 10)
     with structlog.testing.capture_logs() as logs:
@@ -167,7 +170,7 @@ async def test_a_held_lock_exits_75_before_opening_the_database(
 ) -> None:
     settings.daemon.state_dir.mkdir(parents=True)
     with StateLock(settings.lock_path):
-        sup, _ = make(settings, tmp_path)
+        sup, _ = make(settings, tmp_path, lambda app: [])
         assert await sup.run() == 75
     assert not settings.db_path.exists()
     assert f"pid {os.getpid()}" in capsys.readouterr().err

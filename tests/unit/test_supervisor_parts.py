@@ -15,7 +15,9 @@ import structlog
 from gpuwarden.config import settings as config
 from gpuwarden.core.clock import FakeClock
 from gpuwarden.core.heartbeat import Heartbeats
+from gpuwarden.core.model import CONFIG_RELOADED
 from gpuwarden.fleet.app import App
+from gpuwarden.fleet.terminator import Terminator
 from gpuwarden.lifecycle.reloader import ConfigReloader, changed_keys
 from gpuwarden.lifecycle.runtime import EXIT_FORCED, SignalHandlers, backoff, keep_running
 from gpuwarden.store import Store
@@ -30,6 +32,9 @@ class Flaky:
     """Fails `failures` times, then runs until cancelled."""
 
     name = "flaky"
+
+    async def start(self) -> None:
+        pass
 
     def __init__(self, failures: int) -> None:
         self.failures = failures
@@ -72,6 +77,10 @@ async def test_backoff_starts_afresh_after_a_healthy_run() -> None:
 
     class FailsAfterAWhile:
         name = "slow-fail"
+
+        async def start(self) -> None:
+            pass
+
         calls = 0
 
         async def run(self) -> None:
@@ -99,6 +108,9 @@ async def test_a_loop_that_ends_on_stop_is_not_restarted() -> None:
     class Polite:
         name = "polite"
 
+        async def start(self) -> None:
+            pass
+
         async def run(self) -> None:
             await stopping.wait()
 
@@ -114,6 +126,9 @@ async def test_a_loop_that_returns_early_is_restarted() -> None:
 
     class Quitter:
         name = "quitter"
+
+        async def start(self) -> None:
+            pass
 
         async def run(self) -> None:
             nonlocal runs
@@ -186,6 +201,7 @@ async def app_with_config(
         store=store,
         providers={},
         heartbeats=Heartbeats(clock),
+        terminator=Terminator(store, clock, {}),
     )
     yield app, path
     await store.close()
@@ -204,13 +220,13 @@ async def test_a_broken_file_is_refused_and_the_old_config_stays(
     assert result["reloaded"] is False
     assert any("policy.idle_timeout" in p for p in result["problems"])
     assert app.settings is before
-    assert not app.guard_wake.is_set()
+    assert CONFIG_RELOADED not in [e.name for e in await app.store.events()]
     refused = [e for e in logs if e["event"] == "config_reload_refused"]
     assert refused and refused[0]["log_level"] == "error"
     assert "RELOADING" in notifier.sent[0] and "READY" in notifier.sent[-1]
 
 
-async def test_a_valid_file_replaces_the_settings_and_wakes_the_guard(
+async def test_a_valid_file_replaces_the_settings_and_is_recorded(
     app_with_config: tuple[App, Path], tmp_path: Path
 ) -> None:
     app, path = app_with_config
@@ -226,7 +242,9 @@ async def test_a_valid_file_replaces_the_settings_and_wakes_the_guard(
         "needs_restart": ["daemon.socket"],
     }
     assert app.settings.policy.idle_timeout.total_seconds() == 600
-    assert app.guard_wake.is_set() and app.jobs_wake.is_set()
+    assert app.jobs_wake.is_set()
+    reloads = [e for e in await app.store.events() if e.name == CONFIG_RELOADED]
+    assert [e.details["changed"] for e in reloads] == [["daemon.socket", "policy.idle_timeout"]]
 
 
 async def test_reload_runs_when_requested(app_with_config: tuple[App, Path]) -> None:
@@ -236,7 +254,7 @@ async def test_reload_runs_when_requested(app_with_config: tuple[App, Path]) -> 
     task = asyncio.create_task(reloader.run(requested))
     path.write_text(f'[daemon]\nstate_dir = "{path.parent}"\n[policy]\nidle_timeout = "5m"\n')
     requested.set()
-    await asyncio.wait_for(app.guard_wake.wait(), 5)
+    await asyncio.wait_for(app.jobs_wake.wait(), 5)
     assert app.settings.policy.idle_timeout.total_seconds() == 300
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)

@@ -24,6 +24,7 @@ from gpuwarden.core.model import (
     instance_label,
 )
 from gpuwarden.fleet.app import App
+from gpuwarden.fleet.terminator import Terminator
 from gpuwarden.loops.watchdog import (
     ProbeFailed,
     ProbeResult,
@@ -33,6 +34,7 @@ from gpuwarden.loops.watchdog import (
     probe_offset,
     probe_script,
 )
+from gpuwarden.providers.base import Provider
 from gpuwarden.providers.fake import FakeProvider
 from gpuwarden.store import Store
 
@@ -119,7 +121,8 @@ async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
         policy={"watchdog_interval": "60s", "watchdog_failures": 2, "gpu_busy_percent": 10},
     )
     provider = FakeProvider(clock)
-    app = App(settings, clock, store, {"fake": provider}, Heartbeats(clock))
+    provs: dict[str, Provider] = {"fake": provider}
+    app = App(settings, clock, store, provs, Heartbeats(clock), Terminator(store, clock, provs))
     try:
         yield Rig(app, clock, provider)
     finally:
@@ -197,14 +200,12 @@ async def test_three_strikes_when_configured(rig: Rig) -> None:
     assert (await rig.app.store.get_instance("i1")).reason is TerminationReason.WATCHDOG
 
 
-async def test_activity_moves_last_activity_and_wakes_the_guard(rig: Rig) -> None:
+async def test_activity_moves_last_activity_and_is_recorded(rig: Rig) -> None:
     await rig.add_running("i1", last_activity=START - timedelta(minutes=10))
-    rig.app.guard_wake.clear()
     rig.prober.default = ProbeResult(sessions=1)
     await rig.probe_now("i1")
     inst = await rig.app.store.get_instance("i1")
     assert inst.last_activity == rig.clock.now()
-    assert rig.app.guard_wake.is_set()
     acts = [e for e in await rig.app.store.events(entity_id="i1") if e.name == "activity"]
     assert len(acts) == 1
     assert acts[0].details["why"] == ["session"]

@@ -14,6 +14,7 @@ from typing import Any
 from gpuwarden.core import errors, policy
 from gpuwarden.core.clock import format_ts
 from gpuwarden.core.model import (
+    QUEUE_PAUSED_FLAG,
     EntityKind,
     Instance,
     InstanceState,
@@ -23,8 +24,7 @@ from gpuwarden.core.model import (
 )
 from gpuwarden.fleet import budget, launcher
 from gpuwarden.fleet.app import App
-from gpuwarden.fleet.terminator import terminator_for
-from gpuwarden.loops.guard import busy_instances, observations
+from gpuwarden.fleet.busy import busy_instances, observations
 from gpuwarden.providers.base import Offer, Requirements
 from gpuwarden.store import NotFoundError
 
@@ -194,7 +194,7 @@ async def launch(
         what = f"offer {offer_id!r}" if offer_id else "an offer matching the requirements"
         raise errors.NoOffer(f"no {what} is available")
     offer = found[0]
-    limits = budget.limits_of(app)
+    limits = app.limits()
     lease = policy.initial_lease(hours, limits)
     if dry_run:
         refused: errors.DomainError | None = None
@@ -223,7 +223,7 @@ async def extend(app: App, id: str, hours: float) -> dict[str, Any]:
     """Extend the lease by `hours` (counts as activity). Refusals say how much is allowed."""
     inst = await resolve_instance(app, id)
     now = app.clock.now()
-    limits = budget.limits_of(app)
+    limits = app.limits()
     new_lease = policy.extend(inst, hours, limits, now)
     await budget.check_extension(app, inst, new_lease, now)
     await app.store.record(
@@ -233,7 +233,6 @@ async def extend(app: App, id: str, hours: float) -> dict[str, Any]:
         {"hours": hours, "from": format_ts(inst.lease_until), "to": format_ts(new_lease)},
         updates={"lease_until": new_lease, "last_activity": now},
     )
-    app.guard_wake.set()
     after = await app.store.get_instance(inst.id)
     return {
         "id": after.id,
@@ -256,13 +255,12 @@ async def activity(app: App, id: str) -> dict[str, Any]:
             f"instance {inst.id} is {inst.state.value}", state=inst.state.value
         )
     now = app.clock.now()
-    limits = budget.limits_of(app)
+    limits = app.limits()
     if policy.decide(inst, policy.Observations(), limits, now).terminate is not None:
         raise errors.InvalidState(f"instance {inst.id} is past its deadline; it is being ended")
     await app.store.record(
         EntityKind.INSTANCE, inst.id, "activity", {"by": "user"}, updates={"last_activity": now}
     )
-    app.guard_wake.set()
     after = await app.store.get_instance(inst.id)
     return {"id": after.id, **_deadline_fields(after, policy.Observations(), limits, now)}
 
@@ -277,12 +275,12 @@ async def destroy(app: App, id: str) -> dict[str, Any]:
         raise errors.InvalidState(
             f"instance {inst.id} is already {inst.state.value}", state=inst.state.value
         )
-    after = await terminator_for(app).end(inst.id, TerminationReason.MANUAL, {"by": "user"})
+    after = await app.terminator.end(inst.id, TerminationReason.MANUAL, {"by": "user"})
     return _ended_dict(after)
 
 
 async def destroy_all(app: App) -> dict[str, Any]:
-    term = terminator_for(app)
+    term = app.terminator
     live = await app.store.live_instances()
     begun = [
         await term.begin(i.id, TerminationReason.MANUAL, {"by": "user", "all": True}) for i in live
@@ -307,9 +305,9 @@ def _ended_dict(inst: Instance) -> dict[str, Any]:
 
 
 def _deadline_fields(
-    inst: Instance, seen: policy.Observations, limits: policy.Limits, now: datetime
+    inst: Instance, obs: policy.Observations, limits: policy.Limits, now: datetime
 ) -> dict[str, Any]:
-    when, reason = policy.earliest_deadline(inst, seen, limits, now)
+    when, reason = policy.earliest_deadline(inst, obs, limits, now)
     live = inst.state.live and inst.state is not InstanceState.TERMINATING
     return {
         "deadline": format_ts(when),
@@ -322,8 +320,8 @@ def _deadline_fields(
 async def _instance_dict(
     app: App, inst: Instance, now: datetime, busy: set[str] | None = None
 ) -> dict[str, Any]:
-    limits = budget.limits_of(app)
-    seen = observations(inst, busy or set())
+    limits = app.limits()
+    obs = observations(inst, busy or set())
     start = policy.billing_start(inst)
     end = inst.terminated_at or now
     return {
@@ -340,12 +338,12 @@ async def _instance_dict(
         "uptime_s": round((end - start).total_seconds(), 3) if start else 0.0,
         "lease_until": format_ts(inst.lease_until),
         "last_activity": format_ts(inst.last_activity),
-        "busy": seen.busy,
-        **_deadline_fields(inst, seen, limits, now),
+        "busy": obs.busy,
+        **_deadline_fields(inst, obs, limits, now),
         "price_per_hour": inst.price_per_hour,
         "billing": inst.billing.value,
         "cost_now": round(policy.cost_so_far(inst, now), 6),
-        "est_total": round(policy.est_total(inst, seen, limits, now), 6),
+        "est_total": round(policy.est_total(inst, obs, limits, now), 6),
         "strikes": inst.strikes,
         "last_probe_at": format_ts(inst.last_probe_at),
         "last_probe_ok": inst.last_probe_ok,
@@ -375,7 +373,7 @@ async def status(app: App) -> dict[str, Any]:
             }
             for w in st.windows()
         },
-        "queue_paused": bool(await app.store.get_flag(budget.QUEUE_PAUSED, False)),
+        "queue_paused": bool(await app.store.get_flag(QUEUE_PAUSED_FLAG, False)),
     }
 
 
@@ -406,7 +404,7 @@ async def costs(app: App, days: int = 7) -> dict[str, Any]:
     now = app.clock.now()
     since = policy.days_start(days, now)
     ended = await app.store.terminations(since)
-    spent = policy.spend(ended, await app.store.live_instances(), budget.limits_of(app), now)
+    spent = policy.spend(ended, await app.store.live_instances(), app.limits(), now)
     return {
         "since": format_ts(since),
         "days": [

@@ -1,4 +1,4 @@
-"""What the control socket calls for jobs (control_methods.py maps `jobs.*` and `queue.*`
+"""What the control socket calls for jobs (control/methods.py maps `jobs.*` and `queue.*`
 here). Each function takes the App and plain values, and returns plain data.
 
 A submit is accepted while the queue is paused: the job is stored and waits, it is just not
@@ -17,9 +17,8 @@ from typing import Any
 import structlog
 
 from gpuwarden.core import errors
-from gpuwarden.core.model import EntityKind, Job, JobState
+from gpuwarden.core.model import QUEUE_PAUSED_FLAG, EntityKind, Job, JobState
 from gpuwarden.fleet.app import App
-from gpuwarden.jobs.service import PAUSED_FLAG
 from gpuwarden.jobs.spec import build_spec, job_dict
 from gpuwarden.store import IllegalTransition, NotFoundError
 
@@ -47,7 +46,7 @@ async def submit(app: App, *, priority: int = 0, **fields: Any) -> dict[str, Any
     log.info("job_submitted", job_id=job.id, priority=priority, steps=spec.steps)
     app.jobs_wake.set()
     out = job_dict(job)
-    out["queue_paused"] = bool(await app.store.get_flag(PAUSED_FLAG, False))
+    out["queue_paused"] = bool(await app.store.get_flag(QUEUE_PAUSED_FLAG, False))
     return out
 
 
@@ -89,12 +88,12 @@ async def cancel(app: App, id: str) -> dict[str, Any]:
 
 async def pause(app: App, reason: str | None = None) -> dict[str, Any]:
     """Stop dispatching (running jobs go on; submits are still accepted)."""
-    await app.store.set_flag(PAUSED_FLAG, True, reason=reason or "user")
+    await app.store.set_flag(QUEUE_PAUSED_FLAG, True, reason=reason or "user")
     return {"queue_paused": True}
 
 
 async def resume(app: App) -> dict[str, Any]:
-    await app.store.set_flag(PAUSED_FLAG, False, reason="user")
+    await app.store.set_flag(QUEUE_PAUSED_FLAG, False, reason="user")
     app.jobs_wake.set()
     return {"queue_paused": False}
 

@@ -1,34 +1,27 @@
-"""The methods of the control socket: a pydantic model for each one's params and a thin
-adapter onto the service functions (services/api.py for instances, jobs/api.py for jobs).
+"""The methods of the control socket: a pydantic model for each one's params and a typed
+adapter onto the handlers (instances.py for instances, jobs.py for jobs).
 
-Service modules are imported lazily, on the first call, so that the socket works (and says
-`not_implemented`) while a service module is missing, and `gpuwarden --help` stays fast.
-Each adapter returns plain data; control.py turns it into JSON.
+METHODS maps each method name to its params model and a real function, so mypy checks every
+call. Each adapter returns plain data; server.py turns it into JSON.
 """
 
 from __future__ import annotations
 
-import importlib
 import os
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from gpuwarden import __version__
+from gpuwarden.control import instances, jobs
 from gpuwarden.control.events import event_json
-from gpuwarden.core.errors import DomainError
-from gpuwarden.core.model import JobState
+from gpuwarden.core.errors import InvalidState
+from gpuwarden.core.model import QUEUE_PAUSED_FLAG, JobState
 from gpuwarden.fleet.app import App
 from gpuwarden.jobs.limits import MAX_COUNT, MAX_PROMPT_CHARS, MAX_STEPS
-
-Handler = Callable[[App, Any], Awaitable[Any]]
-
-
-class NotImplementedYet(DomainError):
-    code = "not_implemented"
 
 
 class _Params(BaseModel):
@@ -111,40 +104,101 @@ class PauseParams(_Params):
     reason: str | None = Field(default=None, max_length=500)
 
 
+P = TypeVar("P", bound=_Params)
+
+
 @dataclass(frozen=True, slots=True)
-class Method:
-    params: type[_Params]
-    handler: Handler
+class Method(Generic[P]):
+    params: type[P]
+    handler: Callable[[App, P], Awaitable[Any]]
 
 
-def _call(module: str, func: str) -> Handler:
-    """An adapter calling `module.func(app, **params)`, resolved at call time."""
+async def _status(app: App, _: NoParams) -> Any:
+    return await instances.status(app)
 
-    async def handler(app: App, params: _Params) -> Any:
-        try:
-            mod = importlib.import_module(module)
-        except ModuleNotFoundError as exc:
-            if exc.name and module.startswith(exc.name):
-                raise NotImplementedYet(f"this daemon has no {module} yet") from None
-            raise
-        fn = getattr(mod, func, None)
-        if fn is None:
-            raise NotImplementedYet(f"this daemon has no {module}.{func} yet")
-        return await fn(app, **params.model_dump())
 
-    return handler
+async def _offers(app: App, p: OffersParams) -> Any:
+    return await instances.offers(
+        app,
+        provider=p.provider,
+        gpu=p.gpu,
+        gpu_ram_gb=p.gpu_ram_gb,
+        max_price=p.max_price,
+        limit=p.limit,
+    )
+
+
+async def _launch(app: App, p: LaunchParams) -> Any:
+    return await instances.launch(
+        app,
+        offer_id=p.offer_id,
+        provider=p.provider,
+        gpu=p.gpu,
+        gpu_ram_gb=p.gpu_ram_gb,
+        max_price=p.max_price,
+        hours=p.hours,
+        dry_run=p.dry_run,
+    )
+
+
+async def _extend(app: App, p: ExtendParams) -> Any:
+    return await instances.extend(app, p.id, p.hours)
+
+
+async def _activity(app: App, p: IdParams) -> Any:
+    return await instances.activity(app, p.id)
+
+
+async def _destroy(app: App, p: IdParams) -> Any:
+    return await instances.destroy(app, p.id)
+
+
+async def _destroy_all(app: App, _: NoParams) -> Any:
+    return await instances.destroy_all(app)
+
+
+async def _history(app: App, p: HistoryParams) -> Any:
+    return await instances.history(app, p.hours)
+
+
+async def _costs(app: App, p: CostsParams) -> Any:
+    return await instances.costs(app, p.days)
+
+
+async def _submit(app: App, p: SubmitParams) -> Any:
+    # The spec fields travel as one bag: jobs.spec.build_spec validates them together.
+    return await jobs.submit(app, **p.model_dump())
+
+
+async def _jobs_list(app: App, p: JobsListParams) -> Any:
+    return await jobs.list(app, p.states, p.limit)
+
+
+async def _jobs_get(app: App, p: IdParams) -> Any:
+    return await jobs.get(app, p.id)
+
+
+async def _jobs_cancel(app: App, p: IdParams) -> Any:
+    return await jobs.cancel(app, p.id)
+
+
+async def _pause(app: App, p: PauseParams) -> Any:
+    return await jobs.pause(app, p.reason)
+
+
+async def _resume(app: App, _: NoParams) -> Any:
+    return await jobs.resume(app)
 
 
 async def _reload(app: App, _: NoParams) -> Any:
-    if app.reload is None:
-        raise NotImplementedYet("this daemon cannot reload its configuration")
+    if app.reload is None:  # a context built without a supervisor (tests, tools)
+        raise InvalidState("this daemon cannot reload its configuration")
     return await app.reload()
 
 
 async def _info(app: App, _: NoParams) -> dict[str, Any]:
-    from gpuwarden.fleet.budget import QUEUE_PAUSED  # lazily, like the service modules
 
-    paused = await app.store.get_flag(QUEUE_PAUSED, False)
+    paused = await app.store.get_flag(QUEUE_PAUSED_FLAG, False)
     uptime = max(0.0, app.clock.monotonic() - app.started_monotonic)
     return {
         "version": __version__,
@@ -167,25 +221,22 @@ async def _events(app: App, p: EventsListParams) -> list[dict[str, Any]]:
     return [event_json(e) for e in found]
 
 
-_API = "gpuwarden.control.instances"
-_JOBS = "gpuwarden.control.jobs"
-
-METHODS: Mapping[str, Method] = {
-    "status": Method(NoParams, _call(_API, "status")),
-    "offers": Method(OffersParams, _call(_API, "offers")),
-    "launch": Method(LaunchParams, _call(_API, "launch")),
-    "extend": Method(ExtendParams, _call(_API, "extend")),
-    "activity": Method(IdParams, _call(_API, "activity")),
-    "destroy": Method(IdParams, _call(_API, "destroy")),
-    "destroy_all": Method(NoParams, _call(_API, "destroy_all")),
-    "history": Method(HistoryParams, _call(_API, "history")),
-    "costs": Method(CostsParams, _call(_API, "costs")),
-    "jobs.submit": Method(SubmitParams, _call(_JOBS, "submit")),
-    "jobs.list": Method(JobsListParams, _call(_JOBS, "list")),
-    "jobs.get": Method(IdParams, _call(_JOBS, "get")),
-    "jobs.cancel": Method(IdParams, _call(_JOBS, "cancel")),
-    "queue.pause": Method(PauseParams, _call(_JOBS, "pause")),
-    "queue.resume": Method(NoParams, _call(_JOBS, "resume")),
+METHODS: Mapping[str, Method[Any]] = {
+    "status": Method(NoParams, _status),
+    "offers": Method(OffersParams, _offers),
+    "launch": Method(LaunchParams, _launch),
+    "extend": Method(ExtendParams, _extend),
+    "activity": Method(IdParams, _activity),
+    "destroy": Method(IdParams, _destroy),
+    "destroy_all": Method(NoParams, _destroy_all),
+    "history": Method(HistoryParams, _history),
+    "costs": Method(CostsParams, _costs),
+    "jobs.submit": Method(SubmitParams, _submit),
+    "jobs.list": Method(JobsListParams, _jobs_list),
+    "jobs.get": Method(IdParams, _jobs_get),
+    "jobs.cancel": Method(IdParams, _jobs_cancel),
+    "queue.pause": Method(PauseParams, _pause),
+    "queue.resume": Method(NoParams, _resume),
     "config.reload": Method(NoParams, _reload),
     "daemon.info": Method(NoParams, _info),
     "events.list": Method(EventsListParams, _events),

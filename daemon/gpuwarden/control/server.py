@@ -209,7 +209,7 @@ class ControlServer:
         self,
         app: App,
         *,
-        methods: Mapping[str, Method] | None = None,
+        methods: Mapping[str, Method[Any]] | None = None,
         event_queue: int = EVENT_QUEUE,
     ) -> None:
         self.app = app

@@ -102,6 +102,12 @@ class TerminationReason(enum.StrEnum):
     DEADMAN = "deadman"  # the switch on the instance ended it while the daemon was silent
 
 
+# Names shared by writers and readers of the store: the queue's pause flag, and the event a
+# config reload records (it wakes the guard, since new limits may move deadlines).
+QUEUE_PAUSED_FLAG = "queue_paused"
+CONFIG_RELOADED = "config_reloaded"
+
+
 class EntityKind(enum.StrEnum):
     INSTANCE = "instance"
     JOB = "job"

@@ -20,19 +20,16 @@ from datetime import datetime, timedelta
 import structlog
 
 from gpuwarden.core import errors, policy
-from gpuwarden.core.model import Billing, Instance, InstanceState, TerminationReason
+from gpuwarden.core.model import (
+    QUEUE_PAUSED_FLAG,
+    Billing,
+    Instance,
+    InstanceState,
+    TerminationReason,
+)
 from gpuwarden.fleet.app import App
-from gpuwarden.fleet.limits import limits_from
-from gpuwarden.fleet.terminator import terminator_for
 
 log = structlog.get_logger(__name__)
-
-QUEUE_PAUSED = "queue_paused"
-
-
-def limits_of(app: App) -> policy.Limits:
-    """Read on each use: a config reload replaces app.settings."""
-    return limits_from(app.settings)
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,7 +50,7 @@ class BudgetState:
 
 
 async def state(app: App, now: datetime) -> BudgetState:
-    limits = limits_of(app)
+    limits = app.limits()
     live = await app.store.live_instances()
     so_far = sum(policy.cost_so_far(i, now) for i in live)
     ahead = sum(policy.committed_cost(i, limits, now) for i in live)
@@ -77,7 +74,7 @@ async def check_new(
     app: App, price_per_hour: float, lease: timedelta, billing: Billing, now: datetime
 ) -> None:
     """Refuse a rental over the hourly price limit or one that could pass a budget."""
-    limits = limits_of(app)
+    limits = app.limits()
     if limits.max_hourly_price is not None and price_per_hour > limits.max_hourly_price:
         raise errors.PriceTooHigh(
             f"{_money(price_per_hour)}/h is over budget.max_hourly_price"
@@ -90,7 +87,7 @@ async def check_new(
 
 
 async def check_extension(app: App, inst: Instance, new_lease: datetime, now: datetime) -> None:
-    limits = limits_of(app)
+    limits = app.limits()
     before = policy.committed_cost(inst, limits, now)
     end = min(new_lease, policy.hard_deadline(inst, limits))
     extra = max(0.0, policy.cost_until(inst, end, now) - before)
@@ -98,7 +95,7 @@ async def check_extension(app: App, inst: Instance, new_lease: datetime, now: da
 
 
 async def _check(app: App, extra: float, now: datetime, what: str) -> None:
-    limits = limits_of(app)
+    limits = app.limits()
     if limits.daily_limit is None and limits.monthly_limit is None:
         return
     st = await state(app, now)
@@ -128,7 +125,7 @@ def passed_limit(st: BudgetState) -> Window | None:
 async def end_all(app: App, reason: TerminationReason, details: dict[str, object]) -> int:
     """Commit the intent for every live instance, then one destroy attempt each (in
     parallel). Returns how many were newly ended."""
-    term = terminator_for(app)
+    term = app.terminator
     begun: list[Instance] = []
     for inst in await app.store.live_instances():
         if inst.state is InstanceState.TERMINATING:
@@ -140,7 +137,7 @@ async def end_all(app: App, reason: TerminationReason, details: dict[str, object
 
 async def credit_stop(app: App, *, provider: str, why: str) -> None:
     """The account cannot pay: end everything, pause the queue, say so at error level."""
-    paused = await app.store.get_flag(QUEUE_PAUSED, False)
+    paused = await app.store.get_flag(QUEUE_PAUSED_FLAG, False)
     if not paused:
         log.error(
             "credit_stop",
@@ -149,7 +146,7 @@ async def credit_stop(app: App, *, provider: str, why: str) -> None:
             why=why,
         )
         await app.store.set_flag(
-            QUEUE_PAUSED, True, reason=TerminationReason.INSUFFICIENT_CREDIT.value
+            QUEUE_PAUSED_FLAG, True, reason=TerminationReason.INSUFFICIENT_CREDIT.value
         )
     ended = await end_all(
         app, TerminationReason.INSUFFICIENT_CREDIT, {"provider": provider, "why": why}

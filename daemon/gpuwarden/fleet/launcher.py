@@ -1,6 +1,6 @@
 """The launch path, shared by interactive launches and by jobs: intent first, then the call.
 
-1. check the price limit and the budget (services/budget.py);
+1. check the price limit and the budget (fleet/budget.py);
 2. commit REQUESTED with the label `gpuwarden-<installation>-<id>` (crash point
    `after_intent`); from here the guard counts the instance's deadlines from creation;
 3. call provider.launch (crash point `after_provider_launch`);
@@ -23,7 +23,6 @@ Outcomes of the call:
 
 from __future__ import annotations
 
-import asyncio
 import secrets
 from typing import Any
 
@@ -39,7 +38,6 @@ from gpuwarden.core.model import (
 )
 from gpuwarden.fleet import budget
 from gpuwarden.fleet.app import App
-from gpuwarden.fleet.terminator import terminator_for
 from gpuwarden.providers.base import (
     AuthError,
     CreatedWithError,
@@ -96,7 +94,7 @@ async def launch(
     provider = app.providers.get(offer.provider)
     if provider is None:
         raise errors.ProviderUnavailable(f"provider {offer.provider!r} is not enabled")
-    limits = budget.limits_of(app)
+    limits = app.limits()
     lease = policy.initial_lease(hours, limits)
     now = app.clock.now()
     await budget.check_new(app, offer.price_per_hour, lease, offer.billing, now)
@@ -123,7 +121,6 @@ async def launch(
         await app.store.insert_instance(
             inst, details={"offer_id": offer.offer_id, "lease_s": lease.total_seconds()}
         )
-        app.guard_wake.set()
         crashpoints.hit("after_intent")
         return await _call(app, provider, offer, inst, onstart)
     finally:
@@ -138,19 +135,17 @@ async def _call(
         image=app.settings.jobs.image,
         disk_gb=app.settings.jobs.disk_gb,
         onstart=app_onstart(app, offer.provider, inst.id, onstart),
-        ssh_public_key=str(getattr(app, "ssh_public_key", "") or ""),
+        ssh_public_key=app.ssh_public_key,
     )
     fields: dict[str, Any] = {"instance_id": inst.id, "provider": inst.provider}
     try:
         launched = await provider.launch(offer, spec)
-    except asyncio.CancelledError:
-        raise
     except CreatedWithError as exc:
         log.warning(
             "launch_created_with_error", **fields, provider_id=exc.provider_id, error=str(exc)
         )
         await record_provider_id(app, inst.id, exc.provider_id, None)
-        await terminator_for(app).end(inst.id, TerminationReason.LAUNCH_FAILED, {"error": str(exc)})
+        await app.terminator.end(inst.id, TerminationReason.LAUNCH_FAILED, {"error": str(exc)})
         raise errors.ProviderUnavailable(
             f"{inst.provider} failed the launch but created {exc.provider_id}; it is being"
             " destroyed",
@@ -215,14 +210,13 @@ async def record_provider_id(
     orphan: tracked under a new row and destroyed."""
     store = app.store
     inst = await store.get_instance(instance_id)
-    term = terminator_for(app)
+    term = app.terminator
     if inst.state is InstanceState.REQUESTED:
         fields = _state_fields(seen)
         to = InstanceState.RUNNING if fields.pop("_running", False) else InstanceState.PROVISIONING
         done = await store.transition_instance(
             instance_id, to, details={"provider_id": provider_id}, provider_id=provider_id, **fields
         )
-        app.guard_wake.set()
         return done
     if inst.state is InstanceState.TERMINATING and inst.provider_id is None:
         inst = await store.update_instance(instance_id, provider_id=provider_id)

@@ -6,7 +6,7 @@ the instance becomes TERMINATED only when the provider no longer knows it or say
 terminated. A failed or unconfirmed attempt is retried with capped exponential backoff
 (1 s, 2 s, 4 s ... 60 s) forever: a leaked GPU costs more than a few extra API calls.
 
-The retry schedule is kept in memory (one Terminator per process: `terminator_for(app)`);
+The retry schedule is kept in memory (the supervisor builds one Terminator per process);
 the attempt count is persisted in `Instance.extra["destroy_attempts"]`. After a restart every
 TERMINATING instance is due at once. Escalations are logged once each (warning on the first
 failures, error after ESCALATE_AFTER attempts or ESCALATE_AGE), and recorded as
@@ -18,7 +18,6 @@ the reconciler adopts it when the provider lists our label, then it is destroyed
 
 from __future__ import annotations
 
-import asyncio
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -28,10 +27,10 @@ from typing import Any
 import structlog
 
 from gpuwarden.core import policy
+from gpuwarden.core.clock import Clock
 from gpuwarden.core.model import Billing, EntityKind, Instance, InstanceState, TerminationReason
-from gpuwarden.fleet.app import App
-from gpuwarden.providers.base import ProviderInstance, ProviderState
-from gpuwarden.store import IllegalTransition, NotFoundError
+from gpuwarden.providers.base import Provider, ProviderInstance, ProviderState
+from gpuwarden.store import IllegalTransition, NotFoundError, Store
 from gpuwarden.system import crashpoints
 
 log = structlog.get_logger(__name__)
@@ -57,16 +56,14 @@ class _Retry:
     level: int = 0  # 0 quiet, 1 warning, 2 error
 
 
-def terminator_for(app: App) -> Terminator:
-    """The process's one Terminator (its retry schedule must not be split)."""
-    if app.terminator is None:
-        app.terminator = Terminator(app)
-    return app.terminator
-
-
 class Terminator:
-    def __init__(self, app: App) -> None:
-        self.app = app
+    """One per process: its retry schedule must not be split. Every state change it makes is
+    a store event, which is what wakes the guard and the jobs loop."""
+
+    def __init__(self, store: Store, clock: Clock, providers: Mapping[str, Provider]) -> None:
+        self.store = store
+        self.clock = clock
+        self.providers = providers
         self._retry: dict[str, _Retry] = {}
         self._inflight: set[str] = set()
 
@@ -104,15 +101,15 @@ class Terminator:
     ) -> Instance:
         """Commit TERMINATING with `reason` (the intent). Idempotent: an instance already
         terminating keeps its first reason; an ended one is returned unchanged."""
-        inst = await self.app.store.get_instance(instance_id)
+        inst = await self.store.get_instance(instance_id)
         if inst.state is InstanceState.TERMINATING or inst.state in _GONE:
             return inst
         try:
-            inst = await self.app.store.transition_instance(
+            inst = await self.store.transition_instance(
                 instance_id, InstanceState.TERMINATING, reason=reason, details=details
             )
         except IllegalTransition:  # raced with another ender: theirs stands
-            return await self.app.store.get_instance(instance_id)
+            return await self.store.get_instance(instance_id)
         log.info(
             "instance_terminating",
             instance_id=inst.id,
@@ -120,7 +117,6 @@ class Terminator:
             provider_id=inst.provider_id,
             reason=reason.value,
         )
-        self.app.guard_wake.set()
         crashpoints.hit("after_terminating_commit")
         return inst
 
@@ -133,15 +129,11 @@ class Terminator:
         """Commit the intent, then make one destroy attempt. Returns the instance as it
         stands afterwards (TERMINATED when the provider confirmed at once)."""
         inst = await self.begin(instance_id, reason, details)
-        due = self.retry_at(inst, self.app.clock.now())
+        due = self.retry_at(inst, self.clock.now())
         # Already failing? Its backoff stands: a repeated request is not a new attempt.
-        if (
-            inst.state is InstanceState.TERMINATING
-            and due is not None
-            and due <= self.app.clock.now()
-        ):
+        if inst.state is InstanceState.TERMINATING and due is not None and due <= self.clock.now():
             await self.drive(inst)
-            inst = await self.app.store.get_instance(instance_id)
+            inst = await self.store.get_instance(instance_id)
         return inst
 
     def claim(self, inst: Instance) -> bool:
@@ -165,7 +157,7 @@ class Terminator:
             self._inflight.discard(inst.id)
 
     async def _attempt(self, inst: Instance, provider_id: str) -> bool:
-        provider = self.app.providers.get(inst.provider)
+        provider = self.providers.get(inst.provider)
         if provider is None:
             await self._failed(inst, f"provider {inst.provider!r} is not configured")
             return False
@@ -173,8 +165,6 @@ class Terminator:
             await provider.destroy(provider_id)
             crashpoints.hit("after_destroy_call")
             seen = await provider.get(provider_id)
-        except asyncio.CancelledError:
-            raise
         except Exception as exc:  # any failure: retry later, never give up
             await self._failed(inst, f"{type(exc).__name__}: {exc}")
             return False
@@ -188,7 +178,7 @@ class Terminator:
         """The provider no longer has it: TERMINATED (writes the termination record)."""
         self._retry.pop(inst.id, None)
         try:
-            done = await self.app.store.transition_instance(
+            done = await self.store.transition_instance(
                 inst.id, InstanceState.TERMINATED, details=details
             )
         except IllegalTransition:  # someone else confirmed first
@@ -201,8 +191,6 @@ class Terminator:
             reason=done.reason.value if done.reason else None,
             cost=round(self._cost(done), 4),
         )
-        self.app.guard_wake.set()
-        self.app.jobs_wake.set()  # capacity freed
         return True
 
     @staticmethod
@@ -210,7 +198,7 @@ class Terminator:
         return policy.termination_of(inst, inst.terminated_at or inst.created_at).cost
 
     async def _failed(self, inst: Instance, error: str) -> None:
-        now = self.app.clock.now()
+        now = self.clock.now()
         r = self._retry.get(inst.id)
         if r is None:
             r = _Retry(attempts=int(inst.extra.get("destroy_attempts", 0)), at=now)
@@ -237,21 +225,19 @@ class Terminator:
             details = {k: v for k, v in fields.items() if k != "instance_id"}
             details["level"] = _LEVEL_NAMES[level]
             await self._quiet(
-                self.app.store.record(
+                self.store.record(
                     EntityKind.INSTANCE, inst.id, "destroy_retry", details, updates={"extra": extra}
                 )
             )
         else:
             log.debug("destroy_retry", **fields)
-            await self._quiet(self.app.store.update_instance(inst.id, extra=extra))
+            await self._quiet(self.store.update_instance(inst.id, extra=extra))
 
     @staticmethod
     async def _quiet(write: Any) -> None:
         """A bookkeeping write that must not stop the retries if it fails."""
         try:
             await write
-        except asyncio.CancelledError:
-            raise
         except Exception as exc:
             log.warning("destroy_bookkeeping_failed", error=str(exc))
 
@@ -260,8 +246,8 @@ class Terminator:
     async def orphan(self, seen: ProviderInstance, *, instance_id: str | None = None) -> Instance:
         """Track a labelled provider instance that matches nothing live: insert it as
         TERMINATING with reason orphan (so it has a termination record), then destroy it."""
-        store = self.app.store
-        now = self.app.clock.now()
+        store = self.store
+        now = self.clock.now()
         iid, label = await self._free_identity(seen, instance_id)
         row = Instance(
             id=iid,
@@ -279,7 +265,7 @@ class Terminator:
             provider_started_at=seen.started_at,
             terminating_at=now,
             reason=TerminationReason.ORPHAN,
-            billing=_billing_of(self.app, seen.provider),
+            billing=self._billing_of(seen.provider),
         )
         await store.insert_instance(
             row, details={"reason": "orphan", "provider_id": seen.provider_id}
@@ -299,9 +285,12 @@ class Terminator:
             label=seen.label,
             reason=TerminationReason.ORPHAN.value,
         )
-        self.app.guard_wake.set()
         await self.drive(row)
         return await store.get_instance(iid)
+
+    def _billing_of(self, provider: str) -> Billing:
+        p = self.providers.get(provider)
+        return p.billing if p is not None else Billing.PER_SECOND
 
     async def _free_identity(
         self, seen: ProviderInstance, instance_id: str | None
@@ -310,7 +299,7 @@ class Terminator:
         of plain rows always name their own id), otherwise a fresh id and a unique label."""
         if instance_id is not None:
             try:
-                await self.app.store.get_instance(instance_id)
+                await self.store.get_instance(instance_id)
             except NotFoundError:
                 return instance_id, seen.label
         return secrets.token_hex(4), f"{seen.label}/{seen.provider}/{seen.provider_id}"
@@ -319,9 +308,3 @@ class Terminator:
 def gone(seen: ProviderInstance | None) -> bool:
     """The provider confirms an instance no longer exists (or is terminated)."""
     return seen is None or seen.state is ProviderState.TERMINATED
-
-
-def _billing_of(app: App, provider: str) -> Billing:
-    p = app.providers.get(provider)
-    billing = getattr(p, "billing", Billing.PER_SECOND)
-    return billing if isinstance(billing, Billing) else Billing.PER_SECOND

@@ -2,7 +2,7 @@
 detached, follow its progress, fetch the images and check them.
 
 The remote side is a port (`Connector` -> `RemoteConn`) so that unit tests drive the runner
-with a hand-written fake; `SshConnector` is the real one (remote.py, asyncssh).
+with a hand-written fake; `SshConnector` is the real one (remote/ssh.py, asyncssh).
 
 Every step is safe to repeat, which is what makes restarts and SSH drops harmless:
 - the remote status (running / exited / dead / absent) decides whether to start or attach;
@@ -13,7 +13,6 @@ Every step is safe to repeat, which is what makes restarts and SSH drops harmles
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import enum
 import hashlib
@@ -432,9 +431,5 @@ def _write_atomic(path: Path, data: bytes) -> None:
 
 
 async def _quietly_close(conn: RemoteConn) -> None:
-    try:
+    with contextlib.suppress(*SSH_ERRORS):
         await conn.close()
-    except SSH_ERRORS:
-        pass
-    except asyncio.CancelledError:
-        raise

@@ -17,6 +17,7 @@ import structlog
 
 from gpuwarden.config import settings as config
 from gpuwarden.config.settings import ConfigError
+from gpuwarden.core.model import CONFIG_RELOADED, EntityKind
 from gpuwarden.fleet.app import App
 from gpuwarden.system import logs as glog
 from gpuwarden.system.systemd import Notifier
@@ -61,7 +62,13 @@ class ConfigReloader:
         if new.daemon.log_level != app.settings.daemon.log_level:
             glog.set_level(new.daemon.log_level)
         app.settings = new
-        app.guard_wake.set()
+        # Recorded, and the record is what wakes the guard: new limits may move deadlines.
+        await app.store.record(
+            EntityKind.DAEMON,
+            "daemon",
+            CONFIG_RELOADED,
+            {"changed": changed, "needs_restart": needs_restart},
+        )
         app.jobs_wake.set()
         log.info("config_reloaded", changed=changed, needs_restart=needs_restart)
         self.notifier.ready(self.status())

@@ -44,6 +44,7 @@ from gpuwarden.config.settings import EX_CONFIG, ConfigError, Settings
 from gpuwarden.core.clock import Clock, SystemClock
 from gpuwarden.core.heartbeat import Heartbeats
 from gpuwarden.fleet.app import App
+from gpuwarden.fleet.terminator import Terminator
 from gpuwarden.lifecycle import runtime, wiring
 from gpuwarden.lifecycle.reloader import ConfigReloader
 from gpuwarden.lifecycle.service import Service
@@ -95,10 +96,18 @@ def main(config_path: str | None = None) -> int:
 
 
 class Supervisor:
-    def __init__(self, settings: Settings, config_path: Path, clock: Clock | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        config_path: Path,
+        clock: Clock | None = None,
+        build_services: Callable[[App], list[Service]] = wiring.build_services,
+    ) -> None:
         self.settings = settings
         self.config_path = config_path
         self.clock = clock or SystemClock()
+        # Which loops run, given the wired context (tests pass their own).
+        self.build_services = build_services
         self.notifier = systemd.Notifier.from_env()
         self.stopping = asyncio.Event()
         self.reload_requested = asyncio.Event()
@@ -194,6 +203,7 @@ class Supervisor:
             store=store,
             providers=providers,
             heartbeats=Heartbeats(self.clock),
+            terminator=Terminator(store, self.clock, providers),
             stopping=self.stopping,
             started_monotonic=self.clock.monotonic(),
             ssh_key=key,
@@ -202,16 +212,14 @@ class Supervisor:
         self.reloader = ConfigReloader(app, self.config_path, self.notifier, self._status)
         app.reload = self.reloader.reload
         self.app = app
-        self.services = wiring.build_services(app)
+        self.services = self.build_services(app)
         names = [service.name for service in self.services]
         if len(set(names)) != len(names):  # task, heartbeat and STATUS names must be unique
             raise StartupFailed(EXIT_FAILED, "duplicate_service_names", services=names)
         for service in self.services:
-            start = getattr(service, "start", None)
-            if start is not None:
-                log.debug("service_starting", service=service.name)
-                self.notifier.status(f"starting: {service.name}")
-                await start()
+            log.debug("service_starting", service=service.name)
+            self.notifier.status(f"starting: {service.name}")
+            await service.start()
 
     def _ssh_key(self) -> tuple[Any, str]:
         pem, path = remote.key_source(self.settings)

@@ -3,9 +3,11 @@
 Event-driven, no fixed poll: each pass loads the live instances, asks `policy.decide` for a
 verdict at `now`, commits the intent for those due (the destroy calls run as tasks, so a slow
 provider never delays another instance's deadline), starts the retries that are due, then
-sleeps until the earliest next deadline or retry time, or until `app.guard_wake` (set by
-launches, extensions, activity and any instance event), and at most BEAT_EVERY so that its
-heartbeat stays fresh. An instance whose deadline is 0.3 s away is ended 0.3 s from now.
+sleeps until the earliest next deadline or retry time, or until the store records an event
+that may move a deadline (any instance event but progress and retry notes: launches,
+extensions, activity, strikes, state changes; and a config reload), and at most BEAT_EVERY so
+that its heartbeat stays fresh. Store events are the one way to wake it.
+An instance whose deadline is 0.3 s away is ended 0.3 s from now.
 """
 
 from __future__ import annotations
@@ -17,43 +19,46 @@ import structlog
 
 from gpuwarden.core import policy
 from gpuwarden.core.heartbeat import BEAT_EVERY
-from gpuwarden.core.model import EntityKind, Event, Instance, InstanceState, JobState
+from gpuwarden.core.model import (
+    CONFIG_RELOADED,
+    EntityKind,
+    Event,
+    Instance,
+    InstanceState,
+)
 from gpuwarden.fleet.app import App
-from gpuwarden.fleet.budget import limits_of
-from gpuwarden.fleet.terminator import Terminator, terminator_for
+from gpuwarden.fleet.busy import busy_instances, observations
 
 log = structlog.get_logger(__name__)
 
-# Jobs in these states hold their instance busy (activity at `now`).
-BUSY_JOB_STATES = (JobState.PROVISIONING, JobState.RUNNING, JobState.FETCHING)
 _QUIET_EVENTS = frozenset({"destroy_retry", "progress"})  # never move a deadline
-
-
-async def busy_instances(app: App) -> set[str]:
-    """Instances with a job on them (the jobs service owns those rows; we only read)."""
-    jobs = await app.store.jobs(BUSY_JOB_STATES)
-    return {j.instance_id for j in jobs if j.instance_id}
-
-
-def observations(inst: Instance, busy: set[str]) -> policy.Observations:
-    return policy.Observations(busy=inst.id in busy)
 
 
 class Guard:
     name = "guard"
 
-    def __init__(self, app: App, terminator: Terminator | None = None) -> None:
+    def __init__(self, app: App) -> None:
         self.app = app
-        self.terminator = terminator or terminator_for(app)
+        self.terminator = app.terminator
         self.passes = 0
+        self._wake = asyncio.Event()
         # Set while the loop sleeps between passes (tests wait on it instead of on time).
         self.asleep = asyncio.Event()
         self.next_wake: datetime | None = None
 
+    async def start(self) -> None:
+        """Nothing to prepare: the first pass runs as soon as the loop starts."""
+
+    def settled(self) -> bool:
+        """Asleep with no wake-up pending (tests wait on this instead of on time)."""
+        return self.asleep.is_set() and not self._wake.is_set()
+
     def _on_event(self, event: Event) -> None:
-        # Any instance change may move a deadline earlier (a new launch, a strike).
-        if event.kind is EntityKind.INSTANCE and event.name not in _QUIET_EVENTS:
-            self.app.guard_wake.set()
+        # Any instance change may move a deadline earlier (a new launch, a strike), and so
+        # may new limits.
+        instance = event.kind is EntityKind.INSTANCE and event.name not in _QUIET_EVENTS
+        if instance or (event.kind is EntityKind.DAEMON and event.name == CONFIG_RELOADED):
+            self._wake.set()
 
     async def run(self) -> None:
         app = self.app
@@ -66,7 +71,7 @@ class Guard:
                     app.heartbeats.beat(self.name)
                     self.next_wake = wake
                     self.asleep.set()
-                    await app.clock.sleep_until(wake, interrupt=app.guard_wake)
+                    await app.clock.sleep_until(wake, interrupt=self._wake)
                     self.asleep.clear()
         finally:
             unsubscribe()
@@ -76,8 +81,6 @@ class Guard:
         without dropping the destroy attempts in flight."""
         try:
             return await self.pass_once(tasks)
-        except asyncio.CancelledError:
-            raise
         except Exception:
             log.exception("guard_pass_failed")
             return self.app.clock.now() + timedelta(seconds=1)
@@ -85,7 +88,7 @@ class Guard:
     async def pass_once(self, tasks: asyncio.TaskGroup) -> datetime:
         """Judge every live instance at `now`; returns when the next pass is due."""
         app = self.app
-        limits = limits_of(app)
+        limits = app.limits()
         now = app.clock.now()
         wake = now + timedelta(seconds=BEAT_EVERY)
         live = await app.store.live_instances()
@@ -132,9 +135,7 @@ class Guard:
     async def _drive(self, inst: Instance) -> None:
         try:
             await self.terminator.drive(inst, claimed=True)
-        except asyncio.CancelledError:
-            raise
         except Exception:  # a bug must not take the guard down; the retry comes anyway
             log.exception("destroy_attempt_crashed", instance_id=inst.id, provider=inst.provider)
         finally:
-            self.app.guard_wake.set()  # re-plan: a retry time was set or it is gone
+            self._wake.set()  # re-plan: a retry time was set or it is gone

@@ -31,11 +31,17 @@ import structlog
 from gpuwarden.core import policy
 from gpuwarden.core.clock import format_ts
 from gpuwarden.core.heartbeat import BEAT_EVERY
-from gpuwarden.core.model import Instance, InstanceState, TerminationReason, label_prefix
+from gpuwarden.core.model import (
+    EntityKind,
+    Instance,
+    InstanceState,
+    TerminationReason,
+    label_prefix,
+)
 from gpuwarden.fleet import budget
 from gpuwarden.fleet.app import App
 from gpuwarden.fleet.launcher import record_provider_id, running_fields
-from gpuwarden.fleet.terminator import Terminator, gone, terminator_for
+from gpuwarden.fleet.terminator import gone
 from gpuwarden.providers.base import (
     InsufficientCredit,
     Provider,
@@ -54,9 +60,9 @@ _STATE_OF = {ProviderState.PENDING: InstanceState.PROVISIONING}
 class Reconciler:
     name = "reconciler"
 
-    def __init__(self, app: App, terminator: Terminator | None = None) -> None:
+    def __init__(self, app: App) -> None:
         self.app = app
-        self.terminator = terminator or terminator_for(app)
+        self.terminator = app.terminator
         self.passes = 0
         self.asleep = asyncio.Event()  # set while the loop sleeps (tests wait on it)
         self._misses: dict[str, int] = {}  # instance id -> consecutive misses past grace
@@ -85,8 +91,6 @@ class Reconciler:
     async def _safe_pass(self) -> None:
         try:
             await self.pass_once()
-        except asyncio.CancelledError:
-            raise
         except Exception:  # a bug in one pass must not stop the next
             log.exception("reconcile_pass_failed")
 
@@ -95,8 +99,6 @@ class Reconciler:
         for name, provider in list(self.app.providers.items()):
             try:
                 listed = await provider.list_instances(prefix)
-            except asyncio.CancelledError:
-                raise
             except InsufficientCredit as exc:
                 await budget.credit_stop(self.app, provider=name, why=str(exc))
                 continue
@@ -197,7 +199,6 @@ class Reconciler:
                 )
             except (IllegalTransition, NotFoundError):
                 return  # changed under us; the next pass sees the new state
-            self.app.guard_wake.set()
             await self.terminator.drive(ended)
         else:  # TERMINATING without an id: keep its reason, destroy by the id found
             await record_provider_id(self.app, inst.id, seen.provider_id, seen)
@@ -208,8 +209,6 @@ class Reconciler:
             return
         try:
             await provider.destroy(seen.provider_id)
-        except asyncio.CancelledError:
-            raise
         except Exception as exc:
             log.warning("destroy_failed", provider=seen.provider, error=str(exc))
 
@@ -237,13 +236,20 @@ class Reconciler:
                     return
                 fields |= {k: v for k, v in endpoint.items() if getattr(inst, k) != v}
             if fields:
-                await store.update_instance(inst.id, **fields)
-                self.app.guard_wake.set()  # the provider's start time may move the hard cap
+                # An event, not a silent update: the provider's start time may move the hard
+                # cap, and the event is what wakes the guard.
+                await store.record(
+                    EntityKind.INSTANCE,
+                    inst.id,
+                    "provider_updated",
+                    {k: format_ts(v) if isinstance(v, datetime) else v for k, v in fields.items()},
+                    updates=fields,
+                )
         except (IllegalTransition, NotFoundError):
             return  # changed under us; the next pass sees the new state
 
     async def _missing(self, inst: Instance, provider: Provider, now: datetime) -> None:
-        limits = budget.limits_of(self.app)
+        limits = self.app.limits()
         if inst.state is InstanceState.TERMINATING and inst.provider_id is not None:
             await self._confirm_if_gone(inst, inst.provider_id, provider, now)
             return
@@ -259,8 +265,6 @@ class Reconciler:
             return
         try:
             seen = await provider.get(inst.provider_id)
-        except asyncio.CancelledError:
-            raise
         except Exception:
             return
         if gone(seen):
@@ -280,8 +284,6 @@ class Reconciler:
             return  # an attempt is in flight; it confirms by itself
         try:
             seen = await provider.get(provider_id)
-        except asyncio.CancelledError:
-            raise
         except Exception:
             return  # the guard's retries go on
         if gone(seen):
@@ -322,7 +324,7 @@ class Reconciler:
         settings = self.app.settings
         reason = policy.vanish_reason(
             inst,
-            budget.limits_of(self.app),
+            self.app.limits(),
             first_missed,
             switch=deadman.switch_can_end(settings, inst.provider),
         )
@@ -354,8 +356,6 @@ class Reconciler:
         floor = self.app.settings.budget.credit_floor
         try:
             account = await provider.account()
-        except asyncio.CancelledError:
-            raise
         except InsufficientCredit as exc:
             await budget.credit_stop(self.app, provider=name, why=str(exc))
             return

@@ -38,8 +38,6 @@ from gpuwarden.core.heartbeat import BEAT_EVERY
 from gpuwarden.core.model import EntityKind, Event, Instance, InstanceState, TerminationReason
 from gpuwarden.core.policy import strikes_after, struck_out
 from gpuwarden.fleet.app import App
-from gpuwarden.fleet.limits import limits_from
-from gpuwarden.fleet.terminator import terminator_for
 from gpuwarden.remote import ssh as remote
 from gpuwarden.remote.deploy import deploy_file
 from gpuwarden.store import NotFoundError
@@ -229,6 +227,9 @@ class Watchdog:
     def interval(self) -> float:
         return max(1.0, self.app.settings.policy.watchdog_interval.total_seconds())
 
+    async def start(self) -> None:
+        """Nothing to prepare: the first pass runs as soon as the loop starts."""
+
     async def run(self) -> None:
         try:
             while not self.app.stopping.is_set():
@@ -285,8 +286,6 @@ class Watchdog:
                 await self._failed(instance_id, exc)
                 return
             await self._passed(instance_id, result)
-        except asyncio.CancelledError:
-            raise
         except Exception:  # a bug or a store error: log it, the next slot tries again
             log.exception("probe_error", instance_id=instance_id)
 
@@ -303,7 +302,7 @@ class Watchdog:
         inst = await self._fresh(instance_id)
         if inst is None:
             return
-        limits = limits_from(self.app.settings)
+        limits = self.app.limits()
         limit = limits.watchdog_failures
         strikes = strikes_after(inst, probe_ok=False)
         now = self.app.clock.now()
@@ -338,8 +337,7 @@ class Watchdog:
             strikes=strikes,
         )
         # The intent is committed first; an instance already ending keeps its first reason.
-        await terminator_for(self.app).end(inst.id, reason, details)
-        self.app.guard_wake.set()
+        await self.app.terminator.end(inst.id, reason, details)
 
     async def _passed(self, instance_id: str, result: ProbeResult) -> None:
         inst = await self._fresh(instance_id)
@@ -376,6 +374,5 @@ class Watchdog:
                 {"source": "probe", "why": why, **result.to_json()},
                 updates={**updates, "last_activity": now},
             )
-            self.app.guard_wake.set()
         elif updates:
             await store.update_instance(instance_id, **updates)

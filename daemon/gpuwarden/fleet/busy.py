@@ -1,0 +1,21 @@
+"""Which instances have a job on them: the guard treats them as active at `now`, and
+`status` shows it. The jobs loop owns the job rows; this only reads them."""
+
+from __future__ import annotations
+
+from gpuwarden.core import policy
+from gpuwarden.core.model import Instance, JobState
+from gpuwarden.fleet.app import App
+
+# Jobs in these states hold their instance busy (activity at `now`).
+BUSY_JOB_STATES = (JobState.PROVISIONING, JobState.RUNNING, JobState.FETCHING)
+
+
+async def busy_instances(app: App) -> set[str]:
+    """Instances with a job on them (the jobs service owns those rows; we only read)."""
+    jobs = await app.store.jobs(BUSY_JOB_STATES)
+    return {j.instance_id for j in jobs if j.instance_id}
+
+
+def observations(inst: Instance, busy: set[str]) -> policy.Observations:
+    return policy.Observations(busy=inst.id in busy)

@@ -1,0 +1,259 @@
+"""Renting and readying an instance for a job, and putting a job back in the queue: the
+steps of the jobs loop (service.py) that talk to providers and wait for SSH.
+
+`Renting` holds what those steps share with the loop: the context, the jobs settings, the
+launch and end functions (injected, so tests can stand in for the cloud), the runner, and
+what each rented machine offers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from datetime import timedelta
+
+import structlog
+
+from gpuwarden.core import errors
+from gpuwarden.core.model import (
+    EntityKind,
+    Instance,
+    InstanceState,
+    Job,
+    JobState,
+    TerminationReason,
+)
+from gpuwarden.fleet.app import App
+from gpuwarden.jobs import decisions as queue
+from gpuwarden.jobs.runner import Runner
+from gpuwarden.providers.base import InsufficientCredit, Offer, ProviderError, ProviderState
+from gpuwarden.store import IllegalTransition
+
+log = structlog.get_logger(__name__)
+
+BACKOFF = timedelta(seconds=30)  # before a job whose launch could not happen is tried again
+
+LaunchFn = Callable[[App, Offer, str], Awaitable[Instance]]
+EndFn = Callable[[App, str, TerminationReason], Awaitable[None]]
+
+
+async def default_launch(app: App, offer: Offer, job_id: str) -> Instance:
+    from gpuwarden.fleet import launcher
+
+    return await launcher.launch(app, offer, job_id=job_id)
+
+
+async def default_end(app: App, instance_id: str, reason: TerminationReason) -> None:
+
+    await app.terminator.end(instance_id, reason)
+
+
+class Renting:
+    def __init__(self, app: App, *, launch: LaunchFn, end: EndFn) -> None:
+        self.app = app
+        self.settings = app.settings.jobs
+        self._launch_fn = launch
+        self._end_fn = end
+        self._caps: dict[str, queue.Capability] = {}
+        self.runner: Runner | None = None
+
+    async def _launch(self, job: Job) -> Instance | None:
+        offers = await self._offers(job)
+        if offers is None:
+            await self._requeue(job.id, "no provider answered the offer search", bump=False)
+            return None
+        if not offers:
+            await self._fail(job.id, "no offer meets the job (GPU RAM, max price, reliability)")
+            return None
+        tried: list[str] = []
+        for offer in offers:
+            if (await self.app.store.get_job(job.id)).state.terminal:
+                return None
+            try:
+                inst = await self._launch_fn(self.app, offer, job.id)
+            except (errors.BudgetExceeded, errors.QueuePaused, InsufficientCredit) as exc:
+                await self._requeue(job.id, str(exc), bump=False)
+                return None
+            except (errors.DomainError, ProviderError) as exc:
+                log.info(
+                    "job_offer_failed",
+                    job_id=job.id,
+                    provider=offer.provider,
+                    offer_id=offer.offer_id,
+                    error=str(exc),
+                )
+                tried.append(queue.offer_key(offer))
+                continue
+            await self._adopt(job, inst, offer)
+            return inst
+        await self._requeue(job.id, "every offer refused the launch", avoid=tried)
+        return None
+
+    async def _offers(self, job: Job) -> list[Offer] | None:
+        want = queue.requirements(
+            job.spec,
+            default_gpu_ram_gb=self.settings.gpu_ram_gb,
+            min_reliability=self.settings.min_reliability,
+            budget_max_price=self.app.settings.budget.max_hourly_price,
+        )
+        providers = list(self.app.providers.values())
+        answers = await asyncio.gather(
+            *(p.search_offers(want) for p in providers), return_exceptions=True
+        )
+        found: list[Offer] = []
+        answered = False
+        for provider, answer in zip(providers, answers, strict=True):
+            if isinstance(answer, asyncio.CancelledError):
+                raise answer
+            if isinstance(answer, BaseException):
+                log.warning("job_offer_search_failed", provider=provider.name, error=str(answer))
+                continue
+            answered = True
+            found += answer
+        if not answered:
+            return None
+        avoid = job.extra.get("avoid", [])
+        return queue.rank_offers(found, want, avoid if isinstance(avoid, list) else [])
+
+    async def _adopt(self, job: Job, inst: Instance, offer: Offer) -> None:
+        self._caps[inst.id] = queue.Capability(offer.gpu_ram_gb, offer.price_per_hour)
+        current = await self.app.store.get_job(job.id)
+        offer_info = {
+            "provider": offer.provider,
+            "offer_id": offer.offer_id,
+            "gpu": offer.gpu_name,
+            "gpu_ram_gb": offer.gpu_ram_gb,
+            "price_per_hour": offer.price_per_hour,
+        }
+        await self.app.store.update_job(
+            job.id, instance_id=inst.id, extra={**current.extra, "offer": offer_info}
+        )
+        if inst.job_id != job.id:
+            await self.app.store.update_instance(inst.id, job_id=job.id)
+
+    async def _wait_ready(self, job: Job, inst: Instance, *, fresh: bool) -> Instance | None:
+        """Until SSH answers (the instance, RUNNING), or None: gone, or jobs.ssh_wait passed
+        (then it is ended with reason launch_failed and the job queued again elsewhere)."""
+        clock = self.app.clock
+        deadline = clock.monotonic() + self.settings.ssh_wait.total_seconds()
+        assert self.runner is not None
+        while True:
+            inst = await self.app.store.get_instance(inst.id)
+            if not inst.state.live or inst.state is InstanceState.TERMINATING:
+                await self._requeue(job.id, f"instance {inst.id} ended before the job ran")
+                return None
+            inst = await self._refresh_endpoint(inst)
+            if inst.ssh_host and inst.ssh_port and await self._ssh_answers(inst):
+                return await self._mark_running(inst, fresh=fresh)
+            if clock.monotonic() >= deadline:
+                break
+            await clock.sleep(self.runner.poll)
+        log.warning("job_ssh_timeout", job_id=job.id, instance_id=inst.id, provider=inst.provider)
+        await self._end(inst.id, TerminationReason.LAUNCH_FAILED)
+        avoid = [f"{inst.provider}:{inst.offer_id}"]
+        await self._requeue(job.id, f"no SSH on {inst.id} within jobs.ssh_wait", avoid=avoid)
+        return None
+
+    async def _refresh_endpoint(self, inst: Instance) -> Instance:
+        """Ask the provider for the SSH endpoint while our row has none (or is not running)."""
+        if inst.state is InstanceState.RUNNING and inst.ssh_host and inst.ssh_port:
+            return inst
+        provider = self.app.providers.get(inst.provider)
+        if provider is None or inst.provider_id is None:
+            return inst
+        try:
+            seen = await provider.get(inst.provider_id)
+        except ProviderError as exc:
+            log.info("job_provider_get_failed", instance_id=inst.id, error=str(exc))
+            return inst
+        if seen is None or seen.state is not ProviderState.RUNNING or not seen.ssh_host:
+            return inst
+        endpoint = (seen.ssh_host, seen.ssh_port, seen.ssh_user)
+        if endpoint != (inst.ssh_host, inst.ssh_port, inst.ssh_user):
+            inst = await self.app.store.update_instance(
+                inst.id, ssh_host=seen.ssh_host, ssh_port=seen.ssh_port, ssh_user=seen.ssh_user
+            )
+        return inst
+
+    async def _ssh_answers(self, inst: Instance) -> bool:
+        assert self.runner is not None
+        try:
+            conn = await self.runner.connector.connect(inst)
+        except Exception:  # not up yet: any failure to connect means "try again"
+            return False
+        try:
+            await conn.close()
+        except Exception:  # closing a fresh connection may fail; it answered
+            log.debug("job_ssh_close_failed", instance_id=inst.id)
+        return True
+
+    async def _mark_running(self, inst: Instance, *, fresh: bool) -> Instance:
+        if inst.state in (InstanceState.REQUESTED, InstanceState.PROVISIONING):
+            try:
+                inst = await self.app.store.transition_instance(
+                    inst.id, InstanceState.RUNNING, details={"by": "jobs"}
+                )
+            except IllegalTransition:
+                inst = await self.app.store.get_instance(inst.id)
+        if fresh:
+            seconds = (self.app.clock.now() - inst.created_at).total_seconds()
+            await self._remember_cold_start(inst, seconds)
+        return inst
+
+    async def _remember_cold_start(self, inst: Instance, seconds: float) -> None:
+        key = queue.cold_start_key(inst.provider, inst.gpu)
+        stats = queue.add_sample(await self.app.store.get_flag(key), seconds)
+        await self.app.store.record(
+            EntityKind.INSTANCE, inst.id, "cold_start", {"seconds": round(seconds, 3), **stats}
+        )
+        await self.app.store.set_flag(key, stats, reason="cold_start")
+
+    # --- after a job ---------------------------------------------------------------------
+
+    async def _end(self, instance_id: str, reason: TerminationReason) -> None:
+        try:
+            await self._end_fn(self.app, instance_id, reason)
+        except Exception as exc:  # the guard and the reconciler still hold it to its deadline
+            log.error("job_instance_end_failed", instance_id=instance_id, error=str(exc))
+
+    # --- requeue / fail ------------------------------------------------------------------
+
+    async def _requeue(
+        self, job_id: str, why: str, *, bump: bool = True, avoid: list[str] | None = None
+    ) -> None:
+        """Queue the job again (attempt + 1, unless the launch never got to happen), or fail
+        it once jobs.max_attempts attempts were made. A terminal job is left alone."""
+        job = await self.app.store.get_job(job_id)
+        if job.state.terminal:
+            return
+        attempt = job.attempt + (1 if bump else 0)
+        if attempt >= self.settings.max_attempts:
+            await self._fail(job_id, f"{why} (after {attempt} attempts)")
+            return
+        extra = {k: v for k, v in job.extra.items() if k not in ("assigned_at", "offer")}
+        if avoid:
+            extra["avoid"] = sorted({*extra.get("avoid", []), *avoid})
+        if not bump:
+            extra["not_before"] = (self.app.clock.now() + BACKOFF).isoformat()
+        try:
+            await self.app.store.transition_job(
+                job_id,
+                JobState.QUEUED,
+                reason="retry",
+                details={"why": why, "attempt": attempt},
+                attempt=attempt,
+                instance_id=None,
+                error=why,
+                extra=extra,
+            )
+        except IllegalTransition:
+            return
+        log.info("job_requeued", job_id=job_id, attempt=attempt, reason=why)
+        self.app.jobs_wake.set()
+
+    async def _fail(self, job_id: str, why: str) -> None:
+        try:
+            await self.app.store.transition_job(job_id, JobState.FAILED, reason="error", error=why)
+        except IllegalTransition:
+            return
+        log.warning("job_failed", job_id=job_id, error=why)
