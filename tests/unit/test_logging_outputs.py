@@ -25,6 +25,7 @@ from gpuwarden.system import systemd
 def reset() -> Iterator[None]:
     yield
     structlog.reset_defaults()
+    glog.close()
     glog.clear_secrets()
 
 
