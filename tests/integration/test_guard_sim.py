@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sim_support import KEY, running_sim, until
+from sim_support import KEY, running_sim
+from tests.conftest import eventually
 
 from gpuwarden.cli.client import ControlClient
 from gpuwarden.core.clock import parse_ts
@@ -117,7 +118,7 @@ connect_timeout = "2s"
             return self.sock.exists()
 
         # The socket binds after the reconciler's first pass: it is "ready".
-        await until(listening, 30, "the daemon's control socket")
+        await eventually(listening, timeout=30, what="the daemon's control socket")
         self.ready_at = self.sim.clock.now()
 
     async def call(self, method: str, params: dict[str, Any] | None = None) -> Any:
@@ -167,7 +168,7 @@ async def all_ended(sim: SimCloud, timeout: float, what: str) -> list[dict[str, 
     async def done() -> bool:
         return all(r["ended_at"] for r in ledger(sim))
 
-    await until(done, timeout, what)
+    await eventually(done, timeout=timeout, what=what)
     return ledger(sim)
 
 
@@ -178,7 +179,7 @@ async def records(d: Daemon, count: int, timeout: float = 10) -> list[dict[str, 
     async def written() -> bool:
         return len(await d.call("history", {"hours": 1})) >= count
 
-    await until(written, timeout, f"{count} termination record(s)")
+    await eventually(written, timeout=timeout, what=f"{count} termination record(s)")
     out: list[dict[str, Any]] = await d.call("history", {"hours": 1})
     return out
 

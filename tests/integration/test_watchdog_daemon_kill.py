@@ -21,7 +21,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
-from sim_support import until
+from tests.conftest import eventually
 
 from gpuwarden.cli.client import ControlClient
 from gpuwarden.cli.commands_control import status_rows
@@ -100,7 +100,7 @@ connect_timeout = "2s"
             assert proc.returncode is None, "the daemon exited"
             return sock.exists()
 
-        await until(listening, 30, "the daemon's control socket")
+        await eventually(listening, timeout=30, what="the daemon's control socket")
         return proc
 
     daemon = await start_daemon()
@@ -117,7 +117,7 @@ connect_timeout = "2s"
             mine = [r for r in rows if r.get("id") == iid]
             return bool(mine) and mine[0].get("last_probe_ok") is True
 
-        await until(probed, 20, "the daemon's watchdog to probe the instance")
+        await eventually(probed, timeout=20, what="the daemon's watchdog to probe the instance")
         rows = [r for r in sim.ledger()["instances"] if r["ended_by"] is None]
         assert len(rows) == 1
         provider_id = rows[0]["instance_id"]
@@ -134,7 +134,7 @@ connect_timeout = "2s"
             age = (sim.clock.now() - datetime.fromisoformat(booted)).total_seconds()
             return age > DEADMAN_TIMEOUT + 2.5
 
-        await until(past_timeout, 10, "the dead-man timeout to pass")
+        await eventually(past_timeout, timeout=10, what="the dead-man timeout to pass")
         assert sim.core.ledger.get("vast", provider_id).ended_at is None  # type: ignore[union-attr]
         assert "watching" in log.read_text()
 
@@ -146,7 +146,9 @@ connect_timeout = "2s"
             entry = sim.core.ledger.get("vast", provider_id)
             return entry is not None and entry.ended_at is not None
 
-        await until(ended, 4 * DEADMAN_TIMEOUT + 5, "the dead-man switch to end the instance")
+        await eventually(
+            ended, timeout=4 * DEADMAN_TIMEOUT + 5, what="the dead-man switch to end the instance"
+        )
         entry = sim.core.ledger.get("vast", provider_id)
         assert entry is not None and entry.ended_at is not None
         assert entry.ended_by == "api:instance_key"  # the container's own key
@@ -167,7 +169,9 @@ connect_timeout = "2s"
         async def silent_long_enough() -> bool:  # the switch rounds to whole seconds
             return sim.clock.now() >= last_probe + DEADMAN_TIMEOUT * SECOND + SECOND / 2
 
-        await until(silent_long_enough, 5, "the dead-man timeout since the last probe")
+        await eventually(
+            silent_long_enough, timeout=5, what="the dead-man timeout since the last probe"
+        )
         sock.unlink(missing_ok=True)  # the killed daemon left it; wait for the new one's
         daemon = await start_daemon()
 
@@ -191,7 +195,12 @@ connect_timeout = "2s"
         async def terminated() -> bool:
             return bool(await recorded())
 
-        await until(terminated, 30, "the restarted daemon to record the termination", 0.5)
+        await eventually(
+            terminated,
+            timeout=30,
+            what="the restarted daemon to record the termination",
+            interval=0.5,
+        )
         [record] = await recorded()
         assert record["reason"] == "deadman"
         assert record["provider_id"] == provider_id

@@ -28,16 +28,16 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from guard_support import T0, settings, until
+from guard_support import settings
 from hypothesis import HealthCheck
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from tests.conftest import T0, eventually, open_app
 
 from gpuwarden.control import instances as api
 from gpuwarden.core import errors, policy
 from gpuwarden.core.clock import FakeClock
-from gpuwarden.core.heartbeat import Heartbeats
 from gpuwarden.core.model import (
     Instance,
     InstanceState,
@@ -54,7 +54,6 @@ from gpuwarden.loops.guard import Guard
 from gpuwarden.loops.reconciler import Reconciler
 from gpuwarden.providers.base import LaunchSpec
 from gpuwarden.providers.fake import FakeProvider
-from gpuwarden.store import Store
 
 # Durations scaled down (the rules are the same at any scale) so that an example is fast.
 POLL = timedelta(seconds=10)
@@ -85,6 +84,7 @@ class GuardMachine(RuleBasedStateMachine):
         self.uncertain: set[str] = set()  # launches whose outcome was unknown
         self.lag_seen: timedelta = timedelta(0)
         self.tasks: list[asyncio.Task[None]] = []
+        self.opened = contextlib.AsyncExitStack()  # the App of the current "daemon"
         self.app: App = self.run(self._boot())
 
     # --- plumbing -------------------------------------------------------------------
@@ -93,14 +93,7 @@ class GuardMachine(RuleBasedStateMachine):
         return self.loop.run_until_complete(coro)
 
     async def _boot(self) -> App:
-        store = await Store.open(self.dir / "gpuwarden.db", self.clock)
-        app = App(
-            settings=self.conf,
-            clock=self.clock,
-            store=store,
-            providers={"fake": self.fake},
-            heartbeats=Heartbeats(self.clock),
-        )
+        app = await self.opened.enter_async_context(open_app(self.conf, self.clock, [self.fake]))
         self.guard = Guard(app)
         self.reconciler = Reconciler(app)
         await self.reconciler.start()
@@ -118,18 +111,19 @@ class GuardMachine(RuleBasedStateMachine):
         for t in self.tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await t
-        await self.app.store.close()
+        await self.opened.aclose()
 
     async def _quiet(self) -> None:
         term = terminator_for(self.app)
-        await until(
+        await eventually(
             lambda: (
                 self.guard.asleep.is_set()
                 and self.reconciler.asleep.is_set()
                 and not self.app.guard_wake.is_set()
                 and not term.busy
             ),
-            10,
+            timeout=10,
+            interval=0.001,
         )
 
     async def _advance(self, seconds: float) -> None:

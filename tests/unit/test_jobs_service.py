@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from jobs_fakes import FakeConnector, add_instance, add_job, make_app
+from jobs_fakes import FakeConnector, add_instance, add_job, settings
+from tests.conftest import MakeApp
 
 from gpuwarden.control import jobs as api
 from gpuwarden.core import policy
@@ -114,11 +115,14 @@ async def _busy(env: Env) -> bool:
 
 
 @pytest.fixture
-async def make_env(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[Env]]]:
+async def make_env(
+    tmp_path: Path, make_app: MakeApp
+) -> AsyncIterator[Callable[..., Awaitable[Env]]]:
     envs: list[Env] = []
 
     async def make(*, start: bool = True, **jobs: Any) -> Env:
-        app, clock = await make_app(tmp_path, **{"ssh_wait": "120s", **jobs})
+        clock = FakeClock()
+        app = await make_app(settings(tmp_path, **{"ssh_wait": "120s", **jobs}), clock)
         provider = FakeProvider(clock, "fake", boot_delay=timedelta(seconds=60))
         app.providers["fake"] = provider
         cloud = Cloud(provider)
