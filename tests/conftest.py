@@ -15,7 +15,7 @@ import os
 import shutil
 import tempfile
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -209,9 +209,3 @@ class LoopThread:
     def run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
         """Run `coro` on the loop and wait (up to `timeout` s) for its result."""
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-
-def awaitable(fn: Callable[[], T]) -> Callable[[], Awaitable[T]]:
-    """`fn` run in a worker thread: for a blocking check (one that runs its own event loop,
-    like the CLI's `main`) passed to `eventually`."""
-    return lambda: asyncio.to_thread(fn)

@@ -10,24 +10,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
-import shutil
-import signal
 import sqlite3
 import sys
-import tempfile
 from collections.abc import AsyncIterator
 from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
-from tests.conftest import eventually
+from tests.conftest import daemon_env, eventually
 
 from gpuwarden.cli.client import ControlClient
 from gpuwarden.cli.commands_control import status_rows
 from gpuwarden.config.settings import SimSettings
 from gpuwarden.core.clock import parse_ts
 from gpuwarden.sim.server import SimCloud
+from gpuwarden.system.childproc import DaemonProcess
 
 pytestmark = pytest.mark.slow
 
@@ -49,11 +46,10 @@ async def sim(tmp_path: Path) -> AsyncIterator[SimCloud]:
 
 
 async def test_sigkilled_daemon_leaves_the_switch_to_end_the_instance(
-    tmp_path: Path, sim: SimCloud
+    tmp_path: Path, short_dir: Path, sim: SimCloud
 ) -> None:
     assert sim.urls is not None
-    short = Path(tempfile.mkdtemp(prefix="gwk-", dir="/tmp"))  # AF_UNIX paths are short
-    sock = short / "control.sock"
+    sock = short_dir / "control.sock"  # AF_UNIX paths are short
     config = tmp_path / "config.toml"
     config.write_text(
         f"""
@@ -80,27 +76,11 @@ api_key = "sim-key"
 connect_timeout = "2s"
 """
     )
-    env = {**os.environ, "GPUWARDEN_CONFIG": str(config), "GPUWARDEN_SOCKET": str(sock)}
-    env.pop("NOTIFY_SOCKET", None)
+    env = daemon_env(GPUWARDEN_CONFIG=str(config), GPUWARDEN_SOCKET=str(sock))
 
-    async def start_daemon() -> asyncio.subprocess.Process:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "gpuwarden",
-            "run",
-            "--config",
-            str(config),
-            env=env,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.DEVNULL,
-        )
-
-        async def listening() -> bool:
-            assert proc.returncode is None, "the daemon exited"
-            return sock.exists()
-
-        await eventually(listening, timeout=30, what="the daemon's control socket")
+    async def start_daemon() -> DaemonProcess:
+        proc = await DaemonProcess.start(config, env)
+        await proc.wait_for("daemon_ready", 30)
         return proc
 
     daemon = await start_daemon()
@@ -138,8 +118,8 @@ connect_timeout = "2s"
         assert sim.core.ledger.get("vast", provider_id).ended_at is None  # type: ignore[union-attr]
         assert "watching" in log.read_text()
 
-        daemon.send_signal(signal.SIGKILL)  # no shutdown, no destroy: the host "died"
-        await asyncio.wait_for(daemon.wait(), 10)
+        daemon.kill()  # no shutdown, no destroy: the host "died"
+        await daemon.wait(10)
         killed_at = sim.clock.now()
 
         async def ended() -> bool:
@@ -205,7 +185,5 @@ connect_timeout = "2s"
         assert record["reason"] == "deadman"
         assert record["provider_id"] == provider_id
     finally:
-        if daemon.returncode is None:
-            daemon.send_signal(signal.SIGKILL)
-            await daemon.wait()
-        shutil.rmtree(short, ignore_errors=True)
+        daemon.kill()
+        await daemon.wait(30)
