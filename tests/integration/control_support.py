@@ -1,52 +1,31 @@
 """Helpers for the control socket tests: a ControlServer on a short temporary socket path
 (AF_UNIX paths are limited to 108 bytes, so not under pytest's long tmp_path) with a minimal
-App: a real Store, the system clock (or a given one), no providers."""
+App (tests/conftest.py's open_app): a real Store, the system clock (or a given one), no
+providers."""
 
 from __future__ import annotations
 
 import asyncio
 import json
-import shutil
-import tempfile
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager, suppress
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from tests.conftest import open_app, short_tmp
+
 from gpuwarden.config.settings import DaemonSettings, Settings
 from gpuwarden.control.methods import Method
 from gpuwarden.control.server import ControlServer
-from gpuwarden.core.clock import Clock, SystemClock
-from gpuwarden.core.heartbeat import Heartbeats
 from gpuwarden.fleet.app import App
-from gpuwarden.fleet.terminator import Terminator
-from gpuwarden.store import Store
 
 
-def short_dir() -> Path:
-    return Path(tempfile.mkdtemp(prefix="gwc-", dir="/tmp"))
-
-
-@asynccontextmanager
-async def make_app(base: Path, *, clock: Clock | None = None, **daemon: Any) -> AsyncIterator[App]:
-    settings = Settings(
+def control_settings(base: Path, **daemon: Any) -> Settings:
+    """State in `base`, the socket at base/run/control.sock, and the given [daemon] keys."""
+    return Settings(
         daemon=DaemonSettings(state_dir=base, socket=base / "run" / "control.sock", **daemon)
     )
-    clock = clock or SystemClock()
-    store = await Store.open(base / "gpuwarden.db", clock)
-    try:
-        yield App(
-            settings,
-            clock,
-            store,
-            {},
-            Heartbeats(clock),
-            Terminator(store, clock, {}),
-            started_monotonic=clock.monotonic(),
-        )
-    finally:
-        await store.close()
 
 
 @asynccontextmanager
@@ -57,11 +36,11 @@ async def running_server(
     request_timeout: float = 30.0,
     **daemon: Any,
 ) -> AsyncIterator[tuple[ControlServer, App]]:
-    base = short_dir()
-    try:
-        async with make_app(
+    with short_tmp() as base:
+        settings = control_settings(
             base, request_timeout=timedelta(seconds=request_timeout), **daemon
-        ) as app:
+        )
+        async with open_app(settings) as app:
             server = ControlServer(app, methods=methods, event_queue=event_queue)
             await server.start()
             task = asyncio.create_task(server.run())
@@ -70,8 +49,6 @@ async def running_server(
             finally:
                 app.stopping.set()
                 await asyncio.wait_for(task, 10)
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
 
 
 class Raw:

@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sim_support import sim_app, until
+from sim_support import sim_app
+from tests.conftest import eventually
 
 from gpuwarden.config.settings import Settings
 from gpuwarden.control import jobs as api
@@ -103,7 +104,7 @@ class JobEnv:
         async def reached() -> bool:
             return (await self.job(job_id)).state in states
 
-        await until(reached, timeout, f"job {job_id} to reach {sorted(states)}")
+        await eventually(reached, timeout=timeout, what=f"job {job_id} to reach {sorted(states)}")
         return await self.job(job_id)
 
     def sandbox(self, provider_id: str) -> Path:

@@ -1,11 +1,11 @@
 """Helpers for tests that run the simulated cloud: start/stop it, build the real clients
-against it (or a whole App without its loops), wait for SSH or a condition, and read its
-ledger."""
+against it (or a whole App without its loops), run a command over SSH, and read its
+ledger. (Waiting for a condition is tests/conftest.py's `eventually`.)"""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -14,12 +14,11 @@ from typing import Any
 
 import asyncssh
 import httpx
+from tests.conftest import open_app
 
 from gpuwarden.config.settings import Settings, SimFaultSettings, SimSettings
 from gpuwarden.core.clock import Clock, SystemClock
-from gpuwarden.core.heartbeat import Heartbeats
 from gpuwarden.fleet.app import App
-from gpuwarden.fleet.terminator import Terminator
 from gpuwarden.providers import build_providers
 from gpuwarden.providers.base import Provider
 from gpuwarden.providers.http import Backoff
@@ -27,7 +26,6 @@ from gpuwarden.providers.lambdacloud import LambdaClient
 from gpuwarden.providers.vast import VastClient
 from gpuwarden.remote.ssh import load_or_create_key
 from gpuwarden.sim import SimCloud, SimUrls
-from gpuwarden.store import Store
 
 BOOT = timedelta(seconds=0.2)
 QUICK = Backoff(base=0.01, cap=0.05, rate_limited_base=0.01, max_retry_after=1.0)
@@ -75,31 +73,20 @@ async def sim_app(
     providers = build_providers(settings, clock, sim_urls=await sim.start())
     if wrap is not None:
         providers = wrap(providers)
-    store = await Store.open(tmp / "state" / "gpuwarden.db", clock)
-    app = App(
-        settings, clock, store, providers, Heartbeats(clock), Terminator(store, clock, providers)
-    )
-    app.ssh_key, app.ssh_public_key = load_or_create_key(None, tmp / "state" / "ssh" / "key")
-    env = SimApp(app, sim)
-    try:
-        yield env
-    finally:
-        app.stopping.set()
-        for t in env.tasks:
-            t.cancel()
-        await asyncio.gather(*env.tasks, return_exceptions=True)
-        for p in providers.values():
-            with suppress(Exception):
-                await p.aclose()
-        await sim.stop()
-        await store.close()
-
-
-async def until(
-    cond: Callable[[], Awaitable[bool]], timeout: float, what: str, interval: float = 0.05
-) -> None:
-    """Poll a condition on real processes with a short bounded wait and an overall bound."""
-    await _poll(cond, timeout, interval, lambda _: f"timed out waiting for {what}")
+    async with open_app(settings, clock, providers.values()) as app:
+        app.ssh_key, app.ssh_public_key = load_or_create_key(None, tmp / "state" / "ssh" / "key")
+        env = SimApp(app, sim)
+        try:
+            yield env
+        finally:
+            app.stopping.set()
+            for t in env.tasks:
+                t.cancel()
+            await asyncio.gather(*env.tasks, return_exceptions=True)
+            for p in providers.values():
+                with suppress(Exception):
+                    await p.aclose()
+            await sim.stop()
 
 
 def urls(cloud: SimCloud) -> SimUrls:
@@ -132,39 +119,6 @@ def lambda_client(cloud: SimCloud, *, max_retries: int = 3, key: str = KEY) -> L
         pacing={},
         backoff=QUICK,
     )
-
-
-async def eventually(
-    check: Callable[[], Awaitable[Any]], *, timeout: float = 15.0, interval: float = 0.03
-) -> Any:
-    """Poll `check` until it returns something truthy; fail after `timeout` seconds."""
-    return await _poll(
-        check,
-        timeout,
-        interval,
-        lambda last: f"condition not met within {timeout}s (last: {last!r})",
-    )
-
-
-async def _poll(
-    check: Callable[[], Awaitable[Any]],
-    timeout: float,
-    interval: float,
-    failure: Callable[[Any], str],
-) -> Any:
-    """`until` and `eventually`: the first truthy result of `check`, polled every `interval`;
-    past `timeout` (a check still running is cancelled) an AssertionError with `failure(last)`."""
-    result: Any = None
-    bound = asyncio.timeout(timeout)
-    try:
-        async with bound:
-            while not (result := await check()):
-                await asyncio.sleep(interval)
-    except TimeoutError:
-        if not bound.expired():
-            raise  # the check's own timeout, not ours
-        raise AssertionError(failure(result)) from None
-    return result
 
 
 async def ssh_run(

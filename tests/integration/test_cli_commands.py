@@ -13,11 +13,9 @@ import contextlib
 import io
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from datetime import timedelta
@@ -27,10 +25,11 @@ from typing import Any
 import asyncssh
 import pytest
 from control_support import running_server
+from tests.conftest import LoopThread, daemon_env, eventually, short_tmp
 
 from gpuwarden.cli import main
-from gpuwarden.cli.client import ControlClient, Unreachable
 from gpuwarden.control.methods import LaunchParams, Method
+from gpuwarden.system.childproc import ChildFailed, DaemonProcess
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "config.example.toml"
@@ -67,61 +66,40 @@ pytestmark = pytest.mark.slow
 
 
 class Daemon:
-    def __init__(self, base: Path) -> None:
+    """`gpuwarden run` with the example config, state and socket in `base`, its output read on
+    a loop of its own (the tests are synchronous: the CLI runs its own event loop)."""
+
+    def __init__(self, base: Path, loop: LoopThread) -> None:
         self.base = base
         self.socket = base / "control.sock"
-        self.log = base / "daemon.log"
-        self.env = {
-            **os.environ,
-            "GPUWARDEN_DAEMON__STATE_DIR": str(base / "state"),
-            "GPUWARDEN_DAEMON__SOCKET": str(self.socket),
-            "GPUWARDEN_PROVIDERS__SIM__BOOT_DELAY": "0.2s",
-            "GPUWARDEN_POLICY__POLL_INTERVAL": "1s",
-        }
-        self.env.pop("GPUWARDEN_SOCKET", None)
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.loop = loop
+        self.env = daemon_env(
+            GPUWARDEN_DAEMON__STATE_DIR=str(base / "state"),
+            GPUWARDEN_DAEMON__SOCKET=str(self.socket),
+            GPUWARDEN_PROVIDERS__SIM__BOOT_DELAY="0.2s",
+            GPUWARDEN_POLICY__POLL_INTERVAL="1s",
+        )
+        self.proc: DaemonProcess | None = None
 
     def start(self) -> None:
-        with self.log.open("wb") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "gpuwarden", "run", "--config", str(EXAMPLE)],
-                env=self.env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=self.base,
-            )
-        asyncio.run(self._wait_ready())
-
-    async def _wait_ready(self) -> None:
-        async with asyncio.timeout(30):
-            while True:
-                assert self.proc is not None and self.proc.poll() is None, self.log.read_text()
-                with contextlib.suppress(Unreachable):
-                    async with ControlClient(self.socket, timeout=5) as c:
-                        await c.call("daemon.info")
-                        return
-                await asyncio.sleep(0.1)
+        self.proc = self.loop.run(DaemonProcess.start(EXAMPLE, self.env, cwd=self.base))
+        self.loop.run(self.proc.wait_for("daemon_ready", 30))
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        if self.proc is not None:
+            with contextlib.suppress(ChildFailed):  # killed if SIGTERM did not end it
+                self.loop.run(self.proc.stop(20))
 
 
 @pytest.fixture(scope="module")
 def daemon() -> Iterator[Daemon]:
-    base = Path(tempfile.mkdtemp(prefix="gwcli-", dir="/tmp"))
-    d = Daemon(base)
-    d.start()
-    try:
-        yield d
-    finally:
-        d.stop()
-        shutil.rmtree(base, ignore_errors=True)
+    with short_tmp() as base, LoopThread() as loop:
+        d = Daemon(base, loop)
+        try:
+            d.start()
+            yield d
+        finally:
+            d.stop()
 
 
 def gw(d: Daemon | None, *argv: str) -> tuple[int, str, str]:
@@ -147,15 +125,15 @@ def gw_json(d: Daemon, *argv: str) -> Any:
 
 
 def _until(check: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
-    """Poll a real process until `check()` holds: short bounded waits, overall deadline."""
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.2)
+    """`eventually` for these synchronous tests: `check` runs the CLI, which runs its own
+    event loop, so it is called in a worker thread."""
+    asyncio.run(
+        eventually(lambda: asyncio.to_thread(check), timeout=timeout, interval=0.2, what=what)
+    )
 
 
 def _until_no_live(d: Daemon) -> None:
-    _until(lambda: not gw_json(d, "status"), "instances still live")
+    _until(lambda: not gw_json(d, "status"), "no live instances")
 
 
 def _row(d: Daemon, iid: str) -> dict[str, Any]:
@@ -404,13 +382,18 @@ def test_events_follow_streams_new_events(daemon: Daemon) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
+        for pipe in (proc.stdout, proc.stderr):
+            if pipe is not None:
+                pipe.close()
         gw_json(daemon, "destroy", inst["id"])
 
 
 # --- reap: no daemon, straight through the provider APIs -----------------------------------
 
 
-async def test_reap_destroys_labelled_instances_while_the_daemon_is_stopped() -> None:
+async def test_reap_destroys_labelled_instances_while_the_daemon_is_stopped(
+    short_dir: Path,
+) -> None:
     from gpuwarden.config.settings import SimSettings, load
     from gpuwarden.core.clock import SystemClock
     from gpuwarden.core.model import Instance, InstanceState, TerminationReason
@@ -419,7 +402,7 @@ async def test_reap_destroys_labelled_instances_while_the_daemon_is_stopped() ->
     from gpuwarden.sim.server import SimCloud
     from gpuwarden.store import Store
 
-    base = Path(tempfile.mkdtemp(prefix="gwreap-", dir="/tmp"))
+    base = short_dir
     clock = SystemClock()
     sim = SimCloud(SimSettings(boot_delay=0.1), clock, sandbox_root=base / "sim")
     urls = await sim.start()
@@ -523,7 +506,6 @@ async def test_reap_destroys_labelled_instances_while_the_daemon_is_stopped() ->
             await p.aclose()
     finally:
         await sim.stop()
-        shutil.rmtree(base, ignore_errors=True)
 
 
 def _on_a_terminal(d: Daemon, answer: bytes, *argv: str) -> tuple[int, str]:

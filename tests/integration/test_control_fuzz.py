@@ -73,6 +73,9 @@ def server() -> Iterator[Server]:
     assert srv.ready.wait(15)
     assert srv.failed is None, srv.failed
     yield srv
+    for conn in _conns.values():
+        conn.close()
+    _conns.clear()
     srv.stop()
     assert not srv.thread.is_alive()
     assert srv.failed is None, srv.failed
@@ -90,6 +93,10 @@ class Conn:
 
     def readline(self) -> bytes:
         return self.file.readline()
+
+    def close(self) -> None:
+        self.file.close()
+        self.sock.close()
 
 
 _conns: dict[int, Conn] = {}
@@ -214,7 +221,10 @@ def test_ten_thousand_malformed_messages(server: Server) -> None:
     # Still up: a fresh connection is answered.
     assert server.path is not None
     fresh = Conn(server.path)
-    fresh.send(b'{"jsonrpc":"2.0","id":"last","method":"daemon.info"}\n')
-    reply = json.loads(fresh.readline())
+    try:
+        fresh.send(b'{"jsonrpc":"2.0","id":"last","method":"daemon.info"}\n')
+        reply = json.loads(fresh.readline())
+    finally:
+        fresh.close()
     assert reply["id"] == "last" and reply["result"]["version"]
     assert server.thread.is_alive()

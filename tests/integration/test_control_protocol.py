@@ -6,16 +6,15 @@ from __future__ import annotations
 import asyncio
 import grp
 import os
-import shutil
 import socket
 import stat
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
-from control_support import Raw, make_app, request, running_server, short_dir
+from control_support import Raw, control_settings, request, running_server
+from tests.conftest import open_app
 
 from gpuwarden.cli.client import ControlClient, RemoteError, Unreachable
 from gpuwarden.control import rpc
@@ -69,16 +68,8 @@ METHODS_FOR_TEST = {
 # --- the socket file ---------------------------------------------------------------------
 
 
-@pytest.fixture
-def base() -> Iterator[Path]:
-    """A short directory (AF_UNIX paths are limited to 108 bytes), removed afterwards."""
-    path = short_dir()
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
-async def test_socket_is_born_0660_and_removed_on_stop(base: Path) -> None:
-    async with make_app(base) as app:
+async def test_socket_is_born_0660_and_removed_on_stop(short_dir: Path) -> None:
+    async with open_app(control_settings(short_dir)) as app:
         server = ControlServer(app)
         await server.start()
         st = app.settings.daemon.socket.lstat()
@@ -101,11 +92,11 @@ async def test_socket_group_is_applied() -> None:
 
 
 def test_chown_is_skipped_when_the_socket_already_has_the_group(
-    base: Path, monkeypatch: pytest.MonkeyPatch
+    short_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Under the systemd unit chown is refused (SystemCallFilter); it is not even tried when
     the socket is born with the right group, so that nothing is refused and logged."""
-    path = base / "s.sock"
+    path = short_dir / "s.sock"
     bind_socket(path, None).close()
     born_with = path.lstat().st_gid
     calls: list[tuple[Any, ...]] = []
@@ -116,9 +107,9 @@ def test_chown_is_skipped_when_the_socket_already_has_the_group(
     assert calls == [(path, -1, born_with + 1)]
 
 
-async def test_the_heartbeat_follows_the_app_clock(base: Path) -> None:
+async def test_the_heartbeat_follows_the_app_clock(short_dir: Path) -> None:
     clock = FakeClock()
-    async with make_app(base, clock=clock) as app:
+    async with open_app(control_settings(short_dir), clock) as app:
         server = ControlServer(app)
         await server.start()
         task = asyncio.create_task(server.run())
@@ -140,8 +131,8 @@ def _has_gid(gid: int) -> bool:
     return True
 
 
-def test_stale_socket_is_replaced_but_live_or_foreign_files_are_not(base: Path) -> None:
-    path = base / "s.sock"
+def test_stale_socket_is_replaced_but_live_or_foreign_files_are_not(short_dir: Path) -> None:
+    path = short_dir / "s.sock"
     stale = socket.socket(socket.AF_UNIX)
     stale.bind(str(path))
     stale.close()  # the file stays, nothing listens: a dead daemon's socket
@@ -151,7 +142,7 @@ def test_stale_socket_is_replaced_but_live_or_foreign_files_are_not(base: Path) 
             bind_socket(path, None)  # something listens there now
     finally:
         sock.close()
-    other = base / "file"
+    other = short_dir / "file"
     other.write_text("not a socket")
     with pytest.raises(SocketInUse, match="not a socket"):
         bind_socket(other, None)
@@ -296,10 +287,10 @@ async def test_notification_gets_no_reply() -> None:
         await c.close()
 
 
-async def test_unreachable_client_error(base: Path) -> None:
+async def test_unreachable_client_error(short_dir: Path) -> None:
     with pytest.raises(Unreachable) as err:
-        await ControlClient(base / "none.sock").call("status")
-    assert err.value.path == base / "none.sock"
+        await ControlClient(short_dir / "none.sock").call("status")
+    assert err.value.path == short_dir / "none.sock"
     assert "no such socket" in str(err.value)
 
 

@@ -13,11 +13,7 @@ cloud that runs in this test (so the cloud and its billing ledger outlive the da
 from __future__ import annotations
 
 import asyncio
-import os
-import shutil
 import signal
-import sys
-import tempfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -25,11 +21,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sim_support import KEY, running_sim, until
+from sim_support import KEY, running_sim
+from tests.conftest import daemon_env, eventually
 
 from gpuwarden.cli.client import ControlClient
 from gpuwarden.core.clock import parse_ts
 from gpuwarden.sim.server import SimCloud
+from gpuwarden.system.childproc import DaemonProcess
 from gpuwarden.system.crashpoints import LAUNCH_POINTS, TERMINATION_POINTS
 
 pytestmark = pytest.mark.slow
@@ -49,11 +47,11 @@ class Daemon:
     """One `gpuwarden run` at a time over the same state directory."""
 
     tmp: Path
+    short: Path  # for the socket: AF_UNIX paths are short
     sim: SimCloud
     policy: dict[str, str]
     budget: dict[str, float] = field(default_factory=dict)
-    proc: asyncio.subprocess.Process | None = None
-    short: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="gwg-", dir="/tmp")))
+    proc: DaemonProcess | None = None
     ready_at: datetime | None = None
 
     @property
@@ -93,31 +91,13 @@ connect_timeout = "2s"
 
     async def start(self, crashpoint: str | None = None) -> None:
         config = self.config()
-        env = {**os.environ, "GPUWARDEN_CONFIG": str(config), "GPUWARDEN_SOCKET": str(self.sock)}
-        env.pop("NOTIFY_SOCKET", None)
-        env.pop("GPUWARDEN_CRASHPOINT", None)
+        env = daemon_env(GPUWARDEN_CONFIG=str(config), GPUWARDEN_SOCKET=str(self.sock))
         if crashpoint:
             env |= {"GPUWARDEN_TEST_CRASHPOINTS": "1", "GPUWARDEN_CRASHPOINT": crashpoint}
         self.sock.unlink(missing_ok=True)  # a SIGKILLed daemon leaves its socket behind
-        self.proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "gpuwarden",
-            "run",
-            "--config",
-            str(config),
-            env=env,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.DEVNULL,
-        )
-        proc = self.proc
-
-        async def listening() -> bool:
-            assert proc.returncode is None, "the daemon exited"
-            return self.sock.exists()
-
-        # The socket binds after the reconciler's first pass: it is "ready".
-        await until(listening, 30, "the daemon's control socket")
+        self.proc = await DaemonProcess.start(config, env)
+        # After the reconciler's first pass and the socket's bind: it is "ready".
+        await self.proc.wait_for("daemon_ready", 30)
         self.ready_at = self.sim.clock.now()
 
     async def call(self, method: str, params: dict[str, Any] | None = None) -> Any:
@@ -126,23 +106,20 @@ connect_timeout = "2s"
 
     async def died(self, timeout: float = 30) -> int:
         assert self.proc is not None
-        return await asyncio.wait_for(self.proc.wait(), timeout)
+        return await self.proc.wait(timeout)
 
     async def stop(self) -> None:
-        if self.proc is not None and self.proc.returncode is None:
-            self.proc.send_signal(signal.SIGKILL)
-            await self.proc.wait()
-
-    def cleanup(self) -> None:
-        shutil.rmtree(self.short, ignore_errors=True)
+        if self.proc is not None:
+            self.proc.kill()
+            await self.proc.wait(30)
 
 
 @pytest.fixture
-async def make_daemon(tmp_path: Path, sim: SimCloud) -> AsyncIterator[Any]:
+async def make_daemon(tmp_path: Path, short_dir: Path, sim: SimCloud) -> AsyncIterator[Any]:
     made: list[Daemon] = []
 
     def make(policy: dict[str, str], budget: dict[str, float] | None = None) -> Daemon:
-        d = Daemon(tmp_path, sim, policy, budget or {})
+        d = Daemon(tmp_path, short_dir, sim, policy, budget or {})
         made.append(d)
         return d
 
@@ -151,7 +128,6 @@ async def make_daemon(tmp_path: Path, sim: SimCloud) -> AsyncIterator[Any]:
     finally:
         for d in made:
             await d.stop()
-            d.cleanup()
 
 
 def ledger(sim: SimCloud) -> list[dict[str, Any]]:
@@ -167,7 +143,7 @@ async def all_ended(sim: SimCloud, timeout: float, what: str) -> list[dict[str, 
     async def done() -> bool:
         return all(r["ended_at"] for r in ledger(sim))
 
-    await until(done, timeout, what)
+    await eventually(done, timeout=timeout, what=what)
     return ledger(sim)
 
 
@@ -178,7 +154,7 @@ async def records(d: Daemon, count: int, timeout: float = 10) -> list[dict[str, 
     async def written() -> bool:
         return len(await d.call("history", {"hours": 1})) >= count
 
-    await until(written, timeout, f"{count} termination record(s)")
+    await eventually(written, timeout=timeout, what=f"{count} termination record(s)")
     out: list[dict[str, Any]] = await d.call("history", {"hours": 1})
     return out
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import sys
 from pathlib import Path
 
 import pytest
+from tests.conftest import daemon_env
 
 from gpuwarden.system.childproc import DaemonProcess
 
@@ -51,8 +51,7 @@ async def cli(env: dict[str, str], *args: str) -> tuple[int, str, str]:
 async def test_submit_wait_and_the_other_job_commands(tmp_path: Path) -> None:
     config = tmp_path / "config.toml"
     config.write_text(CONFIG.format(tmp=tmp_path))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GPUWARDEN_")}
-    env |= {"PYTHONUNBUFFERED": "1", "GPUWARDEN_SOCKET": str(tmp_path / "control.sock")}
+    env = daemon_env(GPUWARDEN_SOCKET=str(tmp_path / "control.sock"))
     daemon = await DaemonProcess.start(config, env)
     try:
         await daemon.wait_for("daemon_ready", 30)

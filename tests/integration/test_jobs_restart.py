@@ -6,14 +6,13 @@ take with it), and the daemon reaches it through its real Vast client at the sim
 
 from __future__ import annotations
 
-import asyncio
 import json
-import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from tests.conftest import daemon_env, eventually
 
 from gpuwarden.cli.client import ControlClient
 from gpuwarden.config.settings import Settings
@@ -60,15 +59,6 @@ async def sim(tmp_path: Path) -> AsyncIterator[SimCloud]:
         await cloud.stop()
 
 
-def child_env() -> dict[str, str]:
-    return {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith("GPUWARDEN_")
-        and k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "CREDENTIALS_DIRECTORY")
-    } | {"PYTHONUNBUFFERED": "1"}
-
-
 async def job_state(sock: Path, job_id: str) -> dict[str, Any]:
     async with ControlClient(sock, timeout=10) as client:
         job: dict[str, Any] = await client.call("jobs.get", {"id": job_id})
@@ -76,15 +66,12 @@ async def job_state(sock: Path, job_id: str) -> dict[str, Any]:
 
 
 async def wait_job(sock: Path, job_id: str, pred: Any, timeout: float, what: str) -> dict[str, Any]:
-    try:
-        async with asyncio.timeout(timeout):
-            while True:
-                job = await job_state(sock, job_id)
-                if pred(job):
-                    return job
-                await asyncio.sleep(0.1)
-    except TimeoutError:
-        raise AssertionError(f"timed out waiting for {what}") from None
+    async def reached() -> dict[str, Any] | None:
+        job = await job_state(sock, job_id)
+        return job if pred(job) else None
+
+    job: dict[str, Any] = await eventually(reached, timeout=timeout, interval=0.1, what=what)
+    return job
 
 
 async def test_sigkill_mid_job_then_restart_finishes_it_once(tmp_path: Path, sim: SimCloud) -> None:
@@ -92,7 +79,7 @@ async def test_sigkill_mid_job_then_restart_finishes_it_once(tmp_path: Path, sim
     config = tmp_path / "config.toml"
     config.write_text(CONFIG.format(tmp=tmp_path, vast=sim.urls.vast))
     sock = tmp_path / "control.sock"
-    env = child_env()
+    env = daemon_env()
 
     first = await DaemonProcess.start(config, env)
     try:

@@ -21,7 +21,7 @@ from jobs_support import (
     job_settings,
     sha256,
 )
-from sim_support import until
+from tests.conftest import eventually
 
 from gpuwarden.control import jobs as api
 from gpuwarden.core import errors
@@ -73,7 +73,7 @@ async def test_a_job_runs_end_to_end_and_its_instance_is_destroyed(tmp_path: Pat
             inst = await env.store.get_instance(job.instance_id or "")
             return inst.state is InstanceState.TERMINATED
 
-        await until(ended, 10, "the instance to be terminated")
+        await eventually(ended, timeout=10, what="the instance to be terminated")
         inst = await env.store.get_instance(job.instance_id)
         assert inst.reason is TerminationReason.JOB_DONE
         # The sim's ledger billed about boot + job, and the entry is closed.
@@ -108,7 +108,7 @@ async def test_the_next_job_reuses_the_warm_instance_then_it_ends_idle(tmp_path:
             inst = await env.store.get_instance(first.instance_id or "")
             return inst.state is InstanceState.TERMINATED
 
-        await until(ended, 10, "the warm instance to end")
+        await eventually(ended, timeout=10, what="the warm instance to end")
         inst = await env.store.get_instance(first.instance_id)
         assert inst.reason is TerminationReason.IDLE
         # Billed: boot + both jobs + the keep-warm window, and not much more.
@@ -178,7 +178,7 @@ async def test_a_launch_without_ssh_is_ended_and_the_job_retried_elsewhere(tmp_p
         async def ended() -> bool:
             return (await env.store.get_instance(bad)).state is InstanceState.TERMINATED
 
-        await until(ended, 10, "the instance without SSH to be destroyed")
+        await eventually(ended, timeout=10, what="the instance without SSH to be destroyed")
         assert env.sim.ledger()["running"] <= 1
 
 
@@ -197,7 +197,7 @@ async def test_an_ssh_drop_mid_job_reattaches_and_finishes_once(tmp_path: Path) 
         async def running() -> bool:
             return (await env.job(job_id)).progress_step >= 3
 
-        await until(running, 15, "the job to make progress")
+        await eventually(running, timeout=15, what="the job to make progress")
         [rec] = recording
         for conn in rec.conns:
             conn.conn.close()  # type: ignore[attr-defined]  # the network goes away
@@ -222,7 +222,7 @@ async def test_a_service_restart_mid_job_continues_it_without_a_second_rental(
         async def running() -> bool:
             return (await env.job(job_id)).progress_step >= 3
 
-        await until(running, 15, "the job to make progress")
+        await eventually(running, timeout=15, what="the job to make progress")
         # The service dies (its tasks are cancelled, as in a crash of the loop) ...
         for t in env.tasks:
             t.cancel()
@@ -296,7 +296,7 @@ async def test_cancel_while_running_kills_the_remote_process(tmp_path: Path) -> 
         async def running() -> bool:
             return (await env.job(job_id)).progress_step >= 2
 
-        await until(running, 15, "the job to make progress")
+        await eventually(running, timeout=15, what="the job to make progress")
         job = await env.job(job_id)
         inst = await env.store.get_instance(job.instance_id or "")
         box = env.sandbox(inst.provider_id or "") / ".gpuwarden" / "jobs" / job_id
@@ -311,12 +311,12 @@ async def test_cancel_while_running_kills_the_remote_process(tmp_path: Path) -> 
         async def gone() -> bool:
             return not Path(f"/proc/{pid}").exists() or _zombie(pid)
 
-        await until(gone, 10, "the runner process to be killed")
+        await eventually(gone, timeout=10, what="the runner process to be killed")
 
         async def ended() -> bool:
             return (await env.store.get_instance(inst.id)).state is InstanceState.TERMINATED
 
-        await until(ended, 10, "the instance to follow the after-job rule")
+        await eventually(ended, timeout=10, what="the instance to follow the after-job rule")
         assert (await env.store.get_instance(inst.id)).reason is TerminationReason.JOB_DONE
 
 

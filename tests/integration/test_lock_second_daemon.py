@@ -5,38 +5,19 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import shutil
 import sqlite3
 import subprocess
 import sys
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from tests.conftest import daemon_env
 
 from gpuwarden.system.childproc import DaemonProcess
 from gpuwarden.system.lock import EX_TEMPFAIL
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def short_dir() -> Iterator[Path]:
-    d = Path(tempfile.mkdtemp(prefix="gwl-", dir="/tmp"))
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
-
-
-def clean_env() -> dict[str, str]:
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("GPUWARDEN_", "NOTIFY_", "WATCHDOG_", "JOURNAL_"))
-    }
-    return env | {"PYTHONUNBUFFERED": "1"}
 
 
 async def rpc(sock: Path, method: str) -> dict[str, Any]:
@@ -58,7 +39,7 @@ async def test_second_daemon_refuses_and_the_first_still_answers(short_dir: Path
         f'[daemon]\nstate_dir = "{short_dir / "state"}"\nsocket = "{short_dir / "c.sock"}"\n'
         "[providers.sim]\nenabled = false\n"
     )
-    first = await DaemonProcess.start(config, clean_env())
+    first = await DaemonProcess.start(config, daemon_env())
     try:
         await first.wait_for("daemon_ready", 30)
         sock = short_dir / "c.sock"
@@ -67,7 +48,7 @@ async def test_second_daemon_refuses_and_the_first_still_answers(short_dir: Path
 
         second = subprocess.run(
             [sys.executable, "-m", "gpuwarden", "run", "--config", str(config)],
-            env=clean_env(),
+            env=daemon_env(),
             capture_output=True,
             text=True,
             timeout=30,

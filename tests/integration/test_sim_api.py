@@ -26,7 +26,8 @@ import pytest
 import yaml  # type: ignore[import-untyped,unused-ignore]
 from openapi_core import Config, OpenAPI
 from openapi_core.testing import MockRequest, MockResponse
-from sim_support import KEY, eventually, new_key, running_sim, urls
+from sim_support import KEY, new_key, running_sim, urls
+from tests.conftest import eventually
 
 from gpuwarden.sim import SimCloud
 

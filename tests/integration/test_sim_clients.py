@@ -7,15 +7,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from sim_support import (
-    eventually,
-    lambda_client,
-    ledger_row,
-    new_key,
-    running_sim,
-    ssh_run,
-    vast_client,
-)
+from sim_support import lambda_client, ledger_row, new_key, running_sim, ssh_run, vast_client
+from tests.conftest import eventually
 
 from gpuwarden.core.clock import FakeClock
 from gpuwarden.providers.base import LaunchSpec, ProviderInstance, ProviderState, Requirements

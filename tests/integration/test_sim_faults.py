@@ -7,16 +7,8 @@ from pathlib import Path
 
 import asyncssh
 import pytest
-from sim_support import (
-    admin,
-    eventually,
-    lambda_client,
-    ledger_row,
-    new_key,
-    running_sim,
-    ssh_run,
-    vast_client,
-)
+from sim_support import admin, lambda_client, ledger_row, new_key, running_sim, ssh_run, vast_client
+from tests.conftest import eventually
 
 from gpuwarden.core.clock import FakeClock
 from gpuwarden.providers.base import (

@@ -10,7 +10,8 @@ from typing import Any
 import asyncssh
 import httpx
 import pytest
-from sim_support import KEY, eventually, new_key, running_sim, urls
+from sim_support import KEY, new_key, running_sim, urls
+from tests.conftest import eventually
 
 from gpuwarden.sim import SimCloud
 from gpuwarden.sim.procs import instance_pids

@@ -5,41 +5,20 @@ keeps the old config), and exit 78 with nothing started on a bad config."""
 from __future__ import annotations
 
 import asyncio
-import os
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from tests.conftest import daemon_env
 
 from gpuwarden.system.childproc import DaemonProcess
 
 pytestmark = pytest.mark.slow
 
 READY = 30.0  # generous for a loaded CI machine; the daemon is usually ready in < 1 s
-
-
-@pytest.fixture
-def short_dir() -> Iterator[Path]:
-    """AF_UNIX paths are limited to 108 bytes: keep sockets out of pytest's long tmp_path."""
-    d = Path(tempfile.mkdtemp(prefix="gws-", dir="/tmp"))
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("GPUWARDEN_", "NOTIFY_", "WATCHDOG_", "JOURNAL_"))
-        and k != "CREDENTIALS_DIRECTORY"
-    }
-    return env | {"PYTHONUNBUFFERED": "1"} | extra
 
 
 def write_config(d: Path, extra: str = "") -> Path:
@@ -83,7 +62,7 @@ class NotifyListener:
 
 async def test_notify_ready_watchdog_stopping(short_dir: Path) -> None:
     listener = NotifyListener(short_dir / "notify.sock")
-    env = clean_env(NOTIFY_SOCKET=str(listener.path), WATCHDOG_USEC="400000")  # ping 0.2 s
+    env = daemon_env(NOTIFY_SOCKET=str(listener.path), WATCHDOG_USEC="400000")  # ping 0.2 s
     daemon = await DaemonProcess.start(write_config(short_dir), env)
     try:
         ready = await listener.until("READY")
@@ -116,7 +95,7 @@ async def test_sighup_with_a_broken_file_keeps_the_old_config_and_sigint_stops(
     short_dir: Path,
 ) -> None:
     config = write_config(short_dir)
-    daemon = await DaemonProcess.start(config, clean_env())
+    daemon = await DaemonProcess.start(config, daemon_env())
     try:
         await daemon.wait_for("daemon_ready", READY)
         good = config.read_text()
@@ -144,7 +123,7 @@ async def test_sighup_with_a_broken_file_keeps_the_old_config_and_sigint_stops(
 
 
 async def test_sigterm_during_a_busy_start_still_exits_cleanly(short_dir: Path) -> None:
-    daemon = await DaemonProcess.start(write_config(short_dir), clean_env())
+    daemon = await DaemonProcess.start(write_config(short_dir), daemon_env())
     try:
         await daemon.wait_for("daemon_starting", READY)
         daemon.send(signal.SIGTERM)
@@ -158,7 +137,7 @@ def test_bad_config_exits_78_and_starts_nothing(short_dir: Path) -> None:
     config = write_config(short_dir, extra="[budget]\ndaily_limit = -3\n")
     proc = subprocess.run(
         [sys.executable, "-m", "gpuwarden", "run", "--config", str(config)],
-        env=clean_env(),
+        env=daemon_env(),
         capture_output=True,
         text=True,
         timeout=30,

@@ -10,24 +10,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
-import shutil
-import signal
 import sqlite3
 import sys
-import tempfile
 from collections.abc import AsyncIterator
 from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
-from sim_support import until
+from tests.conftest import daemon_env, eventually
 
 from gpuwarden.cli.client import ControlClient
 from gpuwarden.cli.commands_views import status_rows
 from gpuwarden.config.settings import SimSettings
 from gpuwarden.core.clock import parse_ts
 from gpuwarden.sim.server import SimCloud
+from gpuwarden.system.childproc import DaemonProcess
 
 pytestmark = pytest.mark.slow
 
@@ -49,11 +46,10 @@ async def sim(tmp_path: Path) -> AsyncIterator[SimCloud]:
 
 
 async def test_sigkilled_daemon_leaves_the_switch_to_end_the_instance(
-    tmp_path: Path, sim: SimCloud
+    tmp_path: Path, short_dir: Path, sim: SimCloud
 ) -> None:
     assert sim.urls is not None
-    short = Path(tempfile.mkdtemp(prefix="gwk-", dir="/tmp"))  # AF_UNIX paths are short
-    sock = short / "control.sock"
+    sock = short_dir / "control.sock"  # AF_UNIX paths are short
     config = tmp_path / "config.toml"
     config.write_text(
         f"""
@@ -80,27 +76,11 @@ api_key = "sim-key"
 connect_timeout = "2s"
 """
     )
-    env = {**os.environ, "GPUWARDEN_CONFIG": str(config), "GPUWARDEN_SOCKET": str(sock)}
-    env.pop("NOTIFY_SOCKET", None)
+    env = daemon_env(GPUWARDEN_CONFIG=str(config), GPUWARDEN_SOCKET=str(sock))
 
-    async def start_daemon() -> asyncio.subprocess.Process:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "gpuwarden",
-            "run",
-            "--config",
-            str(config),
-            env=env,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.DEVNULL,
-        )
-
-        async def listening() -> bool:
-            assert proc.returncode is None, "the daemon exited"
-            return sock.exists()
-
-        await until(listening, 30, "the daemon's control socket")
+    async def start_daemon() -> DaemonProcess:
+        proc = await DaemonProcess.start(config, env)
+        await proc.wait_for("daemon_ready", 30)
         return proc
 
     daemon = await start_daemon()
@@ -117,7 +97,7 @@ connect_timeout = "2s"
             mine = [r for r in rows if r.get("id") == iid]
             return bool(mine) and mine[0].get("last_probe_ok") is True
 
-        await until(probed, 20, "the daemon's watchdog to probe the instance")
+        await eventually(probed, timeout=20, what="the daemon's watchdog to probe the instance")
         rows = [r for r in sim.ledger()["instances"] if r["ended_by"] is None]
         assert len(rows) == 1
         provider_id = rows[0]["instance_id"]
@@ -134,19 +114,21 @@ connect_timeout = "2s"
             age = (sim.clock.now() - datetime.fromisoformat(booted)).total_seconds()
             return age > DEADMAN_TIMEOUT + 2.5
 
-        await until(past_timeout, 10, "the dead-man timeout to pass")
+        await eventually(past_timeout, timeout=10, what="the dead-man timeout to pass")
         assert sim.core.ledger.get("vast", provider_id).ended_at is None  # type: ignore[union-attr]
         assert "watching" in log.read_text()
 
-        daemon.send_signal(signal.SIGKILL)  # no shutdown, no destroy: the host "died"
-        await asyncio.wait_for(daemon.wait(), 10)
+        daemon.kill()  # no shutdown, no destroy: the host "died"
+        await daemon.wait(10)
         killed_at = sim.clock.now()
 
         async def ended() -> bool:
             entry = sim.core.ledger.get("vast", provider_id)
             return entry is not None and entry.ended_at is not None
 
-        await until(ended, 4 * DEADMAN_TIMEOUT + 5, "the dead-man switch to end the instance")
+        await eventually(
+            ended, timeout=4 * DEADMAN_TIMEOUT + 5, what="the dead-man switch to end the instance"
+        )
         entry = sim.core.ledger.get("vast", provider_id)
         assert entry is not None and entry.ended_at is not None
         assert entry.ended_by == "api:instance_key"  # the container's own key
@@ -167,7 +149,9 @@ connect_timeout = "2s"
         async def silent_long_enough() -> bool:  # the switch rounds to whole seconds
             return sim.clock.now() >= last_probe + DEADMAN_TIMEOUT * SECOND + SECOND / 2
 
-        await until(silent_long_enough, 5, "the dead-man timeout since the last probe")
+        await eventually(
+            silent_long_enough, timeout=5, what="the dead-man timeout since the last probe"
+        )
         sock.unlink(missing_ok=True)  # the killed daemon left it; wait for the new one's
         daemon = await start_daemon()
 
@@ -191,12 +175,15 @@ connect_timeout = "2s"
         async def terminated() -> bool:
             return bool(await recorded())
 
-        await until(terminated, 30, "the restarted daemon to record the termination", 0.5)
+        await eventually(
+            terminated,
+            timeout=30,
+            what="the restarted daemon to record the termination",
+            interval=0.5,
+        )
         [record] = await recorded()
         assert record["reason"] == "deadman"
         assert record["provider_id"] == provider_id
     finally:
-        if daemon.returncode is None:
-            daemon.send_signal(signal.SIGKILL)
-            await daemon.wait()
-        shutil.rmtree(short, ignore_errors=True)
+        daemon.kill()
+        await daemon.wait(30)

@@ -8,13 +8,14 @@ import asyncio
 import contextlib
 import os
 import signal
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 from aiohttp import web
+from tests.conftest import eventually
 
 from gpuwarden.config.settings import Settings
 from gpuwarden.core.model import instance_label
@@ -112,16 +113,6 @@ def settings(**policy: Any) -> Settings:
     return Settings(policy={"deadman_timeout": "1s", **policy})
 
 
-async def until(cond: Callable[[], bool], timeout: float, what: str) -> None:
-    """Poll a condition on real processes, briefly, with an overall bound."""
-    try:
-        async with asyncio.timeout(timeout):
-            while not cond():
-                await asyncio.sleep(0.05)
-    except TimeoutError:
-        raise AssertionError(f"timed out waiting for {what}") from None
-
-
 async def test_vast_switch_waits_for_a_stale_heartbeat_then_deletes_itself(
     api: FakeApi, box: Box
 ) -> None:
@@ -131,7 +122,7 @@ async def test_vast_switch_waits_for_a_stale_heartbeat_then_deletes_itself(
         "GPUWARDEN_SIM_API": api.url,
     }
     await box.boot(onstart_script(settings(), "vast", "https://console.vast.ai", "i1"))
-    await until(lambda: box.pid() is not None, 5, "the switch to start")
+    await eventually(lambda: box.pid() is not None, timeout=5, what="the switch to start")
     # Probes keep the heartbeat fresh for twice the timeout: nothing is ended.
     for _ in range(8):
         (box.dir / "heartbeat").touch()
@@ -165,7 +156,7 @@ async def test_switch_ends_an_instance_past_the_hard_cap_despite_heartbeats(
     caps = {k: "1s" for k in ("lease_min", "lease_default", "lease_max", "hard_cap")}
     s = settings(deadman_timeout="6s", deadman_margin="1s", **caps)  # checks each 1 s
     await box.boot(onstart_script(s, "vast", "https://console.vast.ai", "i3"))
-    await until(lambda: box.pid() is not None, 5, "the switch to start")
+    await eventually(lambda: box.pid() is not None, timeout=5, what="the switch to start")
     ended = asyncio.ensure_future(api.arrived.wait())
     while not ended.done():
         (box.dir / "heartbeat").touch()
@@ -194,10 +185,12 @@ async def test_lambda_without_opt_in_only_warns_and_starts_once(api: FakeApi, bo
     script = onstart_script(settings(), "lambda", "https://cloud.lambda.ai/api/v1", "i5", "acct")
     assert "acct" not in script
     await box.boot(script)
-    await until(lambda: box.pid() is not None, 5, "the switch to start")
+    await eventually(lambda: box.pid() is not None, timeout=5, what="the switch to start")
     first = box.pid()
     await box.boot(script)  # a second boot (container restart) does not start a second one
-    await until(lambda: "cannot end instance: no API key" in box.log(), 8, "the warning")
+    await eventually(
+        lambda: "cannot end instance: no API key" in box.log(), timeout=8, what="the warning"
+    )
     assert box.pid() == first
     assert box.log().count("watching:") == 1
     assert api.requests == []

@@ -22,7 +22,8 @@ from typing import Any
 
 import asyncssh
 import pytest
-from sim_support import admin, ledger_row, sim_app, until
+from sim_support import admin, ledger_row, sim_app
+from tests.conftest import eventually
 
 from gpuwarden.config.settings import Settings
 from gpuwarden.core.model import EntityKind, Instance, InstanceState, TerminationReason
@@ -75,7 +76,7 @@ class Rig:
             seen = await client.get(inst.provider_id or "")
             return bool(seen and seen.state is ProviderState.RUNNING and seen.ssh_port)
 
-        await until(reachable, 10, "the instance to boot")
+        await eventually(reachable, timeout=10, what="the instance to boot")
         seen = await client.get(inst.provider_id)
         assert seen is not None
         return await self.app.store.transition_instance(
@@ -114,13 +115,13 @@ async def test_dead_ssh_is_destroyed_after_exactly_two_failed_probes(tmp_path: P
         async def probed_ok() -> bool:
             return (await rig.get(inst.id)).last_probe_ok is True
 
-        await until(probed_ok, 10, "a first good probe")
+        await eventually(probed_ok, timeout=10, what="a first good probe")
         await rig.admin(f"/_sim/instances/{inst.provider_id}/kill-ssh")
 
         async def ended() -> bool:
             return (await rig.get(inst.id)).state is InstanceState.TERMINATED
 
-        await until(ended, 15, "the watchdog to end the instance")
+        await eventually(ended, timeout=15, what="the watchdog to end the instance")
         done = await rig.get(inst.id)
         assert done.reason is TerminationReason.WATCHDOG
         assert done.strikes == 2
@@ -171,7 +172,7 @@ async def test_fail_pass_fail_does_not_kill(tmp_path: Path) -> None:
             inst_now = await rig.get(inst.id)
             return flaky.calls >= 4 and inst_now.last_probe_ok is True
 
-        await until(four_probes, 15, "four probes")
+        await eventually(four_probes, timeout=15, what="four probes")
         assert (await rig.get(inst.id)).state is InstanceState.RUNNING
         names = await rig.event_names(inst.id)
         assert names[:4] == ["strike", "probe_recovered", "strike", "probe_recovered"]
@@ -200,7 +201,9 @@ async def test_a_user_session_keeps_the_instance_from_going_idle(tmp_path: Path)
                 assert (await rig.get(inst.id)).state is InstanceState.RUNNING
                 return (rig.app.clock.now() - held_from).total_seconds() >= 1.5 * idle
 
-            await until(held_long_enough, 3 * idle, "longer than the idle timeout")
+            await eventually(
+                held_long_enough, timeout=3 * idle, what="longer than the idle timeout"
+            )
             now = await rig.get(inst.id)
             assert rig.app.clock.now() - now.last_activity < settings.policy.idle_timeout
             acts = [
@@ -217,7 +220,7 @@ async def test_a_user_session_keeps_the_instance_from_going_idle(tmp_path: Path)
         async def ended() -> bool:
             return (await rig.get(inst.id)).state is InstanceState.TERMINATED
 
-        await until(ended, 10, "the idle rule to end it")
+        await eventually(ended, timeout=10, what="the idle rule to end it")
         assert (await rig.get(inst.id)).reason is TerminationReason.IDLE
 
 
@@ -233,5 +236,5 @@ async def test_dead_man_switch_on_lambda_with_the_opt_in(tmp_path: Path) -> None
         async def ended() -> bool:
             return rig.ledger_row(pid)["ended_by"] is not None
 
-        await until(ended, 15, "the switch to terminate the Lambda instance")
+        await eventually(ended, timeout=15, what="the switch to terminate the Lambda instance")
         assert rig.ledger_row(pid)["ended_by"] == "api:account"  # Lambda has no scoped key

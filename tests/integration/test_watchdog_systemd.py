@@ -11,13 +11,13 @@ import itertools
 import os
 import re
 import socket
-import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+from tests.conftest import eventually
 
 from gpuwarden.config.settings import Settings
 from gpuwarden.core.clock import Clock, FakeClock, SystemClock, settle
@@ -119,9 +119,8 @@ class NotifySocket:
 
 
 @pytest.fixture
-def notify(monkeypatch: pytest.MonkeyPatch) -> Iterator[NotifySocket]:
-    short = tempfile.mkdtemp(prefix="gwn-", dir="/tmp")  # AF_UNIX paths are short
-    path = os.path.join(short, "notify")
+def notify(monkeypatch: pytest.MonkeyPatch, short_dir: Path) -> Iterator[NotifySocket]:
+    path = str(short_dir / "notify")  # AF_UNIX paths are short
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sock.bind(path)
     sock.setblocking(False)
@@ -132,8 +131,6 @@ def notify(monkeypatch: pytest.MonkeyPatch) -> Iterator[NotifySocket]:
         yield NotifySocket(sock, path, [])
     finally:
         sock.close()
-        os.unlink(path)
-        os.rmdir(short)
 
 
 @dataclass
@@ -150,10 +147,9 @@ class Daemon:
 
 @pytest.fixture
 async def daemon_factory(
-    tmp_path: Path, notify: NotifySocket, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, short_dir: Path, notify: NotifySocket, monkeypatch: pytest.MonkeyPatch
 ) -> AsyncIterator[Callable[..., Awaitable[Daemon]]]:
     started: list[Daemon] = []
-    short = Path(tempfile.mkdtemp(prefix="gwd-", dir="/tmp"))
 
     async def start(build: Callable[[App], list[Service]], clock: Clock | None = None) -> Daemon:
         holder: list[Service] = []
@@ -163,16 +159,21 @@ async def daemon_factory(
             return holder
 
         settings = Settings(
-            daemon={"state_dir": str(tmp_path / "state"), "socket": str(short / "ctl.sock")}
+            daemon={"state_dir": str(tmp_path / "state"), "socket": str(short_dir / "ctl.sock")}
         )
         clock = clock or FakeClock()
         sup = Supervisor(settings, tmp_path / "config.toml", clock=clock, build_services=built)
         task = asyncio.create_task(sup.run())
-        async with asyncio.timeout(15):  # real start-up I/O: store, key, lock
-            while not any(m.get("READY") == "1" for m in notify.drain()):
-                if task.done():
-                    raise AssertionError(f"daemon exited early: {task.result()}")
-                await asyncio.sleep(0.02)
+
+        def ready() -> bool:
+            if any(m.get("READY") == "1" for m in notify.drain()):
+                return True
+            if task.done():
+                raise AssertionError(f"daemon exited early: {task.result()}")
+            return False
+
+        # Real start-up I/O: store, key, lock.
+        await eventually(ready, timeout=15, interval=0.02, what="READY=1")
         await settle()
         d = Daemon(sup, clock, task, holder)
         started.append(d)

@@ -1,5 +1,6 @@
-"""Test kit for the cost guard: an App over a FakeClock, a real Store and FakeProviders, and
-ways to wait for the loops without waiting on wall-clock time."""
+"""Test kit for the cost guard: settings, a Recorder of the store's events, and a guard
+running as a task with ways to wait for it without waiting on wall-clock time. The App comes
+from the `make_app` fixture (tests/conftest.py), over the `clock` fixture."""
 
 from __future__ import annotations
 
@@ -7,23 +8,17 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from tests.conftest import eventually
+
 from gpuwarden.config.settings import BudgetSettings, DaemonSettings, PolicySettings, Settings
-from gpuwarden.core.clock import Clock, FakeClock
-from gpuwarden.core.heartbeat import Heartbeats
+from gpuwarden.core.clock import FakeClock
 from gpuwarden.core.model import Event, InstanceState
 from gpuwarden.fleet.app import App
-from gpuwarden.fleet.terminator import Terminator
 from gpuwarden.loops.guard import Guard
-from gpuwarden.loops.reconciler import Reconciler
-from gpuwarden.providers.base import Provider
-from gpuwarden.providers.fake import FakeProvider
 from gpuwarden.store import Store
-
-T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 
 
 def settings(tmp_path: Path, *, budget: dict[str, Any] | None = None, **policy: Any) -> Settings:
@@ -32,31 +27,6 @@ def settings(tmp_path: Path, *, budget: dict[str, Any] | None = None, **policy: 
         policy=PolicySettings(**policy),
         budget=BudgetSettings(**(budget or {})),
     )
-
-
-async def make_app(
-    tmp_path: Path,
-    clock: Clock,
-    providers: list[FakeProvider],
-    conf: Settings | None = None,
-) -> App:
-    store = await Store.open(tmp_path / "gpuwarden.db", clock)
-    provs: dict[str, Provider] = {p.name: p for p in providers}
-    return App(
-        settings=conf or settings(tmp_path),
-        clock=clock,
-        store=store,
-        providers=provs,
-        heartbeats=Heartbeats(clock),
-        terminator=Terminator(store, clock, provs),
-    )
-
-
-async def until(pred: Callable[[], bool], timeout: float = 5.0) -> None:
-    """Wait for a condition (the store's I/O runs in a thread) with an overall timeout."""
-    async with asyncio.timeout(timeout):
-        while not pred():
-            await asyncio.sleep(0.001)
 
 
 class Recorder:
@@ -103,9 +73,10 @@ class Running:
         """Wait until the guard sleeps with nothing pending (and, with `drives`, no destroy
         attempt in flight)."""
         term = self.guard.terminator
-        await until(
+        await eventually(  # the store's I/O runs in a thread: poll often, time does not move
             lambda: self.guard.settled() and not (drives and term.busy),
-            timeout,
+            timeout=timeout,
+            interval=0.001,
         )
 
     async def step(self, clock: FakeClock, seconds: float) -> None:
@@ -127,11 +98,3 @@ async def running_guard(app: App) -> AsyncIterator[Running]:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
-
-
-def reconciler(app: App) -> Reconciler:
-    return Reconciler(app)
-
-
-def fake_clock() -> FakeClock:
-    return FakeClock(T0)

@@ -1,5 +1,6 @@
 """Hand-written fakes for the job tests: a remote instance in memory (FakeRemote) that plays
-the runner's protocol, and helpers to build an App on a real Store with a FakeClock."""
+the runner's protocol, the jobs' settings, and helpers to fill the store and drive a
+coroutine on a FakeClock. The App comes from the `make_app` fixture (tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -14,13 +15,9 @@ from typing import Any, TypeVar
 
 from gpuwarden.config.settings import Settings
 from gpuwarden.core.clock import FakeClock
-from gpuwarden.core.heartbeat import Heartbeats
 from gpuwarden.core.model import Instance, InstanceState, Job, JobSpec, JobState
 from gpuwarden.fleet.app import App
-from gpuwarden.fleet.terminator import Terminator
-from gpuwarden.providers.base import Provider
 from gpuwarden.remote.ssh import RemoteStatus
-from gpuwarden.store import Store
 
 T = TypeVar("T")
 
@@ -157,23 +154,6 @@ def settings(tmp: Path, **jobs: Any) -> Settings:
         daemon={"state_dir": str(tmp)},
         jobs={"output_dir": str(tmp / "out"), "progress_interval": "1s", **jobs},
     )
-
-
-async def make_app(
-    tmp: Path, providers: dict[str, Provider] | None = None, **jobs: Any
-) -> tuple[App, FakeClock]:
-    clock = FakeClock()
-    store = await Store.open(tmp / "db.sqlite", clock)
-    provs = providers or {}
-    app = App(
-        settings(tmp, **jobs),
-        clock,
-        store,
-        provs,
-        Heartbeats(clock),
-        Terminator(store, clock, provs),
-    )
-    return app, clock
 
 
 async def add_instance(app: App, iid: str = "i1", **fields: Any) -> Instance:

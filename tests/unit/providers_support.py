@@ -1,5 +1,6 @@
-"""Helpers of the provider client tests: a clock whose sleeps pass at once, and the reference
-payloads of tests/fixtures/providers/<provider>/ as they go over the wire."""
+"""Helpers of the provider client tests: the reference payloads of
+tests/fixtures/providers/<provider>/ as they go over the wire. (The clock whose sleeps pass at
+once is tests/conftest.py's AutoClock, the `auto_clock` fixture.)"""
 
 from __future__ import annotations
 
@@ -7,21 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from gpuwarden.core.clock import FakeClock
-
 FIXTURES = Path(__file__).parent.parent / "fixtures" / "providers"
-
-
-class AutoClock(FakeClock):
-    """A FakeClock whose sleeps move time at once and are recorded (no waiting at all)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.slept: list[float] = []
-
-    async def sleep(self, seconds: float) -> None:
-        self.slept.append(seconds)
-        await self.advance(seconds)
 
 
 def _strip(value: Any) -> Any:

@@ -5,20 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import socket
-import tempfile
 from pathlib import Path
 
 import pytest
+from tests.conftest import MakeApp
 
 from gpuwarden.config.settings import DaemonSettings, Settings
 from gpuwarden.control.server import AccessRules, ControlServer, peer_groups
-from gpuwarden.core.clock import SystemClock
-from gpuwarden.core.heartbeat import Heartbeats
-from gpuwarden.fleet.app import App
-from gpuwarden.fleet.terminator import Terminator
-from gpuwarden.store import Store
 
 DAEMON_UID = 990
 GROUP_GID = 4242
@@ -119,16 +113,16 @@ async def _as_nobody(path: Path) -> str:
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a client as uid 65534")
 @pytest.mark.parametrize("allowed", [False, True])
-async def test_a_peer_of_another_uid_is_refused_before_it_is_read(allowed: bool) -> None:
-    base = Path(tempfile.mkdtemp(prefix="gwp-", dir="/tmp"))  # AF_UNIX paths are short
-    clock = SystemClock()
+async def test_a_peer_of_another_uid_is_refused_before_it_is_read(
+    allowed: bool, short_dir: Path, make_app: MakeApp
+) -> None:
+    base = short_dir  # AF_UNIX paths are short
     settings = Settings(
         daemon=DaemonSettings(
             state_dir=base, socket=base / "control.sock", allowed_uids=[NOBODY] if allowed else []
         )
     )
-    store = await Store.open(base / "db", clock)
-    app = App(settings, clock, store, {}, Heartbeats(clock), Terminator(store, clock, {}))
+    app = await make_app(settings)
     server = ControlServer(app)
     await server.start()
     task = asyncio.create_task(server.run())
@@ -141,8 +135,6 @@ async def test_a_peer_of_another_uid_is_refused_before_it_is_read(allowed: bool)
     finally:
         app.stopping.set()
         await asyncio.wait_for(task, 5)
-        await store.close()
-        shutil.rmtree(base, ignore_errors=True)
     if allowed:
         assert got.startswith('uid=65534 got=b\'{"jsonrpc":"2.0"'), got
     else:

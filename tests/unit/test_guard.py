@@ -9,7 +9,8 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from guard_support import T0, Recorder, make_app, running_guard, settings
+from guard_support import Recorder, running_guard, settings
+from tests.conftest import T0, MakeApp
 
 from gpuwarden.control import instances as api
 from gpuwarden.core import errors
@@ -21,19 +22,14 @@ from gpuwarden.providers.fake import FakeProvider
 
 
 @pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock(T0)
-
-
-@pytest.fixture
 def fake(clock: FakeClock) -> FakeProvider:
     return FakeProvider(clock, "fake")
 
 
 async def test_idle_instance_is_destroyed_exactly_at_its_deadline(
-    tmp_path: Path, clock: FakeClock, fake: FakeProvider
+    tmp_path: Path, make_app: MakeApp, clock: FakeClock, fake: FakeProvider
 ) -> None:
-    app = await make_app(tmp_path, clock, [fake], settings(tmp_path, idle_timeout="5m"))
+    app = await make_app(settings(tmp_path, idle_timeout="5m"), clock, [fake])
     rec = Recorder(app.store)
     async with running_guard(app) as run:
         inst = await launcher.launch(app, fake.offers[0], hours=1)
@@ -56,9 +52,9 @@ async def test_idle_instance_is_destroyed_exactly_at_its_deadline(
 
 
 async def test_guard_sleeps_until_the_earliest_deadline_not_a_fixed_poll(
-    tmp_path: Path, clock: FakeClock, fake: FakeProvider
+    tmp_path: Path, make_app: MakeApp, clock: FakeClock, fake: FakeProvider
 ) -> None:
-    app = await make_app(tmp_path, clock, [fake], settings(tmp_path, idle_timeout="3s"))
+    app = await make_app(settings(tmp_path, idle_timeout="3s"), clock, [fake])
     rec = Recorder(app.store)
     async with running_guard(app) as run:
         inst = await launcher.launch(app, fake.offers[0], hours=1)
@@ -72,9 +68,9 @@ async def test_guard_sleeps_until_the_earliest_deadline_not_a_fixed_poll(
 
 
 async def test_wakes_on_change_without_time_passing(
-    tmp_path: Path, clock: FakeClock, fake: FakeProvider
+    tmp_path: Path, make_app: MakeApp, clock: FakeClock, fake: FakeProvider
 ) -> None:
-    app = await make_app(tmp_path, clock, [fake])
+    app = await make_app(clock=clock, providers=[fake])
     rec = Recorder(app.store)
     async with running_guard(app) as run:
         inst = await launcher.launch(app, fake.offers[0])
@@ -91,9 +87,9 @@ async def test_wakes_on_change_without_time_passing(
 
 
 async def test_activity_and_extension_move_the_deadline(
-    tmp_path: Path, clock: FakeClock, fake: FakeProvider
+    tmp_path: Path, make_app: MakeApp, clock: FakeClock, fake: FakeProvider
 ) -> None:
-    app = await make_app(tmp_path, clock, [fake], settings(tmp_path, idle_timeout="10m"))
+    app = await make_app(settings(tmp_path, idle_timeout="10m"), clock, [fake])
     rec = Recorder(app.store)
     async with running_guard(app) as run:
         inst = await launcher.launch(app, fake.offers[0], hours=1)
@@ -113,7 +109,7 @@ async def test_activity_and_extension_move_the_deadline(
 
 
 async def test_hard_cap_wins_over_a_busy_extended_instance(
-    tmp_path: Path, clock: FakeClock, fake: FakeProvider
+    tmp_path: Path, make_app: MakeApp, clock: FakeClock, fake: FakeProvider
 ) -> None:
     conf = settings(
         tmp_path,
@@ -123,7 +119,7 @@ async def test_hard_cap_wins_over_a_busy_extended_instance(
         lease_max="20s",
         hard_cap="20s",
     )
-    app = await make_app(tmp_path, clock, [fake], conf)
+    app = await make_app(conf, clock, [fake])
     rec = Recorder(app.store)
     async with running_guard(app) as run:
         inst = await launcher.launch(app, fake.offers[0])
@@ -146,9 +142,9 @@ async def test_hard_cap_wins_over_a_busy_extended_instance(
 
 
 async def test_destroy_is_retried_with_backoff_until_confirmed_and_never_gives_up(
-    tmp_path: Path, clock: FakeClock, fake: FakeProvider
+    tmp_path: Path, make_app: MakeApp, clock: FakeClock, fake: FakeProvider
 ) -> None:
-    app = await make_app(tmp_path, clock, [fake], settings(tmp_path, idle_timeout="1m"))
+    app = await make_app(settings(tmp_path, idle_timeout="1m"), clock, [fake])
     rec = Recorder(app.store)
     failures = ESCALATE_AFTER + 5
     times: list[float] = []
@@ -178,9 +174,9 @@ async def test_destroy_is_retried_with_backoff_until_confirmed_and_never_gives_u
 
 
 async def test_a_destroy_that_does_nothing_is_noticed_and_repeated(
-    tmp_path: Path, clock: FakeClock, fake: FakeProvider
+    tmp_path: Path, make_app: MakeApp, clock: FakeClock, fake: FakeProvider
 ) -> None:
-    app = await make_app(tmp_path, clock, [fake])
+    app = await make_app(clock=clock, providers=[fake])
     rec = Recorder(app.store)
     async with running_guard(app) as run:
         inst = await launcher.launch(app, fake.offers[0])
@@ -195,9 +191,9 @@ async def test_a_destroy_that_does_nothing_is_noticed_and_repeated(
 
 
 async def test_end_is_idempotent_and_keeps_the_first_reason(
-    tmp_path: Path, clock: FakeClock, fake: FakeProvider
+    tmp_path: Path, make_app: MakeApp, clock: FakeClock, fake: FakeProvider
 ) -> None:
-    app = await make_app(tmp_path, clock, [fake])
+    app = await make_app(clock=clock, providers=[fake])
     inst = await launcher.launch(app, fake.offers[0])
     fake.faults.fail_next["destroy"] = 1
     term = app.terminator
@@ -212,13 +208,13 @@ async def test_end_is_idempotent_and_keeps_the_first_reason(
 
 
 async def test_a_terminating_instance_is_driven_again_after_restart(
-    tmp_path: Path, clock: FakeClock, fake: FakeProvider
+    tmp_path: Path, make_app: MakeApp, clock: FakeClock, fake: FakeProvider
 ) -> None:
-    app = await make_app(tmp_path, clock, [fake])
+    app = await make_app(clock=clock, providers=[fake])
     inst = await launcher.launch(app, fake.offers[0])
     await app.terminator.begin(inst.id, TerminationReason.MANUAL)  # then a crash
     await app.store.close()
-    app2 = await make_app(tmp_path, clock, [fake])
+    app2 = await make_app(clock=clock, providers=[fake])
     rec = Recorder(app2.store)
     async with running_guard(app2):
         await rec.terminated(inst.id)
@@ -240,9 +236,11 @@ class HangingProvider(FakeProvider):
         await super().destroy(provider_id)
 
 
-async def test_slow_destroys_do_not_delay_other_deadlines(tmp_path: Path, clock: FakeClock) -> None:
+async def test_slow_destroys_do_not_delay_other_deadlines(
+    tmp_path: Path, make_app: MakeApp, clock: FakeClock
+) -> None:
     fake = HangingProvider(clock)
-    app = await make_app(tmp_path, clock, [fake], settings(tmp_path, idle_timeout="1m"))
+    app = await make_app(settings(tmp_path, idle_timeout="1m"), clock, [fake])
     rec = Recorder(app.store)
     async with running_guard(app) as run:
         a = await launcher.launch(app, fake.offers[0], hours=1)

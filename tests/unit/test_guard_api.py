@@ -7,7 +7,8 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from guard_support import T0, make_app, settings
+from guard_support import settings
+from tests.conftest import T0, MakeApp
 
 from gpuwarden.control import instances as api
 from gpuwarden.core import errors
@@ -17,15 +18,12 @@ from gpuwarden.fleet import launcher
 from gpuwarden.providers.fake import FakeProvider
 
 
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock(T0)
-
-
-async def test_offers_are_cheapest_first_across_providers(tmp_path: Path, clock: FakeClock) -> None:
+async def test_offers_are_cheapest_first_across_providers(
+    tmp_path: Path, make_app: MakeApp, clock: FakeClock
+) -> None:
     vast = FakeProvider(clock, "vast")
     lam = FakeProvider(clock, "lambda", billing=Billing.PER_MINUTE)
-    app = await make_app(tmp_path, clock, [vast, lam])
+    app = await make_app(clock=clock, providers=[vast, lam])
     got = await api.offers(app, gpu_ram_gb=0, limit=4)
     prices = [o["price_per_hour"] for o in got]
     assert prices == sorted(prices) and len(got) == 4
@@ -38,9 +36,11 @@ async def test_offers_are_cheapest_first_across_providers(tmp_path: Path, clock:
     await app.store.close()
 
 
-async def test_launch_dry_run_estimates_without_renting(tmp_path: Path, clock: FakeClock) -> None:
+async def test_launch_dry_run_estimates_without_renting(
+    tmp_path: Path, make_app: MakeApp, clock: FakeClock
+) -> None:
     fake = FakeProvider(clock, "lambda", billing=Billing.PER_MINUTE)
-    app = await make_app(tmp_path, clock, [fake], settings(tmp_path, budget={"daily_limit": 1.0}))
+    app = await make_app(settings(tmp_path, budget={"daily_limit": 1.0}), clock, [fake])
     est = await api.launch(app, gpu="a10", hours=2, dry_run=True)
     assert est["gpu"] == "A10" and est["hours"] == 2
     assert est["estimated_cost"] == pytest.approx(1.5)
@@ -54,9 +54,11 @@ async def test_launch_dry_run_estimates_without_renting(tmp_path: Path, clock: F
     await app.store.close()
 
 
-async def test_status_reports_deadline_cost_and_estimate(tmp_path: Path, clock: FakeClock) -> None:
+async def test_status_reports_deadline_cost_and_estimate(
+    tmp_path: Path, make_app: MakeApp, clock: FakeClock
+) -> None:
     fake = FakeProvider(clock, "fake")
-    app = await make_app(tmp_path, clock, [fake], settings(tmp_path, idle_timeout="30m"))
+    app = await make_app(settings(tmp_path, idle_timeout="30m"), clock, [fake])
     out = await api.launch(app, offer_id=fake.offers[1].offer_id, hours=2)  # $1.20/h
     clock.set(T0 + timedelta(minutes=10))
     st = await api.status(app)
@@ -76,9 +78,11 @@ async def test_status_reports_deadline_cost_and_estimate(tmp_path: Path, clock: 
     await app.store.close()
 
 
-async def test_extend_refusal_says_how_much_is_allowed(tmp_path: Path, clock: FakeClock) -> None:
+async def test_extend_refusal_says_how_much_is_allowed(
+    tmp_path: Path, make_app: MakeApp, clock: FakeClock
+) -> None:
     fake = FakeProvider(clock, "fake")
-    app = await make_app(tmp_path, clock, [fake])
+    app = await make_app(clock=clock, providers=[fake])
     inst = await launcher.launch(app, fake.offers[0], hours=6)
     with pytest.raises(errors.LeaseMaxExceeded) as got:
         await api.extend(app, id=inst.id, hours=3)
@@ -90,9 +94,11 @@ async def test_extend_refusal_says_how_much_is_allowed(tmp_path: Path, clock: Fa
     await app.store.close()
 
 
-async def test_destroy_history_and_costs(tmp_path: Path, clock: FakeClock) -> None:
+async def test_destroy_history_and_costs(
+    tmp_path: Path, make_app: MakeApp, clock: FakeClock
+) -> None:
     fake = FakeProvider(clock, "fake")
-    app = await make_app(tmp_path, clock, [fake], settings(tmp_path, idle_timeout="30m"))
+    app = await make_app(settings(tmp_path, idle_timeout="30m"), clock, [fake])
     a = await launcher.launch(app, fake.offers[1])  # $1.20/h
     b = await launcher.launch(app, fake.offers[0])  # $0.40/h
     clock.set(T0 + timedelta(hours=1))
@@ -114,10 +120,10 @@ async def test_destroy_history_and_costs(tmp_path: Path, clock: FakeClock) -> No
 
 
 async def test_an_instance_is_named_by_a_unique_id_prefix_or_its_label(
-    tmp_path: Path, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, make_app: MakeApp, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     fake = FakeProvider(clock, "fake")
-    app = await make_app(tmp_path, clock, [fake])
+    app = await make_app(clock=clock, providers=[fake])
     ids = iter(["abcd1234", "abcd9999", "abce0000", "f00d0001"])
     monkeypatch.setattr(launcher, "new_instance_id", lambda: next(ids))
     a, b, c, d = [await launcher.launch(app, fake.offers[0]) for _ in range(4)]

@@ -28,16 +28,16 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from guard_support import T0, settings, until
+from guard_support import settings
 from hypothesis import HealthCheck
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from tests.conftest import T0, eventually, open_app
 
 from gpuwarden.control import instances as api
 from gpuwarden.core import errors, policy
 from gpuwarden.core.clock import FakeClock
-from gpuwarden.core.heartbeat import Heartbeats
 from gpuwarden.core.model import (
     Instance,
     InstanceState,
@@ -49,12 +49,10 @@ from gpuwarden.core.model import (
 from gpuwarden.fleet import launcher
 from gpuwarden.fleet.app import App
 from gpuwarden.fleet.limits import limits_from
-from gpuwarden.fleet.terminator import Terminator
 from gpuwarden.loops.guard import Guard
 from gpuwarden.loops.reconciler import Reconciler
 from gpuwarden.providers.base import LaunchSpec
 from gpuwarden.providers.fake import FakeProvider
-from gpuwarden.store import Store
 
 # Durations scaled down (the rules are the same at any scale) so that an example is fast.
 POLL = timedelta(seconds=10)
@@ -85,6 +83,7 @@ class GuardMachine(RuleBasedStateMachine):
         self.uncertain: set[str] = set()  # launches whose outcome was unknown
         self.lag_seen: timedelta = timedelta(0)
         self.tasks: list[asyncio.Task[None]] = []
+        self.opened = contextlib.AsyncExitStack()  # the App of the current "daemon"
         self.app: App = self.run(self._boot())
 
     # --- plumbing -------------------------------------------------------------------
@@ -93,15 +92,7 @@ class GuardMachine(RuleBasedStateMachine):
         return self.loop.run_until_complete(coro)
 
     async def _boot(self) -> App:
-        store = await Store.open(self.dir / "gpuwarden.db", self.clock)
-        app = App(
-            settings=self.conf,
-            clock=self.clock,
-            store=store,
-            providers={"fake": self.fake},
-            heartbeats=Heartbeats(self.clock),
-            terminator=Terminator(store, self.clock, {"fake": self.fake}),
-        )
+        app = await self.opened.enter_async_context(open_app(self.conf, self.clock, [self.fake]))
         self.guard = Guard(app)
         self.reconciler = Reconciler(app)
         await self.reconciler.start()
@@ -119,13 +110,14 @@ class GuardMachine(RuleBasedStateMachine):
         for t in self.tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await t
-        await self.app.store.close()
+        await self.opened.aclose()
 
     async def _quiet(self) -> None:
         term = self.app.terminator
-        await until(
+        await eventually(
             lambda: self.guard.settled() and self.reconciler.asleep.is_set() and not term.busy,
-            10,
+            timeout=10,
+            interval=0.001,
         )
 
     async def _advance(self, seconds: float) -> None:

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from jobs_fakes import FakeConnector, add_instance, add_job, drive, make_app
+from jobs_fakes import FakeConnector, add_instance, add_job, drive, settings
+from tests.conftest import MakeApp
 
 from gpuwarden.core.clock import FakeClock
 from gpuwarden.core.model import EntityKind, JobState
@@ -20,12 +20,9 @@ AppClock = tuple[App, FakeClock]
 
 
 @pytest.fixture
-async def app_clock(tmp_path: Path) -> AsyncIterator[AppClock]:
-    app, clock = await make_app(tmp_path)
-    try:
-        yield app, clock
-    finally:
-        await app.store.close()
+async def app_clock(tmp_path: Path, make_app: MakeApp) -> AppClock:
+    clock = FakeClock()
+    return await make_app(settings(tmp_path), clock), clock
 
 
 async def test_a_job_runs_and_its_image_lands_with_the_reported_checksum(

@@ -6,12 +6,13 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
-from jobs_fakes import FakeConnector, add_instance, add_job, make_app
+from jobs_fakes import FakeConnector, add_instance, add_job, settings
+from tests.conftest import MakeApp
 
 from gpuwarden.control import jobs as api
 from gpuwarden.core import policy
@@ -38,6 +39,7 @@ class Cloud:
     launches: list[str] = field(default_factory=list)  # offer ids
     ends: list[tuple[str, TerminationReason]] = field(default_factory=list)
     ended_at: dict[str, float] = field(default_factory=dict)
+    ended_when: dict[str, datetime] = field(default_factory=dict)
     peak: int = 0  # the most instances rented at once
 
     async def launch(self, app: App, offer: Offer, job_id: str) -> Instance:
@@ -67,6 +69,7 @@ class Cloud:
     async def end(self, app: App, instance_id: str, reason: TerminationReason) -> None:
         self.ends.append((instance_id, reason))
         self.ended_at[instance_id] = app.clock.monotonic()
+        self.ended_when[instance_id] = app.clock.now()
         await app.store.transition_instance(instance_id, InstanceState.TERMINATING, reason=reason)
         await app.store.transition_instance(instance_id, InstanceState.TERMINATED)
 
@@ -114,11 +117,14 @@ async def _busy(env: Env) -> bool:
 
 
 @pytest.fixture
-async def make_env(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[Env]]]:
+async def make_env(
+    tmp_path: Path, make_app: MakeApp
+) -> AsyncIterator[Callable[..., Awaitable[Env]]]:
     envs: list[Env] = []
 
     async def make(*, start: bool = True, **jobs: Any) -> Env:
-        app, clock = await make_app(tmp_path, **{"ssh_wait": "120s", **jobs})
+        clock = FakeClock()
+        app = await make_app(settings(tmp_path, **{"ssh_wait": "120s", **jobs}), clock)
         provider = FakeProvider(clock, "fake", boot_delay=timedelta(seconds=60))
         app.providers["fake"] = provider
         cloud = Cloud(provider)
@@ -154,7 +160,9 @@ async def test_auto_keep_warm_is_the_measured_cold_start_then_idle(make_env: Any
     await env.until(done)
     job = await env.app.store.get_job(job_id)
     inst = await env.app.store.get_instance(job.instance_id or "")
-    finished = env.clock.monotonic()
+    # The window counts from the job's recorded end: the test notices the end only after
+    # `until` has stepped the clock on, so the clock at that moment would be late.
+    assert job.finished_at is not None
 
     async def ended() -> bool:
         return bool(env.cloud.ends)
@@ -164,7 +172,8 @@ async def test_auto_keep_warm_is_the_measured_cold_start_then_idle(make_env: Any
     # The cold start (launch to SSH) was the provider's 60 s boot; warm for that long.
     stats = await env.app.store.get_flag("jobs.cold_start:fake:RTX 4090")
     assert stats["n"] == 1 and 60 <= stats["mean"] <= 75
-    assert stats["mean"] - 2 <= env.cloud.ended_at[inst.id] - finished <= stats["mean"] + 2
+    warm_for = (env.cloud.ended_when[inst.id] - job.finished_at).total_seconds()
+    assert stats["mean"] - 2 <= warm_for <= stats["mean"] + 2
 
 
 async def test_a_waiting_job_reuses_the_instance_and_0s_ends_at_once(make_env: Any) -> None:

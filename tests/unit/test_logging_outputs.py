@@ -8,7 +8,6 @@ import json
 import os
 import socket
 import struct
-import tempfile
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -25,21 +24,19 @@ from gpuwarden.system import systemd
 def reset() -> Iterator[None]:
     yield
     structlog.reset_defaults()
+    glog.close()
     glog.clear_secrets()
 
 
 @pytest.fixture
-def journal() -> Iterator[tuple[socket.socket, str]]:
+def journal(short_dir: Path) -> Iterator[tuple[socket.socket, str]]:
     """A fake journald: a datagram socket in a short temporary directory."""
-    d = tempfile.mkdtemp(prefix="gwj-", dir="/tmp")
-    path = os.path.join(d, "journal.sock")
+    path = str(short_dir / "journal.sock")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sock.bind(path)
     sock.settimeout(5)
     yield sock, path
     sock.close()
-    os.unlink(path)
-    os.rmdir(d)
 
 
 def parse_native(data: bytes) -> dict[str, bytes]:

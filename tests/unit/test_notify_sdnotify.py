@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import os
 import socket
-import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -14,16 +14,13 @@ from gpuwarden.system import systemd
 
 
 @pytest.fixture
-def notify_socket() -> Iterator[tuple[socket.socket, str]]:
-    d = tempfile.mkdtemp(prefix="gwn-", dir="/tmp")
-    path = os.path.join(d, "notify.sock")
+def notify_socket(short_dir: Path) -> Iterator[tuple[socket.socket, str]]:
+    path = str(short_dir / "notify.sock")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sock.bind(path)
     sock.settimeout(5)
     yield sock, path
     sock.close()
-    os.unlink(path)
-    os.rmdir(d)
 
 
 def test_messages_reach_the_socket(

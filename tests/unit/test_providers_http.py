@@ -14,8 +14,8 @@ from typing import Any
 import httpx
 import pytest
 import respx
-from providers_support import AutoClock
 from structlog.testing import capture_logs
+from tests.conftest import AutoClock
 
 from gpuwarden.core.clock import FakeClock, settle
 from gpuwarden.providers.base import (

@@ -13,8 +13,9 @@ from typing import Any
 import httpx
 import pytest
 import respx
-from providers_support import AutoClock, load_fixture
+from providers_support import load_fixture
 from structlog.testing import capture_logs
+from tests.conftest import AutoClock
 
 from gpuwarden.core.clock import FakeClock
 from gpuwarden.core.model import Billing
@@ -56,15 +57,10 @@ def router() -> respx.Router:
 
 
 @pytest.fixture
-def clock() -> AutoClock:
-    return AutoClock()
-
-
-@pytest.fixture
-async def client(router: respx.Router, clock: AutoClock) -> AsyncIterator[LambdaClient]:
+async def client(router: respx.Router, auto_clock: AutoClock) -> AsyncIterator[LambdaClient]:
     c = LambdaClient(
         api_key=KEY,
-        clock=clock,
+        clock=auto_clock,
         max_retries=2,
         backoff=Backoff(base=0.5, cap=4.0, rate_limited_base=2.0),
         rng=lambda: 1.0,
@@ -228,14 +224,14 @@ async def test_our_name_holding_another_key_gets_a_suffixed_name(
 
 
 async def test_launches_are_paced_twelve_seconds_apart(
-    client: LambdaClient, router: respx.Router, clock: AutoClock
+    client: LambdaClient, router: respx.Router, auto_clock: AutoClock
 ) -> None:
     router.get("/ssh-keys").mock(return_value=httpx.Response(200, json={"data": []}))
     router.post("/ssh-keys").mock(return_value=httpx.Response(200, json={}))
     times: list[float] = []
 
     def launched(request: httpx.Request) -> httpx.Response:
-        times.append(clock.monotonic())
+        times.append(auto_clock.monotonic())
         return httpx.Response(200, json=load("launch.response.json"))
 
     router.post("/instance-operations/launch").mock(side_effect=launched)
@@ -246,12 +242,12 @@ async def test_launches_are_paced_twelve_seconds_apart(
 
 
 async def test_general_requests_are_paced_one_a_second(
-    client: LambdaClient, router: respx.Router, clock: AutoClock
+    client: LambdaClient, router: respx.Router, auto_clock: AutoClock
 ) -> None:
     times: list[float] = []
 
     def listed(request: httpx.Request) -> httpx.Response:
-        times.append(clock.monotonic())
+        times.append(auto_clock.monotonic())
         return httpx.Response(200, json={"data": []})
 
     router.get("/instances").mock(side_effect=listed)

@@ -14,8 +14,9 @@ from typing import Any
 import httpx
 import pytest
 import respx
-from providers_support import AutoClock, load_fixture
+from providers_support import load_fixture
 from structlog.testing import capture_logs
+from tests.conftest import AutoClock
 
 from gpuwarden.core.clock import FakeClock
 from gpuwarden.core.model import Billing
@@ -53,15 +54,10 @@ def router() -> respx.Router:
 
 
 @pytest.fixture
-def clock() -> AutoClock:
-    return AutoClock()
-
-
-@pytest.fixture
-async def client(router: respx.Router, clock: AutoClock) -> AsyncIterator[VastClient]:
+async def client(router: respx.Router, auto_clock: AutoClock) -> AsyncIterator[VastClient]:
     c = VastClient(
         api_key=KEY,
-        clock=clock,
+        clock=auto_clock,
         max_retries=2,
         backoff=Backoff(base=0.5, cap=4.0, rate_limited_base=1.0),
         rng=lambda: 1.0,
@@ -160,12 +156,12 @@ async def test_search_for_interruptible_uses_bids(client: VastClient, router: re
 
 
 async def test_searches_are_paced_at_ten_a_minute(
-    client: VastClient, router: respx.Router, clock: AutoClock
+    client: VastClient, router: respx.Router, auto_clock: AutoClock
 ) -> None:
     router.post("/api/v0/bundles/").mock(return_value=httpx.Response(200, json={"offers": []}))
     await client.search_offers(Requirements())
     await client.search_offers(Requirements())
-    assert clock.slept == [pytest.approx(6.0)]
+    assert auto_clock.slept == [pytest.approx(6.0)]
 
 
 # --- launch -------------------------------------------------------------------------------------
@@ -300,7 +296,7 @@ async def test_insufficient_credit_assumed_shape(client: VastClient, router: res
     ],
 )
 async def test_launch_rate_limits_are_retried_then_raised(
-    client: VastClient, router: respx.Router, clock: AutoClock, response: httpx.Response
+    client: VastClient, router: respx.Router, auto_clock: AutoClock, response: httpx.Response
 ) -> None:
     router.get("/api/v0/ssh/").mock(return_value=httpx.Response(200, json=[]))
     router.post("/api/v0/ssh/").mock(return_value=httpx.Response(200, json={}))
@@ -308,7 +304,7 @@ async def test_launch_rate_limits_are_retried_then_raised(
     with pytest.raises(RateLimited):
         await client.launch(offer(), SPEC)
     assert rent.call_count == 3  # max_retries=2: a 429 was refused, so retrying is safe
-    assert [s for s in clock.slept if s >= 1.0] == [1.0, 2.0]  # rate-limit backoff
+    assert [s for s in auto_clock.slept if s >= 1.0] == [1.0, 2.0]  # rate-limit backoff
 
 
 async def test_a_launch_that_may_have_run_is_not_repeated(
@@ -480,13 +476,13 @@ async def test_destroy_of_a_missing_instance_succeeds(
 
 
 async def test_destroy_retries_server_errors_to_the_bound(
-    client: VastClient, router: respx.Router, clock: AutoClock
+    client: VastClient, router: respx.Router, auto_clock: AutoClock
 ) -> None:
     route = router.delete("/api/v0/instances/1/").mock(return_value=httpx.Response(503))
     with pytest.raises(Transient):
         await client.destroy("1")
     assert route.call_count == 3
-    assert [s for s in clock.slept if s >= 0.5] == [0.5, 1.0]
+    assert [s for s in auto_clock.slept if s >= 0.5] == [0.5, 1.0]
 
 
 async def test_account_reads_credit(client: VastClient, router: respx.Router) -> None:
@@ -520,7 +516,7 @@ async def test_search_404_invalid_user_key_quirk_is_an_auth_error(
 
 
 async def test_daily_search_quota_is_not_waited_out(
-    client: VastClient, router: respx.Router, clock: AutoClock
+    client: VastClient, router: respx.Router, auto_clock: AutoClock
 ) -> None:
     route = router.post("/api/v0/bundles/").mock(
         return_value=httpx.Response(

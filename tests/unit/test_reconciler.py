@@ -7,7 +7,8 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from guard_support import T0, make_app, settings
+from guard_support import settings
+from tests.conftest import T0, MakeApp
 
 from gpuwarden.control import instances as api
 from gpuwarden.core import errors
@@ -25,19 +26,14 @@ from gpuwarden.providers.fake import FakeProvider
 
 
 @pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock(T0)
-
-
-@pytest.fixture
 def fake(clock: FakeClock) -> FakeProvider:
     return FakeProvider(clock, "fake", boot_delay=timedelta(seconds=10))
 
 
 async def test_copies_provider_state_into_ours(
-    tmp_path: Path, clock: FakeClock, fake: FakeProvider
+    tmp_path: Path, make_app: MakeApp, clock: FakeClock, fake: FakeProvider
 ) -> None:
-    app = await make_app(tmp_path, clock, [fake])
+    app = await make_app(clock=clock, providers=[fake])
     inst = await launcher.launch(app, fake.offers[0])
     rec = Reconciler(app)
     await rec.pass_once()
@@ -53,9 +49,9 @@ async def test_copies_provider_state_into_ours(
 
 
 async def test_adopts_an_intent_whose_launch_answer_was_lost_and_ends_it(
-    tmp_path: Path, clock: FakeClock, fake: FakeProvider
+    tmp_path: Path, make_app: MakeApp, clock: FakeClock, fake: FakeProvider
 ) -> None:
-    app = await make_app(tmp_path, clock, [fake])
+    app = await make_app(clock=clock, providers=[fake])
     fake.faults.transient_after_create_next = 1
     with pytest.raises(errors.ProviderUnavailable):
         await launcher.launch(app, fake.offers[0])
@@ -74,9 +70,9 @@ async def test_adopts_an_intent_whose_launch_answer_was_lost_and_ends_it(
 
 
 async def test_destroys_an_unknown_labelled_instance_as_an_orphan(
-    tmp_path: Path, clock: FakeClock, fake: FakeProvider
+    tmp_path: Path, make_app: MakeApp, clock: FakeClock, fake: FakeProvider
 ) -> None:
-    app = await make_app(tmp_path, clock, [fake])
+    app = await make_app(clock=clock, providers=[fake])
     pid = fake.spawn(instance_label("main", "deadbeef"))
     foreign = fake.spawn(instance_label("other", "cafe0000"))  # another installation's
     await Reconciler(app).pass_once()
@@ -94,9 +90,9 @@ async def test_destroys_an_unknown_labelled_instance_as_an_orphan(
 
 
 async def test_an_instance_for_a_given_up_intent_is_an_orphan_in_a_new_row(
-    tmp_path: Path, clock: FakeClock, fake: FakeProvider
+    tmp_path: Path, make_app: MakeApp, clock: FakeClock, fake: FakeProvider
 ) -> None:
-    app = await make_app(tmp_path, clock, [fake])
+    app = await make_app(clock=clock, providers=[fake])
     fake.faults.no_capacity.add(fake.offers[0].offer_id)
     with pytest.raises(errors.NoOffer):
         await launcher.launch(app, fake.offers[0])
@@ -115,9 +111,9 @@ async def test_an_instance_for_a_given_up_intent_is_an_orphan_in_a_new_row(
 
 
 async def test_vanished_only_after_two_misses_past_grace(
-    tmp_path: Path, clock: FakeClock, fake: FakeProvider
+    tmp_path: Path, make_app: MakeApp, clock: FakeClock, fake: FakeProvider
 ) -> None:
-    app = await make_app(tmp_path, clock, [fake], settings(tmp_path, vanish_grace="60s"))
+    app = await make_app(settings(tmp_path, vanish_grace="60s"), clock, [fake])
     inst = await launcher.launch(app, fake.offers[0])
     rec = Reconciler(app)
     clock.set(T0 + timedelta(seconds=5))
@@ -136,9 +132,9 @@ async def test_vanished_only_after_two_misses_past_grace(
 
 
 async def test_listing_lag_is_not_vanishing(
-    tmp_path: Path, clock: FakeClock, fake: FakeProvider
+    tmp_path: Path, make_app: MakeApp, clock: FakeClock, fake: FakeProvider
 ) -> None:
-    app = await make_app(tmp_path, clock, [fake], settings(tmp_path, vanish_grace="10s"))
+    app = await make_app(settings(tmp_path, vanish_grace="10s"), clock, [fake])
     fake.faults.listing_lag = timedelta(minutes=10)
     inst = await launcher.launch(app, fake.offers[0])
     rec = Reconciler(app)
@@ -150,9 +146,9 @@ async def test_listing_lag_is_not_vanishing(
 
 
 async def test_a_failed_listing_is_skipped_never_read_as_empty(
-    tmp_path: Path, clock: FakeClock, fake: FakeProvider
+    tmp_path: Path, make_app: MakeApp, clock: FakeClock, fake: FakeProvider
 ) -> None:
-    app = await make_app(tmp_path, clock, [fake], settings(tmp_path, vanish_grace="10s"))
+    app = await make_app(settings(tmp_path, vanish_grace="10s"), clock, [fake])
     inst = await launcher.launch(app, fake.offers[0])
     await fake.destroy(str(inst.provider_id))
     fake.faults.fail_next["list_instances"] = 5
@@ -165,9 +161,9 @@ async def test_a_failed_listing_is_skipped_never_read_as_empty(
 
 
 async def test_an_intent_never_listed_becomes_launch_failed(
-    tmp_path: Path, clock: FakeClock, fake: FakeProvider
+    tmp_path: Path, make_app: MakeApp, clock: FakeClock, fake: FakeProvider
 ) -> None:
-    app = await make_app(tmp_path, clock, [fake], settings(tmp_path, vanish_grace="60s"))
+    app = await make_app(settings(tmp_path, vanish_grace="60s"), clock, [fake])
     fake.faults.fail_next["launch"] = 1  # a 5xx that created nothing
     with pytest.raises(errors.ProviderUnavailable):
         await launcher.launch(app, fake.offers[0])
@@ -186,9 +182,9 @@ async def test_an_intent_never_listed_becomes_launch_failed(
 
 
 async def test_a_terminating_instance_no_longer_listed_is_confirmed(
-    tmp_path: Path, clock: FakeClock, fake: FakeProvider
+    tmp_path: Path, make_app: MakeApp, clock: FakeClock, fake: FakeProvider
 ) -> None:
-    app = await make_app(tmp_path, clock, [fake])
+    app = await make_app(clock=clock, providers=[fake])
     inst = await launcher.launch(app, fake.offers[0])
     await app.terminator.begin(inst.id, TerminationReason.MANUAL)
     await fake.destroy(str(inst.provider_id))
@@ -200,11 +196,11 @@ async def test_a_terminating_instance_no_longer_listed_is_confirmed(
 
 
 async def test_credit_under_the_floor_ends_everything_and_pauses_the_queue(
-    tmp_path: Path, clock: FakeClock, fake: FakeProvider
+    tmp_path: Path, make_app: MakeApp, clock: FakeClock, fake: FakeProvider
 ) -> None:
     other = FakeProvider(clock, "other")
     conf = settings(tmp_path, budget={"credit_floor": 1.0})
-    app = await make_app(tmp_path, clock, [fake, other], conf)
+    app = await make_app(conf, clock, [fake, other])
     a = await launcher.launch(app, fake.offers[0])
     b = await launcher.launch(app, other.offers[0])
     fake.credit = 0.5
@@ -220,9 +216,9 @@ async def test_credit_under_the_floor_ends_everything_and_pauses_the_queue(
 
 
 async def test_insufficient_credit_on_launch_triggers_the_credit_stop(
-    tmp_path: Path, clock: FakeClock, fake: FakeProvider
+    tmp_path: Path, make_app: MakeApp, clock: FakeClock, fake: FakeProvider
 ) -> None:
-    app = await make_app(tmp_path, clock, [fake])
+    app = await make_app(clock=clock, providers=[fake])
     running = await launcher.launch(app, fake.offers[0])
     fake.faults.insufficient_credit = True
     with pytest.raises(errors.QueuePaused):
@@ -235,9 +231,9 @@ async def test_insufficient_credit_on_launch_triggers_the_credit_stop(
 
 
 async def test_budget_refuses_new_rentals_and_stops_spend_past_the_limit(
-    tmp_path: Path, clock: FakeClock, fake: FakeProvider
+    tmp_path: Path, make_app: MakeApp, clock: FakeClock, fake: FakeProvider
 ) -> None:
-    app = await make_app(tmp_path, clock, [fake])
+    app = await make_app(clock=clock, providers=[fake])
     inst = await launcher.launch(app, fake.offers[1], hours=4)  # $1.20/h
     app.settings = settings(tmp_path, budget={"daily_limit": 5.5, "max_hourly_price": 1.0})
     with pytest.raises(errors.PriceTooHigh):
@@ -275,11 +271,16 @@ async def test_budget_refuses_new_rentals_and_stops_spend_past_the_limit(
     ],
 )
 async def test_a_restart_that_finds_an_instance_gone_blames_the_switch_when_it_had_cause(
-    tmp_path: Path, clock: FakeClock, provider: str, silent: timedelta, reason: TerminationReason
+    tmp_path: Path,
+    make_app: MakeApp,
+    clock: FakeClock,
+    provider: str,
+    silent: timedelta,
+    reason: TerminationReason,
 ) -> None:
     cloud = FakeProvider(clock, provider, boot_delay=timedelta(seconds=10))
     conf = settings(tmp_path, vanish_grace="60s", deadman_timeout="20m", deadman_margin="10m")
-    app = await make_app(tmp_path, clock, [cloud], conf)
+    app = await make_app(conf, clock, [cloud])
     inst = await launcher.launch(app, cloud.offers[0])
     clock.set(T0 + timedelta(seconds=11))
     await Reconciler(app).pass_once()  # RUNNING
@@ -307,13 +308,13 @@ async def test_a_restart_that_finds_an_instance_gone_blames_the_switch_when_it_h
 
 
 async def test_the_first_miss_not_the_confirming_pass_decides(
-    tmp_path: Path, clock: FakeClock
+    tmp_path: Path, make_app: MakeApp, clock: FakeClock
 ) -> None:
     """Missed 19 min after the last probe and confirmed at 20+: still vanished (the switch
     needs 20 min of silence before the instance is gone)."""
     cloud = FakeProvider(clock, "sim-vast")
     conf = settings(tmp_path, vanish_grace="10s", deadman_timeout="20m")
-    app = await make_app(tmp_path, clock, [cloud], conf)
+    app = await make_app(conf, clock, [cloud])
     inst = await launcher.launch(app, cloud.offers[0])
     await app.store.update_instance(inst.id, last_probe_at=T0, last_probe_ok=True)
     await cloud.destroy(str(inst.provider_id))
@@ -328,9 +329,9 @@ async def test_the_first_miss_not_the_confirming_pass_decides(
 
 
 async def test_yesterdays_spend_counts_in_the_month_not_the_day(
-    tmp_path: Path, clock: FakeClock, fake: FakeProvider
+    tmp_path: Path, make_app: MakeApp, clock: FakeClock, fake: FakeProvider
 ) -> None:
-    app = await make_app(tmp_path, clock, [fake])
+    app = await make_app(clock=clock, providers=[fake])
     inst = await launcher.launch(app, fake.offers[0])
     clock.set(T0 + timedelta(hours=1))
     ended = await app.terminator.end(inst.id, TerminationReason.MANUAL)

@@ -6,21 +6,18 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 import structlog
+from tests.conftest import MakeApp
 
 from gpuwarden.config import settings as config
 from gpuwarden.core.clock import FakeClock
-from gpuwarden.core.heartbeat import Heartbeats
 from gpuwarden.core.model import CONFIG_RELOADED
 from gpuwarden.fleet.app import App
-from gpuwarden.fleet.terminator import Terminator
 from gpuwarden.lifecycle.reloader import ConfigReloader, changed_keys
 from gpuwarden.lifecycle.runtime import EXIT_FORCED, SignalHandlers, backoff, keep_running
-from gpuwarden.store import Store
 from gpuwarden.system.systemd import Notifier
 
 
@@ -186,25 +183,14 @@ class Recorder(Notifier):
 
 @pytest.fixture
 async def app_with_config(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> AsyncIterator[tuple[App, Path]]:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, make_app: MakeApp
+) -> tuple[App, Path]:
     for name in list(os.environ):
         if name.startswith("GPUWARDEN_"):
             monkeypatch.delenv(name)
     path = tmp_path / "c.toml"
     path.write_text(f'[daemon]\nstate_dir = "{tmp_path}"\n[policy]\nidle_timeout = "30m"\n')
-    clock = FakeClock()
-    store = await Store.open(tmp_path / "db", clock)
-    app = App(
-        settings=config.load(path),
-        clock=clock,
-        store=store,
-        providers={},
-        heartbeats=Heartbeats(clock),
-        terminator=Terminator(store, clock, {}),
-    )
-    yield app, path
-    await store.close()
+    return await make_app(config.load(path), FakeClock()), path
 
 
 async def test_a_broken_file_is_refused_and_the_old_config_stays(

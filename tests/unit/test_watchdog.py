@@ -7,15 +7,16 @@ import asyncio
 import itertools
 import shutil
 import subprocess
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from tests.conftest import MakeApp
 
 from gpuwarden.config.settings import Settings
 from gpuwarden.core.clock import FakeClock
-from gpuwarden.core.heartbeat import BEAT_EVERY, Heartbeats
+from gpuwarden.core.heartbeat import BEAT_EVERY
 from gpuwarden.core.model import (
     EntityKind,
     Instance,
@@ -24,7 +25,6 @@ from gpuwarden.core.model import (
     instance_label,
 )
 from gpuwarden.fleet.app import App
-from gpuwarden.fleet.terminator import Terminator
 from gpuwarden.loops.watchdog import (
     ProbeFailed,
     ProbeResult,
@@ -34,9 +34,7 @@ from gpuwarden.loops.watchdog import (
     probe_offset,
     probe_script,
 )
-from gpuwarden.providers.base import Provider
 from gpuwarden.providers.fake import FakeProvider
-from gpuwarden.store import Store
 
 START = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -113,20 +111,14 @@ class Rig:
 
 
 @pytest.fixture
-async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
+async def rig(tmp_path: Path, make_app: MakeApp) -> Rig:
     clock = FakeClock(START)
-    store = await Store.open(tmp_path / "db.sqlite", clock)
     settings = Settings(
         daemon={"state_dir": str(tmp_path)},
         policy={"watchdog_interval": "60s", "watchdog_failures": 2, "gpu_busy_percent": 10},
     )
     provider = FakeProvider(clock)
-    provs: dict[str, Provider] = {"fake": provider}
-    app = App(settings, clock, store, provs, Heartbeats(clock), Terminator(store, clock, provs))
-    try:
-        yield Rig(app, clock, provider)
-    finally:
-        await store.close()
+    return Rig(await make_app(settings, clock, [provider]), clock, provider)
 
 
 FAIL = ProbeFailed("refused", "connection refused")

@@ -50,8 +50,11 @@ class Guard:
         """Nothing to prepare: the first pass runs as soon as the loop starts."""
 
     def settled(self) -> bool:
-        """Asleep with no wake-up pending (tests wait on this instead of on time)."""
-        return self.asleep.is_set() and not self._wake.is_set()
+        """Asleep with no wake-up pending: no event, and its planned wake-up still ahead (a
+        pass that took long may plan one that is already due). Tests wait on this instead of
+        on time."""
+        due = self.next_wake is not None and self.next_wake <= self.app.clock.now()
+        return self.asleep.is_set() and not self._wake.is_set() and not due
 
     def _on_event(self, event: Event) -> None:
         # Any instance change may move a deadline earlier (a new launch, a strike), and so

@@ -52,6 +52,7 @@ class DaemonProcess:
         env: Mapping[str, str],
         *,
         args: Sequence[str] = (),
+        cwd: Path | None = None,
         on_event: Callable[[Event], None] | None = None,
         on_stderr: Callable[[str], None] | None = None,
     ) -> DaemonProcess:
@@ -62,6 +63,7 @@ class DaemonProcess:
             *argv,
             *args,
             env=dict(env),
+            cwd=cwd,
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
@@ -114,7 +116,9 @@ class DaemonProcess:
             async with self._changed:
                 while (event := found()) is None:
                     if self._readers[0].done():
-                        raise ChildFailed(f"the daemon's output ended before {name}")
+                        raise ChildFailed(
+                            f"the daemon's output ended before {name}{self._stderr_tail()}"
+                        )
                     await self._changed.wait()
                 return event
 
@@ -122,6 +126,10 @@ class DaemonProcess:
             return await asyncio.wait_for(wait(), timeout)
         except TimeoutError:
             raise ChildFailed(f"no {name} event within {timeout:g} s") from None
+
+    def _stderr_tail(self, lines: int = 20) -> str:
+        tail = self.stderr[-lines:]
+        return "; its stderr ends:\n" + "\n".join(tail) if tail else ""
 
     def send(self, sig: signal.Signals) -> None:
         if self.running:

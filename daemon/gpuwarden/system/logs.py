@@ -48,6 +48,7 @@ __all__ = [
     "MASK",
     "choose_mode",
     "clear_secrets",
+    "close",
     "configure",
     "redact",
     "register_secret",
@@ -251,7 +252,7 @@ def configure(
     head += [structlog.processors.StackInfoRenderer(), structlog.processors.format_exc_info]
     renderer: Processor
     if chosen == "journal":
-        writer = systemd.JournalWriter(journal_socket)
+        writer = _journal_writer(journal_socket)
         factory = _SinkFactory(lambda name: _JournalSink(writer, out, name))
         renderer = JournalRenderer()
     elif chosen == "console":
@@ -263,6 +264,8 @@ def configure(
         factory = _SinkFactory(lambda name: _StreamSink(out, name))
         renderer = structlog.processors.JSONRenderer(default=str, ensure_ascii=False)
         head.append(_lead_keys)
+    if chosen != "journal":
+        close()
     _current.update(
         mode=chosen, level=level, stream=out, clock=clock, journal_socket=journal_socket,
         stdlib_level=stdlib_level,
@@ -279,6 +282,26 @@ def configure(
 
 
 _current: dict[str, Any] = {}
+# The journal socket the current configuration writes to, by the `journal_socket` it was
+# opened for. One at a time: reconfiguring closes the one it replaces.
+_journal: dict[str | None, systemd.JournalWriter] = {}
+
+
+def _journal_writer(path: str | None) -> systemd.JournalWriter:
+    """The open journal socket for `path`: kept across a reconfigure to the same place (a
+    reload that changes the level), otherwise closed and replaced by a new one."""
+    if path not in _journal:
+        close()
+        _journal[path] = systemd.JournalWriter(path)
+    return _journal[path]
+
+
+def close() -> None:
+    """Close the journal socket, if one is open. Loggers configured for the journal then fall
+    back to their stream; `configure` opens a new socket when called again."""
+    for writer in _journal.values():
+        writer.close()
+    _journal.clear()
 
 
 def set_level(level: str) -> None:
