@@ -37,7 +37,7 @@ from gpuwarden.store import IllegalTransition
 
 log = structlog.get_logger(__name__)
 
-RUNNER_NAME = "txt2img.py"  # deploy/instance/ in a checkout, gpuwarden/assets/ when installed
+RUNNER_NAME = "txt2img.py"  # in gpuwarden/remote/assets/, read through deploy_file
 PYTHON = "python3"
 # What counts as the SSH connection going away (or never coming): reconnect and go on.
 SSH_ERRORS = (OSError, asyncssh.Error, TimeoutError, asyncssh.misc.ChannelOpenError)
