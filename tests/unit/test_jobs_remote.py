@@ -1,12 +1,16 @@
-"""remote.py's detached-job scripts, run for real under bash in a temporary HOME (standing in
-for an SSH exec, which runs `bash -c <command>` in the login home): start, status, kill, and
-the quoting of argument lists."""
+"""remote.py's detached-job scripts, run for real in a temporary HOME (standing in for an SSH
+exec, which runs `<login shell> -c <command>` in the login home): start, status, kill, and the
+quoting of argument lists. The scripts run `sh`; where it matters they are run with `sh` and
+the login shell being each of dash (Debian, Ubuntu), bash and busybox ash present here."""
 
 from __future__ import annotations
 
 import asyncio
 import os
+import shutil
+import signal
 import sys
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,16 +29,19 @@ class Completed:
 
 @dataclass
 class LocalShell:
-    """Quacks like asyncssh's connection for `run`: bash -c COMMAND with HOME=home."""
+    """Quacks like asyncssh's connection for `run`: SHELL -c COMMAND with HOME=home, and
+    PATH = `path` (this process's PATH if None)."""
 
     home: Path
     commands: list[str]
+    shell: str = "bash"
+    path: str | None = None
 
     async def run(self, command: str, *, check: bool = False, timeout: float | None = None) -> Any:
         self.commands.append(command)
-        env = {"PATH": os.environ["PATH"], "HOME": str(self.home)}
+        env = {"PATH": self.path or os.environ["PATH"], "HOME": str(self.home)}
         proc = await asyncio.create_subprocess_exec(
-            "bash",
+            self.shell,
             "-c",
             command,
             cwd=self.home,
@@ -117,3 +124,69 @@ async def test_start_returns_at_once_while_the_job_runs(tmp_path: Path) -> None:
         await remote.start_detached(shell, job_dir, ["sleep", "30"], timeout=5)
     await wait_status(shell, job_dir, "running")
     await remote.kill(shell, f"{job_dir}/pid", timeout=10)
+
+
+SHELLS = {"dash": "dash", "bash": "bash", "busybox ash": "busybox"}
+
+
+@pytest.fixture(params=sorted(SHELLS))
+def sh_shell(request: pytest.FixtureRequest, tmp_path: Path) -> LocalShell:
+    """A LocalShell whose login shell and `sh` on PATH are the parametrised shell."""
+    found = shutil.which(SHELLS[request.param])
+    if found is None:
+        pytest.skip(
+            f"{request.param} is not installed here (apt-get install {SHELLS[request.param]})"
+        )
+    bin_dir = tmp_path / "shell-bin"
+    bin_dir.mkdir()
+    (bin_dir / "sh").symlink_to(found)  # busybox picks its applet from the name: sh
+    home = tmp_path / "home"
+    home.mkdir()
+    return LocalShell(home, [], shell=str(bin_dir / "sh"), path=f"{bin_dir}:{os.environ['PATH']}")
+
+
+def processes_with(marker: str) -> list[int]:
+    """Pids of live (not zombie) processes whose command line contains `marker`."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            state = (entry / "stat").read_text().rsplit(") ", 1)[1][:1]
+        except (OSError, IndexError):
+            continue
+        if marker in cmdline and state != "Z":
+            found.append(int(entry.name))
+    return found
+
+
+@pytest.mark.parametrize(
+    "trap",
+    [
+        pytest.param("", id="plain"),
+        # KILL comes after the 2 s that TERM is given: slow.
+        pytest.param("trap '' TERM; ", id="ignores-term", marks=pytest.mark.slow),
+    ],
+)
+async def test_cancel_ends_every_process_of_the_job(sh_shell: LocalShell, trap: str) -> None:
+    """The job's own children die too, whatever `sh` is: dash refuses `kill -TERM -- -PID`,
+    and killing only the wrapper left the job running. Children that ignore TERM get KILL."""
+    shell: Any = sh_shell
+    job_dir = ".gpuwarden/jobs/tree"
+    marker = f"{300 + uuid.uuid4().int % 10**6 / 10**7:.7f}"  # a sleep nobody else runs
+    job = ["sh", "-c", f"{trap}sleep {marker} & sleep {marker} & wait", "sh"]
+    try:
+        await remote.start_detached(shell, job_dir, job, timeout=10)
+        await wait_status(shell, job_dir, "running")
+        async with asyncio.timeout(10):
+            while len(processes_with(f"sleep {marker}")) < 3:  # the job's sh and two sleeps
+                await asyncio.sleep(0.02)
+        await remote.kill(shell, f"{job_dir}/pid", timeout=10)
+        async with asyncio.timeout(5):
+            while processes_with(marker):
+                await asyncio.sleep(0.05)
+    finally:
+        for pid in processes_with(marker):  # only what this test started
+            os.kill(pid, signal.SIGKILL)
+    assert (await wait_status(shell, job_dir, "dead")).exit_code is None

@@ -209,17 +209,37 @@ fi
 """
 )
 
+# The group is signalled as `kill -SIG -PGID`: dash (Debian's and Ubuntu's sh) rejects
+# `kill -SIG -- -PGID` ("Illegal number: -"), and busybox ash rejects "--" too; this form works
+# in dash, bash and busybox ash alike. The job's own children die with it, not just the wrapper,
+# and KILL follows while any of the group lives (a child may ignore TERM after its parent died).
+# The group counts as alive while a member other than a zombie is left (read from /proc: where
+# PID 1 does not reap, the killed job's processes stay zombies, and `kill -0 -PGID` sees them).
+_GROUP_ALIVE = """\
+group_alive() {
+  for s in /proc/[0-9]*/stat; do
+    { read -r l < "$s"; } 2>/dev/null || continue
+    l=${l##*) }
+    set -- $l
+    [ "$1" != Z ] && [ "$3" = "$g" ] && return 0
+  done
+  return 1
+}
+"""
+
 _KILL = (
     _ALIVE
+    + _GROUP_ALIVE
     + """\
 p=$(cat "$1" 2>/dev/null) || exit 0
-[ -n "$p" ] || exit 0
-kill -TERM -- "-$p" 2>/dev/null || kill -TERM "$p" 2>/dev/null || exit 0
+case $p in ''|*[!0-9]*) exit 0 ;; esac
+g=$p
+kill -TERM -"$p" 2>/dev/null || kill -TERM "$p" 2>/dev/null || exit 0
 for _ in 1 2 3 4 5 6 7 8 9 10; do
-  alive "$p" || exit 0
+  { alive "$p" || group_alive; } || exit 0
   sleep 0.2
 done
-kill -KILL -- "-$p" 2>/dev/null || kill -KILL "$p" 2>/dev/null
+kill -KILL -"$p" 2>/dev/null || kill -KILL "$p" 2>/dev/null
 exit 0
 """
 )
