@@ -190,3 +190,31 @@ async def test_cancel_ends_every_process_of_the_job(sh_shell: LocalShell, trap: 
         for pid in processes_with(marker):  # only what this test started
             os.kill(pid, signal.SIGKILL)
     assert (await wait_status(shell, job_dir, "dead")).exit_code is None
+
+
+async def test_a_status_read_right_after_start_never_says_absent(sh_shell: LocalShell) -> None:
+    """start_detached returns once the wrapper's pid file is there: a status read at once
+    must not find the job absent (the runner would take it for dead and run it again)."""
+    shell: Any = sh_shell
+    for i in range(20):
+        job_dir = f".gpuwarden/jobs/quick-{i}"
+        await remote.start_detached(shell, job_dir, ["true"], timeout=10)
+        st = await remote.job_status(shell, job_dir, timeout=5)
+        assert st.state in ("running", "exited"), (i, st)
+
+
+async def test_a_stale_pid_file_is_not_read_as_the_new_job_dead(tmp_path: Path) -> None:
+    """An earlier attempt's pid file (its process long gone) is replaced before start returns."""
+    shell: Any = LocalShell(tmp_path, [])
+    job_dir = ".gpuwarden/jobs/again"
+    box = tmp_path / job_dir
+    box.mkdir(parents=True)
+    # A pid no process can have (above pid_max): a kill that read it would reach nobody.
+    gone = int(Path("/proc/sys/kernel/pid_max").read_text()) + 1
+    box.joinpath("pid").write_text(f"{gone}\n")
+    assert (await remote.job_status(shell, job_dir, timeout=5)).state == "dead"
+    try:
+        await remote.start_detached(shell, job_dir, ["sleep", "30"], timeout=10)
+        assert (await remote.job_status(shell, job_dir, timeout=5)).state == "running"
+    finally:
+        await remote.kill(shell, f"{job_dir}/pid", timeout=10)

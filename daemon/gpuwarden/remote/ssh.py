@@ -182,7 +182,6 @@ def _text(value: object) -> str:
 # (pid gone, no exit file: killed, OOM, reboot) apart, across SSH drops and its own restarts.
 _WRAPPER = """\
 d=$1; shift
-rm -f "$d/exit" "$d/exit.tmp"
 echo $$ > "$d/pid.tmp" && mv "$d/pid.tmp" "$d/pid"
 "$@" >> "$d/log" 2>&1
 echo $? > "$d/exit.tmp" && mv "$d/exit.tmp" "$d/exit"
@@ -245,21 +244,38 @@ exit 0
 )
 
 
+# After the launch, wait (at most ~10 s) until the wrapper has written its pid file: a status
+# read that came first would find the job absent, and the runner would take it for dead.
+_AWAIT_PID = """\
+i=0
+while [ ! -f "$d/pid" ]; do
+  i=$((i + 1))
+  if [ "$i" -gt 200 ]; then echo "the job wrote no pid file within 10 s" >&2; exit 1; fi
+  sleep 0.05 2>/dev/null || sleep 1
+done
+"""
+
+
 async def start_detached(
     conn: asyncssh.SSHClientConnection, job_dir_rel: str, argv: Sequence[str], *, timeout: float
 ) -> None:
     """Start `argv` in its own session (setsid + nohup) inside `job_dir_rel`'s wrapper, so
-    that it survives the SSH connection and the daemon. Returns once it is launched."""
+    that it survives the SSH connection and the daemon. Returns once the wrapper has written
+    its pid file, so that a status read from then on finds the job."""
     # The detached command is a simple command on its own line, so that its redirections
     # (away from the SSH channel) apply in the forked child before anything runs: a
     # backgrounded `a && b` list would keep the channel open until the job ends.
     detach = shlex.join(["setsid", "nohup", "sh", "-c", _WRAPPER, "sh", job_dir_rel, *argv])
     cmd = (
         "cd ~ || exit 1\n"
-        + shlex.join(["mkdir", "-p", job_dir_rel])
-        + " || exit 1\n"
+        + "d="
+        + shlex.quote(job_dir_rel)
+        + '\nmkdir -p "$d" || exit 1\n'
+        # An earlier attempt's pid and exit files must not be read as this one's.
+        + 'rm -f "$d/pid" "$d/pid.tmp" "$d/exit" "$d/exit.tmp" || exit 1\n'
         + detach
         + " </dev/null >/dev/null 2>&1 &\n"
+        + _AWAIT_PID
     )
     proc = await conn.run(cmd, check=False, timeout=timeout)
     if proc.exit_status not in (0, None):
