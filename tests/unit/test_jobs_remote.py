@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shlex
 import shutil
 import signal
 import sys
@@ -36,9 +37,12 @@ class LocalShell:
     commands: list[str]
     shell: str = "bash"
     path: str | None = None
+    banner: str = ""  # printed first, as a chatty login shell or its rc files would
 
     async def run(self, command: str, *, check: bool = False, timeout: float | None = None) -> Any:
         self.commands.append(command)
+        if self.banner:
+            command = f"printf '%s\\n' {shlex.quote(self.banner)}\n{command}"
         env = {"PATH": self.path or os.environ["PATH"], "HOME": str(self.home)}
         proc = await asyncio.create_subprocess_exec(
             self.shell,
@@ -63,14 +67,20 @@ async def wait_status(shell: Any, job_dir: str, want: str) -> remote.RemoteStatu
 
 
 def test_parse_status() -> None:
-    assert remote.parse_status("running\n") == remote.RemoteStatus("running")
-    assert remote.parse_status("exited 3\n") == remote.RemoteStatus("exited", 3)
-    assert remote.parse_status("exited x") == remote.RemoteStatus("dead")
-    assert remote.parse_status("absent") == remote.RemoteStatus("absent")
-    with pytest.raises(remote.RemoteCommandError):
-        remote.parse_status("")
-    with pytest.raises(remote.RemoteCommandError):
-        remote.parse_status("banner text")
+    def framed(text: str) -> str:
+        return f"{remote.ANSWER_MARK}\n{text}"
+
+    assert remote.parse_status(framed("running\n")) == remote.RemoteStatus("running")
+    assert remote.parse_status(framed("exited 3\n")) == remote.RemoteStatus("exited", 3)
+    assert remote.parse_status(framed("exited x")) == remote.RemoteStatus("dead")
+    assert remote.parse_status(framed("absent")) == remote.RemoteStatus("absent")
+    # Only what follows the last marker counts: a banner before it, even one that prints the
+    # marker itself or status words, is ignored.
+    noisy = f"Welcome\nrunning\n{remote.ANSWER_MARK}\nexited 0\n"
+    assert remote.parse_status(f"{noisy}{framed('absent')}") == remote.RemoteStatus("absent")
+    for bad in ("", "banner text", "absent", framed(""), framed("banner text")):
+        with pytest.raises(remote.RemoteCommandError):
+            remote.parse_status(bad)
 
 
 async def test_a_detached_job_records_its_pid_output_and_exit_code(tmp_path: Path) -> None:
@@ -218,3 +228,20 @@ async def test_a_stale_pid_file_is_not_read_as_the_new_job_dead(tmp_path: Path) 
         assert (await remote.job_status(shell, job_dir, timeout=5)).state == "running"
     finally:
         await remote.kill(shell, f"{job_dir}/pid", timeout=10)
+
+
+BANNER = "Welcome to Ubuntu 22.04.4 LTS\n * Documentation: https://help.ubuntu.com\nabsent running"
+
+
+async def test_a_login_banner_does_not_garble_the_status(tmp_path: Path) -> None:
+    """Whatever the login shell prints before the answer (a welcome text, even one with
+    status words in it) is not read as the answer."""
+    shell: Any = LocalShell(tmp_path, [], banner=BANNER)
+    job_dir = ".gpuwarden/jobs/banner"
+    assert (await remote.job_status(shell, job_dir, timeout=5)).state == "absent"
+    await remote.start_detached(shell, job_dir, ["sleep", "30"], timeout=10)
+    assert (await remote.job_status(shell, job_dir, timeout=5)).state == "running"
+    await remote.kill(shell, f"{job_dir}/pid", timeout=10)
+    assert (await wait_status(shell, job_dir, "dead")).exit_code is None
+    await remote.start_detached(shell, job_dir, ["sh", "-c", "exit 4"], timeout=10)
+    assert await wait_status(shell, job_dir, "exited") == remote.RemoteStatus("exited", 4)

@@ -193,10 +193,15 @@ _ALIVE = """\
 alive() { kill -0 "$1" 2>/dev/null && [ "$(cut -d' ' -f3 "/proc/$1/stat" 2>/dev/null)" != Z ]; }
 """
 
+# The answer follows a fixed marker line, and only what follows the last marker is read: a login
+# shell or its rc files may print anything first ("Welcome to Ubuntu ...").
+ANSWER_MARK = "--gpuwarden-answer--"
+
 # The exit file is the wrapper's last act, so it is checked first (and again after the pid
 # check, for a job that ended between the two).
 _STATUS = (
     _ALIVE
+    + f"echo {ANSWER_MARK}\n"
     + """\
 d=$1
 if [ -f "$d/exit" ]; then echo "exited $(cat "$d/exit")"
@@ -301,8 +306,18 @@ async def job_status(
     return parse_status(res.stdout)
 
 
+def answer(text: str) -> str:
+    """What a framed remote script answered: the text after its last ANSWER_MARK line."""
+    lines = text.splitlines()
+    marks = [i for i, line in enumerate(lines) if line.strip() == ANSWER_MARK]
+    if not marks:
+        raise RemoteCommandError(f"no answer from the instance: {text.strip()[-200:]!r}")
+    return "\n".join(lines[marks[-1] + 1 :])
+
+
 def parse_status(text: str) -> RemoteStatus:
-    words = text.split()
+    """The status check's answer, from everything it printed (banners included)."""
+    words = answer(text).split()
     if not words:
         raise RemoteCommandError("no answer from the status check")
     if words[0] == "exited":
@@ -312,7 +327,7 @@ def parse_status(text: str) -> RemoteStatus:
             return RemoteStatus("dead")
     if words[0] in ("running", "dead", "absent"):
         return RemoteStatus(words[0])
-    raise RemoteCommandError(f"unexpected status answer {text.strip()!r}")
+    raise RemoteCommandError(f"unexpected status answer {' '.join(words)[:200]!r}")
 
 
 async def is_alive(conn: asyncssh.SSHClientConnection, pid_file: str, *, timeout: float) -> bool:
