@@ -7,54 +7,17 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shlex
 import shutil
 import signal
 import sys
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+from remote_support import LocalShell, bare_path
 
 from gpuwarden.remote import ssh as remote
-
-
-@dataclass
-class Completed:
-    exit_status: int | None
-    stdout: str
-    stderr: str
-
-
-@dataclass
-class LocalShell:
-    """Quacks like asyncssh's connection for `run`: SHELL -c COMMAND with HOME=home, and
-    PATH = `path` (this process's PATH if None)."""
-
-    home: Path
-    commands: list[str]
-    shell: str = "bash"
-    path: str | None = None
-    banner: str = ""  # printed first, as a chatty login shell or its rc files would
-
-    async def run(self, command: str, *, check: bool = False, timeout: float | None = None) -> Any:
-        self.commands.append(command)
-        if self.banner:
-            command = f"printf '%s\\n' {shlex.quote(self.banner)}\n{command}"
-        env = {"PATH": self.path or os.environ["PATH"], "HOME": str(self.home)}
-        proc = await asyncio.create_subprocess_exec(
-            self.shell,
-            "-c",
-            command,
-            cwd=self.home,
-            env=env,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-        )
-        out, err = await asyncio.wait_for(proc.communicate(), timeout)
-        return Completed(proc.returncode, out.decode(), err.decode())
 
 
 async def wait_status(shell: Any, job_dir: str, want: str) -> remote.RemoteStatus:
@@ -245,3 +208,51 @@ async def test_a_login_banner_does_not_garble_the_status(tmp_path: Path) -> None
     assert (await wait_status(shell, job_dir, "dead")).exit_code is None
     await remote.start_detached(shell, job_dir, ["sh", "-c", "exit 4"], timeout=10)
     assert await wait_status(shell, job_dir, "exited") == remote.RemoteStatus("exited", 4)
+
+
+HELLO = ["-c", "import sys; print('python', sys.version_info[0], sys.argv[1:])", "x y"]
+
+
+async def test_python_is_found_off_the_path(tmp_path: Path) -> None:
+    """An image that keeps Python where SSH sessions do not look (/opt/conda/bin, set by a
+    Docker ENV that sshd does not pass on): the runner's interpreter is found there."""
+    conda = tmp_path / "opt-conda-bin"
+    conda.mkdir()
+    (conda / "python3").symlink_to(sys.executable)
+    home = tmp_path / "home"
+    home.mkdir()
+    shell: Any = LocalShell(home, shell="sh", path=bare_path(tmp_path / "bin"))
+    candidates = ("python3", str(conda / "python3"), "python")
+    argv = remote.python_argv(HELLO, candidates=candidates)
+    await remote.start_detached(shell, ".gpuwarden/jobs/py", argv, timeout=10)
+    assert await wait_status(shell, ".gpuwarden/jobs/py", "exited") == remote.RemoteStatus(
+        "exited", 0
+    )
+    assert (home / ".gpuwarden/jobs/py/log").read_text() == "python 3 ['x y']\n"
+
+
+async def test_no_python_fails_with_a_plain_message(tmp_path: Path) -> None:
+    """None of the places has a Python 3 (a `python` that is Python 2 does not count): the
+    job exits 127 and its log says where we looked."""
+    bin_dir = tmp_path / "bin"
+    path = bare_path(bin_dir)
+    (bin_dir / "python").write_text('#!/bin/sh\n[ "$1" = -c ] && exit 1\necho python 2 ran\n')
+    (bin_dir / "python").chmod(0o755)
+    home = tmp_path / "home"
+    home.mkdir()
+    shell: Any = LocalShell(home, shell="sh", path=path)
+    missing = str(tmp_path / "opt-conda-bin" / "python3")
+    argv = remote.python_argv(HELLO, candidates=("python3", missing, "python"))
+    await remote.start_detached(shell, ".gpuwarden/jobs/nopy", argv, timeout=10)
+    st = await wait_status(shell, ".gpuwarden/jobs/nopy", "exited")
+    assert st == remote.RemoteStatus("exited", 127)
+    log = (home / ".gpuwarden/jobs/nopy/log").read_text()
+    assert log.startswith("no python3 on the instance: looked for python3, python on PATH")
+    assert missing in log and "python 2 ran" not in log
+
+
+def test_the_default_search_looks_where_images_keep_python() -> None:
+    script = remote.python_argv(["a.py"])[2]
+    for place in ("/opt/conda/bin/python3", "/usr/local/bin/python3", "/usr/bin/python3"):
+        assert place in script
+    assert remote.python_argv(["a.py", "$(touch pwned)"])[-2:] == ["a.py", "$(touch pwned)"]

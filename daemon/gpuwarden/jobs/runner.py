@@ -38,7 +38,6 @@ from gpuwarden.store import IllegalTransition
 log = structlog.get_logger(__name__)
 
 RUNNER_NAME = "txt2img.py"  # in gpuwarden/remote/assets/, read through deploy_file
-PYTHON = "python3"
 # Seconds after a start during which "absent" means "not started yet", never "died".
 START_GRACE = 30.0
 # What counts as the SSH connection going away (or never coming): reconnect and go on.
@@ -281,7 +280,8 @@ class _Run:
         spec = runner_spec(self.job, engine, delay)
         await conn.write(f"{self.dir}/{RUNNER_NAME}", self.r.runner_source.encode())
         await conn.write(f"{self.dir}/spec.json", json.dumps(spec, ensure_ascii=False).encode())
-        await conn.start(self.dir, [PYTHON, f"{self.dir}/{RUNNER_NAME}", f"{self.dir}/spec.json"])
+        runner_args = [f"{self.dir}/{RUNNER_NAME}", f"{self.dir}/spec.json"]
+        await conn.start(self.dir, remote.python_argv(runner_args))
         self.started_at = self.app.clock.monotonic()
         self.offset = 0
         log.info("job_started", job_id=self.job.id, instance_id=self.inst.id, engine=engine)

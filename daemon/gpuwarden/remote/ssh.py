@@ -287,6 +287,46 @@ async def start_detached(
         raise RemoteCommandError(f"could not start the job: {_text(proc.stderr).strip()}")
 
 
+# Where a job's Python is looked for, in order: names on PATH, then the places images keep it
+# (pytorch/pytorch sets /opt/conda/bin by a Docker ENV, which SSH sessions do not inherit).
+# `python` counts only if it is Python 3.
+PYTHON_CANDIDATES = (
+    "python3",
+    "/opt/conda/bin/python3",
+    "/usr/local/bin/python3",
+    "/usr/bin/python3",
+    "python",
+)
+
+
+def _python_search(candidates: Sequence[str]) -> str:
+    """The fixed shell text that runs `"$@"` with the first Python 3 of `candidates`, or exits
+    127 saying where it looked. Only our constants enter it, each shell-quoted."""
+    names = ", ".join(c for c in candidates if "/" not in c)
+    paths = ", ".join(c for c in candidates if "/" in c)
+    where = f"looked for {names} on PATH (%s)" + (f" and at {paths}" if paths else "")
+    message = "no python3 on the instance: " + where.replace("%", "%%").replace("(%%s)", "(%s)")
+    quoted = " ".join(shlex.quote(c) for c in candidates)
+    fmt = shlex.quote(message + "\\n")  # printf's format: it turns \n into the newline
+    return f"""\
+for py in {quoted}; do
+  case $py in
+    */*) [ -f "$py" ] && [ -x "$py" ] || continue ;;
+    *) command -v "$py" >/dev/null 2>&1 || continue ;;
+  esac
+  "$py" -c 'import sys; sys.exit(sys.version_info[0] != 3)' >/dev/null 2>&1 && exec "$py" "$@"
+done
+printf {fmt} "$PATH" >&2
+exit 127
+"""
+
+
+def python_argv(args: Sequence[str], *, candidates: Sequence[str] = PYTHON_CANDIDATES) -> list[str]:
+    """An argument list that runs `python3 ARGS` with the instance's Python 3 wherever it is
+    (see PYTHON_CANDIDATES), for start_detached."""
+    return ["sh", "-c", _python_search(candidates), "sh", *args]
+
+
 class RemoteCommandError(Exception):
     """A remote command we rely on failed."""
 
