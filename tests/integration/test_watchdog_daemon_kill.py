@@ -24,7 +24,7 @@ import pytest
 from sim_support import until
 
 from gpuwarden.cli.client import ControlClient
-from gpuwarden.cli.commands_control import status_rows
+from gpuwarden.cli.commands_views import status_rows
 from gpuwarden.config.settings import SimSettings
 from gpuwarden.core.clock import parse_ts
 from gpuwarden.sim.server import SimCloud

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from gpuwarden.cli import commands_control as cc
+from gpuwarden.cli import commands_views as cc
 from gpuwarden.cli.client import RemoteError, Unreachable
 from gpuwarden.cli.output import (
     EX_DOMAIN,

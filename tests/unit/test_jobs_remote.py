@@ -1,7 +1,8 @@
-"""remote.py's detached-job scripts, run for real in a temporary HOME (standing in for an SSH
-exec, which runs `<login shell> -c <command>` in the login home): start, status, kill, and the
-quoting of argument lists. The scripts run `sh`; where it matters they are run with `sh` and
-the login shell being each of dash (Debian, Ubuntu), bash and busybox ash present here."""
+"""The detached-job scripts of remote/ssh.py, run for real in a temporary HOME (standing in
+for an SSH exec, which runs `<login shell> -c <command>` in the login home): start, status,
+kill, the interpreter search, and the quoting of argument lists. The scripts run `sh`; where
+it matters they are run with `sh` and the login shell being each of dash (Debian, Ubuntu),
+bash and busybox ash present here."""
 
 from __future__ import annotations
 

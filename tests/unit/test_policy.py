@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import replace
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta, timezone
 
 import pytest
 
 from gpuwarden.core import errors, policy
-from gpuwarden.core.model import Billing, Instance, InstanceState
+from gpuwarden.core.model import Billing, Instance, InstanceState, Termination
 from gpuwarden.core.model import TerminationReason as R
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
@@ -265,22 +265,22 @@ def test_cost_so_far_and_est_total() -> None:
     i = inst(last_activity=T0 + H)
     assert policy.cost_so_far(i, T0 + H) == pytest.approx(1.2)
     # earliest deadline: idle at T0 + 1 h 30 min
-    assert policy.est_total(i, T0 + H, LIMITS) == pytest.approx(1.8)
+    assert policy.est_total(i, NO, LIMITS, T0 + H) == pytest.approx(1.8)
     # the budget counts to the lease end (activity may push idle that far)
-    assert policy.committed_cost(i, T0 + H, LIMITS) == pytest.approx(4.8)
+    assert policy.committed_cost(i, LIMITS, T0 + H) == pytest.approx(4.8)
 
 
 def test_cost_nothing_before_the_provider_acknowledged() -> None:
     i = inst(state=InstanceState.REQUESTED, provider_id=None)
     assert policy.cost_so_far(i, T0 + H) == 0.0
     # but its estimate counts from now: it may start at any moment
-    assert policy.est_total(i, T0, LIMITS) == pytest.approx(0.6)
+    assert policy.est_total(i, NO, LIMITS, T0) == pytest.approx(0.6)
 
 
 def test_cost_of_ended_instance_stops_at_termination() -> None:
     i = inst(state=InstanceState.TERMINATED, terminated_at=T0 + H)
     assert policy.cost_so_far(i, T0 + 5 * H) == pytest.approx(1.2)
-    assert policy.est_total(i, T0 + 5 * H, LIMITS) == pytest.approx(1.2)
+    assert policy.est_total(i, NO, LIMITS, T0 + 5 * H) == pytest.approx(1.2)
 
 
 def test_limits_from_settings() -> None:
@@ -358,3 +358,201 @@ def test_limits_from_settings_carry_the_deadman_timing() -> None:
 
     lim = limits_from(Settings(policy=PolicySettings(deadman_timeout="3s", deadman_margin="7m")))
     assert (lim.deadman_timeout, lim.deadman_margin) == (3 * S, 7 * M)
+
+
+# --- the termination record ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "instance", "now", "at", "uptime_s", "cost", "reason"),
+    [
+        ("ended now, an hour up", inst(reason=R.IDLE), T0 + H, T0 + H, 3600.0, 1.2, R.IDLE),
+        ("no reason recorded: vanished", inst(), T0 + H, T0 + H, 3600.0, 1.2, R.VANISHED),
+        ("ended earlier: counts to terminated_at",
+         inst(terminated_at=T0 + 30 * M, reason=R.MANUAL), T0 + H, T0 + 30 * M, 1800.0, 0.6,
+         R.MANUAL),
+        ("billing starts at the provider's start",
+         inst(provider_started_at=T0 + 30 * M), T0 + H, T0 + H, 1800.0, 0.6, R.VANISHED),
+        ("never acknowledged: no uptime, no cost",
+         inst(state=InstanceState.REQUESTED, provider_id=None, reason=R.LAUNCH_FAILED),
+         T0 + H, T0 + H, 0.0, 0.0, R.LAUNCH_FAILED),
+        ("per-minute billing rounds the started minute up",
+         inst(billing=Billing.PER_MINUTE, price_per_hour=0.6), T0 + 61 * S, T0 + 61 * S, 61.0,
+         0.02, R.VANISHED),
+        ("cost rounded to six places", inst(price_per_hour=1.0), T0 + S, T0 + S, 1.0,
+         round(1 / 3600, 6), R.VANISHED),
+        ("ended at its start", inst(), T0, T0, 0.0, 0.0, R.VANISHED),
+    ],
+)  # fmt: skip
+def test_termination_of(
+    name: str,
+    instance: Instance,
+    now: datetime,
+    at: datetime,
+    uptime_s: float,
+    cost: float,
+    reason: R,
+) -> None:
+    t = policy.termination_of(instance, now)
+    assert (t.at, t.uptime_s, t.reason) == (at, uptime_s, reason), name
+    assert t.cost == pytest.approx(cost, abs=1e-9), name
+    assert (t.instance_id, t.provider, t.provider_id) == (
+        instance.id,
+        instance.provider,
+        instance.provider_id,
+    )
+    assert (t.gpu, t.region, t.price_per_hour) == (
+        instance.gpu,
+        instance.region,
+        instance.price_per_hour,
+    )
+
+
+def test_termination_cost_is_the_cost_so_far() -> None:
+    i = inst(state=InstanceState.TERMINATED, terminated_at=T0 + 2 * H + 7 * S)
+    assert policy.termination_of(i, T0 + 5 * H).cost == round(policy.cost_so_far(i, T0 + 5 * H), 6)
+
+
+# --- watchdog strikes ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("strikes", "probe_ok", "after"),
+    [(0, False, 1), (1, False, 2), (5, False, 6), (0, True, 0), (1, True, 0), (5, True, 0)],
+)
+def test_strikes_after_a_probe(strikes: int, probe_ok: bool, after: int) -> None:
+    assert policy.strikes_after(inst(strikes=strikes), probe_ok) == after
+
+
+@pytest.mark.parametrize(
+    ("strikes", "limit", "out"),
+    [
+        (0, 2, False),
+        (1, 2, False),  # one short of the limit
+        (2, 2, True),  # exactly at the limit
+        (3, 2, True),
+        (2, 3, False),
+        (3, 3, True),
+        (1, 1, True),
+    ],
+)
+def test_struck_out_at_the_threshold(strikes: int, limit: int, out: bool) -> None:
+    assert policy.struck_out(strikes, policy.Limits(watchdog_failures=limit)) is out
+
+
+def test_decide_and_the_watchdog_share_the_strike_rule() -> None:
+    limits = policy.Limits(watchdog_failures=3)
+    i = inst(strikes=2)
+    assert policy.decide(i, NO, limits, T0).terminate is None
+    struck = inst(strikes=policy.strikes_after(i, probe_ok=False))
+    assert policy.struck_out(struck.strikes, limits)
+    assert policy.decide(struck, NO, limits, T0).terminate is R.WATCHDOG
+
+
+# --- spend windows -------------------------------------------------------------------------
+
+PLUS2 = timezone(timedelta(hours=2))
+MIDNIGHT = datetime(2026, 3, 2, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(
+    ("now", "day", "month"),
+    [
+        (MIDNIGHT - timedelta(microseconds=1), datetime(2026, 3, 1, tzinfo=UTC),
+         datetime(2026, 3, 1, tzinfo=UTC)),
+        (MIDNIGHT, MIDNIGHT, datetime(2026, 3, 1, tzinfo=UTC)),
+        (MIDNIGHT + S, MIDNIGHT, datetime(2026, 3, 1, tzinfo=UTC)),
+        # 01:00 at UTC+2 is 23:00 UTC the day before: the windows are UTC
+        (datetime(2026, 3, 2, 1, 0, tzinfo=PLUS2), datetime(2026, 3, 1, tzinfo=UTC),
+         datetime(2026, 3, 1, tzinfo=UTC)),
+        (datetime(2026, 3, 1, tzinfo=UTC) - S, datetime(2026, 2, 28, tzinfo=UTC),
+         datetime(2026, 2, 1, tzinfo=UTC)),
+        (datetime(2028, 2, 29, 12, tzinfo=UTC), datetime(2028, 2, 29, tzinfo=UTC),
+         datetime(2028, 2, 1, tzinfo=UTC)),
+        (datetime(2027, 1, 1, tzinfo=UTC) - S, datetime(2026, 12, 31, tzinfo=UTC),
+         datetime(2026, 12, 1, tzinfo=UTC)),
+        (datetime(2027, 1, 1, tzinfo=UTC), datetime(2027, 1, 1, tzinfo=UTC),
+         datetime(2027, 1, 1, tzinfo=UTC)),
+    ],
+)  # fmt: skip
+def test_day_and_month_windows_are_utc(now: datetime, day: datetime, month: datetime) -> None:
+    assert policy.day_start(now) == day
+    assert policy.month_start(now) == month
+
+
+@pytest.mark.parametrize(
+    ("days", "now", "start"),
+    [
+        (1, MIDNIGHT + H, MIDNIGHT),
+        (1, MIDNIGHT - S, MIDNIGHT - 24 * H),
+        (7, MIDNIGHT, MIDNIGHT - 6 * 24 * H),
+        (3, datetime(2026, 3, 2, 1, 0, tzinfo=PLUS2), datetime(2026, 2, 27, tzinfo=UTC)),
+    ],
+)
+def test_days_start(days: int, now: datetime, start: datetime) -> None:
+    assert policy.days_start(days, now) == start
+
+
+# --- idle tails and spend sums -------------------------------------------------------------
+
+
+def term(**kw: object) -> Termination:
+    base = Termination(
+        at=T0,
+        instance_id="abc",
+        provider="fake",
+        provider_id="1001",
+        reason=R.IDLE,
+        uptime_s=7200.0,
+        gpu="RTX 4090",
+        region="EU",
+        price_per_hour=1.2,
+        cost=2.4,
+    )
+    return replace(base, **kw)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("name", "t", "tail"),
+    [
+        ("idle: the idle_timeout tail", term(), 0.6),
+        ("not idle: no tail", term(reason=R.MANUAL), 0.0),
+        ("up shorter than idle_timeout: all of it", term(uptime_s=600.0, cost=0.2), 0.2),
+        ("up exactly idle_timeout", term(uptime_s=1800.0, cost=0.6), 0.6),
+        ("never more than its cost", term(cost=0.1), 0.1),
+    ],
+)
+def test_idle_tail(name: str, t: Termination, tail: float) -> None:
+    assert policy.idle_tail(t, LIMITS) == pytest.approx(tail), name
+
+
+def test_spend_by_utc_day_provider_and_reason() -> None:
+    ended = [
+        term(at=MIDNIGHT - S, cost=2.4),  # idle, the last second of 1 March
+        term(at=MIDNIGHT, provider="lambda", reason=R.MANUAL, cost=1.0),  # 2 March
+        term(at=datetime(2026, 3, 2, 1, 0, tzinfo=PLUS2), reason=R.BUDGET, cost=0.5),  # 1 March
+    ]
+    live = [inst(created_at=MIDNIGHT, lease_until=MIDNIGHT + 4 * H, last_activity=MIDNIGHT)]
+    s = policy.spend(ended, live, LIMITS, MIDNIGHT + H)
+    march1, march2 = date(2026, 3, 1), date(2026, 3, 2)
+    assert list(s.days) == [march1, march2]  # in the order first counted
+    assert s.days[march1].total == pytest.approx(2.9)
+    assert s.days[march1].idle == pytest.approx(0.6)
+    assert s.days[march2].total == pytest.approx(2.2)  # 1.0 ended + 1.2 live so far
+    assert s.days[march2].idle == 0.0
+    assert s.by_provider == pytest.approx({"fake": 4.1, "lambda": 1.0})
+    assert s.by_reason == pytest.approx({"idle": 2.4, "manual": 1.0, "budget": 0.5, "live": 1.2})
+    assert (s.total, s.idle, s.live) == pytest.approx((5.1, 0.6, 1.2))
+
+
+def test_spend_of_nothing() -> None:
+    s = policy.spend([], [], LIMITS, T0)
+    assert (s.days, s.by_provider, s.by_reason) == ({}, {}, {})
+    assert (s.total, s.idle, s.live) == (0.0, 0.0, 0.0)
+
+
+def test_spend_counts_a_live_instance_on_the_utc_day_of_now() -> None:
+    s = policy.spend([], [inst()], LIMITS, MIDNIGHT - S)
+    assert list(s.days) == [date(2026, 3, 1)]
+    s = policy.spend([], [inst()], LIMITS, MIDNIGHT)
+    assert list(s.days) == [date(2026, 3, 2)]

@@ -28,7 +28,7 @@ from typing import Any
 DEFAULT_SOCKET = Path("/run/gpuwarden/control.sock")
 DOMAIN_ERROR = 1  # JSON-RPC error code of a domain error; error.data.code says which
 INVALID_REQUEST = -32600
-MAX_REQUEST = 64 * 1024  # the daemon's limit for one request line (control_rpc.MAX_REQUEST)
+MAX_REQUEST = 64 * 1024  # the daemon's limit for one request line (control/rpc.py MAX_REQUEST)
 READ_LIMIT = 64 * 1024 * 1024  # replies (a long history) may be far larger than requests
 
 

@@ -1,20 +1,22 @@
 """The everyday commands: talk to the daemon over its control socket.
 
 status, offers, launch, extend, activity, destroy, destroy-all, history, costs, reload, info,
-events, and `reap` (the emergency one, which needs no daemon: see cli/reap.py).
+events, and `reap` (the emergency one, which needs no daemon: see cli/reap.py). `register`
+adds them all, in the order `gpuwarden --help` lists them; this module holds the ones that
+ask or change something (offers, launch, extend, activity, destroy, destroy-all, reload), and
+commands_views.py the ones that only show what the daemon reports.
 Every command takes --json, --socket and --config. Exit codes: see cli/output.py.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
-from rich.text import Text
-
+from gpuwarden.cli import commands_views as views
 from gpuwarden.cli.client import DOMAIN_ERROR, ControlClient, RemoteError
+from gpuwarden.cli.commands_views import LIVE, drop_none, status_rows
 from gpuwarden.cli.output import (
     EX_DOMAIN,
     EX_OK,
@@ -24,28 +26,18 @@ from gpuwarden.cli.output import (
     gigabytes,
     local_time,
     money,
-    parse_time,
     positive,
     rate,
     run_command,
 )
 
-LIVE = ("requested", "provisioning", "running", "terminating")
-STATE_STYLE = {
-    "requested": "yellow",
-    "provisioning": "yellow",
-    "running": "green",
-    "terminating": "magenta",
-    "terminated": "dim",
-    "launch_failed": "red",
-}
-
-
 ID_HELP = "instance id, a unique start of it (4+ characters), or label (see 'gpuwarden status')"
 
 
 def register(sub: Any) -> None:
-    command(sub, "status", "show live instances: uptime, time left, last probe, cost", _status)
+    command(
+        sub, "status", "show live instances: uptime, time left, last probe, cost", views.show_status
+    )
 
     p = command(sub, "offers", "search GPU offers at the enabled providers", _offers)
     p.add_argument("--provider", metavar="P", help="only this provider (e.g. vast, sim-vast)")
@@ -97,12 +89,16 @@ def register(sub: Any) -> None:
     p = command(sub, "destroy-all", "destroy every live instance", _destroy_all)
     p.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
 
-    p = command(sub, "history", "terminated instances: when, why, uptime and cost", _history)
+    p = command(
+        sub, "history", "terminated instances: when, why, uptime and cost", views.show_history
+    )
     p.add_argument(
         "--hours", metavar="N", type=positive(float), default=24.0, help="the last N (default 24)"
     )
 
-    p = command(sub, "costs", "spend by day, provider and reason; idle spend apart", _costs)
+    p = command(
+        sub, "costs", "spend by day, provider and reason; idle spend apart", views.show_costs
+    )
     p.add_argument(
         "--days",
         metavar="N",
@@ -112,9 +108,11 @@ def register(sub: Any) -> None:
     )
 
     command(sub, "reload", "re-read the config (like SIGHUP)", _reload)
-    command(sub, "info", "daemon version, uptime, loop heartbeats, providers", _info)
+    command(sub, "info", "daemon version, uptime, loop heartbeats, providers", views.show_info)
 
-    p = command(sub, "events", "the event log: recent events, or follow them live", _events)
+    p = command(
+        sub, "events", "the event log: recent events, or follow them live", views.show_events
+    )
     p.add_argument("--follow", "-f", action="store_true", help="keep printing new events")
     p.add_argument(
         "--hours", metavar="N", type=positive(float), default=24.0, help="the last N (default 24)"
@@ -127,98 +125,6 @@ def register(sub: Any) -> None:
     from gpuwarden.cli.reap import register as register_reap
 
     register_reap(sub)
-
-
-# --- status -------------------------------------------------------------------------------
-
-
-def status_rows(result: Any) -> list[dict[str, Any]]:
-    """The instance list of a status reply (a list, or {"instances": [...]})."""
-    if isinstance(result, Mapping):
-        return list(result.get("instances", []))
-    return list(result or [])
-
-
-def _time_left(row: Mapping[str, Any]) -> Text:
-    if row.get("expired"):
-        return Text("EXPIRED", style="bold red")
-    left = row.get("time_left_s")
-    if left is None:
-        return Text("-")
-    if row.get("state") in LIVE and left <= 0:
-        return Text("EXPIRED", style="bold red")
-    text = duration(left)
-    reason = row.get("deadline_reason")
-    return Text(f"{text} ({reason})" if reason else text)
-
-
-def ago(seconds: float) -> str:
-    """A short age for a table cell: 45s, 2m, 3h, 1d."""
-    secs = int(max(0.0, seconds))
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if secs >= size:
-            return f"{secs // size}{unit}"
-    return f"{secs}s"
-
-
-def probe_cell(row: Mapping[str, Any], now: Any) -> Text:
-    """The watchdog's last word on an instance: 'ok 2m ago', '2 strikes' (consecutive failed
-    probes; policy.watchdog_failures of them end it), or '-' when it was never probed.
-    `now` is the daemon's clock (the status reply's `now`), so that ages do not depend on
-    this machine's clock."""
-    strikes = int(row.get("strikes") or 0)
-    if strikes > 0:
-        return Text(f"{strikes} strike{'s' if strikes != 1 else ''}", style="bold red")
-    at, now_at = parse_time(row.get("last_probe_at")), parse_time(now)
-    if at is None:
-        return Text("-")
-    verdict = "ok" if row.get("last_probe_ok") else "failed"
-    when = f" {ago((now_at - at).total_seconds())} ago" if now_at is not None else ""
-    return Text(verdict + when, style="" if verdict == "ok" else "red")
-
-
-def _status(args: argparse.Namespace) -> int:
-    async def body(client: ControlClient, out: Out) -> int:
-        result = await client.call("status")
-        rows = status_rows(result)
-        if out.json_mode:
-            out.json(rows)
-            return EX_OK
-        now = result.get("now") if isinstance(result, Mapping) else None
-        if not rows:
-            out.print("No live instances.")
-        else:
-            columns = ["ID", "PROVIDER", "GPU", "STATE", "UPTIME", "TIME LEFT", "PROBE"]
-            out.table(
-                [*columns, "COST NOW", "EST. TOTAL"],
-                [
-                    [
-                        r.get("id", ""),
-                        r.get("provider", ""),
-                        r.get("gpu", "") or "-",
-                        Text(str(r.get("state")), style=STATE_STYLE.get(str(r.get("state")), "")),
-                        duration(r.get("uptime_s")),
-                        _time_left(r),
-                        probe_cell(r, now),
-                        money(r.get("cost_now")),
-                        money(r.get("est_total")),
-                    ]
-                    for r in rows
-                ],
-                totals=[
-                    "TOTAL",
-                    f"{len(rows)} instance{'s' if len(rows) != 1 else ''}",
-                    *[""] * (len(columns) - 2),
-                    money(_sum(rows, "cost_now")),
-                    money(_sum(rows, "est_total")),
-                ],
-                right=["UPTIME", "COST NOW", "EST. TOTAL"],
-            )
-        if isinstance(result, Mapping) and result.get("queue_paused"):
-            out.print(Text("The job queue is paused.", style="yellow"))
-        return EX_OK
-
-    return run_command(args, body)
 
 
 # --- offers and launch ----------------------------------------------------------------------
@@ -234,7 +140,7 @@ def _offers(args: argparse.Namespace) -> int:
     }
 
     async def body(client: ControlClient, out: Out) -> int:
-        offers = await client.call("offers", _drop_none(params))
+        offers = await client.call("offers", drop_none(params))
         if out.json_mode:
             out.json(offers)
         elif not offers:
@@ -263,7 +169,7 @@ def _offers(args: argparse.Namespace) -> int:
 
 
 def _launch(args: argparse.Namespace) -> int:
-    params = _drop_none(
+    params = drop_none(
         {
             "offer_id": args.offer,
             "gpu": args.gpu,
@@ -408,77 +314,6 @@ def _destroy_all(args: argparse.Namespace) -> int:
     return run_command(args, body)
 
 
-# --- history and costs --------------------------------------------------------------------
-
-
-def _history(args: argparse.Namespace) -> int:
-    async def body(client: ControlClient, out: Out) -> int:
-        records = await client.call("history", {"hours": args.hours})
-        if out.json_mode:
-            out.json(records)
-        elif not records:
-            out.print(f"No terminations in the last {args.hours:g} h.")
-        else:
-            out.table(
-                ["ENDED", "ID", "PROVIDER", "GPU", "REASON", "UPTIME", "RATE", "COST"],
-                [
-                    [
-                        local_time(t.get("at")),
-                        t.get("instance_id", ""),
-                        t.get("provider", ""),
-                        t.get("gpu", "") or "-",
-                        t.get("reason", ""),
-                        duration(t.get("uptime_s")),
-                        rate(t.get("price_per_hour")),
-                        money(t.get("cost")),
-                    ]
-                    for t in records
-                ],
-                totals=[
-                    "TOTAL",
-                    f"{len(records)}",
-                    "",
-                    "",
-                    "",
-                    "",
-                    "",
-                    money(_sum(records, "cost")),
-                ],
-                right=["UPTIME", "RATE", "COST"],
-            )
-        return EX_OK
-
-    return run_command(args, body)
-
-
-def _costs(args: argparse.Namespace) -> int:
-    async def body(client: ControlClient, out: Out) -> int:
-        c = await client.call("costs", {"days": args.days})
-        if out.json_mode:
-            out.json(c)
-            return EX_OK
-        days = c.get("days", [])
-        out.table(
-            ["DAY (UTC)", "SPEND", "OF WHICH IDLE"],
-            [[d.get("day"), money(d.get("total")), money(d.get("idle"))] for d in days],
-            totals=["TOTAL", money(c.get("total")), money(c.get("idle"))],
-            right=["SPEND", "OF WHICH IDLE"],
-            title=f"Spend over the last {args.days} day(s)",
-        )
-        for title, key in (("BY PROVIDER", "by_provider"), ("BY REASON", "by_reason")):
-            part = c.get(key) or {}
-            if part:
-                out.print("")
-                out.table(
-                    [title, "SPEND"], [[k, money(v)] for k, v in part.items()], right=["SPEND"]
-                )
-        if c.get("live"):
-            out.print(f"\nIncludes {money(c.get('live'))} so far on live instances.")
-        return EX_OK
-
-    return run_command(args, body)
-
-
 # --- daemon -------------------------------------------------------------------------------
 
 
@@ -496,99 +331,4 @@ def _reload(args: argparse.Namespace) -> int:
     return run_command(args, body)
 
 
-def _info(args: argparse.Namespace) -> int:
-    async def body(client: ControlClient, out: Out) -> int:
-        r = await client.call("daemon.info")
-        if out.json_mode:
-            out.json(r)
-            return EX_OK
-        out.print(
-            f"gpuwarden {r.get('version')}  pid {r.get('pid')}  up {duration(r.get('uptime_s'))}"
-        )
-        out.print(f"installation {r.get('installation')}  socket {r.get('socket')}")
-        out.print("providers: " + (", ".join(r.get("providers") or []) or "none"))
-        out.print("job queue: " + ("paused" if r.get("queue_paused") else "running"))
-        beats = r.get("heartbeats") or {}
-        if beats:
-            out.table(
-                ["LOOP", "LAST BEAT"],
-                [
-                    [name, Text(f"{age:.1f}s ago", style="red" if age > 20 else "")]
-                    for name, age in beats.items()
-                ],
-                right=["LAST BEAT"],
-            )
-        return EX_OK
-
-    return run_command(args, body)
-
-
-def event_line(ev: Mapping[str, Any]) -> Text:
-    """One event for humans: local time, entity, what happened, details."""
-    when = local_time(ev.get("at")) if ev.get("at") else "-"
-    what = str(ev.get("name"))
-    if what == "state":
-        what = f"{ev.get('from_state') or '∅'} -> {ev.get('to_state')}"
-    elif what == "lagged":
-        return Text(
-            f"{when}  (fell behind: {ev.get('details', {}).get('dropped')} events not shown)",
-            style="yellow",
-        )
-    line = Text(f"{when}  {ev.get('kind')} {ev.get('entity_id')}  ")
-    line.append(what, style="bold")
-    if ev.get("reason"):
-        line.append(f"  reason={ev['reason']}")
-    details = ev.get("details") or {}
-    if details:
-        line.append("  " + json.dumps(details, sort_keys=True, default=str), style="dim")
-    return line
-
-
-def _events(args: argparse.Namespace) -> int:
-    params = _drop_none({"hours": args.hours, "limit": args.limit, "entity_id": args.entity})
-
-    def show(out: Out, ev: Mapping[str, Any]) -> None:
-        if out.json_mode:  # one JSON object per line: a stream a script can read as it comes
-            print(json.dumps(ev, default=str), flush=True)
-        else:
-            out.print(event_line(ev))
-
-    async def body(client: ControlClient, out: Out) -> int:
-        if not args.follow:
-            events = await client.call("events.list", params)
-            if out.json_mode:
-                out.json(events)
-            else:
-                for ev in events:
-                    show(out, ev)
-            return EX_OK
-        # Subscribe first, then list the backlog, so that nothing falls between the two.
-        stream = await client.open_events()
-        try:
-            seen = 0
-            for ev in await client.call("events.list", params):
-                show(out, ev)
-                seen = max(seen, int(ev.get("id") or 0))
-            async for ev in stream:
-                if args.entity and ev.get("entity_id") != args.entity:
-                    continue
-                if ev.get("id") is not None and int(ev["id"]) <= seen:
-                    continue
-                show(out, ev)
-        finally:
-            await stream.aclose()
-        return EX_OK
-
-    # Ctrl-C is how a follower is meant to stop: not an error.
-    return run_command(args, body, interrupted=EX_OK if args.follow else 130)
-
-
-def _drop_none(d: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in d.items() if v is not None}
-
-
-def _sum(rows: Iterable[Mapping[str, Any]], key: str) -> float:
-    return sum(float(r.get(key) or 0) for r in rows)
-
-
-__all__ = ["event_line", "probe_cell", "register", "status_rows"]
+__all__ = ["register"]

@@ -8,7 +8,6 @@ done raises an errors.DomainError subclass with a stable code.
 from __future__ import annotations
 
 import asyncio
-from collections import defaultdict
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -344,7 +343,7 @@ async def _instance_dict(
         "price_per_hour": inst.price_per_hour,
         "billing": inst.billing.value,
         "cost_now": round(policy.cost_so_far(inst, now), 6),
-        "est_total": round(policy.est_total(inst, now, limits, obs), 6),
+        "est_total": round(policy.est_total(inst, obs, limits, now), 6),
         "strikes": inst.strikes,
         "last_probe_at": format_ts(inst.last_probe_at),
         "last_probe_ok": inst.last_probe_ok,
@@ -399,46 +398,22 @@ async def history(app: App, hours: float = 24.0) -> list[dict[str, Any]]:
     return [termination_dict(t) for t in await app.store.terminations(since)]
 
 
-def idle_tail(t: Termination, idle_timeout: timedelta) -> float:
-    """What an instance ended for idle spent idling before the end: its idle_timeout tail."""
-    if t.reason is not TerminationReason.IDLE:
-        return 0.0
-    tail = min(idle_timeout, timedelta(seconds=t.uptime_s))
-    return min(t.cost, t.price_per_hour * tail.total_seconds() / 3600.0)
-
-
 async def costs(app: App, days: int = 7) -> dict[str, Any]:
     """Spend of the last `days` UTC days (from the termination record, plus live instances
     so far), by day, provider and reason; idle spend (the idle tails) shown apart."""
     now = app.clock.now()
-    since = budget.day_start(now) - timedelta(days=days - 1)
-    idle_timeout = app.settings.policy.idle_timeout
-    by_day: dict[str, dict[str, float]] = defaultdict(lambda: {"total": 0.0, "idle": 0.0})
-    by_provider: dict[str, float] = defaultdict(float)
-    by_reason: dict[str, float] = defaultdict(float)
-    for t in await app.store.terminations(since):
-        day = by_day[t.at.date().isoformat()]
-        day["total"] += t.cost
-        day["idle"] += idle_tail(t, idle_timeout)
-        by_provider[t.provider] += t.cost
-        by_reason[t.reason.value] += t.cost
-    live_cost = 0.0
-    for inst in await app.store.live_instances():
-        c = policy.cost_so_far(inst, now)
-        live_cost += c
-        by_day[now.date().isoformat()]["total"] += c
-        by_provider[inst.provider] += c
-        by_reason["live"] += c
-    total = sum(d["total"] for d in by_day.values())
+    since = policy.days_start(days, now)
+    ended = await app.store.terminations(since)
+    spent = policy.spend(ended, await app.store.live_instances(), app.limits(), now)
     return {
         "since": format_ts(since),
         "days": [
-            {"day": k, "total": round(v["total"], 6), "idle": round(v["idle"], 6)}
-            for k, v in sorted(by_day.items())
+            {"day": k.isoformat(), "total": round(v.total, 6), "idle": round(v.idle, 6)}
+            for k, v in sorted(spent.days.items())
         ],
-        "by_provider": {k: round(v, 6) for k, v in sorted(by_provider.items())},
-        "by_reason": {k: round(v, 6) for k, v in sorted(by_reason.items())},
-        "total": round(total, 6),
-        "idle": round(sum(d["idle"] for d in by_day.values()), 6),
-        "live": round(live_cost, 6),
+        "by_provider": {k: round(v, 6) for k, v in sorted(spent.by_provider.items())},
+        "by_reason": {k: round(v, 6) for k, v in sorted(spent.by_reason.items())},
+        "total": round(spent.total, 6),
+        "idle": round(spent.idle, 6),
+        "live": round(spent.live, 6),
     }

@@ -1,4 +1,4 @@
-"""What the control socket calls for jobs (control_methods.py maps `jobs.*` and `queue.*`
+"""What the control socket calls for jobs (control/methods.py maps `jobs.*` and `queue.*`
 here). Each function takes the App and plain values, and returns plain data.
 
 A submit is accepted while the queue is paused: the job is stored and waits, it is just not

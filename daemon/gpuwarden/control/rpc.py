@@ -1,5 +1,5 @@
 """JSON-RPC 2.0 framing for the control socket, with no I/O: turn one line into a request or
-an error reply, and build replies. Kept apart from control.py so the fuzz and unit tests can
+an error reply, and build replies. Kept apart from server.py so the fuzz and unit tests can
 drive every malformed input straight through it.
 
 Choices (documented in README.md, under "The control socket"):

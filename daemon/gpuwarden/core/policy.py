@@ -1,5 +1,9 @@
-"""Pure decisions: deadlines, verdicts, lease math, cost math. No I/O, no clock reads:
-every function takes `now` (or the times it needs) as an argument.
+"""Pure decisions: deadlines, verdicts, lease math, cost math, watchdog strikes, spend
+windows and their sums. No I/O, no clock reads: every function takes `now` (or the times it
+needs) as an argument.
+
+One argument order throughout: the subject (an instance, a termination, a count), then the
+observations or other inputs, then `limits`, then `now` last.
 
 An instance has up to three time deadlines and three stop signals:
 
@@ -20,11 +24,13 @@ owner's explicit limit), then idle.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from datetime import datetime, timedelta
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
 
 from gpuwarden.core import errors
-from gpuwarden.core.model import Billing, Instance, InstanceState, TerminationReason
+from gpuwarden.core.model import Billing, Instance, InstanceState, Termination, TerminationReason
 
 HOUR = timedelta(hours=1)
 _ENDED = frozenset({InstanceState.TERMINATED, InstanceState.LAUNCH_FAILED})
@@ -75,6 +81,26 @@ def cost_until(inst: Instance, end: datetime, now: datetime) -> float:
         return cost_so_far(inst, now)
     start = billing_start(inst) or now
     return cost(inst.price_per_hour, start, max(end, now, start), inst.billing)
+
+
+def termination_of(inst: Instance, now: datetime) -> Termination:
+    """The termination record of an instance ended at `now` (or at its `terminated_at`):
+    uptime and cost from when the provider started billing. An instance the provider never
+    acknowledged ran and cost nothing."""
+    end = inst.terminated_at or now
+    start = billing_start(inst) or now
+    return Termination(
+        at=end,
+        instance_id=inst.id,
+        provider=inst.provider,
+        provider_id=inst.provider_id,
+        reason=inst.reason or TerminationReason.VANISHED,
+        uptime_s=max(0.0, (end - start).total_seconds()),
+        gpu=inst.gpu,
+        region=inst.region,
+        price_per_hour=inst.price_per_hour,
+        cost=round(cost_so_far(inst, now), 6),
+    )
 
 
 # --- limits and observations -------------------------------------------------------------
@@ -178,7 +204,7 @@ def decide(inst: Instance, seen: Observations, limits: Limits, now: datetime) ->
         (seen.credit_stop, TerminationReason.INSUFFICIENT_CREDIT, "the account cannot pay"),
         (seen.budget_stop, TerminationReason.BUDGET, "spend passed a budget limit"),
         (
-            failures >= limits.watchdog_failures,
+            struck_out(failures, limits),
             TerminationReason.WATCHDOG,
             f"{failures} failed health probes",
         ),
@@ -196,6 +222,21 @@ def _why(reason: TerminationReason, deadline: datetime) -> str:
         TerminationReason.IDLE: "idle timeout reached",
     }[reason]
     return f"{what} at {deadline.isoformat()}"
+
+
+# --- watchdog strikes ----------------------------------------------------------------------
+
+
+def strikes_after(inst: Instance, probe_ok: bool) -> int:
+    """The instance's consecutive failed probes after one more probe: a failure adds a
+    strike, a good probe clears them all."""
+    return 0 if probe_ok else inst.strikes + 1
+
+
+def struck_out(strikes: int, limits: Limits) -> bool:
+    """Whether `strikes` consecutive failed probes end the instance (reason watchdog):
+    exactly limits.watchdog_failures of them do."""
+    return strikes >= limits.watchdog_failures
 
 
 # --- an instance the provider ended --------------------------------------------------------
@@ -298,17 +339,15 @@ def _hours(d: timedelta) -> str:
 # --- estimates ---------------------------------------------------------------------------
 
 
-def est_total(
-    inst: Instance, now: datetime, limits: Limits, seen: Observations | None = None
-) -> float:
+def est_total(inst: Instance, seen: Observations, limits: Limits, now: datetime) -> float:
     """The cost of the instance to its earliest deadline (what it bills if nobody acts)."""
     if inst.state in _ENDED:
         return cost_so_far(inst, now)
-    when, _ = earliest_deadline(inst, seen or Observations(), limits, now)
+    when, _ = earliest_deadline(inst, seen, limits, now)
     return cost_until(inst, when, now)
 
 
-def committed_cost(inst: Instance, now: datetime, limits: Limits) -> float:
+def committed_cost(inst: Instance, limits: Limits, now: datetime) -> float:
     """The most the instance can bill without a further extension: to the earlier of its
     lease end and hard cap (activity may push the idle deadline up to there). Used by the
     budget, which must not be passed however busy the instance stays."""
@@ -316,3 +355,89 @@ def committed_cost(inst: Instance, now: datetime, limits: Limits) -> float:
         return cost_so_far(inst, now)
     end = min(inst.lease_until, hard_deadline(inst, limits))
     return cost_until(inst, end, now)
+
+
+# --- spend windows and sums --------------------------------------------------------------
+
+
+def day_start(now: datetime) -> datetime:
+    """Midnight UTC opening `now`'s UTC day: the daily budget's window."""
+    n = now.astimezone(UTC)
+    return datetime(n.year, n.month, n.day, tzinfo=UTC)
+
+
+def month_start(now: datetime) -> datetime:
+    """Midnight UTC opening `now`'s UTC month: the monthly budget's window."""
+    n = now.astimezone(UTC)
+    return datetime(n.year, n.month, 1, tzinfo=UTC)
+
+
+def days_start(days: int, now: datetime) -> datetime:
+    """Where the last `days` UTC days open (today is the last of them)."""
+    return day_start(now) - timedelta(days=days - 1)
+
+
+def idle_tail(t: Termination, limits: Limits) -> float:
+    """What an instance ended for idle spent idling before the end: its idle_timeout tail."""
+    if t.reason is not TerminationReason.IDLE:
+        return 0.0
+    tail = min(limits.idle_timeout, timedelta(seconds=t.uptime_s))
+    return min(t.cost, t.price_per_hour * tail.total_seconds() / 3600.0)
+
+
+@dataclass(frozen=True, slots=True)
+class DaySpend:
+    total: float  # everything counted on the UTC day
+    idle: float  # of which the idle tails of instances ended for idle
+
+
+@dataclass(frozen=True, slots=True)
+class Spend:
+    """Spend summed from termination records and what live instances billed so far."""
+
+    days: dict[date, DaySpend] = field(default_factory=dict)  # in the order first counted
+    by_provider: dict[str, float] = field(default_factory=dict)
+    by_reason: dict[str, float] = field(default_factory=dict)  # live instances under "live"
+    live: float = 0.0
+
+    @property
+    def total(self) -> float:
+        return sum(d.total for d in self.days.values())
+
+    @property
+    def idle(self) -> float:
+        return sum(d.idle for d in self.days.values())
+
+
+def spend(
+    ended: Iterable[Termination], live: Iterable[Instance], limits: Limits, now: datetime
+) -> Spend:
+    """Spend by UTC day, provider and reason. An ended instance counts wholly on the day it
+    ended; a live one counts today, with what it billed so far."""
+    totals: dict[date, float] = defaultdict(float)
+    idles: dict[date, float] = defaultdict(float)
+    by_provider: dict[str, float] = defaultdict(float)
+    by_reason: dict[str, float] = defaultdict(float)
+    for t in ended:
+        day = _utc_day(t.at)
+        totals[day] += t.cost
+        idles[day] += idle_tail(t, limits)
+        by_provider[t.provider] += t.cost
+        by_reason[t.reason.value] += t.cost
+    live_cost = 0.0
+    for inst in live:
+        c = cost_so_far(inst, now)
+        live_cost += c
+        totals[_utc_day(now)] += c
+        by_provider[inst.provider] += c
+        by_reason["live"] += c
+    return Spend(
+        days={day: DaySpend(total, idles[day]) for day, total in totals.items()},
+        by_provider=dict(by_provider),
+        by_reason=dict(by_reason),
+        live=live_cost,
+    )
+
+
+def _utc_day(at: datetime) -> date:
+    return at.astimezone(UTC).date()

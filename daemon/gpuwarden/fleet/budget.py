@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
 import structlog
 
@@ -30,16 +30,6 @@ from gpuwarden.core.model import (
 from gpuwarden.fleet.app import App
 
 log = structlog.get_logger(__name__)
-
-
-def day_start(now: datetime) -> datetime:
-    n = now.astimezone(UTC)
-    return datetime(n.year, n.month, n.day, tzinfo=UTC)
-
-
-def month_start(now: datetime) -> datetime:
-    n = now.astimezone(UTC)
-    return datetime(n.year, n.month, 1, tzinfo=UTC)
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,10 +53,10 @@ async def state(app: App, now: datetime) -> BudgetState:
     limits = app.limits()
     live = await app.store.live_instances()
     so_far = sum(policy.cost_so_far(i, now) for i in live)
-    ahead = sum(policy.committed_cost(i, now, limits) for i in live)
+    ahead = sum(policy.committed_cost(i, limits, now) for i in live)
     # One read per pass: today's terminations are the month's from midnight on.
-    month = await app.store.terminations(month_start(now))
-    today = day_start(now)
+    month = await app.store.terminations(policy.month_start(now))
+    today = policy.day_start(now)
     out: list[Window] = []
     for name, ended, limit in (
         ("daily", sum(t.cost for t in month if t.at >= today), limits.daily_limit),
@@ -98,7 +88,7 @@ async def check_new(
 
 async def check_extension(app: App, inst: Instance, new_lease: datetime, now: datetime) -> None:
     limits = app.limits()
-    before = policy.committed_cost(inst, now, limits)
+    before = policy.committed_cost(inst, limits, now)
     end = min(new_lease, policy.hard_deadline(inst, limits))
     extra = max(0.0, policy.cost_until(inst, end, now) - before)
     await _check(app, extra, now, "this extension")

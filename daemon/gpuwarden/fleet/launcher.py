@@ -1,6 +1,6 @@
 """The launch path, shared by interactive launches and by jobs: intent first, then the call.
 
-1. check the price limit and the budget (services/budget.py);
+1. check the price limit and the budget (fleet/budget.py);
 2. commit REQUESTED with the label `gpuwarden-<installation>-<id>` (crash point
    `after_intent`); from here the guard counts the instance's deadlines from creation;
 3. call provider.launch (crash point `after_provider_launch`);

@@ -26,10 +26,11 @@ from typing import Any
 
 import structlog
 
+from gpuwarden.core import policy
 from gpuwarden.core.clock import Clock
 from gpuwarden.core.model import Billing, EntityKind, Instance, InstanceState, TerminationReason
 from gpuwarden.providers.base import Provider, ProviderInstance, ProviderState
-from gpuwarden.store import IllegalTransition, NotFoundError, Store, termination_of
+from gpuwarden.store import IllegalTransition, NotFoundError, Store
 from gpuwarden.system import crashpoints
 
 log = structlog.get_logger(__name__)
@@ -194,7 +195,7 @@ class Terminator:
 
     @staticmethod
     def _cost(inst: Instance) -> float:
-        return termination_of(inst, inst.terminated_at or inst.created_at).cost
+        return policy.termination_of(inst, inst.terminated_at or inst.created_at).cost
 
     async def _failed(self, inst: Instance, error: str) -> None:
         now = self.clock.now()

@@ -7,7 +7,7 @@ from __future__ import annotations
 import re
 
 # The prompt and the negative prompt together. A submit is one request line on the control
-# socket, at most control_rpc.MAX_REQUEST (64 KiB): 12,000 characters of 4-byte UTF-8 are
+# socket, at most control.rpc.MAX_REQUEST (64 KiB): 12,000 characters of 4-byte UTF-8 are
 # 48,000 bytes, which leaves room for the rest of the request (model, engine, numbers). The
 # control characters JSON would escape to six bytes each are refused.
 MAX_PROMPT_CHARS = 12_000

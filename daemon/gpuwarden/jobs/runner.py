@@ -2,7 +2,7 @@
 detached, follow its progress, fetch the images and check them.
 
 The remote side is a port (`Connector` -> `RemoteConn`) so that unit tests drive the runner
-with a hand-written fake; `SshConnector` is the real one (remote.py, asyncssh).
+with a hand-written fake; `SshConnector` is the real one (remote/ssh.py, asyncssh).
 
 Every step is safe to repeat, which is what makes restarts and SSH drops harmless:
 - the remote status (running / exited / dead / absent) decides whether to start or attach;

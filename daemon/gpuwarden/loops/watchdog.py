@@ -36,6 +36,7 @@ import structlog
 
 from gpuwarden.core.heartbeat import BEAT_EVERY
 from gpuwarden.core.model import EntityKind, Event, Instance, InstanceState, TerminationReason
+from gpuwarden.core.policy import strikes_after, struck_out
 from gpuwarden.fleet.app import App
 from gpuwarden.remote import ssh as remote
 from gpuwarden.remote.deploy import deploy_file
@@ -301,8 +302,9 @@ class Watchdog:
         inst = await self._fresh(instance_id)
         if inst is None:
             return
-        limit = self.app.settings.policy.watchdog_failures
-        strikes = inst.strikes + 1
+        limits = self.app.limits()
+        limit = limits.watchdog_failures
+        strikes = strikes_after(inst, probe_ok=False)
         now = self.app.clock.now()
         details = {"strike": strikes, "of": limit, "error": exc.kind, "message": exc.message}
         await self.app.store.record(
@@ -321,7 +323,7 @@ class Watchdog:
             error=exc.kind,
             message=exc.message,
         )
-        if strikes >= limit:
+        if struck_out(strikes, limits):
             await self._terminate(inst, strikes, exc)
 
     async def _terminate(self, inst: Instance, strikes: int, exc: ProbeFailed) -> None:
@@ -343,7 +345,8 @@ class Watchdog:
             return
         now = self.app.clock.now()
         store = self.app.store
-        updates: dict[str, Any] = {"strikes": 0, "last_probe_at": now, "last_probe_ok": True}
+        strikes = strikes_after(inst, probe_ok=True)
+        updates: dict[str, Any] = {"strikes": strikes, "last_probe_at": now, "last_probe_ok": True}
         if inst.strikes > 0:
             await store.record(
                 EntityKind.INSTANCE,

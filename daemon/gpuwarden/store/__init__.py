@@ -1,5 +1,6 @@
 """The SQLite store: instances, jobs, the append-only event log and the termination record."""
 
-from gpuwarden.store.db import IllegalTransition, NotFoundError, Store, StoreCorrupt, termination_of
+from gpuwarden.store.db import IllegalTransition, Store, StoreCorrupt
+from gpuwarden.store.sql import NotFoundError
 
-__all__ = ["IllegalTransition", "NotFoundError", "Store", "StoreCorrupt", "termination_of"]
+__all__ = ["IllegalTransition", "NotFoundError", "Store", "StoreCorrupt"]

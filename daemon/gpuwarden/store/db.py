@@ -36,16 +36,12 @@ from gpuwarden.core.model import (
     Termination,
     TerminationReason,
 )
-from gpuwarden.store import rows
-from gpuwarden.store.migrations import MIGRATIONS
+from gpuwarden.store import migrations, rows, sql
+from gpuwarden.store.sql import NotFoundError
 
 
 class IllegalTransition(Exception):
     """A state change the state machine does not allow. Nothing was written."""
-
-
-class NotFoundError(KeyError):
-    pass
 
 
 class StoreCorrupt(Exception):
@@ -96,23 +92,7 @@ class Store:
     async def migrate(self) -> int:
         """Apply pending migrations; returns the schema version. Re-running is a no-op."""
         async with self._lock:
-            for version, script in enumerate(MIGRATIONS, start=1):
-                async with self._conn.execute("PRAGMA user_version") as cur:
-                    row = await cur.fetchone()
-                current = int(row[0]) if row else 0
-                if current >= version:
-                    continue
-                # executescript would COMMIT first; run statements one by one in our txn.
-                await self._conn.execute("BEGIN IMMEDIATE")
-                try:
-                    for stmt in _statements(script):
-                        await self._conn.execute(stmt)
-                    await self._conn.execute(f"PRAGMA user_version = {version}")
-                    await self._conn.execute("COMMIT")
-                except BaseException:
-                    await self._conn.execute("ROLLBACK")
-                    raise
-            return len(MIGRATIONS)
+            return await migrations.apply(self._conn)
 
     async def close(self) -> None:
         await self._conn.close()
@@ -200,7 +180,7 @@ class Store:
         async with self.transaction() as conn:
             if updates:
                 table = "instances" if kind is EntityKind.INSTANCE else "jobs"
-                await _update(conn, table, entity_id, updates)
+                await sql.update(conn, table, entity_id, updates)
             return await self._event(conn, kind, entity_id, name, reason=reason, details=details)
 
     # --- instances -------------------------------------------------------------------
@@ -209,12 +189,9 @@ class Store:
         self, inst: Instance, details: Mapping[str, Any] | None = None
     ) -> None:
         """The intent row: committed before the provider is called."""
-        cols = rows.instance_columns(inst)
+        cols = rows.columns(inst)
         async with self.transaction() as conn:
-            await conn.execute(
-                f"INSERT INTO instances ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",  # noqa: S608
-                tuple(cols.values()),
-            )
+            await sql.insert(conn, "instances", cols)
             await self._event(
                 conn,
                 EntityKind.INSTANCE,
@@ -235,7 +212,8 @@ class Store:
     ) -> Instance:
         """Check the transition, write the new state, its fields and one event, atomically.
 
-        Going to TERMINATED also writes the termination record (uptime and cost to now)."""
+        Going to TERMINATED also writes the termination record (uptime and cost to now, as
+        policy.termination_of figures them: the store records money, it does not compute it)."""
         now = self._clock.now()
         async with self.transaction() as conn:
             current = await self._instance(conn, instance_id)
@@ -252,11 +230,11 @@ class Store:
             }.get(to)
             if stamp and stamp not in updates:
                 updates[stamp] = now
-            await _update(conn, "instances", instance_id, updates)
+            await sql.update(conn, "instances", instance_id, updates)
             after = await self._instance(conn, instance_id)
             body = dict(details or {})
             if to in (InstanceState.TERMINATED, InstanceState.LAUNCH_FAILED):
-                term = termination_of(after, now)
+                term = policy.termination_of(after, now)
                 body |= {
                     "provider_id": term.provider_id,
                     "uptime_s": term.uptime_s,
@@ -266,7 +244,7 @@ class Store:
                     "cost": term.cost,
                 }
                 if to is InstanceState.TERMINATED:
-                    await _insert_termination(conn, term)
+                    await sql.insert(conn, "terminations", rows.columns(term), replace=True)
             await self._event(
                 conn,
                 EntityKind.INSTANCE,
@@ -286,7 +264,7 @@ class Store:
         if "state" in fields:
             raise IllegalTransition("use transition_instance to change the state")
         async with self.transaction() as conn:
-            await _update(conn, "instances", instance_id, fields)
+            await sql.update(conn, "instances", instance_id, fields)
             return await self._instance(conn, instance_id)
 
     async def get_instance(self, instance_id: str) -> Instance:
@@ -295,7 +273,7 @@ class Store:
 
     async def find_instance(self, provider: str, provider_id: str) -> Instance | None:
         async with self._lock:
-            got = await _fetch(
+            got = await sql.fetch(
                 self._conn,
                 "SELECT * FROM instances WHERE provider = ? AND provider_id = ?"
                 " ORDER BY created_at DESC LIMIT 1",
@@ -304,20 +282,20 @@ class Store:
         return rows.instance_from_row(got[0]) if got else None
 
     async def instances(self, states: Iterable[InstanceState] | None = None) -> list[Instance]:
-        sql, args = "SELECT * FROM instances", tuple[str, ...]()
+        query, args = "SELECT * FROM instances", tuple[str, ...]()
         if states is not None:
             wanted = tuple(s.value for s in states)
-            sql += f" WHERE state IN ({', '.join('?' * len(wanted))})"
+            query += f" WHERE state IN ({', '.join('?' * len(wanted))})"
             args = wanted
         async with self._lock:
-            got = await _fetch(self._conn, sql + " ORDER BY created_at", args)
+            got = await sql.fetch(self._conn, query + " ORDER BY created_at", args)
         return [rows.instance_from_row(r) for r in got]
 
     async def live_instances(self) -> list[Instance]:
         return await self.instances(LIVE_INSTANCE_STATES)
 
     async def _instance(self, conn: aiosqlite.Connection, instance_id: str) -> Instance:
-        got = await _fetch(conn, "SELECT * FROM instances WHERE id = ?", (instance_id,))
+        got = await sql.fetch(conn, "SELECT * FROM instances WHERE id = ?", (instance_id,))
         if not got:
             raise NotFoundError(f"no instance {instance_id}")
         return rows.instance_from_row(got[0])
@@ -325,24 +303,21 @@ class Store:
     async def terminations(
         self, since: datetime, until: datetime | None = None
     ) -> list[Termination]:
-        sql = "SELECT * FROM terminations WHERE at >= ?"
+        query = "SELECT * FROM terminations WHERE at >= ?"
         args: tuple[Any, ...] = (format_ts(since),)
         if until is not None:
-            sql += " AND at < ?"
+            query += " AND at < ?"
             args += (format_ts(until),)
         async with self._lock:
-            got = await _fetch(self._conn, sql + " ORDER BY at", args)
+            got = await sql.fetch(self._conn, query + " ORDER BY at", args)
         return [rows.termination_from_row(r) for r in got]
 
     # --- jobs ------------------------------------------------------------------------
 
     async def insert_job(self, job: Job) -> None:
-        cols = rows.job_columns(job)
+        cols = rows.columns(job)
         async with self.transaction() as conn:
-            await conn.execute(
-                f"INSERT INTO jobs ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",  # noqa: S608
-                tuple(cols.values()),
-            )
+            await sql.insert(conn, "jobs", cols)
             await self._event(conn, EntityKind.JOB, job.id, "state", to_state=job.state.value)
 
     async def transition_job(
@@ -362,7 +337,7 @@ class Store:
             updates: dict[str, Any] = {"state": to.value, "updated_at": now, **fields}
             if to.terminal and "finished_at" not in updates:
                 updates["finished_at"] = now
-            await _update(conn, "jobs", job_id, updates)
+            await sql.update(conn, "jobs", job_id, updates)
             await self._event(
                 conn,
                 EntityKind.JOB,
@@ -380,7 +355,7 @@ class Store:
         if "state" in fields:
             raise IllegalTransition("use transition_job to change the state")
         async with self.transaction() as conn:
-            await _update(conn, "jobs", job_id, {"updated_at": self._clock.now(), **fields})
+            await sql.update(conn, "jobs", job_id, {"updated_at": self._clock.now(), **fields})
             return await self._job(conn, job_id)
 
     async def get_job(self, job_id: str) -> Job:
@@ -388,18 +363,18 @@ class Store:
             return await self._job(self._conn, job_id)
 
     async def jobs(self, states: Iterable[JobState] | None = None, limit: int = 1000) -> list[Job]:
-        sql, args = "SELECT * FROM jobs", tuple[str, ...]()
+        query, args = "SELECT * FROM jobs", tuple[str, ...]()
         if states is not None:
             wanted = tuple(s.value for s in states)
-            sql += f" WHERE state IN ({', '.join('?' * len(wanted))})"
+            query += f" WHERE state IN ({', '.join('?' * len(wanted))})"
             args = wanted
-        sql += " ORDER BY priority DESC, created_at, id LIMIT ?"
+        query += " ORDER BY priority DESC, created_at, id LIMIT ?"
         async with self._lock:
-            got = await _fetch(self._conn, sql, (*args, limit))
+            got = await sql.fetch(self._conn, query, (*args, limit))
         return [rows.job_from_row(r) for r in got]
 
     async def _job(self, conn: aiosqlite.Connection, job_id: str) -> Job:
-        got = await _fetch(conn, "SELECT * FROM jobs WHERE id = ?", (job_id,))
+        got = await sql.fetch(conn, "SELECT * FROM jobs WHERE id = ?", (job_id,))
         if not got:
             raise NotFoundError(f"no job {job_id}")
         return rows.job_from_row(got[0])
@@ -429,15 +404,15 @@ class Store:
             clauses.append("entity_id = ?")
             args.append(entity_id)  # type: ignore[arg-type]
         order = "DESC" if newest else "ASC"
-        sql = f"SELECT * FROM events WHERE {' AND '.join(clauses)} ORDER BY id {order} LIMIT ?"  # noqa: S608
+        query = f"SELECT * FROM events WHERE {' AND '.join(clauses)} ORDER BY id {order} LIMIT ?"  # noqa: S608
         async with self._lock:
-            got = await _fetch(self._conn, sql, (*args, limit))
+            got = await sql.fetch(self._conn, query, (*args, limit))
         found = [rows.event_from_row(r) for r in got]
         return found[::-1] if newest else found
 
     async def get_flag(self, key: str, default: Any = None) -> Any:
         async with self._lock:
-            got = await _fetch(self._conn, "SELECT value FROM flags WHERE key = ?", (key,))
+            got = await sql.fetch(self._conn, "SELECT value FROM flags WHERE key = ?", (key,))
         return json.loads(got[0]["value"]) if got else default
 
     async def set_flag(self, key: str, value: Any, *, reason: str | None = None) -> None:
@@ -456,85 +431,3 @@ class Store:
         """A consistent copy of the database while the daemon runs."""
         async with self._lock:
             await self._conn.execute("VACUUM INTO ?", (str(target),))
-
-
-def termination_of(inst: Instance, now: datetime) -> Termination:
-    """The termination record of an instance ended at `now` (uptime and cost from its start)."""
-    start = inst.provider_started_at or inst.created_at  # billing starts at the provider
-    if inst.provider_id is None:  # the provider never acknowledged it: nothing billed
-        start = now
-    end = inst.terminated_at or now
-    return Termination(
-        at=end,
-        instance_id=inst.id,
-        provider=inst.provider,
-        provider_id=inst.provider_id,
-        reason=inst.reason or TerminationReason.VANISHED,
-        uptime_s=max(0.0, (end - start).total_seconds()),
-        gpu=inst.gpu,
-        region=inst.region,
-        price_per_hour=inst.price_per_hour,
-        cost=round(policy.cost(inst.price_per_hour, start, end, inst.billing), 6),
-    )
-
-
-async def _insert_termination(conn: aiosqlite.Connection, t: Termination) -> None:
-    await conn.execute(
-        "INSERT OR REPLACE INTO terminations (instance_id, at, provider, provider_id, reason,"
-        " uptime_s, gpu, region, price_per_hour, cost) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        (
-            t.instance_id,
-            format_ts(t.at),
-            t.provider,
-            t.provider_id,
-            t.reason.value,
-            t.uptime_s,
-            t.gpu,
-            t.region,
-            t.price_per_hour,
-            t.cost,
-        ),
-    )
-
-
-_COLUMN_OK = frozenset("abcdefghijklmnopqrstuvwxyz_")
-
-
-async def _update(
-    conn: aiosqlite.Connection, table: str, entity_id: str, fields: Mapping[str, Any]
-) -> None:
-    if not fields:
-        return
-    for name in fields:
-        if not set(name) <= _COLUMN_OK:  # column names come from code, never from users
-            raise ValueError(f"bad column name {name!r}")
-    assigns = ", ".join(f"{name} = ?" for name in fields)
-    values = [rows.to_column(k, v) for k, v in fields.items()]
-    cur = await conn.execute(
-        f"UPDATE {table} SET {assigns} WHERE id = ?",  # noqa: S608
-        (*values, entity_id),
-    )
-    if cur.rowcount == 0:
-        raise NotFoundError(f"no {table[:-1]} {entity_id}")
-
-
-async def _fetch(
-    conn: aiosqlite.Connection, sql: str, args: Iterable[Any] = ()
-) -> list[sqlite3.Row]:
-    async with conn.execute(sql, tuple(args)) as cur:
-        return list(await cur.fetchall())
-
-
-def _statements(script: str) -> list[str]:
-    """Split a migration script into statements (triggers hold ';' inside BEGIN ... END)."""
-    out: list[str] = []
-    buf = ""
-    for line in script.splitlines(keepends=True):
-        buf += line
-        if sqlite3.complete_statement(buf):
-            if buf.strip():
-                out.append(buf.strip())
-            buf = ""
-    if buf.strip():
-        out.append(buf.strip())
-    return out

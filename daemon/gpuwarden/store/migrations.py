@@ -7,6 +7,10 @@ leaves the old version and a re-run is a no-op.
 
 from __future__ import annotations
 
+import sqlite3
+
+import aiosqlite
+
 MIGRATIONS: list[str] = [
     # 1: instances, jobs, the append-only event log, terminations, flags
     """
@@ -101,3 +105,40 @@ MIGRATIONS: list[str] = [
     );
     """,
 ]
+
+
+async def apply(conn: aiosqlite.Connection) -> int:
+    """Apply the pending steps; returns the schema version. Re-running is a no-op. The
+    caller holds the connection alone (the Store's writer lock)."""
+    for version, script in enumerate(MIGRATIONS, start=1):
+        async with conn.execute("PRAGMA user_version") as cur:
+            row = await cur.fetchone()
+        current = int(row[0]) if row else 0
+        if current >= version:
+            continue
+        # executescript would COMMIT first; run statements one by one in our txn.
+        await conn.execute("BEGIN IMMEDIATE")
+        try:
+            for stmt in _statements(script):
+                await conn.execute(stmt)
+            await conn.execute(f"PRAGMA user_version = {version}")
+            await conn.execute("COMMIT")
+        except BaseException:
+            await conn.execute("ROLLBACK")
+            raise
+    return len(MIGRATIONS)
+
+
+def _statements(script: str) -> list[str]:
+    """Split a migration script into statements (triggers hold ';' inside BEGIN ... END)."""
+    out: list[str] = []
+    buf = ""
+    for line in script.splitlines(keepends=True):
+        buf += line
+        if sqlite3.complete_statement(buf):
+            if buf.strip():
+                out.append(buf.strip())
+            buf = ""
+    if buf.strip():
+        out.append(buf.strip())
+    return out

@@ -74,8 +74,9 @@ def to_column(name: str, value: Any) -> Any:
     return value
 
 
-def instance_columns(inst: Instance) -> dict[str, Any]:
-    return {f.name: to_column(f.name, getattr(inst, f.name)) for f in dataclasses.fields(inst)}
+def columns(record: Instance | Job | Termination) -> dict[str, Any]:
+    """Every field of a record as stored in the column of the same name."""
+    return {f.name: to_column(f.name, getattr(record, f.name)) for f in dataclasses.fields(record)}
 
 
 def spec_from_json(text: str) -> JobSpec:
@@ -104,10 +105,6 @@ def job_from_row(row: sqlite3.Row) -> Job:
         cost=row["cost"],
         extra=json.loads(row["extra"]),
     )
-
-
-def job_columns(job: Job) -> dict[str, Any]:
-    return {f.name: to_column(f.name, getattr(job, f.name)) for f in dataclasses.fields(job)}
 
 
 def event_from_row(row: sqlite3.Row) -> Event:
