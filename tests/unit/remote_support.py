@@ -68,6 +68,22 @@ def bare_path(bin_dir: Path, *extra: str) -> str:
     return str(bin_dir)
 
 
+def processes_with(marker: str) -> list[int]:
+    """Pids of live (not zombie) processes whose command line contains `marker`."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            state = (entry / "stat").read_text().rsplit(") ", 1)[1][:1]
+        except (OSError, IndexError):
+            continue
+        if marker in cmdline and state != "Z":
+            found.append(int(entry.name))
+    return found
+
+
 @dataclass
 class LocalConn:
     """The runner's RemoteConn on a LocalShell: commands through the real scripts, files

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from remote_support import LocalShell, bare_path
+from remote_support import LocalShell, bare_path, processes_with
 
 from gpuwarden.remote import ssh as remote
 
@@ -117,22 +117,6 @@ def sh_shell(request: pytest.FixtureRequest, tmp_path: Path) -> LocalShell:
     home = tmp_path / "home"
     home.mkdir()
     return LocalShell(home, [], shell=str(bin_dir / "sh"), path=f"{bin_dir}:{os.environ['PATH']}")
-
-
-def processes_with(marker: str) -> list[int]:
-    """Pids of live (not zombie) processes whose command line contains `marker`."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-            state = (entry / "stat").read_text().rsplit(") ", 1)[1][:1]
-        except (OSError, IndexError):
-            continue
-        if marker in cmdline and state != "Z":
-            found.append(int(entry.name))
-    return found
 
 
 @pytest.mark.parametrize(

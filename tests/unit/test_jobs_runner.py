@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 from jobs_fakes import FakeConnector, add_instance, add_job, drive, make_app
-from remote_support import LocalConnector, LocalShell, bare_path
 
 from gpuwarden.core.clock import FakeClock
 from gpuwarden.core.model import EntityKind, JobState
@@ -188,31 +187,6 @@ async def test_a_job_still_absent_after_the_start_grace_died(app_clock: AppClock
     outcome = await drive(clock, Runner(app, connector, poll=1.0, reattach=60.0).execute(job, inst))
     assert outcome is Outcome.DIED
     assert START_GRACE <= clock.monotonic() - start <= START_GRACE + 5
-
-
-FIXED_PYTHONS = ("/opt/conda/bin/python3", "/usr/local/bin/python3", "/usr/bin/python3")
-
-
-async def test_a_job_runs_where_python3_is_not_on_the_ssh_path(tmp_path: Path) -> None:
-    """The real runner script and the real detached-job scripts on this machine, with a PATH
-    that has no Python (as in an SSH session on a pytorch image): the job still runs."""
-    if not any(Path(p).is_file() for p in FIXED_PYTHONS):
-        pytest.skip(f"no Python at any of {', '.join(FIXED_PYTHONS)} on this machine")
-    app, clock = await make_app(tmp_path, preview_step_delay="0s", width=64, height=64)
-    try:
-        home = tmp_path / "home"
-        home.mkdir()
-        shell = LocalShell(home, shell="sh", path=bare_path(tmp_path / "bin"))
-        inst = await add_instance(app)
-        job = await add_job(app, state=JobState.PROVISIONING, instance_id=inst.id)
-        runner = Runner(app, LocalConnector(shell), poll=1.0, reattach=60.0)
-        outcome = await drive(clock, runner.execute(job, inst))
-        done = await app.store.get_job(job.id)
-        assert outcome is Outcome.SUCCEEDED, done.error
-        [image] = done.outputs
-        assert Path(image).read_bytes().startswith(b"\x89PNG")
-    finally:
-        await app.store.close()
 
 
 async def test_no_python_on_the_instance_fails_the_job_saying_so(app_clock: AppClock) -> None:
