@@ -6,9 +6,11 @@ scripts and the real job runner (txt2img.py, preview engine) run without an SSH 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shlex
 import shutil
+import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -82,6 +84,20 @@ def processes_with(marker: str) -> list[int]:
         if marker in cmdline and state != "Z":
             found.append(int(entry.name))
     return found
+
+
+async def wait_all_gone(marker: str, timeout: float = 5.0) -> None:
+    """Wait until no live process carries `marker` (TimeoutError after `timeout` seconds)."""
+    async with asyncio.timeout(timeout):
+        while processes_with(marker):
+            await asyncio.sleep(0.05)
+
+
+def kill_leftovers(marker: str) -> None:
+    """SIGKILL the processes carrying `marker` (what a test started), so a failure leaks none."""
+    for pid in processes_with(marker):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
 
 
 @dataclass

@@ -9,14 +9,13 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-import signal
 import sys
 import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
-from remote_support import LocalShell, bare_path, processes_with
+from remote_support import LocalShell, bare_path, kill_leftovers, processes_with, wait_all_gone
 
 from gpuwarden.remote import ssh as remote
 
@@ -141,12 +140,9 @@ async def test_cancel_ends_every_process_of_the_job(sh_shell: LocalShell, trap: 
             while len(processes_with(f"sleep {marker}")) < 3:  # the job's sh and two sleeps
                 await asyncio.sleep(0.02)
         await remote.kill(shell, f"{job_dir}/pid", timeout=10)
-        async with asyncio.timeout(5):
-            while processes_with(marker):
-                await asyncio.sleep(0.05)
+        await wait_all_gone(marker)
     finally:
-        for pid in processes_with(marker):  # only what this test started
-            os.kill(pid, signal.SIGKILL)
+        kill_leftovers(marker)
     assert (await wait_status(shell, job_dir, "dead")).exit_code is None
 
 

@@ -7,16 +7,14 @@ FakeClock (the runner's polls are stepped; the processes run in real time)."""
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
-import signal
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 from jobs_fakes import add_instance, add_job, drive, make_app
-from remote_support import LocalConnector, LocalShell, bare_path, processes_with
+from remote_support import LocalConnector, LocalShell, bare_path, kill_leftovers, wait_all_gone
 
 from gpuwarden.core.clock import FakeClock
 from gpuwarden.core.model import EntityKind, JobState
@@ -96,10 +94,7 @@ async def test_a_cancel_on_a_dash_instance_ends_the_runner_itself(
 
         outcome = await drive(clock, run_and_cancel())
         assert outcome is Outcome.CANCELLED
-        async with asyncio.timeout(5):
-            while processes_with(marker):
-                await asyncio.sleep(0.05)
+        await wait_all_gone(marker)
     finally:
-        for pid in processes_with(marker):  # only what this test started
-            os.kill(pid, signal.SIGKILL)
+        kill_leftovers(marker)
         await app.store.close()
