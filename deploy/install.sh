@@ -217,13 +217,9 @@ install_venv() {
         STAGE=$(mktemp -d)
         trap 'rm -rf "$STAGE"' EXIT
         cp -r "$target/pyproject.toml" "$target/README.md" "$target/daemon" "$STAGE/"
+        # What goes onto rented instances (probe, dead-man switch, job runner) is package data
+        # in daemon/gpuwarden/remote/assets/, so the copy of daemon/ carries it.
         find "$STAGE" \( -name '*.egg-info' -o -name __pycache__ \) -prune -exec rm -rf {} +
-        # What goes onto rented instances (the dead-man switch, the job runner) travels inside
-        # the package as gpuwarden/assets/ (package-data), since deploy/ is not installed.
-        if [[ -d $target/deploy/instance ]]; then
-            mkdir -p "$STAGE/daemon/gpuwarden/assets"
-            cp "$target"/deploy/instance/* "$STAGE/daemon/gpuwarden/assets/"
-        fi
         "$py" -m pip install --quiet --upgrade "$STAGE"
     else
         "$py" -m pip install --quiet --upgrade "$target"

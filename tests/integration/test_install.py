@@ -261,7 +261,7 @@ def test_venv_step(tmp_path: Path, env: dict[str, str]) -> None:
     assert '"$PYTHON" -m venv "$ROOT$VENV"' in text
     assert '"$py" -m pip install --quiet --upgrade "$STAGE"' in text  # a copy of the source
     assert '"$py" -m pip install --quiet --upgrade "$target"' in text  # or the --wheel
-    assert '"$STAGE/daemon/gpuwarden/assets/"' in text  # instance files ride in the package
+    assert '"$target/daemon"' in text  # the instance files ride in the package (test_wheel)
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze missing")

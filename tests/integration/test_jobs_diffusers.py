@@ -19,7 +19,8 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
-RUNNER = Path(__file__).resolve().parents[2] / "deploy" / "instance" / "txt2img.py"
+ASSETS = Path(__file__).resolve().parents[2] / "daemon" / "gpuwarden" / "remote" / "assets"
+RUNNER = ASSETS / "txt2img.py"
 
 
 def _needs(*modules: str) -> None:

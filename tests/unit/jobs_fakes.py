@@ -45,6 +45,9 @@ class FakeRemote:
     corrupt: bool = False  # downloads come back damaged
     drop_next: int = 0  # the next N remote calls fail as if the network went away
     refuse: bool = False  # connections are refused
+    absent_after_start: int = 0  # the next N status reads after a start say "absent"
+    start_exits: tuple[int, str] | None = None  # the started command exits at once (code, log)
+    argvs: list[list[str]] = field(default_factory=list)  # what each start ran
 
     def _maybe_drop(self) -> None:
         if self.drop_next > 0:
@@ -98,13 +101,21 @@ class FakeConn:
         self.remote._maybe_drop()
         spec = json.loads(self.remote.files[f"{job_dir}/spec.json"])
         self.remote.starts += 1
+        self.remote.argvs.append(list(argv))
         self.remote.jobs[job_dir] = FakeRunnerJob(total=spec["steps"] * spec["count"])
         self.remote.files[f"{job_dir}/progress.jsonl"] = b""
+        if self.remote.start_exits is not None:
+            code, log = self.remote.start_exits
+            self.remote.jobs[job_dir].state, self.remote.jobs[job_dir].exit_code = "exited", code
+            self.remote.files[f"{job_dir}/log"] = log.encode()
 
     async def status(self, job_dir: str) -> RemoteStatus:
         self.remote._maybe_drop()
         job = self.remote.jobs.get(job_dir)
         if job is None:
+            return RemoteStatus("absent")
+        if self.remote.absent_after_start > 0:  # as a wrapper that has not written its pid yet
+            self.remote.absent_after_start -= 1
             return RemoteStatus("absent")
         self.remote.advance(job_dir)
         return RemoteStatus(job.state, job.exit_code)

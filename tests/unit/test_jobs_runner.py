@@ -14,7 +14,7 @@ from tests.conftest import MakeApp
 from gpuwarden.core.clock import FakeClock
 from gpuwarden.core.model import EntityKind, JobState
 from gpuwarden.fleet.app import App
-from gpuwarden.jobs.runner import Outcome, Runner
+from gpuwarden.jobs.runner import START_GRACE, Outcome, Runner
 
 AppClock = tuple[App, FakeClock]
 
@@ -156,3 +156,50 @@ async def test_a_resumed_fetch_does_not_download_what_already_landed(app_clock: 
     assert remote.downloads == []  # nothing fetched twice
     assert remote.starts == 1  # and nothing run twice
     assert (await app.store.get_job(job.id)).outputs == (str(landed),)
+
+
+async def test_a_job_not_yet_found_right_after_its_start_is_not_declared_dead(
+    app_clock: AppClock,
+) -> None:
+    """A status read that comes before the wrapper's pid file says "absent": within the start
+    grace that is a job still starting, not one that died (which would run it again)."""
+    app, clock = app_clock
+    connector = FakeConnector()
+    inst = await add_instance(app)
+    remote = connector.remote(inst.id)
+    remote.absent_after_start = 3
+    job = await add_job(app, state=JobState.PROVISIONING, instance_id=inst.id)
+    outcome = await drive(clock, Runner(app, connector, poll=1.0, reattach=60.0).execute(job, inst))
+    assert outcome is Outcome.SUCCEEDED
+    assert remote.starts == 1
+
+
+async def test_a_job_still_absent_after_the_start_grace_died(app_clock: AppClock) -> None:
+    app, clock = app_clock
+    connector = FakeConnector()
+    inst = await add_instance(app)
+    connector.remote(inst.id).absent_after_start = 10_000
+    job = await add_job(app, state=JobState.PROVISIONING, instance_id=inst.id)
+    start = clock.monotonic()
+    outcome = await drive(clock, Runner(app, connector, poll=1.0, reattach=60.0).execute(job, inst))
+    assert outcome is Outcome.DIED
+    assert START_GRACE <= clock.monotonic() - start <= START_GRACE + 5
+
+
+async def test_no_python_on_the_instance_fails_the_job_saying_so(app_clock: AppClock) -> None:
+    """The runner is started through the interpreter search; when that finds no Python 3 the
+    job fails with the search's own message (from the job's log), not a shell's."""
+    app, clock = app_clock
+    connector = FakeConnector()
+    inst = await add_instance(app)
+    remote = connector.remote(inst.id)
+    message = "no python3 on the instance: looked for python3, python on PATH (/usr/bin:/bin)"
+    remote.start_exits = (127, message + "\n")
+    job = await add_job(app, state=JobState.PROVISIONING, instance_id=inst.id)
+    outcome = await drive(clock, Runner(app, connector, poll=1.0, reattach=60.0).execute(job, inst))
+    assert outcome is Outcome.FAILED
+    assert (await app.store.get_job(job.id)).error == message
+    [argv] = remote.argvs
+    assert argv[:2] == ["sh", "-c"] and "/opt/conda/bin/python3" in argv[2]
+    box = f".gpuwarden/jobs/{job.id}"
+    assert argv[-2:] == [f"{box}/txt2img.py", f"{box}/spec.json"]

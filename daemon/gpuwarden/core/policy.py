@@ -256,7 +256,7 @@ def vanish_reason(
     """Why an instance the provider no longer runs ended, as far as we can tell.
 
     `first_missed` is when the reconciler first found it gone (after a daemon restart, the
-    first pass). The dead-man switch on the instance (deploy/instance/deadman.sh) ends it
+    first pass). The dead-man switch on the instance (remote/assets/deadman.sh) ends it
     when its heartbeat is deadman_timeout old, or when it is hard_cap + deadman_margin old;
     so when either had passed by `first_missed` the switch is the likely cause: `deadman`.
     Otherwise (or when the instance had no switch able to end it: `switch` False) the

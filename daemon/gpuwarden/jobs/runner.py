@@ -37,8 +37,9 @@ from gpuwarden.store import IllegalTransition
 
 log = structlog.get_logger(__name__)
 
-RUNNER_NAME = "txt2img.py"  # deploy/instance/ in a checkout, gpuwarden/assets/ when installed
-PYTHON = "python3"
+RUNNER_NAME = "txt2img.py"  # in gpuwarden/remote/assets/, read through deploy_file
+# Seconds after a start during which "absent" means "not started yet", never "died".
+START_GRACE = 30.0
 # What counts as the SSH connection going away (or never coming): reconnect and go on.
 SSH_ERRORS = (OSError, asyncssh.Error, TimeoutError, asyncssh.misc.ChannelOpenError)
 
@@ -184,6 +185,7 @@ class _Run:
         self.last_activity_at = -1e9
         self.event_cursor = 0
         self.error_message: str | None = None
+        self.started_at: float | None = None  # monotonic, when this run started the runner
 
     async def go(self) -> Outcome:
         try:
@@ -261,8 +263,14 @@ class _Run:
             if status.state in ("dead", "absent"):
                 if await self._cancelled():
                     return await self._finish_cancelled()
-                return Outcome.DIED
+                if not (status.state == "absent" and self._starting()):
+                    return Outcome.DIED
             await self.app.clock.sleep(self.r.poll)
+
+    def _starting(self) -> bool:
+        """Whether this run started the runner less than START_GRACE seconds ago."""
+        started = self.started_at
+        return started is not None and self.app.clock.monotonic() - started < START_GRACE
 
     # --- steps --------------------------------------------------------------------------
 
@@ -272,7 +280,9 @@ class _Run:
         spec = runner_spec(self.job, engine, delay)
         await conn.write(f"{self.dir}/{RUNNER_NAME}", self.r.runner_source.encode())
         await conn.write(f"{self.dir}/spec.json", json.dumps(spec, ensure_ascii=False).encode())
-        await conn.start(self.dir, [PYTHON, f"{self.dir}/{RUNNER_NAME}", f"{self.dir}/spec.json"])
+        runner_args = [f"{self.dir}/{RUNNER_NAME}", f"{self.dir}/spec.json"]
+        await conn.start(self.dir, remote.python_argv(runner_args))
+        self.started_at = self.app.clock.monotonic()
         self.offset = 0
         log.info("job_started", job_id=self.job.id, instance_id=self.inst.id, engine=engine)
         self.job = await self.app.store.update_job(

@@ -6,7 +6,7 @@ offset from the epoch by a hash of its id over the interval, so a fleet's probes
 instead of coming in bursts (and keep their phase across daemon restarts). An instance that
 has never been probed (it just started running) is probed at once.
 
-The probe (deploy/instance/probe.sh, a fixed script: no user text) refreshes the dead-man
+The probe (remote/assets/probe.sh, a fixed script: no user text) refreshes the dead-man
 switch's heartbeat file and reports interactive sessions, GPU utilisation and our job runners.
 
 - A failed probe (timeout, refused, auth failure, garbled answer) is one strike: one `strike`

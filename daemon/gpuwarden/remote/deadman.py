@@ -2,7 +2,7 @@
 (Vast `onstart`, Lambda `user_data`) so that an instance ends itself when the daemon goes
 silent.
 
-The script writes deploy/instance/deadman.sh onto the instance (gzip + base64, with its
+The script writes remote/assets/deadman.sh onto the instance (gzip + base64, with its
 full-line comments stripped, to stay inside Vast's 4048-character onstart limit), writes its
 parameters next to it, and starts it. Every value placed in the script is ours (numbers, the
 configured API URL, our label, an opted-in key), never user text, and each is shell-quoted.

@@ -182,7 +182,6 @@ def _text(value: object) -> str:
 # (pid gone, no exit file: killed, OOM, reboot) apart, across SSH drops and its own restarts.
 _WRAPPER = """\
 d=$1; shift
-rm -f "$d/exit" "$d/exit.tmp"
 echo $$ > "$d/pid.tmp" && mv "$d/pid.tmp" "$d/pid"
 "$@" >> "$d/log" 2>&1
 echo $? > "$d/exit.tmp" && mv "$d/exit.tmp" "$d/exit"
@@ -194,10 +193,15 @@ _ALIVE = """\
 alive() { kill -0 "$1" 2>/dev/null && [ "$(cut -d' ' -f3 "/proc/$1/stat" 2>/dev/null)" != Z ]; }
 """
 
+# The answer follows a fixed marker line, and only what follows the last marker is read: a login
+# shell or its rc files may print anything first ("Welcome to Ubuntu ...").
+ANSWER_MARK = "--gpuwarden-answer--"
+
 # The exit file is the wrapper's last act, so it is checked first (and again after the pid
 # check, for a job that ended between the two).
 _STATUS = (
     _ALIVE
+    + f"echo {ANSWER_MARK}\n"
     + """\
 d=$1
 if [ -f "$d/exit" ]; then echo "exited $(cat "$d/exit")"
@@ -209,41 +213,118 @@ fi
 """
 )
 
+# The group is signalled as `kill -SIG -PGID`: dash (Debian's and Ubuntu's sh) rejects
+# `kill -SIG -- -PGID` ("Illegal number: -"), and busybox ash rejects "--" too; this form works
+# in dash, bash and busybox ash alike. The job's own children die with it, not just the wrapper,
+# and KILL follows while any of the group lives (a child may ignore TERM after its parent died).
+# The group counts as alive while a member other than a zombie is left (read from /proc: where
+# PID 1 does not reap, the killed job's processes stay zombies, and `kill -0 -PGID` sees them).
+_GROUP_ALIVE = """\
+group_alive() {
+  for s in /proc/[0-9]*/stat; do
+    { read -r l < "$s"; } 2>/dev/null || continue
+    l=${l##*) }
+    set -- $l
+    [ "$1" != Z ] && [ "$3" = "$g" ] && return 0
+  done
+  return 1
+}
+"""
+
 _KILL = (
     _ALIVE
+    + _GROUP_ALIVE
     + """\
 p=$(cat "$1" 2>/dev/null) || exit 0
-[ -n "$p" ] || exit 0
-kill -TERM -- "-$p" 2>/dev/null || kill -TERM "$p" 2>/dev/null || exit 0
+case $p in ''|*[!0-9]*) exit 0 ;; esac
+g=$p
+kill -TERM -"$p" 2>/dev/null || kill -TERM "$p" 2>/dev/null || exit 0
 for _ in 1 2 3 4 5 6 7 8 9 10; do
-  alive "$p" || exit 0
+  { alive "$p" || group_alive; } || exit 0
   sleep 0.2
 done
-kill -KILL -- "-$p" 2>/dev/null || kill -KILL "$p" 2>/dev/null
+kill -KILL -"$p" 2>/dev/null || kill -KILL "$p" 2>/dev/null
 exit 0
 """
 )
+
+
+# After the launch, wait (at most ~10 s) until the wrapper has written its pid file: a status
+# read that came first would find the job absent, and the runner would take it for dead.
+_AWAIT_PID = """\
+i=0
+while [ ! -f "$d/pid" ]; do
+  i=$((i + 1))
+  if [ "$i" -gt 200 ]; then echo "the job wrote no pid file within 10 s" >&2; exit 1; fi
+  sleep 0.05 2>/dev/null || sleep 1
+done
+"""
 
 
 async def start_detached(
     conn: asyncssh.SSHClientConnection, job_dir_rel: str, argv: Sequence[str], *, timeout: float
 ) -> None:
     """Start `argv` in its own session (setsid + nohup) inside `job_dir_rel`'s wrapper, so
-    that it survives the SSH connection and the daemon. Returns once it is launched."""
+    that it survives the SSH connection and the daemon. Returns once the wrapper has written
+    its pid file, so that a status read from then on finds the job."""
     # The detached command is a simple command on its own line, so that its redirections
     # (away from the SSH channel) apply in the forked child before anything runs: a
     # backgrounded `a && b` list would keep the channel open until the job ends.
     detach = shlex.join(["setsid", "nohup", "sh", "-c", _WRAPPER, "sh", job_dir_rel, *argv])
     cmd = (
         "cd ~ || exit 1\n"
-        + shlex.join(["mkdir", "-p", job_dir_rel])
-        + " || exit 1\n"
+        + "d="
+        + shlex.quote(job_dir_rel)
+        + '\nmkdir -p "$d" || exit 1\n'
+        # An earlier attempt's pid and exit files must not be read as this one's.
+        + 'rm -f "$d/pid" "$d/pid.tmp" "$d/exit" "$d/exit.tmp" || exit 1\n'
         + detach
         + " </dev/null >/dev/null 2>&1 &\n"
+        + _AWAIT_PID
     )
     proc = await conn.run(cmd, check=False, timeout=timeout)
     if proc.exit_status not in (0, None):
         raise RemoteCommandError(f"could not start the job: {_text(proc.stderr).strip()}")
+
+
+# Where a job's Python is looked for, in order: names on PATH, then the places images keep it
+# (pytorch/pytorch sets /opt/conda/bin by a Docker ENV, which SSH sessions do not inherit).
+# `python` counts only if it is Python 3.
+PYTHON_CANDIDATES = (
+    "python3",
+    "/opt/conda/bin/python3",
+    "/usr/local/bin/python3",
+    "/usr/bin/python3",
+    "python",
+)
+
+
+def _python_search(candidates: Sequence[str]) -> str:
+    """The fixed shell text that runs `"$@"` with the first Python 3 of `candidates`, or exits
+    127 saying where it looked. Only our constants enter it, each shell-quoted."""
+    names = ", ".join(c for c in candidates if "/" not in c)
+    paths = ", ".join(c for c in candidates if "/" in c)
+    where = f"looked for {names} on PATH (%s)" + (f" and at {paths}" if paths else "")
+    message = "no python3 on the instance: " + where.replace("%", "%%").replace("(%%s)", "(%s)")
+    quoted = " ".join(shlex.quote(c) for c in candidates)
+    fmt = shlex.quote(message + "\\n")  # printf's format: it turns \n into the newline
+    return f"""\
+for py in {quoted}; do
+  case $py in
+    */*) [ -f "$py" ] && [ -x "$py" ] || continue ;;
+    *) command -v "$py" >/dev/null 2>&1 || continue ;;
+  esac
+  "$py" -c 'import sys; sys.exit(sys.version_info[0] != 3)' >/dev/null 2>&1 && exec "$py" "$@"
+done
+printf {fmt} "$PATH" >&2
+exit 127
+"""
+
+
+def python_argv(args: Sequence[str], *, candidates: Sequence[str] = PYTHON_CANDIDATES) -> list[str]:
+    """An argument list that runs `python3 ARGS` with the instance's Python 3 wherever it is
+    (see PYTHON_CANDIDATES), for start_detached."""
+    return ["sh", "-c", _python_search(candidates), "sh", *args]
 
 
 class RemoteCommandError(Exception):
@@ -265,8 +346,18 @@ async def job_status(
     return parse_status(res.stdout)
 
 
+def answer(text: str) -> str:
+    """What a framed remote script answered: the text after its last ANSWER_MARK line."""
+    lines = text.splitlines()
+    marks = [i for i, line in enumerate(lines) if line.strip() == ANSWER_MARK]
+    if not marks:
+        raise RemoteCommandError(f"no answer from the instance: {text.strip()[-200:]!r}")
+    return "\n".join(lines[marks[-1] + 1 :])
+
+
 def parse_status(text: str) -> RemoteStatus:
-    words = text.split()
+    """The status check's answer, from everything it printed (banners included)."""
+    words = answer(text).split()
     if not words:
         raise RemoteCommandError("no answer from the status check")
     if words[0] == "exited":
@@ -276,7 +367,7 @@ def parse_status(text: str) -> RemoteStatus:
             return RemoteStatus("dead")
     if words[0] in ("running", "dead", "absent"):
         return RemoteStatus(words[0])
-    raise RemoteCommandError(f"unexpected status answer {text.strip()!r}")
+    raise RemoteCommandError(f"unexpected status answer {' '.join(words)[:200]!r}")
 
 
 async def is_alive(conn: asyncssh.SSHClientConnection, pid_file: str, *, timeout: float) -> bool:

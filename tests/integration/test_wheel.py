@@ -1,0 +1,86 @@
+"""The package as users install it: a wheel built from a copy of the source (as
+deploy/install.sh and `pip install .` build it), not the editable install every other test
+uses. What goes onto instances (the probe, the dead-man switch, the job runner) must ride in
+it, or the installed daemon dies at start-up looking for them."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+INSTANCE_FILES = ("probe.sh", "deadman.sh", "txt2img.py")
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One wheel for the module, built from a copy of the tree: an in-tree build would leave
+    build/ and *.egg-info in the checkout."""
+    work = tmp_path_factory.mktemp("wheel")
+    src = work / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(ROOT / name, src / name)
+    shutil.copytree(
+        ROOT / "daemon",
+        src / "daemon",
+        ignore=shutil.ignore_patterns("*.egg-info", "__pycache__"),
+    )
+    out = work / "dist"
+    result = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "-w", str(out), str(src)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    if result.returncode != 0:
+        pytest.fail(f"pip wheel failed:\n{result.stdout}\n{result.stderr}")
+    [built] = out.glob("gpuwarden-*.whl")
+    return built
+
+
+def test_the_wheel_carries_what_goes_onto_instances(wheel: Path) -> None:
+    names = zipfile.ZipFile(wheel).namelist()
+    for name in INSTANCE_FILES:
+        assert f"gpuwarden/remote/assets/{name}" in names, (name, sorted(names))
+
+
+@pytest.mark.slow
+def test_the_installed_wheel_reads_its_own_instance_files(wheel: Path, tmp_path: Path) -> None:
+    """Installed apart from the checkout (its dependencies come from this venv, after it on
+    sys.path), deploy_file() finds every instance file inside the installed package."""
+    target = tmp_path / "site"
+    pip = [sys.executable, "-m", "pip", "install", "--no-deps", "--quiet"]
+    subprocess.run(
+        [*pip, "--target", str(target), str(wheel)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    probe = (
+        "import sys, gpuwarden\n"
+        "from gpuwarden.remote.deploy import deploy_file\n"
+        "print(gpuwarden.__file__)\n"
+        "for name in sys.argv[1:]:\n"
+        "    assert deploy_file(name).strip(), name\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(target)}
+    result = subprocess.run(
+        [sys.executable, "-c", probe, *INSTANCE_FILES],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,  # not the checkout: nothing may be found there
+        env=env,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert Path(result.stdout.strip()).is_relative_to(target)  # the installed copy answered
