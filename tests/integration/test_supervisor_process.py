@@ -122,6 +122,32 @@ async def test_sighup_with_a_broken_file_keeps_the_old_config_and_sigint_stops(
         daemon.kill()
 
 
+async def test_sighup_with_a_file_that_once_killed_the_daemon_is_refused(short_dir: Path) -> None:
+    """One non-UTF-8 byte, a duration that overflows, inf, an empty file: each used to end the
+    daemon (and every restart after it) or silently reset every limit."""
+    config = write_config(short_dir)
+    daemon = await DaemonProcess.start(config, daemon_env())
+    try:
+        await daemon.wait_for("daemon_ready", READY)
+        good = config.read_bytes()
+        for bad in (
+            good + b"# caf\xe9\n",
+            good + b'[policy]\nidle_timeout = "99999999999d"\n',
+            good + b"[policy]\nhard_cap = inf\n",
+            b"",
+        ):
+            config.write_bytes(bad)
+            mark = len(daemon.events)
+            daemon.send(signal.SIGHUP)
+            await daemon.wait_for("config_reload_refused", 10, after=mark)
+            assert daemon.running
+        config.write_bytes(good)
+        daemon.send(signal.SIGTERM)
+        assert await daemon.wait(timeout=5) == 0
+    finally:
+        daemon.kill()
+
+
 async def test_sigterm_during_a_busy_start_still_exits_cleanly(short_dir: Path) -> None:
     daemon = await DaemonProcess.start(write_config(short_dir), daemon_env())
     try:

@@ -57,6 +57,16 @@ BAD = [
     ),
     ("wrong type", '[jobs]\nmax_instances = "many"\n', "jobs.max_instances", ""),
     ("not TOML", "[daemon\n", "(file)", "TOML"),
+    # Values that used to escape as OverflowError (a traceback, and on SIGHUP a dead daemon).
+    (
+        "duration too long",
+        '[policy]\nidle_timeout = "99999999999d"\n',
+        "policy.idle_timeout",
+        "100",
+    ),
+    ("infinite duration", "[policy]\nhard_cap = inf\n", "policy.hard_cap", "finite"),
+    ("not-a-number duration", "[policy]\npoll_interval = nan\n", "policy.poll_interval", "finite"),
+    ("huge seconds", "[policy]\npoll_interval = 1e300\n", "policy.poll_interval", "100"),
 ]
 
 
@@ -164,3 +174,56 @@ def test_environment_beats_credentials(tmp_path: Path, monkeypatch: pytest.Monke
     monkeypatch.setenv("GPUWARDEN_PROVIDERS__VAST__API_KEY", "from-env")
     key = config.load(EXAMPLE).providers.vast.api_key
     assert key is not None and key.get_secret_value() == "from-env"
+
+
+UNREADABLE = [
+    ("a Latin-1 byte", b"[policy]\nidle_timeout = '1h'\n# caf\xe9\n", "UTF-8"),
+    ("a binary file", bytes(range(256)) * 4, "UTF-8"),
+]
+
+
+@pytest.mark.parametrize(("case", "data", "reason"), UNREADABLE, ids=[u[0] for u in UNREADABLE])
+def test_a_file_that_is_not_text_exits_78_naming_it(
+    case: str, data: bytes, reason: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_bytes(data)
+    code, out, err = check([str(path)], capsys)
+    assert code == 78
+    assert out == ""
+    assert "Traceback" not in err
+    assert f"(file): not {reason} text" in err and str(path) in err
+
+
+@pytest.mark.parametrize(
+    ("var", "value", "field"),
+    [
+        ("GPUWARDEN_POLICY", "notjson", "policy"),
+        ("GPUWARDEN_DAEMON__ALLOWED_UIDS", "[1000,", "daemon"),
+    ],
+)
+def test_a_table_in_the_environment_that_is_not_json_names_the_variable(
+    var: str,
+    value: str,
+    field: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setenv(var, value)
+    code, _, err = check([str(EXAMPLE)], capsys)
+    assert code == 78
+    assert "Traceback" not in err
+    assert f"  {field}: not valid JSON" in err
+    assert f"environment variable {var}" in err
+
+
+def test_run_refuses_a_file_that_is_not_text_with_78_before_touching_anything(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from gpuwarden.lifecycle import supervisor
+
+    path = tmp_path / "bad.toml"
+    path.write_bytes(f'[daemon]\nstate_dir = "{tmp_path / "state"}"\n# caf\xe9\n'.encode("latin-1"))
+    assert supervisor.main(str(path)) == 78
+    assert "not UTF-8 text" in capsys.readouterr().err
+    assert not (tmp_path / "state").exists()

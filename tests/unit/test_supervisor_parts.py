@@ -212,6 +212,37 @@ async def test_a_broken_file_is_refused_and_the_old_config_stays(
     assert "RELOADING" in notifier.sent[0] and "READY" in notifier.sent[-1]
 
 
+NOT_TAKEN = [
+    ("a non-UTF-8 byte", b"# caf\xe9\n"),
+    ("a duration that overflows", b'[policy]\nidle_timeout = "99999999999d"\n'),
+    ("an infinite duration", b"[policy]\nhard_cap = inf\n"),
+    ("an empty file", b""),
+    ("comments only", b"# nothing here\n"),
+]
+
+
+@pytest.mark.parametrize(("case", "data"), NOT_TAKEN, ids=[n[0] for n in NOT_TAKEN])
+async def test_a_reload_that_cannot_be_taken_is_refused_and_the_daemon_goes_on(
+    case: str, data: bytes, app_with_config: tuple[App, Path], tmp_path: Path
+) -> None:
+    app, path = app_with_config
+    before = app.settings
+    reloader = ConfigReloader(app, path, Recorder(), lambda: "running")
+    if data.startswith(b"#") and case != "comments only":
+        data = path.read_bytes() + data  # one bad byte appended to a good file
+    path.write_bytes(data)
+    with structlog.testing.capture_logs() as logs:
+        result = await reloader.reload()
+    assert result["reloaded"] is False and result["problems"]
+    assert app.settings is before
+    assert [e for e in logs if e["event"] == "config_reload_refused"]
+    assert CONFIG_RELOADED not in [e.name for e in await app.store.events()]
+    # and the next good file is taken as usual
+    path.write_text(f'[daemon]\nstate_dir = "{tmp_path}"\n[policy]\nidle_timeout = "10m"\n')
+    assert (await reloader.reload())["reloaded"] is True
+    assert app.settings.policy.idle_timeout.total_seconds() == 600
+
+
 async def test_a_valid_file_replaces_the_settings_and_is_recorded(
     app_with_config: tuple[App, Path], tmp_path: Path
 ) -> None:

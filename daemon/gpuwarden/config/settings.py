@@ -7,6 +7,7 @@ by its dotted path, with the reason and where the value came from; the CLI exits
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import tomllib
@@ -26,11 +27,17 @@ from pydantic import (
     ValidationInfo,
     field_validator,
 )
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+)
 
 DEFAULT_CONFIG_PATH = Path("/etc/gpuwarden/config.toml")
 EX_CONFIG = 78
 
+MAX_DURATION_S = 100 * 365 * 86400.0
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
@@ -42,14 +49,24 @@ def parse_duration(value: object) -> timedelta:
     if isinstance(value, bool):
         raise ValueError("expected a duration such as '90s', '30m' or '4h'")
     if isinstance(value, int | float):
-        if value < 0:
-            raise ValueError("a duration cannot be negative")
-        return timedelta(seconds=value)
+        return _seconds(float(value))
     if isinstance(value, str):
         m = _DURATION.match(value)
         if m:
-            return timedelta(seconds=float(m.group(1)) * _UNIT_SECONDS[m.group(2)])
+            return _seconds(float(m.group(1)) * _UNIT_SECONDS[m.group(2)])
     raise ValueError(f"{value!r} is not a duration; write it like '90s', '30m' or '4h'")
+
+
+def _seconds(secs: float) -> timedelta:
+    # ValueError, not OverflowError: pydantic turns only the former into a field error, and
+    # an uncaught OverflowError would end the daemon on a reload.
+    if not math.isfinite(secs):
+        raise ValueError("a duration must be a finite number")
+    if secs < 0:
+        raise ValueError("a duration cannot be negative")
+    if secs > MAX_DURATION_S:
+        raise ValueError("a duration longer than 100 years is not meant; check the unit")
+    return timedelta(seconds=secs)
 
 
 def format_duration(value: timedelta) -> str:
@@ -349,17 +366,14 @@ def load(path: str | os.PathLike[str] | None = None, *, require_file: bool = Tru
     cfg_path = resolve_path(path)
     raw: dict[str, Any] = {}
     if cfg_path.exists():
-        try:
-            raw = tomllib.loads(cfg_path.read_text())
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError([("(file)", f"not valid TOML: {exc}", str(cfg_path))]) from None
-        except OSError as exc:
-            raise ConfigError([("(file)", f"cannot read: {exc.strerror}", str(cfg_path))]) from None
+        raw = read_toml(cfg_path)
     elif require_file:
         raise ConfigError([("(file)", "no such file", str(cfg_path))])
     data = _credentials(_deep_copy(raw), env)
     try:
         return Settings(**data)
+    except SettingsError as exc:  # a complex value in the environment that is not JSON
+        raise ConfigError([_env_problem(exc, env)]) from None
     except ValidationError as exc:
         problems = []
         for err in exc.errors():
@@ -370,6 +384,30 @@ def load(path: str | os.PathLike[str] | None = None, *, require_file: bool = Tru
                 reason = "unknown setting"
             problems.append((dotted, reason, _location(loc, raw, cfg_path, env)))
         raise ConfigError(problems) from None
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    """The file's TOML table; every way it can be unreadable is a ConfigError naming it."""
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        where = f"byte {exc.start}: 0x{exc.object[exc.start]:02x}"
+        raise ConfigError([("(file)", f"not UTF-8 text ({where})", str(path))]) from None
+    except OSError as exc:
+        raise ConfigError([("(file)", f"cannot read: {exc.strerror}", str(path))]) from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([("(file)", f"not valid TOML: {exc}", str(path))]) from None
+
+
+def _env_problem(exc: SettingsError, env: Mapping[str, str]) -> tuple[str, str, str]:
+    m = re.search(r'field "([^"]+)"', str(exc))
+    field = m.group(1) if m else "(environment)"
+    prefix = "GPUWARDEN_" + field.upper()
+    names = sorted(k for k in env if k == prefix or k.startswith(prefix + "__")) or [prefix]
+    reason = "not valid JSON (lists and tables in the environment are written as JSON)"
+    return field, reason, "environment variable " + ", ".join(names)
 
 
 def _deep_copy(d: Mapping[str, Any]) -> dict[str, Any]:

@@ -1,6 +1,10 @@
 """Config reload (SIGHUP, or `config.reload` on the control socket).
 
-An invalid file is refused with an error log and the running config stays. A valid one
+An invalid file is refused with an error log and the running config stays, whatever is
+wrong with it: a reload must never end the daemon, since the same file would then stop every
+restart too and nothing would end instances. An empty file is refused as well: on a reload it
+is far more likely a truncated write than a wish to put every limit back to its default. A
+valid one
 replaces `app.settings` (loops re-read it on each pass) and wakes the guard and the job
 queue, since limits and deadlines may have moved. Settings read only at start-up (paths,
 providers, SSH) are reported as needing a restart.
@@ -42,17 +46,36 @@ class ConfigReloader:
             requested.clear()
             await self.reload()
 
+    def _load(self) -> config.Settings:
+        if self.path.is_file() and not config.read_toml(self.path):
+            raise ConfigError(
+                [
+                    (
+                        "(file)",
+                        "the file is empty; restart the daemon to run on the defaults",
+                        str(self.path),
+                    )
+                ]
+            )
+        return config.load(self.path)
+
+    def _refused(self, problems: list[str]) -> dict[str, Any]:
+        log.error("config_reload_refused", path=str(self.path), problems=problems)
+        self.notifier.ready(self.status())
+        return {"reloaded": False, "problems": problems}
+
     async def reload(self) -> dict[str, Any]:
         """Re-read the file; returns what happened (for the control socket's answer)."""
         app = self.app
         self.notifier.reloading(int(app.clock.monotonic() * 1_000_000))
         try:
-            new = config.load(self.path)
+            new = self._load()
         except ConfigError as exc:
             problems = [f"{f}: {reason} (from {where})" for f, reason, where in exc.problems]
-            log.error("config_reload_refused", path=str(self.path), problems=problems)
-            self.notifier.ready(self.status())
-            return {"reloaded": False, "problems": problems}
+            return self._refused(problems)
+        except Exception as exc:  # a bug in validation must not take the daemon down
+            log.exception("config_reload_failed", path=str(self.path))
+            return self._refused([f"(file): could not be read: {exc!r}"])
         glog.register_secrets_from(new)
         # Python-mode dumps: SecretStr compares by value, so a changed key is noticed.
         changed = changed_keys(
