@@ -62,9 +62,9 @@ async def test_second_daemon_refuses_and_the_first_still_answers(short_dir: Path
 
         # The second touched nothing: same socket inode, same files, same lock contents.
         assert sock.stat().st_ino == inode_before
-        assert (short_dir / "state" / "gpuwarden.system.lock").read_text() == f"{first.pid}\n"
-        lock_mtime = (short_dir / "state" / "gpuwarden.system.lock").stat().st_mtime_ns
-        assert lock_mtime == db_files["gpuwarden.system.lock"]
+        assert (short_dir / "state" / "gpuwarden.lock").read_text() == f"{first.pid}\n"
+        lock_mtime = (short_dir / "state" / "gpuwarden.lock").stat().st_mtime_ns
+        assert lock_mtime == db_files["gpuwarden.lock"]
 
         # The first still runs and answers on its socket.
         assert first.running

@@ -72,7 +72,7 @@ async def test_notify_ready_watchdog_stopping(short_dir: Path) -> None:
         assert before and all(set(m) == {"STATUS"} for m in before)  # no ping while starting
         assert before[0]["STATUS"].startswith("starting:")
         # READY came after the lock, the database and the control socket
-        assert (short_dir / "state" / "gpuwarden.system.lock").read_text() == f"{daemon.pid}\n"
+        assert (short_dir / "state" / "gpuwarden.lock").read_text() == f"{daemon.pid}\n"
         assert (short_dir / "state" / "gpuwarden.db").exists()
         assert (short_dir / "control.sock").exists()
         await daemon.wait_for("daemon_ready", 10)

@@ -13,7 +13,7 @@ from gpuwarden.system.lock import EX_TEMPFAIL, LockHeld, StateLock, holder_pid
 
 
 def test_second_lock_is_refused_with_the_holders_pid(tmp_path: Path) -> None:
-    path = tmp_path / "gpuwarden.system.lock"
+    path = tmp_path / "gpuwarden.lock"
     with StateLock(path) as first:
         assert first.held
         assert path.read_text() == f"{os.getpid()}\n"
@@ -46,7 +46,7 @@ def test_acquire_twice_in_one_object_is_a_bug(tmp_path: Path) -> None:
 
 
 def test_pid_not_yet_written_is_reported_as_unknown(tmp_path: Path) -> None:
-    path = tmp_path / "gpuwarden.system.lock"
+    path = tmp_path / "gpuwarden.lock"
     fd = os.open(path, os.O_RDWR | os.O_CREAT)
     fcntl.flock(fd, fcntl.LOCK_EX)  # a holder that has not written its pid yet
     try:

@@ -293,7 +293,7 @@ class Settings(BaseSettings):
 
     @property
     def lock_path(self) -> Path:
-        return self.daemon.state_dir / "gpuwarden.system.lock"
+        return self.daemon.state_dir / "gpuwarden.lock"
 
 
 # credential file name -> dotted setting
