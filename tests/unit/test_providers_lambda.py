@@ -390,6 +390,45 @@ async def test_get_honours_the_sim_ssh_port_extension(
     assert inst is not None and (inst.ssh_host, inst.ssh_port) == ("127.0.0.1", 40123)
 
 
+GARBAGE = [
+    httpx.Response(200, text="<html><body>Bad gateway</body></html>"),
+    httpx.Response(200, content=b""),
+    httpx.Response(200, json={"unexpected": True}),
+    httpx.Response(404, text="<html><body>404 Not Found</body></html>"),
+    httpx.Response(404, content=b""),
+]
+GARBAGE_IDS = ["html-200", "empty-200", "json-without-data", "html-404", "empty-404"]
+
+
+@pytest.mark.parametrize("response", GARBAGE, ids=GARBAGE_IDS)
+async def test_a_garbled_answer_about_an_instance_is_never_gone(
+    client: LambdaClient, router: respx.Router, response: httpx.Response
+) -> None:
+    """Only Lambda's own JSON may say an instance is gone; anything else is retried later."""
+    router.get(f"/instances/{IID}").mock(return_value=response)
+    with pytest.raises(Transient):
+        await client.get(IID)
+
+
+@pytest.mark.parametrize("response", GARBAGE, ids=GARBAGE_IDS)
+async def test_a_garbled_listing_is_not_an_empty_one(
+    client: LambdaClient, router: respx.Router, response: httpx.Response
+) -> None:
+    router.get("/instances").mock(return_value=response)
+    with pytest.raises(Transient):
+        await client.list_instances("gpuwarden-main-")
+
+
+async def test_an_html_404_on_destroy_is_not_already_gone(
+    client: LambdaClient, router: respx.Router
+) -> None:
+    router.post("/instance-operations/terminate").mock(
+        return_value=httpx.Response(404, text="<html>Not Found</html>")
+    )
+    with pytest.raises(Transient):
+        await client.destroy(IID)
+
+
 async def test_get_of_a_gone_instance_is_none(client: LambdaClient, router: respx.Router) -> None:
     router.get(f"/instances/{IID}").mock(
         return_value=error_response("404 (GET /instances/{id}, terminate, restart)", 404)

@@ -414,6 +414,45 @@ async def test_get_of_a_gone_instance_is_none(
     assert await client.get("99999999") is None
 
 
+GARBAGE = [
+    httpx.Response(200, text="<html><body>Bad gateway</body></html>"),
+    httpx.Response(200, content=b""),
+    httpx.Response(200, json={"unexpected": True}),
+    httpx.Response(404, text="<html><body>404 Not Found</body></html>"),
+    httpx.Response(404, content=b""),
+]
+GARBAGE_IDS = ["html-200", "empty-200", "json-without-instances", "html-404", "empty-404"]
+
+
+@pytest.mark.parametrize("response", GARBAGE, ids=GARBAGE_IDS)
+async def test_a_garbled_answer_about_an_instance_is_never_gone(
+    client: VastClient, router: respx.Router, response: httpx.Response
+) -> None:
+    """Only Vast's own JSON may say an instance is gone; anything else is retried later."""
+    router.get("/api/v0/instances/27741208/").mock(return_value=response)
+    with pytest.raises(Transient):
+        await client.get("27741208")
+
+
+@pytest.mark.parametrize("response", GARBAGE, ids=GARBAGE_IDS)
+async def test_a_garbled_listing_is_not_an_empty_one(
+    client: VastClient, router: respx.Router, response: httpx.Response
+) -> None:
+    router.get("/api/v1/instances/").mock(return_value=response)
+    with pytest.raises(Transient):
+        await client.list_instances("gpuwarden-main-")
+
+
+async def test_an_html_404_on_destroy_is_not_already_gone(
+    client: VastClient, router: respx.Router
+) -> None:
+    router.delete("/api/v0/instances/27741208/").mock(
+        return_value=httpx.Response(404, text="<html>Not Found</html>")
+    )
+    with pytest.raises(Transient):
+        await client.destroy("27741208")
+
+
 @pytest.mark.parametrize(
     ("fields", "expected"),
     [

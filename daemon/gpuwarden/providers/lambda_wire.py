@@ -226,6 +226,9 @@ def classify(status: int, body: Any, now: datetime) -> ProviderError | None:
     what = f"lambda {status} {code}: {message}".strip()
     if status == 429:
         return RateLimited(what, status=status)
+    if status == 404 and not code:
+        # Lambda says "gone" with a JSON error code; a bare 404 page is a proxy's or an outage's.
+        return Transient(f"{what} (not Lambda's JSON error)", status=status)
     cls = CODE_MAP.get(code)
     if cls is None and code.startswith("provider/"):
         cls = Transient  # the upstream provider is unavailable: "try again shortly"

@@ -131,9 +131,14 @@ class LambdaClient(HttpProvider):
     async def list_instances(self, label_prefix: str) -> list[ProviderInstance]:
         reply = await self._api.request("GET", "/instances")
         data = reply.body.get("data") if isinstance(reply.body, Mapping) else None
+        if not isinstance(data, list):
+            # A garbled listing must not read as "none of ours left".
+            raise Transient(
+                "lambda answered the instance list without a data list", provider=self.name
+            )
         return [
             wire.to_instance(raw, self.name)
-            for raw in (data if isinstance(data, list) else [])
+            for raw in data
             if isinstance(raw, Mapping)
             and raw.get("id") is not None
             and str(raw.get("name") or "").startswith(label_prefix)
@@ -146,7 +151,11 @@ class LambdaClient(HttpProvider):
             return None
         data = reply.body.get("data") if isinstance(reply.body, Mapping) else None
         if not isinstance(data, Mapping) or data.get("id") is None:
-            return None
+            # Lambda names a gone instance with a JSON 404 (or its status): anything else, an
+            # HTML page or an empty body, says nothing about it.
+            raise Transient(
+                "lambda answered an instance query without its data", provider=self.name
+            )
         return wire.to_instance(data, self.name)
 
     async def destroy(self, provider_id: str) -> None:

@@ -110,8 +110,15 @@ class VastClient(HttpProvider):
             if token:
                 params["after_token"] = token
             reply = await self._api.request("GET", "/api/v1/instances/", params=params)
-            body: Mapping[str, Any] = reply.body if isinstance(reply.body, Mapping) else {}
-            for raw in body.get("instances") or []:
+            body = _json_object(reply.body, "instance list", self.name)
+            page = body.get("instances")
+            if not isinstance(page, list):
+                # A garbled page must not read as "none of ours left": the reconciler would
+                # take every running instance for vanished.
+                raise Transient(
+                    "vast answered the instance list without a list", provider=self.name
+                )
+            for raw in page:
                 if _ours(raw, label_prefix):
                     out.append(wire.to_instance(raw, self.name))
             nxt = body.get("next_token")
@@ -130,8 +137,12 @@ class VastClient(HttpProvider):
             )
         except NotFound:
             return None
-        body = reply.body if isinstance(reply.body, Mapping) else {}
-        raw = body.get("instances")
+        body = _json_object(reply.body, "instance", self.name)
+        if "instances" not in body:
+            raise Transient(
+                "vast answered an instance query without 'instances'", provider=self.name
+            )
+        raw = body["instances"]
         if isinstance(raw, list):  # the legacy list shape
             raw = next((r for r in raw if str(r.get("id")) == provider_id), None)
         if not isinstance(raw, Mapping) or raw.get("id") is None:
@@ -163,3 +174,12 @@ def _ours(raw: Any, label_prefix: str) -> bool:
         and raw.get("id") is not None
         and str(raw.get("label") or "").startswith(label_prefix)
     )
+
+
+def _json_object(body: Any, what: str, provider: str) -> Mapping[str, Any]:
+    """Vast's JSON object, or Transient: an HTML page, an empty or garbled body (a proxy, an
+    outage) says nothing about the instance, so it may never be read as "gone"."""
+    if not isinstance(body, Mapping):
+        kind = "an empty body" if body is None else f"{type(body).__name__}, not a JSON object"
+        raise Transient(f"vast answered the {what} with {kind}", provider=provider)
+    return body

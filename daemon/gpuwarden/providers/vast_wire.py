@@ -272,6 +272,9 @@ def classify(status: int, body: Any, now: datetime) -> ProviderError | None:
     code = str(d.get("error") or "")
     msg = error_text(body, "msg", "message", "detail", "error")
     what = f"vast {status} {code}: {msg}".strip()
+    if status == 404 and not isinstance(body, Mapping):
+        # Vast says "gone" in JSON (no_such_instance); a 404 page is a proxy's or an outage's.
+        return Transient(f"{what} (not Vast's JSON)", status=status)
     contract = d.get("new_contract")
     if contract:
         # An error that still created an instance (e.g. a low bid is created stopped).
