@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -30,7 +30,7 @@ from gpuwarden.core import policy
 from gpuwarden.core.clock import Clock
 from gpuwarden.core.model import Billing, EntityKind, Instance, InstanceState, TerminationReason
 from gpuwarden.providers.base import Provider, ProviderInstance, ProviderState
-from gpuwarden.store import IllegalTransition, NotFoundError, Store
+from gpuwarden.store import IllegalTransition, NotFoundError, Store, StoreWriteFailed
 from gpuwarden.system import crashpoints
 
 log = structlog.get_logger(__name__)
@@ -50,6 +50,16 @@ def backoff(attempts: int) -> float:
 
 
 @dataclass
+class _Unwritten:
+    """An ending decided (and maybe confirmed) that the store could not yet write."""
+
+    reason: TerminationReason
+    details: dict[str, Any]
+    at: datetime
+    confirmed_at: datetime | None = None
+
+
+@dataclass
 class _Retry:
     attempts: int
     at: datetime  # next attempt due
@@ -65,6 +75,9 @@ class Terminator:
         self.clock = clock
         self.providers = providers
         self._retry: dict[str, _Retry] = {}
+        # Ending a GPU on time comes before writing it down: when the store cannot write
+        # (a full disk), the ending goes ahead from memory and is written when it can be.
+        self._unwritten: dict[str, _Unwritten] = {}
         self._inflight: set[str] = set()
 
     # --- the schedule ---------------------------------------------------------------
@@ -102,6 +115,8 @@ class Terminator:
         """Commit TERMINATING with `reason` (the intent). Idempotent: an instance already
         terminating keeps its first reason; an ended one is returned unchanged."""
         inst = await self.store.get_instance(instance_id)
+        if inst.id in self._unwritten:
+            return self.overlay(inst)
         if inst.state is InstanceState.TERMINATING or inst.state in _GONE:
             return inst
         try:
@@ -110,6 +125,16 @@ class Terminator:
             )
         except IllegalTransition:  # raced with another ender: theirs stands
             return await self.store.get_instance(instance_id)
+        except StoreWriteFailed as exc:
+            self._unwritten[inst.id] = _Unwritten(reason, dict(details or {}), self.clock.now())
+            log.error(
+                "termination_intent_unwritten",
+                instance_id=inst.id,
+                provider=inst.provider,
+                reason=reason.value,
+                error=str(exc),
+            )
+            return self.overlay(inst)
         log.info(
             "instance_terminating",
             instance_id=inst.id,
@@ -177,6 +202,14 @@ class Terminator:
     async def confirmed(self, inst: Instance, details: Mapping[str, Any] | None = None) -> bool:
         """The provider no longer has it: TERMINATED (writes the termination record)."""
         self._retry.pop(inst.id, None)
+        pending = self._unwritten.get(inst.id)
+        if pending is not None:
+            pending.confirmed_at = self.clock.now()
+            log.info(
+                "instance_terminated", instance_id=inst.id, provider=inst.provider, unwritten=True
+            )
+            await self.flush()
+            return True
         try:
             done = await self.store.transition_instance(
                 inst.id, InstanceState.TERMINATED, details=details
@@ -192,6 +225,53 @@ class Terminator:
             cost=round(self._cost(done), 4),
         )
         return True
+
+    # --- endings the store could not write yet ------------------------------------------
+
+    def overlay(self, inst: Instance) -> Instance:
+        """`inst` as the Terminator knows it: an ending it could not write yet shows as
+        TERMINATING (or TERMINATED once confirmed), whatever the row still says."""
+        pending = self._unwritten.get(inst.id)
+        if pending is None or inst.state in _GONE:
+            return inst
+        if pending.confirmed_at is not None:
+            return replace(inst, state=InstanceState.TERMINATED, terminated_at=pending.confirmed_at)
+        return replace(
+            inst, state=InstanceState.TERMINATING, reason=pending.reason, terminating_at=pending.at
+        )
+
+    @property
+    def unwritten(self) -> int:
+        return len(self._unwritten)
+
+    async def flush(self) -> None:
+        """Write the endings kept in memory, oldest first; stop at the first that still
+        cannot be written (the disk is still full)."""
+        for iid, pending in list(self._unwritten.items()):
+            try:
+                await self._write_late(iid, pending)
+            except StoreWriteFailed:
+                return
+            except (IllegalTransition, NotFoundError):
+                pass  # another writer recorded its end meanwhile
+            self._unwritten.pop(iid, None)
+            log.warning("termination_written_late", instance_id=iid, reason=pending.reason.value)
+
+    async def _write_late(self, iid: str, pending: _Unwritten) -> None:
+        inst = await self.store.get_instance(iid)
+        late = {**pending.details, "written_late": True}
+        if inst.state is not InstanceState.TERMINATING and inst.state not in _GONE:
+            inst = await self.store.transition_instance(
+                iid,
+                InstanceState.TERMINATING,
+                reason=pending.reason,
+                details=late,
+                terminating_at=pending.at,
+            )
+        if pending.confirmed_at is not None and inst.state not in _GONE:
+            await self.store.transition_instance(
+                iid, InstanceState.TERMINATED, details=late, terminated_at=pending.confirmed_at
+            )
 
     @staticmethod
     def _cost(inst: Instance) -> float:

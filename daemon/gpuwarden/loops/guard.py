@@ -94,9 +94,13 @@ class Guard:
         limits = app.limits()
         now = app.clock.now()
         wake = now + timedelta(seconds=BEAT_EVERY)
-        live = await app.store.live_instances()
+        if self.terminator.unwritten:
+            await self.terminator.flush()
+        live = [self.terminator.overlay(i) for i in await app.store.live_instances()]
         busy = await busy_instances(app) if live else set()
         for inst in live:
+            if inst.state is InstanceState.TERMINATED:
+                continue  # confirmed gone; only its record waits for the disk
             if inst.state is InstanceState.TERMINATING:
                 at = self.terminator.retry_at(inst, now)
                 if at is None:

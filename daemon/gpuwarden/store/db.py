@@ -11,6 +11,7 @@ Rules this module keeps, so the rest of the daemon cannot break them:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import sqlite3
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
@@ -42,6 +43,11 @@ from gpuwarden.store.sql import NotFoundError
 
 class IllegalTransition(Exception):
     """A state change the state machine does not allow. Nothing was written."""
+
+
+class StoreWriteFailed(Exception):
+    """A write could not be committed (the disk is full, an I/O error): nothing of it was
+    written. Callers that must act anyway (ending a GPU) act and write it later."""
 
 
 class StoreCorrupt(Exception):
@@ -108,15 +114,21 @@ class Store:
     async def transaction(self) -> AsyncIterator[aiosqlite.Connection]:
         """BEGIN IMMEDIATE under the writer lock. Pass values in; never await the network here."""
         async with self._lock:
-            await self._conn.execute("BEGIN IMMEDIATE")
             self._pending = []
             try:
+                await self._conn.execute("BEGIN IMMEDIATE")
                 yield self._conn
-            except BaseException:
-                await self._conn.execute("ROLLBACK")
+                await self._conn.execute("COMMIT")
+            except BaseException as exc:
+                # SQLite may have rolled back already (SQLITE_FULL does); a failed COMMIT must
+                # not leave the connection inside a transaction that no later BEGIN can start.
+                if self._conn.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):
+                        await self._conn.execute("ROLLBACK")
                 self._pending = []
+                if isinstance(exc, sqlite3.OperationalError):
+                    raise StoreWriteFailed(str(exc)) from exc
                 raise
-            await self._conn.execute("COMMIT")
             written, self._pending = self._pending, []
         for event in written:
             for listener in list(self._listeners):
