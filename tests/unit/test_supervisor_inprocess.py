@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import structlog
@@ -174,3 +176,40 @@ async def test_a_held_lock_exits_75_before_opening_the_database(
         assert await sup.run() == 75
     assert not settings.db_path.exists()
     assert f"pid {os.getpid()}" in capsys.readouterr().err
+
+
+async def test_the_control_socket_binds_before_the_reconciler_looks_at_any_provider(
+    settings: config.Settings, tmp_path: Path
+) -> None:
+    """A second daemon on the same socket (another state dir, the same label) must fail
+    before its reconciler's first pass could end the first daemon's instances as orphans."""
+    from gpuwarden.lifecycle import wiring
+
+    journal: list[str] = []
+
+    def build(app: App) -> list[Service]:
+        services = wiring.build_services(app)
+        for service in services:
+            real = service.start
+
+            async def start(name: str = service.name, real: Any = real) -> None:
+                journal.append(name)
+                await real()
+
+            service.start = start  # type: ignore[method-assign]
+        return services
+
+    other = tmp_path / "first.sock"
+    first = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)  # a live daemon's socket
+    first.bind(str(other))
+    first.listen(1)
+    try:
+        second = settings.model_copy(
+            update={"daemon": settings.daemon.model_copy(update={"socket": other})}
+        )
+        sup, rec = make(second, tmp_path, build)
+        assert await asyncio.wait_for(sup.run(), 10) == 1
+    finally:
+        first.close()
+    assert journal == ["control"]  # refused at the socket: the reconciler never started
+    assert not rec.ready_seen.is_set()

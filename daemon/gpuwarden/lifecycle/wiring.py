@@ -14,14 +14,16 @@ from gpuwarden.loops.watchdog import Watchdog
 def build_services(app: App) -> list[Service]:
     """Services in the order their optional `start()` runs before READY=1."""
     services: list[Service] = []
-    # Cost guard first: the reconciler's start() is its first full pass (finds what a crash
-    # hid), then the guard, which ends every instance at its deadline.
+    # The control socket binds first: a second daemon pointed at the same socket (another
+    # state dir, the same installation label) fails here, before its reconciler could take
+    # the first daemon's instances for orphans and end them. Connections made now wait in
+    # the listen backlog until the loops run, after every start().
+    services.append(ControlServer(app))
+    # Then the cost guard: the reconciler's start() is its first full pass (finds what a
+    # crash hid), then the guard, which ends every instance at its deadline.
     services.append(Reconciler(app))
     services.append(Guard(app))
-    # After the reconciler's first pass (the socket answers from a reconciled store) and
-    # before job recovery.
-    services.append(ControlServer(app))
-    services.append(Watchdog(app))  # SSH probes of running instances (no start())
+    services.append(Watchdog(app))  # SSH probes of running instances
     # Jobs last: its start() recovers jobs in flight against the reconciled store.
     services.append(JobService(app))
     return services
