@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from guard_support import settings
@@ -154,3 +155,31 @@ async def test_an_instance_is_named_by_a_unique_id_prefix_or_its_label(
     assert (await api.extend(app, id="abcd", hours=1))["id"] == b.id
     assert (await api.destroy(app, id="abce"))["id"] == c.id
     await app.store.close()
+
+
+async def test_a_launch_ended_by_the_guard_during_the_provider_call_still_gets_its_id(
+    tmp_path: Path, make_app: MakeApp, clock: FakeClock
+) -> None:
+    """With a deadline that falls during the provider's launch call, the guard commits
+    TERMINATING while the launch path still believes the row is REQUESTED. The launch must
+    record the provider's id on the ending row (so it is destroyed now), not fail with
+    'terminating -> provisioning' and leave the instance to bill until the reconciler."""
+    fake = FakeProvider(clock, "fake")
+    app = await make_app(clock=clock, providers=[fake])
+    real_get = app.store.get_instance
+    raced: list[str] = []
+
+    async def read_then_the_guard_ends_it(iid: str) -> Any:
+        row = await real_get(iid)  # REQUESTED, as the launch path sees it
+        if fake.calls_to("launch") and not raced:
+            raced.append(iid)
+            await app.terminator.begin(iid, TerminationReason.IDLE, {"why": "idle 0s"})
+        return row
+
+    app.store.get_instance = read_then_the_guard_ends_it  # type: ignore[method-assign,assignment]
+    inst = await launcher.launch(app, fake.offers[0], hours=1)
+    assert raced  # the race happened
+    inst = await real_get(inst.id)
+    assert inst.provider_id is not None
+    assert inst.reason is TerminationReason.IDLE
+    assert len(fake.calls_to("destroy")) == 1  # destroyed at once, by its id

@@ -52,6 +52,7 @@ from gpuwarden.providers.base import (
     ProviderState,
 )
 from gpuwarden.remote import deadman
+from gpuwarden.store import IllegalTransition
 from gpuwarden.system import crashpoints
 
 log = structlog.get_logger(__name__)
@@ -214,10 +215,19 @@ async def record_provider_id(
     if inst.state is InstanceState.REQUESTED:
         fields = _state_fields(seen)
         to = InstanceState.RUNNING if fields.pop("_running", False) else InstanceState.PROVISIONING
-        done = await store.transition_instance(
-            instance_id, to, details={"provider_id": provider_id}, provider_id=provider_id, **fields
-        )
-        return done
+        try:
+            return await store.transition_instance(
+                instance_id,
+                to,
+                details={"provider_id": provider_id},
+                provider_id=provider_id,
+                **fields,
+            )
+        except IllegalTransition:
+            # The guard ended the intent while the provider created it (a deadline that
+            # fell during the call): the row is TERMINATING now, and the branch below
+            # gives it the id so that the destroy can happen.
+            inst = await store.get_instance(instance_id)
     if inst.state is InstanceState.TERMINATING and inst.provider_id is None:
         inst = await store.update_instance(instance_id, provider_id=provider_id)
         await term.drive(inst)
