@@ -37,8 +37,11 @@ async def running_server(
     **daemon: Any,
 ) -> AsyncIterator[tuple[ControlServer, App]]:
     with short_tmp() as base:
-        settings = control_settings(
-            base, request_timeout=timedelta(seconds=request_timeout), **daemon
+        settings = control_settings(base, **daemon)
+        # Tests may go below the 1 s floor a config may set, to see a timeout quickly.
+        timeout = timedelta(seconds=request_timeout)
+        settings = settings.model_copy(
+            update={"daemon": settings.daemon.model_copy(update={"request_timeout": timeout})}
         )
         async with open_app(settings) as app:
             server = ControlServer(app, methods=methods, event_queue=event_queue)

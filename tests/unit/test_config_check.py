@@ -67,6 +67,18 @@ BAD = [
     ("infinite duration", "[policy]\nhard_cap = inf\n", "policy.hard_cap", "finite"),
     ("not-a-number duration", "[policy]\npoll_interval = nan\n", "policy.poll_interval", "finite"),
     ("huge seconds", "[policy]\npoll_interval = 1e300\n", "policy.poll_interval", "100"),
+    # Valid but absurd: refused with the reason.
+    ("a poll that pins a core", '[policy]\npoll_interval = "0s"\n', "policy.poll_interval", "1s"),
+    ("no time for requests", '[daemon]\nrequest_timeout = "0s"\n', "daemon.request_timeout", "1s"),
+    ("no time to stop", '[daemon]\nshutdown_timeout = "0s"\n', "daemon.shutdown_timeout", "1s"),
+    ("a cap of weeks", '[policy]\nhard_cap = "1000h"\n', "policy.hard_cap", "at most"),
+    ("uid -1", "[daemon]\nallowed_uids = [-1]\n", "daemon.allowed_uids.0", "greater"),
+    (
+        "an infinite price",
+        "[budget]\nmax_hourly_price = inf\n",
+        "budget.max_hourly_price",
+        "finite",
+    ),
 ]
 
 

@@ -82,7 +82,27 @@ Duration = Annotated[
     BeforeValidator(parse_duration),
     PlainSerializer(format_duration, return_type=str, when_used="json"),
 ]
-Price = Annotated[float, Field(ge=0)]
+Price = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+Uid = Annotated[int, Field(ge=0, lt=2**32 - 1)]  # (uid_t)-1 means "no uid" to the kernel
+
+# Valid but absurd values are refused with the reason rather than taken: a poll of 0 s pins a
+# core, a request timeout of 0 s fails every CLI call, a shutdown timeout of 0 s makes every
+# stop exit 1, and a hard cap of weeks no longer catches a forgotten GPU.
+FLOORS = {
+    "shutdown_timeout": timedelta(seconds=1),
+    "request_timeout": timedelta(seconds=1),
+    "poll_interval": timedelta(seconds=1),
+    "watchdog_interval": timedelta(seconds=1),
+    "probe_timeout": timedelta(seconds=1),
+}
+HARD_CAP_CEILING = timedelta(hours=72)
+
+
+def _at_least(v: timedelta, info: ValidationInfo) -> timedelta:
+    floor = FLOORS[str(info.field_name)]
+    if v < floor:
+        raise ValueError(f"must be at least {format_duration(floor)}")
+    return v
 
 
 class _Section(BaseModel):
@@ -93,11 +113,13 @@ class DaemonSettings(_Section):
     state_dir: Path = Path("/var/lib/gpuwarden")
     socket: Path = Path("/run/gpuwarden/control.sock")
     socket_group: str | None = None
-    allowed_uids: list[int] = Field(default_factory=list)
+    allowed_uids: list[Uid] = Field(default_factory=list)
     installation: str = Field(default="main", pattern=r"^[a-z0-9][a-z0-9-]{0,30}$")
     shutdown_timeout: Duration = timedelta(seconds=10)
     request_timeout: Duration = timedelta(seconds=30)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    _floors = field_validator("shutdown_timeout", "request_timeout")(_at_least)
 
 
 class PolicySettings(_Section):
@@ -120,6 +142,8 @@ class PolicySettings(_Section):
     deadman_margin: Duration = timedelta(minutes=10)
     lambda_deadman_api_key: bool = False  # opt in: put the account key on Lambda instances
 
+    _floors = field_validator("poll_interval", "watchdog_interval", "probe_timeout")(_at_least)
+
     # Field validators (not a model validator) so that an error names the field at fault.
     @field_validator("lease_min")
     @classmethod
@@ -140,6 +164,11 @@ class PolicySettings(_Section):
     @field_validator("hard_cap")
     @classmethod
     def _cap_ge_max(cls, v: timedelta, info: ValidationInfo) -> timedelta:
+        if v > HARD_CAP_CEILING:
+            raise ValueError(
+                f"must be at most {format_duration(HARD_CAP_CEILING)}: a cap of more than three"
+                " days no longer catches a forgotten GPU"
+            )
         lease_max = info.data.get("lease_max")
         if lease_max is not None and v < lease_max:
             raise ValueError(
