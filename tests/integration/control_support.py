@@ -17,7 +17,7 @@ from tests.conftest import open_app, short_tmp
 
 from gpuwarden.config.settings import DaemonSettings, Settings
 from gpuwarden.control.methods import Method
-from gpuwarden.control.server import ControlServer
+from gpuwarden.control.server import IDLE_TIMEOUT, MAX_CONNECTIONS, ControlServer
 from gpuwarden.fleet.app import App
 
 
@@ -34,6 +34,8 @@ async def running_server(
     methods: Mapping[str, Method[Any]] | None = None,
     event_queue: int = 1000,
     request_timeout: float = 30.0,
+    max_connections: int = MAX_CONNECTIONS,
+    idle_timeout: float = IDLE_TIMEOUT,
     **daemon: Any,
 ) -> AsyncIterator[tuple[ControlServer, App]]:
     with short_tmp() as base:
@@ -44,7 +46,13 @@ async def running_server(
             update={"daemon": settings.daemon.model_copy(update={"request_timeout": timeout})}
         )
         async with open_app(settings) as app:
-            server = ControlServer(app, methods=methods, event_queue=event_queue)
+            server = ControlServer(
+                app,
+                methods=methods,
+                event_queue=event_queue,
+                max_connections=max_connections,
+                idle_timeout=idle_timeout,
+            )
             await server.start()
             task = asyncio.create_task(server.run())
             try:

@@ -38,6 +38,7 @@ from pydantic_core import to_jsonable_python
 from gpuwarden.config.settings import DaemonSettings
 from gpuwarden.control import rpc
 from gpuwarden.control.events import event_json, lagged_json
+from gpuwarden.control.throttle import LogThrottle
 from gpuwarden.control.methods import METHODS, Method, NoParams
 from gpuwarden.core.errors import DomainError
 from gpuwarden.core.heartbeat import BEAT_EVERY
@@ -49,6 +50,11 @@ log = structlog.get_logger(__name__)
 
 SOCKET_UMASK = 0o117  # socket born rw for owner and group: 0660
 EVENT_QUEUE = 1000  # events buffered per subscriber before it counts as lagging
+# Each connection holds a descriptor: a cap keeps a client that opens many (or forgets to
+# close them) from taking the daemon's, and an idle connection is closed after a while. A
+# subscriber to events is idle by design and is not timed out.
+MAX_CONNECTIONS = 64
+IDLE_TIMEOUT = 300.0  # seconds
 _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 
@@ -211,10 +217,15 @@ class ControlServer:
         *,
         methods: Mapping[str, Method[Any]] | None = None,
         event_queue: int = EVENT_QUEUE,
+        max_connections: int = MAX_CONNECTIONS,
+        idle_timeout: float = IDLE_TIMEOUT,
     ) -> None:
         self.app = app
         self.methods = METHODS if methods is None else methods
         self.event_queue = event_queue
+        self.max_connections = max_connections
+        self.idle_timeout = idle_timeout
+        self._throttle = LogThrottle(app.clock)
         self.path = app.settings.daemon.socket
         self._sock: socket.socket | None = None
         self._bound_inode: tuple[int, int] | None = None
@@ -288,7 +299,9 @@ class ControlServer:
             except OSError as exc:  # EMFILE and friends: back off, keep serving
                 if self._sock is None:
                     return  # closed under us: shutting down
-                log.error("control_accept_failed", error=str(exc))
+                held = self._throttle.allow("accept_failed")
+                if held is not None:
+                    log.error("control_accept_failed", error=str(exc), held_back=held)
                 await asyncio.sleep(0.1)
                 continue
             try:
@@ -297,14 +310,40 @@ class ControlServer:
                 conn.close()
                 continue
             if not self._current_rules().allows(peer.uid, peer.gid, peer.groups):
-                log.warning("control_refused", uid=peer.uid, gid=peer.gid, pid=peer.pid)
+                held = self._throttle.allow("refused")
+                if held is not None:
+                    log.warning(
+                        "control_refused", uid=peer.uid, gid=peer.gid, pid=peer.pid, held_back=held
+                    )
                 conn.close()
+                continue
+            if len(self._conns) >= self.max_connections:
+                self._refuse_busy(conn, peer)
                 continue
             task = asyncio.create_task(
                 self._connection(conn, peer), name=f"control-conn-{next(self._seq)}"
             )
             self._conns.add(task)
             task.add_done_callback(self._conns.discard)
+
+    def _refuse_busy(self, conn: socket.socket, peer: Peer) -> None:
+        held = self._throttle.allow("busy")
+        if held is not None:
+            log.warning(
+                "control_busy",
+                uid=peer.uid,
+                pid=peer.pid,
+                limit=self.max_connections,
+                held_back=held,
+            )
+        err = rpc.RpcError(
+            rpc.INTERNAL_ERROR,
+            f"too many connections ({self.max_connections}); close some and try again",
+            {"code": "busy"},
+        )
+        with contextlib.suppress(OSError):  # a best effort: the socket is non-blocking
+            conn.send(rpc.encode(err.reply()))
+        conn.close()
 
     async def _connection(self, conn: socket.socket, peer: Peer) -> None:
         try:
@@ -333,7 +372,13 @@ class ControlServer:
     async def _serve(self, c: _Conn, reader: asyncio.StreamReader) -> None:
         while True:
             try:
-                line = await reader.readuntil(b"\n")
+                async with asyncio.timeout(self.idle_timeout):
+                    line = await reader.readuntil(b"\n")
+            except TimeoutError:
+                if c.unsubscribe is not None:
+                    continue  # an event subscriber waits on us, not we on it
+                log.debug("control_idle_closed", pid=c.peer.pid, timeout_s=self.idle_timeout)
+                return
             except asyncio.IncompleteReadError as exc:  # EOF: a last line without newline
                 if exc.partial.strip():
                     await self._handle(c, exc.partial)
