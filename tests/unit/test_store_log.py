@@ -25,7 +25,7 @@ from gpuwarden.core.model import (
     JobState,
     TerminationReason,
 )
-from gpuwarden.store import IllegalTransition, Store
+from gpuwarden.store import IllegalTransition, Store, StoreCorrupt
 from gpuwarden.store.migrations import MIGRATIONS
 
 START = datetime(2026, 1, 1, tzinfo=UTC)
@@ -251,3 +251,17 @@ async def test_event_log_refuses_update_and_delete(tmp_path: Path) -> None:
         assert raw.execute("SELECT COUNT(*) FROM events WHERE reason = 'forged'").fetchone()[0] == 0
     finally:
         raw.close()
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"SQLite format 3\x00", bytes(range(256)) * 12, b"\x00" * 100],
+    ids=["a truncated header", "random bytes", "zeros"],
+)
+async def test_a_file_that_is_not_a_database_is_refused_as_corrupt(
+    tmp_path: Path, content: bytes
+) -> None:
+    path = tmp_path / "gpuwarden.db"
+    path.write_bytes(content)
+    with pytest.raises(StoreCorrupt, match=r"gpuwarden\.db"):
+        await Store.open(path, FakeClock())

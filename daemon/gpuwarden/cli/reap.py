@@ -186,7 +186,7 @@ async def _destroy(
 
 async def record(settings: Settings, clock: SystemClock, done: list[ProviderInstance]) -> str:
     """Write what reap did into the database, if the daemon is not holding it."""
-    from gpuwarden.store import Store
+    from gpuwarden.store import Store, StoreCorrupt
     from gpuwarden.system.lock import LockHeld, StateLock
 
     if not settings.db_path.exists():
@@ -199,7 +199,10 @@ async def record(settings: Settings, clock: SystemClock, done: list[ProviderInst
     except OSError as exc:
         return f"cannot lock {settings.lock_path}: {exc.strerror}; nothing recorded"
     try:
-        store = await Store.open(settings.db_path, clock)
+        try:
+            store = await Store.open(settings.db_path, clock)
+        except StoreCorrupt as exc:  # the destroys are done: only the record is lost
+            return f"the database cannot be opened ({exc}); nothing recorded"
         try:
             known = 0
             for pi in done:

@@ -38,8 +38,8 @@ from pydantic_core import to_jsonable_python
 from gpuwarden.config.settings import DaemonSettings
 from gpuwarden.control import rpc
 from gpuwarden.control.events import event_json, lagged_json
-from gpuwarden.control.throttle import LogThrottle
 from gpuwarden.control.methods import METHODS, Method, NoParams
+from gpuwarden.control.throttle import LogThrottle
 from gpuwarden.core.errors import DomainError
 from gpuwarden.core.heartbeat import BEAT_EVERY
 from gpuwarden.core.model import Event

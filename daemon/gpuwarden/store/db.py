@@ -71,12 +71,20 @@ class Store:
 
     @classmethod
     async def open(cls, path: Path | str, clock: Clock) -> Store:
-        conn = await aiosqlite.connect(str(path), isolation_level=None)
+        try:
+            conn = await aiosqlite.connect(str(path), isolation_level=None)
+        except sqlite3.Error as exc:  # a directory we may not write, a path that is a folder
+            raise StoreCorrupt(f"{path}: cannot open: {exc}") from exc
         conn.row_factory = sqlite3.Row
         store = cls(conn, clock)
         try:
             await store._configure()
             await store.migrate()
+        except sqlite3.DatabaseError as exc:
+            # A truncated or overwritten file fails here ("file is not a database"), before
+            # the integrity check could say so: the same clear refusal, not a traceback.
+            await conn.close()
+            raise StoreCorrupt(f"{path}: {exc}") from exc
         except BaseException:
             await conn.close()
             raise
