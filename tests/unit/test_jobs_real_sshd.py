@@ -1,0 +1,153 @@
+"""The job path and the probe on a real OpenSSH server (sshd_support): the real asyncssh
+SshConnector uploads the runner and the spec over SFTP, starts it detached, follows its
+progress, downloads the image and checks its checksum; a cancel midway is checked on the
+process tree (nothing of the job alive, not only the wrapper's pid); and the watchdog's
+SshProber runs the probe there. One case per kind of host the daemon meets:
+
+- root with bash (Vast): uid 0, here an alias of root whose home is the test's;
+- an ordinary user whose home is not /root (Lambda's `ubuntu`), bash;
+- dash as the login shell (Debian, Ubuntu);
+- a login shell that prints a banner before every command, whose PATH holds no Python
+  (Python only under a directory off the PATH, as /opt/conda/bin in pytorch images).
+
+Real Store and FakeClock (the runner's polls are stepped; sshd and the processes run in real
+time). Slow: each case starts its own sshd."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from jobs_fakes import add_instance, add_job, drive, settings
+from remote_support import bare_path, kill_leftovers, wait_all_gone
+from sshd_support import Login, Sshd, login_user, require_root_sshd, running_sshd
+from tests.conftest import MakeApp
+
+from gpuwarden.core.clock import FakeClock
+from gpuwarden.core.model import EntityKind, Instance, JobState
+from gpuwarden.fleet.app import App
+from gpuwarden.jobs.runner import Outcome, Runner, SshConnector, sha256_of
+from gpuwarden.loops.watchdog import SshProber
+from gpuwarden.remote.ssh import PYTHON_CANDIDATES
+
+pytestmark = pytest.mark.slow
+
+BANNER = "Welcome to Ubuntu 22.04.4 LTS (GNU/Linux x86_64)"
+# What the probe needs beyond the job tools, for the case whose PATH is bare.
+PROBE_TOOLS = ("touch", "wc", "who", "tty", "awk")
+CASES = ("root-bash", "user-bash", "user-dash", "banner-no-python-on-path")
+
+
+@dataclass
+class Host:
+    sshd: Sshd
+    login: Login
+
+
+def _login_shell(case: str, base: Path) -> str:
+    if case in ("root-bash", "user-bash"):
+        return "/bin/bash"
+    dash = shutil.which("dash")
+    if dash is None:
+        pytest.skip("dash is not installed here (apt-get install dash)")
+    if case == "user-dash":
+        return dash
+    fixed = [p for p in PYTHON_CANDIDATES if "/" in p]
+    if not any(Path(p).is_file() for p in fixed):
+        pytest.skip(f"no Python at any of {', '.join(fixed)} on this machine")
+    # A login shell that greets first and whose PATH has `sh` and the tools, but no Python.
+    bin_dir = base / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sh").symlink_to(dash)
+    path = bare_path(bin_dir, *PROBE_TOOLS)
+    shell = base / "login-shell"
+    shell.write_text(f"#!{dash}\necho '{BANNER}'\nPATH={path}; export PATH\nexec {dash} \"$@\"\n")
+    shell.chmod(0o755)
+    return str(shell)
+
+
+@pytest.fixture(params=CASES)
+def host(request: pytest.FixtureRequest, short_dir: Path) -> Iterator[Host]:
+    require_root_sshd()
+    case: str = request.param
+    shell = _login_shell(case, short_dir)
+    with (
+        login_user(short_dir, shell, root=case == "root-bash") as login,
+        running_sshd(short_dir) as sshd,
+    ):
+        yield Host(sshd, login)
+
+
+async def _rig(
+    tmp_path: Path, make_app: MakeApp, host: Host, delay: str
+) -> tuple[App, FakeClock, Instance, Runner]:
+    clock = FakeClock()
+    conf = settings(tmp_path, preview_step_delay=delay, width=64, height=64)
+    app = await make_app(conf, clock)
+    inst = await add_instance(
+        app, ssh_host="127.0.0.1", ssh_port=host.sshd.port, ssh_user=host.login.name
+    )
+    runner = Runner(app, SshConnector(host.sshd.key, 10.0), poll=1.0, reattach=60.0)
+    return app, clock, inst, runner
+
+
+async def test_a_job_runs_to_its_checked_image(
+    tmp_path: Path, make_app: MakeApp, host: Host
+) -> None:
+    app, clock, inst, runner = await _rig(tmp_path, make_app, host, "0s")
+    job = await add_job(app, state=JobState.PROVISIONING, instance_id=inst.id)
+    outcome = await drive(clock, runner.execute(job, inst))
+    done = await app.store.get_job(job.id)
+    assert outcome is Outcome.SUCCEEDED, done.error
+    [image] = done.outputs
+    assert Path(image).read_bytes().startswith(b"\x89PNG")
+    # It ran in the login's own home, as that user, and what arrived is what was made there.
+    job_dir = host.login.home / ".gpuwarden" / "jobs" / job.id
+    made = sorted(job_dir.rglob("*.png"))
+    assert [sha256_of(p) for p in made] == [sha256_of(Path(image))]
+    if not host.login.root:
+        assert made[0].stat().st_uid == host.login.home.stat().st_uid != 0
+
+
+async def test_a_cancel_midway_leaves_nothing_of_the_job_alive(
+    tmp_path: Path, make_app: MakeApp, host: Host
+) -> None:
+    # Each step takes 30 s: the job is surely running when the cancel comes.
+    app, clock, inst, runner = await _rig(tmp_path, make_app, host, "30s")
+    job_id = f"j{uuid.uuid4().hex[:10]}"
+    marker = f".gpuwarden/jobs/{job_id}/"
+    try:
+        job = await add_job(app, job_id, state=JobState.PROVISIONING, instance_id=inst.id)
+        progress = host.login.home / marker / "progress.jsonl"
+
+        async def cancel_once_running() -> None:
+            while not (progress.is_file() and progress.read_bytes()):  # the runner has begun
+                await asyncio.sleep(0.02)
+            await app.store.record(EntityKind.JOB, job_id, "cancel_requested")
+
+        async def run_and_cancel() -> Outcome:
+            outcome, _ = await asyncio.gather(runner.execute(job, inst), cancel_once_running())
+            return outcome
+
+        outcome = await drive(clock, run_and_cancel())
+        assert outcome is Outcome.CANCELLED
+        await wait_all_gone(marker)  # the process tree, not the wrapper's pid
+    finally:
+        kill_leftovers(marker)
+
+
+async def test_the_probe_answers_and_refreshes_the_heartbeat(
+    tmp_path: Path, make_app: MakeApp, host: Host
+) -> None:
+    _, _, inst, _ = await _rig(tmp_path, make_app, host, "0s")
+    result = await SshProber(lambda: host.sshd.key).probe(inst, 20.0)
+    assert result.heartbeat
+    assert (host.login.home / ".gpuwarden" / "heartbeat").is_file()
+    assert result.runners == 0
+    assert result.sessions == 0  # our exec channel has no terminal; nobody else is logged in
+    assert result.deadman is False
