@@ -16,6 +16,7 @@ time). Slow: each case starts its own sshd."""
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import uuid
 from collections.abc import Iterator
@@ -33,13 +34,14 @@ from gpuwarden.core.model import EntityKind, Instance, JobState
 from gpuwarden.fleet.app import App
 from gpuwarden.jobs.runner import Outcome, Runner, SshConnector, sha256_of
 from gpuwarden.loops.watchdog import SshProber
+from gpuwarden.remote import ssh as remote
 from gpuwarden.remote.ssh import PYTHON_CANDIDATES
 
 pytestmark = pytest.mark.slow
 
 BANNER = "Welcome to Ubuntu 22.04.4 LTS (GNU/Linux x86_64)"
 # What the probe needs beyond the job tools, for the case whose PATH is bare.
-PROBE_TOOLS = ("touch", "wc", "who", "tty", "awk")
+PROBE_TOOLS = ("touch", "wc", "who", "tty", "awk", "tr", "sed", "grep", "sort")
 CASES = ("root-bash", "user-bash", "user-dash", "banner-no-python-on-path")
 
 
@@ -151,3 +153,31 @@ async def test_the_probe_answers_and_refreshes_the_heartbeat(
     assert result.runners == 0
     assert result.sessions == 0  # our exec channel has no terminal; nobody else is logged in
     assert result.deadman is False
+
+
+async def test_the_probe_counts_an_ssh_login_terminal_and_no_other(
+    tmp_path: Path, make_app: MakeApp, host: Host
+) -> None:
+    """With no login records here (no utmp, as in containers), a terminal that no login holds
+    is no session, and an interactive SSH session with a terminal is one."""
+    _, _, inst, _ = await _rig(tmp_path, make_app, host, "0s")
+    prober = SshProber(lambda: host.sshd.key)
+    if Path("/run/utmp").exists() or Path("/var/run/utmp").exists():
+        pytest.skip("this host keeps login records: the probe reads them, not the terminals")
+    leader, follower = os.openpty()  # a terminal on this machine that is nobody's login
+    try:
+        assert (await prober.probe(inst, 20.0)).sessions == 0
+        async with await remote.connect(
+            remote.SshTarget("127.0.0.1", host.sshd.port, host.login.name),
+            host.sshd.key,
+            timeout=10.0,
+        ) as conn:
+            process = await conn.create_process("sleep 60", term_type="xterm")
+            try:
+                assert (await prober.probe(inst, 20.0)).sessions == 1
+            finally:
+                process.terminate()
+                process.close()
+    finally:
+        os.close(leader)
+        os.close(follower)
