@@ -1,15 +1,22 @@
 """Where the sim must answer as the real providers do, byte for byte: Vast's exact
 `Content-Type: application/json` (official clients compare the header; no charset), and
-Lambda's 400 with its error JSON for a launch whose region_name is not a string (not a 500)."""
+Lambda's 400 with its error JSON for a launch whose region_name is not a string (not a 500).
+And where the sim's SSH server would hide a fault: a detached start must not hold its
+channel open (the job's started_at would lag its real start)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
+import asyncssh
 import httpx
 import pytest
 from sim_support import KEY, new_key, running_sim, urls
+
+from gpuwarden.core.clock import SystemClock
+from gpuwarden.remote import ssh as remote
+from gpuwarden.sim import sshhost
 
 pytestmark = pytest.mark.slow
 
@@ -67,3 +74,35 @@ async def test_lambda_launch_with_a_region_that_is_no_string_is_a_400(
             error = resp.json()["error"]
             assert error["code"] == "global/invalid-parameters"
             assert field in error["message"]
+
+
+async def test_a_detached_start_does_not_hold_the_ssh_channel(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The sim waits for a finished command's output for a while, as sshd waits for EOF on its
+    pipes (for ever). Made longer than the start's own timeout here, a start whose detached
+    job kept the channel's pipes would time out; the daemon's start must come back at once."""
+    monkeypatch.setattr(sshhost, "_DRAIN_AFTER_EXIT", 60.0)
+    key, pub = new_key()
+    host = sshhost.SshHost(
+        instance_id="i1",
+        sandbox=tmp_path / "box",
+        env={"PATH": "/usr/local/bin:/usr/bin:/bin"},
+        host_key=asyncssh.generate_private_key("ssh-ed25519"),
+        authorized=lambda: [pub],
+        now=SystemClock().now,
+    )
+    port = await host.start()
+    try:
+        async with await remote.connect(
+            remote.SshTarget("127.0.0.1", port), key, timeout=10.0
+        ) as conn:
+            # Not vacuous: a command that leaves a child on the channel's pipes is held.
+            with pytest.raises(TimeoutError):
+                await conn.run("sleep 30 &", timeout=3)
+            await remote.start_detached(conn, "job", ["sleep", "30"], timeout=20)
+            assert (await remote.job_status(conn, "job", timeout=10)).state == "running"
+            await remote.kill(conn, "job/pid", timeout=10)
+            assert (await remote.job_status(conn, "job", timeout=10)).state == "dead"
+    finally:
+        await host.stop()
