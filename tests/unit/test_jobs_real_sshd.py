@@ -8,7 +8,8 @@ SshProber runs the probe there. One case per kind of host the daemon meets:
 - an ordinary user whose home is not /root (Lambda's `ubuntu`), bash;
 - dash as the login shell (Debian, Ubuntu);
 - a login shell that prints a banner before every command, whose PATH holds no Python
-  (Python only under a directory off the PATH, as /opt/conda/bin in pytorch images).
+  (Python only under a directory off the PATH, as /opt/conda/bin in pytorch images);
+- busybox ash as the login shell and as `sh`, with busybox's own tools (minimal images).
 
 Real Store and FakeClock (the runner's polls are stepped; sshd and the processes run in real
 time). Slow: each case starts its own sshd."""
@@ -18,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import subprocess
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,7 +27,7 @@ from pathlib import Path
 
 import pytest
 from jobs_fakes import add_instance, add_job, drive, settings
-from remote_support import bare_path, kill_leftovers, wait_all_gone
+from remote_support import JOB_TOOLS, bare_path, kill_leftovers, wait_all_gone
 from sshd_support import Login, Sshd, login_user, require_root_sshd, running_sshd
 from tests.conftest import MakeApp
 
@@ -42,7 +44,7 @@ pytestmark = pytest.mark.slow
 BANNER = "Welcome to Ubuntu 22.04.4 LTS (GNU/Linux x86_64)"
 # What the probe needs beyond the job tools, for the case whose PATH is bare.
 PROBE_TOOLS = ("touch", "wc", "who", "tty", "awk", "tr", "sed", "grep", "sort")
-CASES = ("root-bash", "user-bash", "user-dash", "banner-no-python-on-path")
+CASES = ("root-bash", "user-bash", "user-dash", "banner-no-python-on-path", "busybox-sh")
 
 
 @dataclass
@@ -54,23 +56,46 @@ class Host:
 def _login_shell(case: str, base: Path) -> str:
     if case in ("root-bash", "user-bash"):
         return "/bin/bash"
+    fixed = [p for p in PYTHON_CANDIDATES if "/" in p]
+    if not any(Path(p).is_file() for p in fixed):
+        pytest.skip(f"no Python at any of {', '.join(fixed)} on this machine")
+    if case == "busybox-sh":
+        return _busybox_login(base)
     dash = shutil.which("dash")
     if dash is None:
         pytest.skip("dash is not installed here (apt-get install dash)")
     if case == "user-dash":
         return dash
-    fixed = [p for p in PYTHON_CANDIDATES if "/" in p]
-    if not any(Path(p).is_file() for p in fixed):
-        pytest.skip(f"no Python at any of {', '.join(fixed)} on this machine")
     # A login shell that greets first and whose PATH has `sh` and the tools, but no Python.
     bin_dir = base / "bin"
     bin_dir.mkdir()
     (bin_dir / "sh").symlink_to(dash)
-    path = bare_path(bin_dir, *PROBE_TOOLS)
-    shell = base / "login-shell"
-    shell.write_text(f"#!{dash}\necho '{BANNER}'\nPATH={path}; export PATH\nexec {dash} \"$@\"\n")
-    shell.chmod(0o755)
-    return str(shell)
+    return _wrapper(base, dash, bare_path(bin_dir, *PROBE_TOOLS), banner=BANNER)
+
+
+def _busybox_login(base: Path) -> str:
+    """busybox ash as the login shell and as `sh`, and busybox's applets for every tool it
+    has (Debian's busybox has no nohup: that one comes from coreutils), no Python on PATH."""
+    busybox = shutil.which("busybox")
+    if busybox is None:
+        pytest.skip("busybox is not installed here (apt-get install busybox)")
+    listed = subprocess.run([busybox, "--list"], capture_output=True, text=True, check=True)
+    applets = set(listed.stdout.split())
+    bin_dir = base / "bin"
+    bin_dir.mkdir()
+    for tool in ("sh", *JOB_TOOLS, *PROBE_TOOLS):
+        if tool in applets:
+            (bin_dir / tool).symlink_to(busybox)
+    return _wrapper(base, f"{busybox} sh", bare_path(bin_dir, *PROBE_TOOLS))
+
+
+def _wrapper(base: Path, shell: str, path: str, banner: str = "") -> str:
+    """A login shell: `shell` with PATH=`path`, printing `banner` first if given."""
+    greet = f"echo '{banner}'\n" if banner else ""
+    login = base / "login-shell"
+    login.write_text(f'#!{shell}\n{greet}PATH={path}; export PATH\nexec {shell} "$@"\n')
+    login.chmod(0o755)
+    return str(login)
 
 
 @pytest.fixture(params=CASES)
