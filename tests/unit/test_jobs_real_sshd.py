@@ -17,8 +17,10 @@ time). Slow: each case starts its own sshd."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
+import signal
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -29,13 +31,15 @@ import pytest
 from jobs_fakes import add_instance, add_job, drive, settings
 from remote_support import JOB_TOOLS, bare_path, kill_leftovers, wait_all_gone
 from sshd_support import Login, Sshd, login_user, require_root_sshd, running_sshd
-from tests.conftest import MakeApp
+from tests.conftest import MakeApp, eventually
 
+from gpuwarden.config.settings import Settings
 from gpuwarden.core.clock import FakeClock
 from gpuwarden.core.model import EntityKind, Instance, JobState
 from gpuwarden.fleet.app import App
 from gpuwarden.jobs.runner import Outcome, Runner, SshConnector, sha256_of
 from gpuwarden.loops.watchdog import SshProber
+from gpuwarden.remote import deadman
 from gpuwarden.remote import ssh as remote
 from gpuwarden.remote.ssh import PYTHON_CANDIDATES
 
@@ -206,3 +210,30 @@ async def test_the_probe_counts_an_ssh_login_terminal_and_no_other(
     finally:
         os.close(leader)
         os.close(follower)
+
+
+@pytest.mark.parametrize("host", ["user-bash"], indirect=True)
+async def test_the_probe_sees_the_dead_man_switch_root_started_for_a_non_root_user(
+    tmp_path: Path, make_app: MakeApp, host: Host, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Lambda: the start-up script runs as root, hands ~/.gpuwarden to the SSH user and starts
+    the switch as root. The probe, logged in as that user, must still see the switch."""
+    monkeypatch.setitem(deadman.SSH_USER, "lambda", host.login.name)
+    script = deadman.onstart_script(Settings(), "lambda", "https://cloud.example/api/v1", "i1")
+    env = {"PATH": os.environ["PATH"], "HOME": "/root"}
+    marker = str(host.login.home)
+    pid_file = host.login.home / ".gpuwarden" / "deadman.pid"
+    try:
+        started = subprocess.run(
+            ["sh", "-c", script], env=env, capture_output=True, text=True, timeout=30, check=False
+        )
+        assert started.returncode == 0, started.stderr
+        await eventually(lambda: pid_file.is_file() and pid_file.read_text().strip())
+        _, _, inst, _ = await _rig(tmp_path, make_app, host, "0s")
+        result = await SshProber(lambda: host.sshd.key).probe(inst, 20.0)
+        assert result.deadman is True
+    finally:
+        if pid_file.is_file() and pid_file.read_text().strip():
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(int(pid_file.read_text()), signal.SIGKILL)  # the switch's session
+        kill_leftovers(marker)

@@ -53,7 +53,9 @@ fi
 
 # shellcheck source=/dev/null
 . "$DIR/deadman.env" || exit 1
-echo $$ >"$PIDFILE"
+# The probe reads the pid file as the SSH user (Lambda: ubuntu), while the switch may run as
+# root under the start-up script's umask 077: the pid is no secret, let everyone read it.
+echo $$ >"$PIDFILE" && chmod 644 "$PIDFILE"
 
 mtime() {
     stat -c %Y "$1" 2>/dev/null ||
