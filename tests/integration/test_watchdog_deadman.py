@@ -208,8 +208,10 @@ async def test_an_armed_switch_says_so_where_the_probe_reads_it(api: FakeApi, bo
 
 
 # What the start-up script and the switch need, without curl or any python3.
-BARE_TOOLS = ("sh", "cat", "date", "stat", "touch", "mkdir", "mv", "base64", "gzip", "setsid")
-BARE_TOOLS += ("sleep", "grep", "id", "getent", "cut", "chmod", "rm")
+BARE_TOOLS = (
+    *("sh", "cat", "date", "stat", "touch", "mkdir", "mv", "base64", "gzip", "setsid"),
+    *("sleep", "grep", "id", "getent", "cut", "chmod", "rm"),
+)
 
 
 async def test_a_switch_without_curl_or_python_says_it_cannot_act(
