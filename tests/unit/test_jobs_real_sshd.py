@@ -232,6 +232,7 @@ async def test_the_probe_sees_the_dead_man_switch_root_started_for_a_non_root_us
         _, _, inst, _ = await _rig(tmp_path, make_app, host, "0s")
         result = await SshProber(lambda: host.sshd.key).probe(inst, 20.0)
         assert result.deadman is True
+        assert result.switch() == "unable"  # Lambda without the opt-in key: it cannot end it
     finally:
         if pid_file.is_file() and pid_file.read_text().strip():
             with contextlib.suppress(ProcessLookupError):

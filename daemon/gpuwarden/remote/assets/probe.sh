@@ -2,7 +2,8 @@
 # gpuwarden health and activity probe. The daemon's watchdog runs this fixed script over SSH
 # (`sh -c <this file>`, no arguments, never user text) from the login home. It refreshes the
 # dead-man switch's heartbeat and prints one JSON line:
-#   {"heartbeat": bool, "sessions": int, "gpu_util": float|null, "runners": int, "deadman": bool}
+#   {"heartbeat": bool, "sessions": int, "gpu_util": float|null, "runners": int, "deadman": bool,
+#    "deadman_state": "armed"|"unable"|null}
 # POSIX sh only.
 cd || exit 1
 heartbeat=false
@@ -53,6 +54,12 @@ done
 
 deadman=false
 p=$(cat .gpuwarden/deadman.pid 2>/dev/null) && [ -n "$p" ] && alive "$p" && deadman=true
+# Whether the switch can end this instance, as it found at its start (deadman.sh).
+deadman_state=null
+case $(cat .gpuwarden/deadman.state 2>/dev/null) in
+    armed) deadman_state='"armed"' ;;
+    unable*) deadman_state='"unable"' ;;
+esac
 
-printf '{"heartbeat": %s, "sessions": %s, "gpu_util": %s, "runners": %s, "deadman": %s}\n' \
-    "$heartbeat" "$sessions" "$gpu_util" "$runners" "$deadman"
+printf '{"heartbeat": %s, "sessions": %s, "gpu_util": %s, "runners": %s, "deadman": %s, "deadman_state": %s}\n' \
+    "$heartbeat" "$sessions" "$gpu_util" "$runners" "$deadman" "$deadman_state"
