@@ -16,7 +16,6 @@ time). Slow: each case starts its own sshd."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import shutil
@@ -28,14 +27,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from jobs_fakes import add_instance, add_job, drive, settings
+from jobs_fakes import add_instance, add_job, cancel_midway, drive, settings
 from remote_support import JOB_TOOLS, bare_path, kill_leftovers, wait_all_gone
 from sshd_support import Login, Sshd, login_user, require_root_sshd, running_sshd
 from tests.conftest import MakeApp, eventually
 
 from gpuwarden.config.settings import Settings
 from gpuwarden.core.clock import FakeClock
-from gpuwarden.core.model import EntityKind, Instance, JobState
+from gpuwarden.core.model import Instance, JobState
 from gpuwarden.fleet.app import App
 from gpuwarden.jobs.runner import Outcome, Runner, SshConnector, sha256_of
 from gpuwarden.loops.watchdog import SshProber
@@ -154,18 +153,7 @@ async def test_a_cancel_midway_leaves_nothing_of_the_job_alive(
     marker = f".gpuwarden/jobs/{job_id}/"
     try:
         job = await add_job(app, job_id, state=JobState.PROVISIONING, instance_id=inst.id)
-        progress = host.login.home / marker / "progress.jsonl"
-
-        async def cancel_once_running() -> None:
-            while not (progress.is_file() and progress.read_bytes()):  # the runner has begun
-                await asyncio.sleep(0.02)
-            await app.store.record(EntityKind.JOB, job_id, "cancel_requested")
-
-        async def run_and_cancel() -> Outcome:
-            outcome, _ = await asyncio.gather(runner.execute(job, inst), cancel_once_running())
-            return outcome
-
-        outcome = await drive(clock, run_and_cancel())
+        outcome = await cancel_midway(clock, runner, job, inst, host.login.home)
         assert outcome is Outcome.CANCELLED
         await wait_all_gone(marker)  # the process tree, not the wrapper's pid
     finally:
