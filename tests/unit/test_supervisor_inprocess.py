@@ -5,6 +5,7 @@ stop."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -174,3 +175,20 @@ async def test_a_held_lock_exits_75_before_opening_the_database(
         assert await sup.run() == 75
     assert not settings.db_path.exists()
     assert f"pid {os.getpid()}" in capsys.readouterr().err
+
+
+async def test_a_sim_base_url_means_that_sim_and_none_of_its_own(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(
+        f'[daemon]\nstate_dir = "{tmp_path / "state"}"\n'
+        '[providers.sim]\nenabled = true\nbase_url = "http://127.0.0.1:8700/"\n'
+    )
+    sup, _ = make(config.load(path), tmp_path, lambda app: [])
+    async with contextlib.AsyncExitStack() as stack:
+        urls = await sup._start_sim(stack)
+    assert urls is not None
+    assert (urls.vast, urls.lambda_) == (
+        "http://127.0.0.1:8700/vast",
+        "http://127.0.0.1:8700/lambda/api/v1",
+    )
+    assert not (tmp_path / "state" / "sim").exists()  # no sandbox: no sim started here
