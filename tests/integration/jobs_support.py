@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -141,3 +142,18 @@ async def env_start(env: JobEnv, connector: Callable[[Connector], Connector] | N
         env.service.runner.connector = connector(env.service.runner.connector)
     env.tasks.append(asyncio.create_task(Guard(env.app).run(), name="guard"))
     env.tasks.append(asyncio.create_task(env.service.run(), name="jobs"))
+
+
+async def cli(env: dict[str, str], *args: str) -> tuple[int, str, str]:
+    """`gpuwarden ARGS` as a child process with `env`: (exit code, stdout, stderr)."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "gpuwarden",
+        *args,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    return int(proc.returncode or 0), out.decode(), err.decode()

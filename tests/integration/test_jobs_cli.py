@@ -3,12 +3,11 @@ submit --wait prints the image path, jobs/job/cancel/pause/resume answer."""
 
 from __future__ import annotations
 
-import asyncio
 import json
-import sys
 from pathlib import Path
 
 import pytest
+from jobs_support import cli
 from tests.conftest import daemon_env
 
 from gpuwarden.system.childproc import DaemonProcess
@@ -32,20 +31,6 @@ preview_step_delay = "0.02s"
 width = 64
 height = 64
 """
-
-
-async def cli(env: dict[str, str], *args: str) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "gpuwarden",
-        *args,
-        env=env,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), 60)
-    return int(proc.returncode or 0), out.decode(), err.decode()
 
 
 async def test_submit_wait_and_the_other_job_commands(tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import signal
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -195,3 +196,48 @@ async def test_lambda_without_opt_in_only_warns_and_starts_once(api: FakeApi, bo
     assert box.log().count("watching:") == 1
     assert api.requests == []
     assert not (box.dir / "deadman.key").exists()
+
+
+async def test_an_armed_switch_says_so_where_the_probe_reads_it(api: FakeApi, box: Box) -> None:
+    box.env |= {"CONTAINER_ID": "5", "CONTAINER_API_KEY": "k", "GPUWARDEN_SIM_API": api.url}
+    await box.boot(onstart_script(settings(deadman_timeout="1h"), "vast", api.url, "i6"))
+    state = box.dir / "deadman.state"
+    await eventually(state.is_file, timeout=5, what="the switch's state")
+    assert state.read_text() == "armed\n"
+    assert state.stat().st_mode & 0o777 == 0o644  # the probe may run as another user
+
+
+# What the start-up script and the switch need, without curl or any python3.
+BARE_TOOLS = (
+    *("sh", "cat", "date", "stat", "touch", "mkdir", "mv", "base64", "gzip", "setsid"),
+    *("sleep", "grep", "id", "getent", "cut", "chmod", "rm"),
+)
+
+
+async def test_a_switch_without_curl_or_python_says_it_cannot_act(
+    api: FakeApi, box: Box, tmp_path: Path
+) -> None:
+    if Path("/opt/conda/bin/python3").exists():
+        pytest.skip("this machine has /opt/conda/bin/python3, which the switch would find")
+    bare = tmp_path / "bin"
+    bare.mkdir()
+    for tool in BARE_TOOLS:
+        found = shutil.which(tool)
+        assert found is not None, tool
+        (bare / tool).symlink_to(found)
+    box.env |= {
+        "PATH": str(bare),
+        "CONTAINER_ID": "8",
+        "CONTAINER_API_KEY": "k",
+        "GPUWARDEN_SIM_API": api.url,
+    }
+    await box.boot(onstart_script(settings(), "vast", api.url, "i7"))
+    state = box.dir / "deadman.state"
+    await eventually(state.is_file, timeout=5, what="the switch's state")
+    assert state.read_text() == "unable: no curl or python3\n"
+    # The heartbeat goes stale (1 s): it tries, says so plainly, and never calls python3.
+    await eventually(lambda: "HTTP 0" in box.log(), timeout=8, what="an ending attempt")
+    log = box.log()
+    assert log.count("cannot end this instance: no curl or python3") == 1
+    assert "not found" not in log
+    assert api.requests == []

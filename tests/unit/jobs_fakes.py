@@ -15,8 +15,9 @@ from typing import Any, TypeVar
 
 from gpuwarden.config.settings import Settings
 from gpuwarden.core.clock import FakeClock
-from gpuwarden.core.model import Instance, InstanceState, Job, JobSpec, JobState
+from gpuwarden.core.model import EntityKind, Instance, InstanceState, Job, JobSpec, JobState
 from gpuwarden.fleet.app import App
+from gpuwarden.jobs.runner import Outcome, Runner
 from gpuwarden.remote.ssh import RemoteStatus
 
 T = TypeVar("T")
@@ -214,3 +215,22 @@ async def drive(clock: FakeClock, coro: Coroutine[Any, Any, T]) -> T:
         if not task.done():
             task.cancel()
     return task.result()
+
+
+async def cancel_midway(
+    clock: FakeClock, runner: Runner, job: Job, inst: Instance, home: Path
+) -> Outcome:
+    """Run `job` and ask for its cancel once its runner has begun (its progress file in the
+    instance's `home` has a line); the runner's outcome."""
+    progress = home / ".gpuwarden" / "jobs" / job.id / "progress.jsonl"
+
+    async def cancel_once_running() -> None:
+        while not (progress.is_file() and progress.read_bytes()):
+            await asyncio.sleep(0.02)
+        await runner.app.store.record(EntityKind.JOB, job.id, "cancel_requested")
+
+    async def run_and_cancel() -> Outcome:
+        outcome, _ = await asyncio.gather(runner.execute(job, inst), cancel_once_running())
+        return outcome
+
+    return await drive(clock, run_and_cancel())

@@ -85,6 +85,11 @@ def test_probe_cell_shows_the_last_probe_its_age_and_strikes() -> None:
     assert struck.plain == "2 strikes" and "red" in str(struck.style)
     one = cc.probe_cell(_row(last_probe_at=now, last_probe_ok=False, strikes=1), now)
     assert one.plain == "1 strike"
+    armed = cc.probe_cell(_row(last_probe_at=now, last_probe_ok=True, deadman="armed"), now)
+    assert armed.plain == "ok 0s ago, switch armed"
+    unable = cc.probe_cell(_row(last_probe_at=now, last_probe_ok=True, deadman="unable"), now)
+    assert unable.plain == "ok 0s ago, switch unable"
+    assert any("yellow" in str(span.style) for span in unable.spans)
     # Without the daemon's time the age is left out rather than guessed from this machine.
     assert cc.probe_cell(_row(last_probe_at=now, last_probe_ok=True), None).plain == "ok"
 

@@ -6,18 +6,17 @@ FakeClock (the runner's polls are stepped; the processes run in real time)."""
 
 from __future__ import annotations
 
-import asyncio
 import shutil
 import uuid
 from pathlib import Path
 
 import pytest
-from jobs_fakes import add_instance, add_job, drive, settings
+from jobs_fakes import add_instance, add_job, cancel_midway, drive, settings
 from remote_support import LocalConnector, LocalShell, bare_path, kill_leftovers, wait_all_gone
 from tests.conftest import MakeApp
 
 from gpuwarden.core.clock import FakeClock
-from gpuwarden.core.model import EntityKind, JobState
+from gpuwarden.core.model import JobState
 from gpuwarden.fleet.app import App
 from gpuwarden.jobs.runner import Outcome, Runner
 from gpuwarden.remote.ssh import PYTHON_CANDIDATES
@@ -81,18 +80,7 @@ async def test_a_cancel_on_a_dash_instance_ends_the_runner_itself(
         inst = await add_instance(app)
         job = await add_job(app, job_id, state=JobState.PROVISIONING, instance_id=inst.id)
         runner = Runner(app, LocalConnector(instance_shell), poll=1.0, reattach=60.0)
-
-        async def cancel_once_running() -> None:
-            progress = instance_shell.home / marker / "progress.jsonl"
-            while not (progress.is_file() and progress.read_bytes()):  # the runner has begun
-                await asyncio.sleep(0.02)
-            await app.store.record(EntityKind.JOB, job_id, "cancel_requested")
-
-        async def run_and_cancel() -> Outcome:
-            outcome, _ = await asyncio.gather(runner.execute(job, inst), cancel_once_running())
-            return outcome
-
-        outcome = await drive(clock, run_and_cancel())
+        outcome = await cancel_midway(clock, runner, job, inst, instance_shell.home)
         assert outcome is Outcome.CANCELLED
         await wait_all_gone(marker)
     finally:

@@ -5,6 +5,7 @@ stop."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 from collections.abc import Callable, Iterator
@@ -216,3 +217,20 @@ async def test_the_control_socket_binds_before_the_reconciler_looks_at_any_provi
         first.close()
     assert journal == ["control"]  # refused at the socket: the reconciler never started
     assert not rec.ready_seen.is_set()
+
+
+async def test_a_sim_base_url_means_that_sim_and_none_of_its_own(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(
+        f'[daemon]\nstate_dir = "{tmp_path / "state"}"\n'
+        '[providers.sim]\nenabled = true\nbase_url = "http://127.0.0.1:8700/"\n'
+    )
+    sup, _ = make(config.load(path), tmp_path, lambda app: [])
+    async with contextlib.AsyncExitStack() as stack:
+        urls = await sup._start_sim(stack)
+    assert urls is not None
+    assert (urls.vast, urls.lambda_) == (
+        "http://127.0.0.1:8700/vast",
+        "http://127.0.0.1:8700/lambda/api/v1",
+    )
+    assert not (tmp_path / "state" / "sim").exists()  # no sandbox: no sim started here

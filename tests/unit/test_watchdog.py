@@ -12,6 +12,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+import structlog.testing
 from tests.conftest import MakeApp
 
 from gpuwarden.config.settings import Settings
@@ -73,13 +74,14 @@ class Rig:
         *,
         last_activity: datetime | None = None,
         last_probe_at: datetime | None = None,
+        provider: str = "fake",
     ) -> Instance:
         label = instance_label("main", iid)
         pid = self.provider.spawn(label)
         now = self.clock.now()
         inst = Instance(
             id=iid,
-            provider="fake",
+            provider=provider,
             label=label,
             state=InstanceState.RUNNING,
             created_at=now,
@@ -385,3 +387,40 @@ def test_probe_script_is_fixed_posix_sh() -> None:
     assert script.startswith("#!/bin/sh")
     sh = shutil.which("dash") or "sh"
     assert subprocess.run([sh, "-n", "-c", script], check=False).returncode == 0
+
+
+def test_parse_probe_reads_whether_the_switch_can_act() -> None:
+    line = '{"heartbeat": true, "sessions": 0, "gpu_util": null, "runners": 0, "deadman": %s, '
+    armed = parse_probe(line % "true" + '"deadman_state": "armed"}')
+    assert (armed.deadman_state, armed.switch()) == ("armed", "armed")
+    unable = parse_probe(line % "true" + '"deadman_state": "unable"}')
+    assert unable.switch() == "unable"
+    assert parse_probe(line % "false" + '"deadman_state": "armed"}').switch() == "absent"
+    assert parse_probe(line % "true" + '"deadman_state": "bogus"}').switch() == "running"
+    assert parse_probe('{"heartbeat": true}').switch() is None  # an older probe: not known
+
+
+async def test_the_switch_state_is_kept_per_instance_and_a_disarmed_one_warns(rig: Rig) -> None:
+    await rig.add_running("i1", provider="sim-vast")  # its switch should be able to end it
+    rig.prober.default = ProbeResult(deadman=True, deadman_state="armed")
+    with structlog.testing.capture_logs() as logs:
+        await rig.probe_now("i1")
+        await rig.probe_now("i1")  # unchanged: no second event
+        assert (await rig.app.store.get_instance("i1")).extra["deadman"] == "armed"
+        assert not [e for e in logs if e["event"] == "deadman_not_armed"]
+        rig.prober.default = ProbeResult(deadman=True, deadman_state="unable")
+        await rig.probe_now("i1")
+    assert (await rig.app.store.get_instance("i1")).extra["deadman"] == "unable"
+    assert (await rig.names("i1")).count("deadman") == 2
+    [warning] = [e for e in logs if e["event"] == "deadman_not_armed"]
+    assert (warning["instance_id"], warning["switch"]) == ("i1", "unable")
+
+
+async def test_a_switch_that_cannot_end_by_design_is_shown_without_a_warning(rig: Rig) -> None:
+    # Lambda without policy.lambda_deadman_api_key: the switch only warns on the instance.
+    await rig.add_running("i1", provider="sim-lambda")
+    rig.prober.default = ProbeResult(deadman=True, deadman_state="unable")
+    with structlog.testing.capture_logs() as logs:
+        await rig.probe_now("i1")
+    assert (await rig.app.store.get_instance("i1")).extra["deadman"] == "unable"
+    assert not [e for e in logs if e["event"] == "deadman_not_armed"]

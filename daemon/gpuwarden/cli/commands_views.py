@@ -72,7 +72,7 @@ def ago(seconds: float) -> str:
 
 
 def probe_cell(row: Mapping[str, Any], now: Any) -> Text:
-    """The watchdog's last word on an instance: 'ok 2m ago', '2 strikes' (consecutive failed
+    """The watchdog's last word on an instance: 'ok 2m ago, switch armed', '2 strikes' (failed
     probes; policy.watchdog_failures of them end it), or '-' when it was never probed.
     `now` is the daemon's clock (the status reply's `now`), so that ages do not depend on
     this machine's clock."""
@@ -84,7 +84,11 @@ def probe_cell(row: Mapping[str, Any], now: Any) -> Text:
         return Text("-")
     verdict = "ok" if row.get("last_probe_ok") else "failed"
     when = f" {ago((now_at - at).total_seconds())} ago" if now_at is not None else ""
-    return Text(verdict + when, style="" if verdict == "ok" else "red")
+    cell = Text(verdict + when, style="" if verdict == "ok" else "red")
+    switch = row.get("deadman")
+    if switch:  # the dead-man switch: armed, or why it cannot protect this instance
+        cell.append(f", switch {switch}", style="" if switch == "armed" else "yellow")
+    return cell
 
 
 def show_status(args: argparse.Namespace) -> int:

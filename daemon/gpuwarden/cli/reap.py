@@ -150,8 +150,7 @@ def build(settings: Settings, clock: SystemClock, out: Out) -> dict[str, Provide
         else:
             from gpuwarden.sim.server import SimUrls
 
-            base = base.rstrip("/")
-            urls = SimUrls(vast=f"{base}/vast", lambda_=f"{base}/lambda/api/v1", admin=base)
+            urls = SimUrls.at(base)
     return build_providers(settings, clock, sim_urls=urls)
 
 

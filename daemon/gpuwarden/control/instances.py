@@ -347,6 +347,7 @@ async def _instance_dict(
         "strikes": inst.strikes,
         "last_probe_at": format_ts(inst.last_probe_at),
         "last_probe_ok": inst.last_probe_ok,
+        "deadman": inst.extra.get("deadman"),  # the switch as the last probe saw it
         "ssh": f"{inst.ssh_user}@{inst.ssh_host}:{inst.ssh_port}" if inst.ssh_host else None,
         "job_id": inst.job_id,
     }

@@ -2,8 +2,9 @@
 
 Start-up, in this order, so that a refused start touches nothing:
 config (bad: exit 78) -> logging -> uvloop -> state dir -> lock (held: exit 75) -> store
-(open, integrity check, migrate) -> SSH key -> in-process sim cloud (if enabled) ->
-providers -> App -> each service's start() -> READY=1.
+(open, integrity check, migrate) -> SSH key -> in-process sim cloud (if enabled, unless
+providers.sim.base_url names a standalone `gpuwarden sim`) -> providers -> App -> each
+service's start() -> READY=1.
 
 Running: every service's run() is a named task in ONE root TaskGroup, beside the systemd
 watchdog task and the config-reload task. Signal handlers only set events (runtime.py).
@@ -235,7 +236,13 @@ class Supervisor:
         sim_settings = self.settings.providers.sim
         if not sim_settings.enabled:
             return None
-        from gpuwarden.sim.server import SimCloud  # imported only when enabled: aiohttp server
+        from gpuwarden.sim.server import SimCloud, SimUrls  # only when enabled: aiohttp server
+
+        if sim_settings.base_url:
+            # A standalone `gpuwarden sim`: its ledger and instances outlive this daemon, so
+            # a crash here loses nothing there, and the daemon finds them again on restart.
+            log.info("sim_external", url=sim_settings.base_url)
+            return SimUrls.at(sim_settings.base_url)
 
         sandbox = sim_settings.sandbox_dir or self.settings.daemon.state_dir / "sim"
         sim = SimCloud(sim_settings, self.clock, sandbox_root=sandbox)

@@ -39,6 +39,7 @@ from gpuwarden.core.model import EntityKind, Event, Instance, InstanceState, Ter
 from gpuwarden.core.policy import strikes_after, struck_out
 from gpuwarden.fleet.app import App
 from gpuwarden.remote import ssh as remote
+from gpuwarden.remote.deadman import switch_can_end
 from gpuwarden.remote.deploy import deploy_file
 from gpuwarden.store import NotFoundError
 
@@ -90,6 +91,17 @@ class ProbeResult:
     runners: int = 0  # our job runners alive
     heartbeat: bool = True  # the dead-man heartbeat file was refreshed
     deadman: bool | None = None  # the dead-man switch is running
+    deadman_state: str | None = None  # "armed" | "unable": whether it can end the instance
+
+    def switch(self) -> str | None:
+        """The dead-man switch as the daemon shows it: armed (running, able to end the
+        instance), unable (running, but it cannot: no key, no HTTP client), running (a
+        switch that does not say), absent (not running), or None (not known)."""
+        if self.deadman is None:
+            return None
+        if not self.deadman:
+            return "absent"
+        return self.deadman_state or "running"
 
     def activity(self, gpu_busy_percent: float) -> list[str]:
         """Why this probe counts as activity (empty: idle)."""
@@ -109,6 +121,7 @@ class ProbeResult:
             "runners": self.runners,
             "heartbeat": self.heartbeat,
             "deadman": self.deadman,
+            "deadman_state": self.deadman_state,
         }
 
 
@@ -131,12 +144,14 @@ def parse_probe(stdout: str) -> ProbeResult:
         data = json.loads(lines[-1])
         gpu = data.get("gpu_util")
         deadman = data.get("deadman")
+        state = data.get("deadman_state")
         return ProbeResult(
             sessions=max(0, int(data.get("sessions", 0))),
             gpu_util=None if gpu is None else float(gpu),
             runners=max(0, int(data.get("runners", 0))),
             heartbeat=bool(data.get("heartbeat", False)),
             deadman=None if deadman is None else bool(deadman),
+            deadman_state=state if state in ("armed", "unable") else None,
         )
     except (ValueError, TypeError, AttributeError) as exc:
         raise ProbeFailed("bad_answer", lines[-1][:200]) from exc
@@ -339,6 +354,24 @@ class Watchdog:
         # The intent is committed first; an instance already ending keeps its first reason.
         await self.app.terminator.end(inst.id, reason, details)
 
+    async def _note_switch(self, inst: Instance, switch: str | None) -> None:
+        """Keep what the probe says of the dead-man switch on the instance (extra["deadman"],
+        shown by `status`); one `deadman` event per change, and a warning when a switch that
+        should be able to end the instance is not armed."""
+        if switch is None or switch == inst.extra.get("deadman"):
+            return
+        await self.app.store.record(
+            EntityKind.INSTANCE,
+            inst.id,
+            "deadman",
+            {"switch": switch},
+            updates={"extra": {**inst.extra, "deadman": switch}},
+        )
+        if switch != "armed" and switch_can_end(self.app.settings, inst.provider):
+            log.warning(
+                "deadman_not_armed", instance_id=inst.id, provider=inst.provider, switch=switch
+            )
+
     async def _passed(self, instance_id: str, result: ProbeResult) -> None:
         inst = await self._fresh(instance_id)
         if inst is None:
@@ -364,6 +397,7 @@ class Watchdog:
             updates = {}
         if not result.heartbeat:
             log.warning("heartbeat_not_refreshed", instance_id=instance_id)
+        await self._note_switch(inst, result.switch())
         policy = self.app.settings.policy
         why = result.activity(policy.gpu_busy_percent)
         if why and now - inst.last_activity > activity_step(policy.idle_timeout):

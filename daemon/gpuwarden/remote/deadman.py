@@ -83,9 +83,17 @@ def switch_can_end(settings: Settings, provider_name: str) -> bool:
 
 
 def shipped_deadman() -> str:
-    """deadman.sh as it travels: full-line comments dropped (the shebang kept)."""
-    text = deploy_file("deadman.sh")
-    lines = [ln for ln in text.splitlines() if not ln.lstrip().startswith("#")]
+    """deadman.sh as it travels: blank lines, full-line comments and indentation dropped (the
+    shebang kept), except inside its Python here-documents, where indentation is syntax."""
+    lines: list[str] = []
+    heredoc = False
+    for ln in deploy_file("deadman.sh").splitlines():
+        if heredoc:
+            lines.append(ln)
+            heredoc = ln != "PY"
+        elif ln.strip() and not ln.lstrip().startswith("#"):
+            lines.append(ln.lstrip())
+            heredoc = "<<'PY'" in ln
     return "#!/bin/sh\n" + "\n".join(lines) + "\n"
 
 

@@ -289,6 +289,9 @@ def _launch_problem(body: dict[str, Any]) -> str | None:  # noqa: PLR0911 - one 
     for name in ("region_name", "instance_type_name", "ssh_key_names"):
         if name not in body:
             return f"{name} is required."
+    for name in ("region_name", "instance_type_name"):
+        if not isinstance(body[name], str):
+            return f"{name} must be a string."
     if body["region_name"] not in catalog.LAMBDA_REGIONS:
         return f"region_name {body['region_name']!r} is not a region code."
     keys = body["ssh_key_names"]

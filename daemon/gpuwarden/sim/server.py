@@ -37,6 +37,12 @@ class SimUrls:
     lambda_: str  # the Lambda client's base URL; it appends /instances, ...
     admin: str  # the server's root: /_sim/ledger, /_sim/faults, ...
 
+    @classmethod
+    def at(cls, base: str) -> SimUrls:
+        """Where a sim whose server root is `base` (e.g. http://127.0.0.1:8700) serves each API."""
+        base = base.rstrip("/")
+        return cls(vast=f"{base}/vast", lambda_=f"{base}/lambda/api/v1", admin=base)
+
 
 class SimCloud:
     def __init__(
@@ -65,7 +71,7 @@ class SimCloud:
         self._runner = runner
         host, port = runner.addresses[0][:2]
         base = f"http://{host}:{port}"
-        self.urls = SimUrls(vast=f"{base}/vast", lambda_=f"{base}/lambda/api/v1", admin=base)
+        self.urls = SimUrls.at(base)
         self.core.api_urls["vast"] = self.urls.vast
         self.core.api_urls["lambda"] = self.urls.lambda_
         log.info("sim_started", url=base, sandbox=str(self.core.sandbox_root))

@@ -35,17 +35,22 @@ ACCOUNT, INSTANCE = "account", "instance_key"
 USER_ID = 412377
 PAGE_MAX = 25
 DEFAULT_DISK_GB = 10.0  # the SDK's default
+JSON = "application/json"
+
+
+def respond(data: Any, status: int = 200) -> web.Response:
+    """JSON with `Content-Type: application/json` exactly, as Vast sends it: official clients
+    compare the header, and aiohttp's json_response would add `; charset=utf-8`."""
+    return web.Response(body=json.dumps(data).encode(), status=status, content_type=JSON)
 
 
 def error(status: int, code: str, msg: str, **extra: Any) -> web.Response:
-    return web.json_response({"success": False, "error": code, "msg": msg, **extra}, status=status)
+    return respond({"success": False, "error": code, "msg": msg, **extra}, status=status)
 
 
 def transient(status: int) -> web.Response:
     if status == 429:  # Vast sends no Retry-After
-        return web.json_response(
-            {"detail": "API requests too frequent endpoint threshold=4.5"}, status=429
-        )
+        return respond({"detail": "API requests too frequent endpoint threshold=4.5"}, status=429)
     return error(status, "server_error", f"error {status}: the server is temporarily unavailable")
 
 
@@ -105,9 +110,9 @@ class VastApi:
             ]
             found = [o for o in offers if matches(o, query, offer_value)]
         except (QueryError, ValueError, TypeError) as exc:
-            return web.json_response({"error": "invalid_request", "msg": str(exc)}, status=400)
+            return respond({"error": "invalid_request", "msg": str(exc)}, status=400)
         found.sort(key=order_key(order))
-        return web.json_response({"offers": found[: max(limit, 0)]})
+        return respond({"offers": found[: max(limit, 0)]})
 
     # --- create ---------------------------------------------------------------------------
 
@@ -157,7 +162,7 @@ class VastApi:
             # dstack's quirk: an error answer that still created an instance (new_contract).
             msg = "error 400/3419: the instance could not be started as requested"
             return error(400, "invalid_price", msg, ask_id=ask_id, new_contract=int(inst.id))
-        return web.json_response(
+        return respond(
             {"success": True, "new_contract": int(inst.id), "instance_api_key": inst.api_key}
         )
 
@@ -241,7 +246,7 @@ class VastApi:
         counts: dict[str, int] = {}
         for r in rows:
             counts[r.get("label") or ""] = counts.get(r.get("label") or "", 0) + 1
-        return web.json_response(
+        return respond(
             {
                 "success": True,
                 "instances_found": len(page),
@@ -257,7 +262,7 @@ class VastApi:
         if denied:
             return denied
         rows = sorted(self._visible(), key=lambda r: r["id"])
-        return web.json_response({"instances_found": len(rows), "instances": rows})
+        return respond({"instances_found": len(rows), "instances": rows})
 
     def _target(
         self, request: web.Request
@@ -280,7 +285,7 @@ class VastApi:
         inst, _, denied = self._target(request)
         if denied:
             return denied
-        return web.json_response({"instances": self.payload(inst) if inst else None})
+        return respond({"instances": self.payload(inst) if inst else None})
 
     async def destroy(self, request: web.Request) -> web.Response:
         inst, who, denied = self._target(request)
@@ -290,9 +295,9 @@ class VastApi:
             iid = request.match_info["id"]
             return error(404, "no_such_instance", f"Instance {iid} not found.")
         if self.core.faults.take("vast", "destroy_noop"):
-            return web.json_response({"success": True})
+            return respond({"success": True})
         await self.core.end(inst, by=f"api:{who}")
-        return web.json_response({"success": True})
+        return respond({"success": True})
 
     def _owned(self, request: web.Request) -> SimInstance | web.Response:
         """The path's instance for a call only the account key may make, or the refusal."""
@@ -314,7 +319,7 @@ class VastApi:
             return error(400, "invalid_args", "the sim does not stop or start instances")
         if "label" in body:
             inst.label = str(body["label"])
-        return web.json_response({"success": True})
+        return respond({"success": True})
 
     # --- account --------------------------------------------------------------------------
 
@@ -324,7 +329,7 @@ class VastApi:
             return denied
         credit = round(self.core.credit("vast"), 6)
         first_key = self.core.vast_keys[0]["key"] if self.core.vast_keys else ""
-        return web.json_response(
+        return respond(
             {
                 "id": USER_ID,
                 "username": "sim-user",
@@ -358,7 +363,7 @@ class VastApi:
         denied = self._account(request)
         if denied:
             return denied
-        return web.json_response(self.core.vast_keys)
+        return respond(self.core.vast_keys)
 
     async def ssh_add(self, request: web.Request) -> web.Response:
         denied = self._account(request)
@@ -378,7 +383,7 @@ class VastApi:
             }
             self.core.vast_keys.append(row)
         shown = {k: v for k, v in row.items() if k != "key"} | {"public_key": row["key"]}
-        return web.json_response({"success": True, "key": shown})
+        return respond({"success": True, "key": shown})
 
     async def ssh_delete(self, request: web.Request) -> web.Response:
         denied = self._account(request)
@@ -389,7 +394,7 @@ class VastApi:
         self.core.vast_keys[:] = [k for k in self.core.vast_keys if str(k["id"]) != kid]
         if len(self.core.vast_keys) == before:
             return error(400, "no_ssh_key", "No ssh key provided")
-        return web.json_response({"success": True})
+        return respond({"success": True})
 
     async def ssh_attach(self, request: web.Request) -> web.Response:
         inst = self._owned(request)
@@ -399,10 +404,10 @@ class VastApi:
         if not key:
             return error(400, "no_ssh_key", "No ssh key provided")
         inst.details["attached_keys"].append(key)
-        return web.json_response({"success": True, "msg": "SSH key attached successfully"})
+        return respond({"success": True, "msg": "SSH key attached successfully"})
 
     async def ledger(self, request: web.Request) -> web.Response:
-        return web.json_response(self.core.ledger.to_json(self.core.now(), "vast"))
+        return respond(self.core.ledger.to_json(self.core.now(), "vast"))
 
 
 def build_app(core: SimCore) -> web.Application:

@@ -5,7 +5,8 @@
 # watchdog are the first, and this one covers a daemon host that died.
 #
 # POSIX sh only (dash, busybox ash): Ubuntu images run it with /bin/sh. HTTP through curl,
-# or python3's urllib where curl is missing. API keys never appear on a command line.
+# or python3's urllib where curl is missing (busybox wget cannot DELETE, and would put the
+# key on its command line). API keys never appear on a command line.
 #
 # Parameters come from $DEADMAN_DIR/deadman.env (written by the start-up script):
 #   DEADMAN_PROVIDER  vast | lambda
@@ -53,11 +54,20 @@ fi
 
 # shellcheck source=/dev/null
 . "$DIR/deadman.env" || exit 1
-echo $$ >"$PIDFILE"
+# The probe reads the pid file as the SSH user (Lambda: ubuntu), while the switch may run as
+# root under the start-up script's umask 077: the pid is no secret, let everyone read it.
+echo $$ >"$PIDFILE" && chmod 644 "$PIDFILE"
+
+# Python 3 where images keep it: SSH and start-up hooks often lack the image's PATH
+# (pytorch/pytorch has it in /opt/conda/bin only).
+PY=""
+for c in python3 /opt/conda/bin/python3; do
+    command -v "$c" >/dev/null 2>&1 && PY=$c && break
+done
 
 mtime() {
     stat -c %Y "$1" 2>/dev/null ||
-        python3 -c 'import os,sys; print(int(os.path.getmtime(sys.argv[1])))' "$1" 2>/dev/null
+        ${PY:-false} -c 'import os,sys; print(int(os.path.getmtime(sys.argv[1])))' "$1" 2>/dev/null
 }
 
 # http METHOD URL BODY: the bearer key comes from $AUTH, which is passed on stdin (curl) or
@@ -73,7 +83,8 @@ http() {
                 -o "$RESP" -w '%{http_code}' "$@" 2>>"$LOG" || true
         return 0
     fi
-    AUTH="$AUTH" python3 - "$1" "$2" "$3" "$RESP" <<'PY'
+    [ -n "$PY" ] || { echo 0; return 0; }
+    AUTH="$AUTH" "$PY" - "$1" "$2" "$3" "$RESP" <<'PY'
 import os, sys, urllib.error, urllib.request
 method, url, body, out = sys.argv[1:5]
 headers = {"Authorization": "Bearer " + os.environ["AUTH"], "Content-Type": "application/json"}
@@ -108,7 +119,8 @@ lambda_id() {
     # Lambda gives an instance no metadata service: find our id by our name (the label).
     code=$(http GET "$DEADMAN_API/instances" '')
     case $code in 2??) ;; *) log "GET instances: HTTP $code"; return 1 ;; esac
-    python3 - "$RESP" "$DEADMAN_LABEL" <<'PY' 2>>"$LOG"
+    [ -n "$PY" ] || return 1
+    "$PY" - "$RESP" "$DEADMAN_LABEL" <<'PY' 2>>"$LOG"
 import json, sys
 data = json.load(open(sys.argv[1])).get("data") or []
 ids = [i["id"] for i in data if i.get("name") == sys.argv[2]]
@@ -122,7 +134,7 @@ end_lambda() {
         # Without the operator's opt-in there is no key here. Powering off would not stop
         # Lambda's billing, so we only warn; the daemon-side path must end this instance.
         if [ -z "${warned:-}" ]; then
-            log "cannot end instance: no API key (policy.lambda_deadman_api_key is off); it keeps billing until gpuwarden or you terminate it"
+            log "cannot end instance: no API key; it bills until terminated"
             command -v wall >/dev/null 2>&1 &&
                 echo "gpuwarden: the daemon has stopped watching this instance and it is still billing. Terminate it in the Lambda dashboard when done." | wall 2>/dev/null
             warned=1
@@ -140,6 +152,23 @@ end_lambda() {
     case $code in 2??|404) return 0 ;; esac
     return 1
 }
+
+# Whether this switch can end the instance at all, said once in its log and in deadman.state
+# ("armed", or "unable: why"), which the probe reports to the daemon: a switch that cannot
+# act must not look like protection.
+u=""
+command -v curl >/dev/null 2>&1 || [ -n "$PY" ] || u="no curl or python3"
+case $DEADMAN_PROVIDER in
+vast) [ -n "${CONTAINER_ID:-}" ] && [ -n "${CONTAINER_API_KEY:-}" ] || u="no CONTAINER_API_KEY" ;;
+lambda) [ -n "$PY" ] || u="no python3"; [ -r "$DIR/deadman.key" ] || u="no API key" ;;
+esac
+if [ -n "$u" ]; then
+    log "cannot end this instance: $u"
+    echo "unable: $u" >"$DIR/deadman.state"
+else
+    echo armed >"$DIR/deadman.state"
+fi
+chmod 644 "$DIR/deadman.state"
 
 [ -f "$HB" ] || touch "$HB"
 [ -s "$STARTED" ] || date +%s >"$STARTED"

@@ -2,23 +2,29 @@
 # gpuwarden health and activity probe. The daemon's watchdog runs this fixed script over SSH
 # (`sh -c <this file>`, no arguments, never user text) from the login home. It refreshes the
 # dead-man switch's heartbeat and prints one JSON line:
-#   {"heartbeat": bool, "sessions": int, "gpu_util": float|null, "runners": int, "deadman": bool}
+#   {"heartbeat": bool, "sessions": int, "gpu_util": float|null, "runners": int, "deadman": bool,
+#    "deadman_state": "armed"|"unable"|null}
 # POSIX sh only.
 cd || exit 1
 heartbeat=false
 mkdir -p .gpuwarden && touch .gpuwarden/heartbeat && heartbeat=true
 
 # Interactive sessions other than ours. Our exec channel has no terminal, so it is never
-# counted. Logins are read from utmp (`who`) where the host keeps it; containers often do
-# not, so there every /dev/pts/N counts. On the sim cloud `who` is its shim, which lists the
-# interactive sessions its SSH server holds open.
+# counted. Logins are read from utmp (`who`) where the host keeps it. Containers often do not,
+# and there a terminal counts only if an SSH login holds it: sshd titles each session process
+# "sshd: USER@pts/N" ("sshd-session: ..." since OpenSSH 9.8; "pts/0,pts/1" when one
+# connection holds several). Not every /dev/pts entry: a container's own tty, a notebook's
+# terminal or a leftover multiplexer would count as activity for ever and idle would never
+# fire. On the sim cloud `who` is its shim, which lists the interactive sessions its SSH
+# server holds open. GPUWARDEN_PROBE_ROOT (tests only) moves the files read here.
+root=${GPUWARDEN_PROBE_ROOT:-}
 sessions=0
-if [ -n "${GPUWARDEN_SIM_INSTANCE:-}" ] || [ -s /var/run/utmp ] || [ -s /run/utmp ]; then
+if [ -n "${GPUWARDEN_SIM_INSTANCE:-}" ] || [ -s "$root/var/run/utmp" ] || [ -s "$root/run/utmp" ]; then
     sessions=$(who 2>/dev/null | wc -l)
 else
-    for p in /dev/pts/[0-9]*; do
-        [ -e "$p" ] && sessions=$((sessions + 1))
-    done
+    sessions=$(cat "$root"/proc/[0-9]*/cmdline 2>/dev/null | tr '\000' '\n' |
+        sed -n 's/^sshd[-a-z]*: [^ @]*@//p' | tr ',' '\n' | grep '^pts/[0-9][0-9]*$' |
+        sort -u | wc -l)
 fi
 if tty -s 2>/dev/null; then
     sessions=$((sessions - 1))
@@ -48,6 +54,12 @@ done
 
 deadman=false
 p=$(cat .gpuwarden/deadman.pid 2>/dev/null) && [ -n "$p" ] && alive "$p" && deadman=true
+# Whether the switch can end this instance, as it found at its start (deadman.sh).
+deadman_state=null
+case $(cat .gpuwarden/deadman.state 2>/dev/null) in
+    armed) deadman_state='"armed"' ;;
+    unable*) deadman_state='"unable"' ;;
+esac
 
-printf '{"heartbeat": %s, "sessions": %s, "gpu_util": %s, "runners": %s, "deadman": %s}\n' \
-    "$heartbeat" "$sessions" "$gpu_util" "$runners" "$deadman"
+printf '{"heartbeat": %s, "sessions": %s, "gpu_util": %s, "runners": %s, "deadman": %s, "deadman_state": %s}\n' \
+    "$heartbeat" "$sessions" "$gpu_util" "$runners" "$deadman" "$deadman_state"

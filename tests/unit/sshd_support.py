@@ -1,0 +1,162 @@
+"""A real OpenSSH instance host for tests: Debian's `sshd` on a loopback port with its own
+config, host key and authorized_keys (absolute paths in a temporary directory), logging in a
+user created for the test with the login shell and home the case needs.
+
+sshd and useradd need root; CI (.ci/run) installs openssh-server and runs as root. Elsewhere
+the cases skip with the reason; in CI (CI=true) they fail instead, so they never silently
+stop running there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import asyncssh
+import pytest
+
+SSHD = Path("/usr/sbin/sshd")
+PRIVSEP_DIR = Path("/run/sshd")  # sshd refuses to start without it
+READY_TIMEOUT = 10.0
+
+
+def unavailable(reason: str) -> None:
+    """Skip with `reason`, or fail under CI, where everything these tests need is installed."""
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{reason} (CI must run these tests)")
+    pytest.skip(reason)
+
+
+def require_root_sshd() -> None:
+    if not SSHD.is_file():
+        unavailable("openssh-server is not installed here (apt-get install openssh-server)")
+    if os.geteuid() != 0:
+        unavailable("a real sshd logging in test users needs root (useradd, privilege separation)")
+
+
+@dataclass(frozen=True)
+class Login:
+    """A user to log in as: its name, home, login shell and whether it is root (uid 0)."""
+
+    name: str
+    home: Path
+    shell: str
+    root: bool
+
+
+@contextlib.contextmanager
+def login_user(base: Path, shell: str, *, root: bool) -> Iterator[Login]:
+    """A user made for this test, removed afterwards. Its home is `base`/home (not /root, not
+    /home). `root`: an alias of uid 0, so that the case runs as root without writing into the
+    real /root; otherwise an ordinary user owning its home, like Lambda's `ubuntu`."""
+    name = f"gwtest-{uuid.uuid4().hex[:8]}"
+    home = base / "home"
+    home.mkdir()
+    # Password "*": no password login, but not "locked" ("!"), which sshd without PAM refuses.
+    args = ["useradd", "--no-create-home", "--home-dir", str(home), "--shell", shell]
+    args += ["--password", "*"]
+    if root:
+        args += ["--non-unique", "--uid", "0", "--gid", "0"]
+    subprocess.run([*args, name], check=True, capture_output=True, timeout=30)
+    try:
+        if not root:
+            shutil.chown(home, name, name)
+            # The home sits in a directory of ours (straight under /tmp): let the user in.
+            base.chmod(0o711)
+        yield Login(name, home, shell, root)
+    finally:
+        # -f: a uid-0 alias shares its uid with every root process, which userdel would refuse.
+        subprocess.run(["userdel", "-f", name], check=False, capture_output=True, timeout=30)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@dataclass
+class Sshd:
+    """One running sshd and the client key it accepts."""
+
+    port: int
+    key: asyncssh.SSHKey
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+
+@contextlib.contextmanager
+def running_sshd(base: Path) -> Iterator[Sshd]:
+    """sshd on 127.0.0.1 (foreground, -D -e), its files in `base`. SFTP is sshd's own
+    internal-sftp, so that a chatty login shell cannot garble it (as on real hosts whose
+    sftp-server starts without the login shell's rc files)."""
+    PRIVSEP_DIR.mkdir(mode=0o755, exist_ok=True)
+    etc = base / "sshd"
+    etc.mkdir()
+    host_key = asyncssh.generate_private_key("ssh-ed25519")
+    host_key.write_private_key(str(etc / "host_ed25519"))
+    (etc / "host_ed25519").chmod(0o600)
+    client_key = asyncssh.generate_private_key("ssh-ed25519")
+    authorized = etc / "authorized_keys"
+    authorized.write_text(client_key.export_public_key().decode())
+    # sshd reads authorized_keys as the user logging in.
+    etc.chmod(0o755)
+    authorized.chmod(0o644)
+    port = free_port()
+    config = etc / "sshd_config"
+    config.write_text(
+        f"Port {port}\n"
+        "ListenAddress 127.0.0.1\n"
+        f"HostKey {etc / 'host_ed25519'}\n"
+        f"PidFile {etc / 'sshd.pid'}\n"
+        f"AuthorizedKeysFile {authorized}\n"
+        "UsePAM no\n"
+        "StrictModes no\n"
+        "PermitRootLogin prohibit-password\n"
+        "PasswordAuthentication no\n"
+        "KbdInteractiveAuthentication no\n"
+        "PubkeyAuthentication yes\n"
+        "Subsystem sftp internal-sftp\n"
+        "LogLevel VERBOSE\n"
+    )
+    log = etc / "sshd.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [str(SSHD), "-f", str(config), "-D", "-e"], stdout=out, stderr=subprocess.STDOUT
+        )
+    try:
+        _wait_listening(port, proc, log)
+        yield Sshd(port, client_key, proc, log)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+def _wait_listening(port: int, proc: subprocess.Popen[bytes], log: Path) -> None:
+    """Until sshd accepts connections (it binds before it forks nothing in -D mode)."""
+    deadline = READY_TIMEOUT
+    step = 0.02
+    waited = 0.0
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"sshd exited {proc.returncode}: {log.read_text()}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
+            return
+        if waited > deadline:
+            pytest.fail(f"sshd did not listen on {port} within {deadline:g}s: {log.read_text()}")
+        # A connect attempt returns at once when refused: pace the retries.
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=step)
+        waited += step
