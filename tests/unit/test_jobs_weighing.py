@@ -104,9 +104,10 @@ def _gaps(*seconds: float, every: float = 600.0) -> list[w.Gap]:
         ([], 180.0, 1.0, 360.0),  # no history: ski rental (as long as a cold start costs)
         ([], 60.0, 0.0, 60.0),
         (_gaps(7200.0, 5400.0, 9000.0), 60.0, 1.0, 0.0),  # sparse: end at once
-        (_gaps(90.0, 120.0, 100.0, 80.0), 180.0, 1.0, 120.0),  # bursty: cover every gap
+        # Bursty: cover every gap, stretched by the margin (120 * 1.25).
+        (_gaps(90.0, 120.0, 100.0, 80.0), 180.0, 1.0, 150.0),
         # Mostly short gaps and one long one: cover the short ones only.
-        (_gaps(30.0, 40.0, 35.0, 3600.0), 60.0, 1.0, 40.0),
+        (_gaps(30.0, 40.0, 35.0, 3600.0), 60.0, 1.0, 50.0),
         # Short gaps that are still dearer to bridge than a cold start: end at once.
         (_gaps(500.0, 600.0, 550.0), 60.0, 1.0, 0.0),
     ],
@@ -121,7 +122,7 @@ def test_adaptive_window_is_the_cheapest_candidate() -> None:
     gaps = _gaps(30.0, 400.0, 45.0, 1200.0, 200.0, 60.0, 5000.0, 90.0, every=900.0)
     cold_cost = w.cold_start_cost(120.0, 1.0)
     weighted = [(g.seconds, 0.5 ** ((T0 - g.at).total_seconds() / w.GAP_HALF_LIFE_S)) for g in gaps]
-    got = w.adaptive_window(gaps, T0, 120.0, 1.0)
+    got = w.adaptive_window(gaps, T0, 120.0, 1.0, margin=1.0)
     candidates = [0.0, *(g.seconds for g in gaps), 10.0, 100.0, 1000.0, 3000.0]
     best = min(w.window_cost(weighted, t, cold_cost) for t in candidates)
     assert w.window_cost(weighted, got, cold_cost) == pytest.approx(best)
@@ -134,7 +135,7 @@ def test_old_gaps_fade() -> None:
     new = [w.Gap(T0 - timedelta(minutes=m), 4000.0) for m in (10, 60, 120)]
     assert w.adaptive_window(old + new, T0, 60.0, 1.0) == 0.0
     # Counted alike (no decay), the six short ones would win.
-    assert w.adaptive_window(old + new, T0, 60.0, 1.0, half_life_s=1e12) == 60.0
+    assert w.adaptive_window(old + new, T0, 60.0, 1.0, half_life_s=1e12) == 75.0
 
 
 def test_note_gap_keeps_the_newest() -> None:
@@ -166,3 +167,9 @@ def test_cold_start_mean_reads_old_and_missing_flags() -> None:
     assert w.cold_start_mean({"n": 3, "mean": 42.0}, 180.0) == 42.0  # the old running mean
     assert w.cold_start_mean({"n": 0, "mean": 0.0, "pending": 90.0}, 180.0) == 180.0
     assert w.cold_start_mean("junk", 180.0) == 180.0
+
+
+def test_the_most_recently_used_warm_instance_goes_first() -> None:
+    idle = {"a": T0, "b": T0 + timedelta(seconds=30), "c": T0 - timedelta(seconds=5)}
+    assert w.most_recent_first(idle) == ["b", "a", "c"]
+    assert w.most_recent_first({"y": T0, "x": T0}) == ["x", "y"]
