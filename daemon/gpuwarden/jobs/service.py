@@ -3,18 +3,22 @@ give each instance back after its job (reuse, keep warm, or end it).
 
 One loop (`run`) owns a TaskGroup with one task per job being driven. Where things stand is
 in the store (job and instance rows, events); what is only in memory here is which instance
-is busy with which job, which are warm and until when, and what each rented machine offers.
+is busy with which job, which are warm and until when, what each rented machine offers, the
+idle gaps keep_warm "auto" learns from and the recent job lengths.
 After a restart `start()` rebuilds all of that from the store (see `_recover`).
 
 Instances per job, in order:
-1. a warm instance that fits (no new rental), else the cheapest offer that meets the job,
-   across enabled providers, launched through the guard's launch path (NoCapacity or a
-   refused launch: the next offer);
+1. a warm instance that fits (the most recently used; no new rental); else, if a live
+   instance (booting or busy) will be free for it sooner than a cold start is worth
+   (weighing.choose, with jobs.wait_weight), the job waits for it; else the cheapest offer
+   that meets the job, across enabled providers, launched through the guard's launch path
+   (NoCapacity or a refused launch: the next offer);
 2. wait for SSH, at most jobs.ssh_wait: on timeout the instance is ended (launch_failed)
    and the job queued again with attempt + 1, avoiding that offer;
 3. the runner (runner.py) drives the job to succeeded / failed / cancelled;
 4. after the job: a waiting job that fits takes the instance; else it stays warm for the
-   keep-warm window and is then ended (idle), or at once (job_done) when the window is 0.
+   keep-warm window (fixed, or weighing.adaptive_window for "auto") and is then ended
+   (idle), or at once (job_done) when the window is 0.
 """
 
 from __future__ import annotations
