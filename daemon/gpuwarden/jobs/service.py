@@ -24,9 +24,7 @@ Instances per job, in order:
 from __future__ import annotations
 
 import asyncio
-from collections import deque
 from collections.abc import Coroutine
-from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -45,24 +43,15 @@ from gpuwarden.core.model import (
 )
 from gpuwarden.fleet.app import App
 from gpuwarden.jobs import decisions as queue
-from gpuwarden.jobs import weighing
+from gpuwarden.jobs.dispatcher import Dispatcher
 from gpuwarden.jobs.renting import EndFn, LaunchFn, Renting, default_end, default_launch
 from gpuwarden.jobs.runner import Connector, Outcome, Runner, SshConnector
+from gpuwarden.jobs.warm_pool import WarmPool
 from gpuwarden.store import IllegalTransition, NotFoundError
 
 log = structlog.get_logger(__name__)
 
 ACTIVE = (JobState.PROVISIONING, JobState.RUNNING, JobState.FETCHING)
-
-
-RECENT_JOBS = 20  # job lengths kept to estimate how long a running job has left
-
-
-@dataclass
-class _Warm:
-    until: datetime
-    reason: TerminationReason  # job_done when the window was 0, else idle
-    since: datetime  # when it went idle: the most recently used is reused first
 
 
 class JobService(Renting):
@@ -79,12 +68,11 @@ class JobService(Renting):
         super().__init__(app, launch=launch, end=end)
         self._connector = connector
         self._busy: dict[str, str] = {}  # instance id -> job id
-        self._warm: dict[str, _Warm] = {}
         self._launching = 0
-        self._booting: dict[str, tuple[datetime, Job]] = {}  # job id -> (launch start, job)
-        self._durations: deque[float] = deque(maxlen=RECENT_JOBS)
-        self._gaps: list[weighing.Gap] = []  # idle gaps, for keep_warm = "auto"
-        self._idle_since: datetime | None = None
+        self._warm = WarmPool(app.store, self._caps)
+        self._dispatcher = Dispatcher(
+            app.store, lambda: self.settings, self._busy, self._caps, self._cold_start_guess
+        )
         self._recovered: list[tuple[Job, Instance]] = []
         self._tasks: set[asyncio.Task[None]] = set()
         self._tg: asyncio.TaskGroup | None = None
@@ -118,6 +106,7 @@ class JobService(Renting):
             await self.start()
         elif self._ran:  # restarted after a failure: its tasks are gone, rebuild from the store
             self._busy.clear()
+            self._dispatcher.reset()
             self._launching = 0
             await self._recover()
         self._ran = True
@@ -165,8 +154,9 @@ class JobService(Renting):
                 if backoff_end is not None:
                     wake = min(wake, backoff_end)
             await self._expire_warm(clock.now())
-            if self._warm:
-                wake = min(wake, *(w.until for w in self._warm.values()))
+            expiry = self._warm.next_expiry()
+            if expiry is not None:
+                wake = min(wake, expiry)
             await clock.sleep_until(wake, interrupt=self.app.jobs_wake)
 
     def _spawn(self, coro: Coroutine[Any, Any, None], job_id: str) -> None:
@@ -183,16 +173,15 @@ class JobService(Renting):
     async def _dispatch(self, jobs: list[Job]) -> None:
         waiting = 0  # jobs of this pass left queued for a live instance
         for job in jobs:
-            self._note_arrival(job)
-            inst = await self._warm_fit(job)
+            self._warm.note_arrival(job)
+            inst = await self._warm.fit(job, self.settings.gpu_ram_gb)
             if inst is not None:
                 if await self._assign(job, inst):
                     self._spawn(self._drive(job, inst), job.id)
                 continue
-            can_rent = self._in_use() < self.settings.max_instances or bool(self._warm)
-            wait_s = await self._expected_wait(job, waiting)
-            cold = self._cold_start_guess()
-            choice = weighing.choose(wait_s, cold, self.settings.wait_weight, can_rent=can_rent)
+            can_rent = self._in_use() < self.settings.max_instances or len(self._warm) > 0
+            now = self.app.clock.now()
+            choice = await self._dispatcher.choose(job, now, ahead=waiting, can_rent=can_rent)
             if choice.action == "wait":
                 # A live instance that fits takes it when it is free (its end wakes the loop).
                 waiting += 1
@@ -201,80 +190,16 @@ class JobService(Renting):
                 return
             if await self._claim(job, None):
                 self._launching += 1
-                self._booting[job.id] = (self.app.clock.now(), job)
+                self._dispatcher.renting(job, now)
                 self._spawn(self._drive(job, None), job.id)
-
-    def _note_arrival(self, job: Job) -> None:
-        """The first job after an instance went idle closes an idle gap (keep-warm learns)."""
-        if self._idle_since is not None and job.created_at >= self._idle_since:
-            gap = weighing.Gap(job.created_at, (job.created_at - self._idle_since).total_seconds())
-            self._gaps = weighing.note_gap(self._gaps, gap)
-            self._idle_since = None
-
-    async def _expected_wait(self, job: Job, ahead: int) -> float:
-        """Seconds until a live instance that fits is free for `job` (inf if none): a booting
-        one after its remaining boot and the job it was rented for, a busy one after the
-        remaining run (from progress, else the recent job lengths)."""
-        now = self.app.clock.now()
-        typical = weighing.typical_job_s(list(self._durations))
-        free_in: list[float] = []
-        for launched, booting_job in self._booting.values():
-            if self._covers(booting_job, job):
-                elapsed = (now - launched).total_seconds()
-                free_in.append(self._cold_start_guess() - elapsed + typical)
-        for iid, jid in list(self._busy.items()):
-            if jid in self._booting:
-                continue
-            try:
-                inst = await self.app.store.get_instance(iid)
-                running = await self.app.store.get_job(jid)
-            except NotFoundError:
-                continue
-            cap = self._caps.get(iid, queue.Capability(None, inst.price_per_hour))
-            if not queue.fits(job.spec, inst, cap, self.settings.gpu_ram_gb):
-                continue
-            started = running.started_at or now
-            free_in.append(
-                weighing.remaining_run_s(
-                    (now - started).total_seconds(),
-                    running.progress_step,
-                    running.progress_total,
-                    list(self._durations),
-                )
-            )
-        return weighing.expected_wait(free_in, ahead, typical)
-
-    def _covers(self, rented_for: Job, job: Job) -> bool:
-        """Will the machine being rented for `rented_for` fit `job` too? Only when `job`
-        asks no more GPU RAM and sets no price limit of its own (the offer is not known yet)."""
-        default = self.settings.gpu_ram_gb
-        need = job.spec.gpu_ram_gb if job.spec.gpu_ram_gb is not None else default
-        have = rented_for.spec.gpu_ram_gb if rented_for.spec.gpu_ram_gb is not None else default
-        return need <= have and job.spec.max_price is None
-
-    async def _warm_fit(self, job: Job) -> Instance | None:
-        order = weighing.most_recent_first({k: w.since for k, w in self._warm.items()})
-        for iid in order:
-            try:
-                inst = await self.app.store.get_instance(iid)
-            except NotFoundError:
-                self._warm.pop(iid, None)
-                continue
-            if not inst.state.live:
-                self._warm.pop(iid, None)
-                continue
-            cap = self._caps.get(iid, queue.Capability(None, inst.price_per_hour))
-            if queue.fits(job.spec, inst, cap, self.settings.gpu_ram_gb):
-                return inst
-        return None
 
     async def _free_a_slot(self) -> bool:
         """At capacity with a warm instance no waiting job could use: end it for a new one."""
-        for iid in list(self._warm):
-            self._warm.pop(iid)
-            await self._end(iid, TerminationReason.IDLE)
-            return True
-        return False
+        iid = self._warm.evict_one()
+        if iid is None:
+            return False
+        await self._end(iid, TerminationReason.IDLE)
+        return True
 
     async def _claim(self, job: Job, inst: Instance | None) -> bool:
         """QUEUED -> PROVISIONING (the api may have cancelled it meanwhile: then False)."""
@@ -299,7 +224,7 @@ class JobService(Renting):
     async def _assign(self, job: Job, inst: Instance) -> bool:
         if not await self._claim(job, inst):
             return False
-        self._warm.pop(inst.id, None)
+        self._warm.take(inst.id)
         self._busy[inst.id] = job.id
         await self.app.store.update_instance(inst.id, job_id=job.id)
         log.info("job_reuses_instance", job_id=job.id, instance_id=inst.id)
@@ -323,7 +248,7 @@ class JobService(Renting):
             try:
                 ready = await self._wait_ready(job, inst, fresh=launched)
             finally:
-                self._booting.pop(job.id, None)
+                self._dispatcher.ready(job.id)
             if ready is None:
                 return
             after = ready
@@ -332,6 +257,7 @@ class JobService(Renting):
             log.exception("job_driver_error", job_id=job.id, error=str(exc))
             await self._requeue(job.id, f"internal error: {type(exc).__name__}: {exc}")
         finally:
+            self._dispatcher.ready(job.id)  # also when the launch failed
             if inst is not None and after is None:
                 self._busy.pop(inst.id, None)
         if after is not None:
@@ -373,22 +299,13 @@ class JobService(Renting):
     async def _keep_warm(self, inst: Instance, since: datetime) -> timedelta:
         """Hold `inst` warm for the keep-warm window from `since` (returned); then it is
         ended with reason idle, or job_done when the window is 0."""
-        setting = self.settings.keep_warm
-        if setting == "auto":
-            seconds = weighing.adaptive_window(
-                self._gaps,
-                self.app.clock.now(),
-                await self._cold_start_s(inst),
-                self.settings.wait_weight,
-            )
-            window = timedelta(seconds=seconds)
-        else:
-            assert isinstance(setting, timedelta)
-            window = setting
-        reason = TerminationReason.IDLE if window > timedelta(0) else TerminationReason.JOB_DONE
-        self._warm[inst.id] = _Warm(since + window, reason, since)
-        if self._idle_since is None or since > self._idle_since:
-            self._idle_since = since
+        window = self._warm.window(
+            self.settings.keep_warm,
+            self.app.clock.now(),
+            await self._cold_start_s(inst),
+            self.settings.wait_weight,
+        )
+        self._warm.hold(inst, since, window)
         return window
 
     async def _active_until_job_end(self, inst: Instance, job_id: str) -> datetime:
@@ -398,8 +315,7 @@ class JobService(Renting):
         or fetching). A job queued again (its runner died) ends now."""
         job = await self.app.store.get_job(job_id)
         ended = job.finished_at if job.state.terminal and job.finished_at else None
-        if job.state is JobState.SUCCEEDED and job.started_at and job.finished_at:
-            self._durations.append((job.finished_at - job.started_at).total_seconds())
+        self._dispatcher.finished(job)
         end = ended or self.app.clock.now()
         if end <= inst.last_activity:
             return end
@@ -413,10 +329,8 @@ class JobService(Renting):
         return end
 
     async def _expire_warm(self, now: datetime) -> None:
-        for iid, warm in list(self._warm.items()):
-            if warm.until <= now:
-                self._warm.pop(iid, None)
-                await self._end(iid, warm.reason)
+        for iid, reason in self._warm.due(now):
+            await self._end(iid, reason)
 
     # --- recovery ------------------------------------------------------------------------
 
