@@ -357,3 +357,36 @@ async def test_a_job_arriving_while_the_only_instance_boots_waits_or_rents(
     assert len(env.cloud.launches) == launches
     j1, j2 = await env.app.store.get_job(first), await env.app.store.get_job(second)
     assert (j1.instance_id == j2.instance_id) is (launches == 1)
+
+
+async def test_a_job_waiting_on_a_launch_that_fails_gets_the_next_instance(
+    make_env: Any,
+) -> None:
+    # B waits behind A's booting instance, whose SSH never answers: when that instance is
+    # ended, neither job is left waiting for it. The wasted boot is kept towards the next
+    # cold start of that provider and GPU.
+    env: Env = await make_env(ssh_wait="90s", max_attempts=2, max_instances=2, keep_warm="0s")
+    env.connector.remote("i1").refuse = True
+    first = await submit(env, "one")
+
+    async def launched() -> bool:
+        return bool(env.cloud.launches)
+
+    await env.until(launched, limit=5)
+    await env.clock.advance(10)
+    second = await submit(env, "two")
+
+    async def both_done() -> bool:
+        return {await env.state(first), await env.state(second)} == {JobState.SUCCEEDED}
+
+    await env.until(both_done)
+    assert env.cloud.ends[0] == ("i1", TerminationReason.LAUNCH_FAILED)
+    assert len(env.cloud.launches) == 2  # i1 (failed) and i2, which ran both jobs
+    j1, j2 = await env.app.store.get_job(first), await env.app.store.get_job(second)
+    assert j1.instance_id == j2.instance_id == "i2"
+    # The retry rented another offer (another GPU); i1's wasted boot waits for the next
+    # successful launch of its own kind.
+    i1 = await env.app.store.get_instance("i1")
+    stats = await env.app.store.get_flag(f"jobs.cold_start:fake:{i1.gpu}")
+    # From launch to the timeout: jobs.ssh_wait (90 s) and the polls around it.
+    assert stats["n"] == 0 and 90 <= stats["pending"] <= 105
