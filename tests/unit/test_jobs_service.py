@@ -332,6 +332,24 @@ async def test_a_job_cancelled_while_its_instance_booted_counts_from_the_cancel(
     assert ev.details == {"job_id": job_id, "job_state": "cancelled", "by": "job_end"}
 
 
+async def _second_job_during_the_first_boot(env: Env, after_s: float) -> tuple[str, str]:
+    """Submit A; `after_s` seconds after its rental, B; run until both succeeded."""
+    first = await submit(env, "one")
+
+    async def launched() -> bool:
+        return bool(env.cloud.launches)
+
+    await env.until(launched, limit=5)
+    await env.clock.advance(after_s)
+    second = await submit(env, "two")
+
+    async def both_done() -> bool:
+        return {await env.state(first), await env.state(second)} == {JobState.SUCCEEDED}
+
+    await env.until(both_done)
+    return first, second
+
+
 @pytest.mark.parametrize(("wait_weight", "launches"), [(1.0, 1), (10.0, 2)])
 async def test_a_job_arriving_while_the_only_instance_boots_waits_or_rents(
     make_env: Any, wait_weight: float, launches: int
@@ -341,19 +359,7 @@ async def test_a_job_arriving_while_the_only_instance_boots_waits_or_rents(
     # that is cheaper than a cold start billed and waited through (360): B waits. At weight
     # 10 waiting costs 2,200 against 1,980 for a rental: B rents.
     env: Env = await make_env(keep_warm="0s", max_instances=2, wait_weight=wait_weight)
-    first = await submit(env, "one")
-
-    async def launched() -> bool:
-        return bool(env.cloud.launches)
-
-    await env.until(launched, limit=5)
-    await env.clock.advance(20)
-    second = await submit(env, "two")
-
-    async def both_done() -> bool:
-        return {await env.state(first), await env.state(second)} == {JobState.SUCCEEDED}
-
-    await env.until(both_done)
+    first, second = await _second_job_during_the_first_boot(env, 20)
     assert len(env.cloud.launches) == launches
     j1, j2 = await env.app.store.get_job(first), await env.app.store.get_job(second)
     assert (j1.instance_id == j2.instance_id) is (launches == 1)
@@ -367,19 +373,7 @@ async def test_a_job_waiting_on_a_launch_that_fails_gets_the_next_instance(
     # cold start of that provider and GPU.
     env: Env = await make_env(ssh_wait="90s", max_attempts=2, max_instances=2, keep_warm="0s")
     env.connector.remote("i1").refuse = True
-    first = await submit(env, "one")
-
-    async def launched() -> bool:
-        return bool(env.cloud.launches)
-
-    await env.until(launched, limit=5)
-    await env.clock.advance(10)
-    second = await submit(env, "two")
-
-    async def both_done() -> bool:
-        return {await env.state(first), await env.state(second)} == {JobState.SUCCEEDED}
-
-    await env.until(both_done)
+    first, second = await _second_job_during_the_first_boot(env, 10)
     assert env.cloud.ends[0] == ("i1", TerminationReason.LAUNCH_FAILED)
     assert len(env.cloud.launches) == 2  # i1 (failed) and i2, which ran both jobs
     j1, j2 = await env.app.store.get_job(first), await env.app.store.get_job(second)
