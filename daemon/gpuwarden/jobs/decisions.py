@@ -119,7 +119,7 @@ def rank_offers(
 
 
 def cold_start_key(provider: str, gpu: str) -> str:
-    """The flag that holds the running mean of cold starts for a provider and GPU."""
+    """The flag that holds the decaying cold-start estimate of a provider and GPU."""
     return f"jobs.cold_start:{provider}:{gpu or '?'}"
 
 
