@@ -251,7 +251,7 @@ async def show_images(demo: Demo) -> str:
 
 
 async def wait_instances_ended(demo: Demo) -> str:
-    """Instances are kept warm for the measured cold start (keep_warm auto), then ended."""
+    """Instances are kept warm for the keep-warm window (keep_warm auto), then ended."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + 20
     async with ControlClient(demo.socket) as client:

@@ -265,6 +265,9 @@ class JobsSettings(_Section):
     min_reliability: float = Field(default=0.95, ge=0, le=1)
     max_instances: int = Field(default=2, ge=1)
     keep_warm: KeepWarm = "auto"
+    # A second of a user's waiting, in GPU seconds: the dispatcher and keep-warm "auto" weigh
+    # billed seconds + wait_weight * waiting seconds (0 = dollars only).
+    wait_weight: float = Field(default=1.0, ge=0)
     output_dir: Path | None = None  # default: <state_dir>/outputs
     max_attempts: int = Field(default=3, ge=1)
     ssh_wait: Duration = timedelta(minutes=10)

@@ -4,21 +4,22 @@
   `not_before` back-off after a failed launch);
 - which warm instance a job may reuse;
 - which offer to rent (the cheapest that meets the job, across enabled providers);
-- how long an idle instance stays warm after a job (keep-warm, with the ski-rental rule).
+- where the cold-start estimate of a provider and GPU is kept.
+
+Waiting against renting, the keep-warm window and the cold-start estimate are in weighing.py.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import datetime, timedelta
-from typing import Any, Literal
+from datetime import datetime
 
 from gpuwarden.core.clock import parse_ts
 from gpuwarden.core.model import Instance, InstanceState, Job, JobSpec, JobState
 from gpuwarden.providers.base import Offer, Requirements
 
-# Before any launch of a provider and GPU was measured, "auto" assumes a cold start this long
+# Before any launch of a provider and GPU was measured, a cold start is assumed this long
 # (a typical Vast.ai pull-and-boot); the first measurement replaces it.
 DEFAULT_COLD_START_S = 180.0
 
@@ -117,35 +118,9 @@ def rank_offers(
     return sorted(ok, key=lambda o: (o.price_per_hour, -o.reliability, o.provider, o.offer_id))
 
 
-def keep_warm_window(
-    setting: Literal["auto"] | timedelta, mean_cold_start_s: float | None
-) -> timedelta:
-    """How long an instance stays warm after its last job when no other job is waiting.
-
-    "auto" is the ski-rental rule: stay warm for as long as a cold start costs (the mean
-    measured launch-to-SSH time). If a job comes within the window we saved a cold start; if
-    none comes we paid at most one cold start extra, so we never pay more than twice what the
-    best choice in hindsight would have cost. A duration is a fixed window; 0 ends at once.
-    """
-    if setting == "auto":
-        secs = mean_cold_start_s if mean_cold_start_s is not None else DEFAULT_COLD_START_S
-        return timedelta(seconds=max(0.0, secs))
-    assert isinstance(setting, timedelta)
-    return setting
-
-
 def cold_start_key(provider: str, gpu: str) -> str:
-    """The flag that holds the running mean of cold starts for a provider and GPU."""
+    """The flag that holds the decaying cold-start estimate of a provider and GPU."""
     return f"jobs.cold_start:{provider}:{gpu or '?'}"
-
-
-def add_sample(stats: Mapping[str, Any] | None, seconds: float) -> dict[str, Any]:
-    """A running mean {"n", "mean"} updated with one more measurement."""
-    n = int(stats.get("n", 0)) if stats else 0
-    mean = float(stats.get("mean", 0.0)) if stats else 0.0
-    n += 1
-    mean += (seconds - mean) / n
-    return {"n": n, "mean": round(mean, 3)}
 
 
 def engine_for(spec: JobSpec, provider: str, setting: str) -> str:

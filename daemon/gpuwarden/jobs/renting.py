@@ -25,6 +25,7 @@ from gpuwarden.core.model import (
 )
 from gpuwarden.fleet.app import App
 from gpuwarden.jobs import decisions as queue
+from gpuwarden.jobs import weighing
 from gpuwarden.jobs.runner import Runner
 from gpuwarden.providers.base import InsufficientCredit, Offer, ProviderError, ProviderState
 from gpuwarden.store import IllegalTransition
@@ -55,6 +56,7 @@ class Renting:
         self._launch_fn = launch
         self._end_fn = end
         self._caps: dict[str, queue.Capability] = {}
+        self._cold_starts: dict[str, float] = {}  # cold_start_key -> the estimate last stored
         self.runner: Runner | None = None
 
     async def _launch(self, job: Job) -> Instance | None:
@@ -149,6 +151,9 @@ class Renting:
                 break
             await clock.sleep(self.runner.poll)
         log.warning("job_ssh_timeout", job_id=job.id, instance_id=inst.id, provider=inst.provider)
+        if fresh:  # the wasted boot counts towards the next cold start of this machine
+            wasted = (clock.now() - inst.created_at).total_seconds()
+            await self._remember_cold_start(inst, wasted, failed=True)
         await self._end(inst.id, TerminationReason.LAUNCH_FAILED)
         avoid = [f"{inst.provider}:{inst.offer_id}"]
         await self._requeue(job.id, f"no SSH on {inst.id} within jobs.ssh_wait", avoid=avoid)
@@ -200,13 +205,35 @@ class Renting:
             await self._remember_cold_start(inst, seconds)
         return inst
 
-    async def _remember_cold_start(self, inst: Instance, seconds: float) -> None:
+    async def _remember_cold_start(
+        self, inst: Instance, seconds: float, *, failed: bool = False
+    ) -> None:
         key = queue.cold_start_key(inst.provider, inst.gpu)
-        stats = queue.add_sample(await self.app.store.get_flag(key), seconds)
+        stats = weighing.cold_start_update(
+            await self.app.store.get_flag(key), seconds, failed=failed
+        )
         await self.app.store.record(
-            EntityKind.INSTANCE, inst.id, "cold_start", {"seconds": round(seconds, 3), **stats}
+            EntityKind.INSTANCE,
+            inst.id,
+            "cold_start",
+            {"seconds": round(seconds, 3), "failed": failed, **stats},
         )
         await self.app.store.set_flag(key, stats, reason="cold_start")
+        self._cold_starts[key] = weighing.cold_start_mean(stats, queue.DEFAULT_COLD_START_S)
+
+    async def _cold_start_s(self, inst: Instance) -> float:
+        """The decaying cold-start estimate for the instance's provider and GPU."""
+        key = queue.cold_start_key(inst.provider, inst.gpu)
+        estimate = weighing.cold_start_mean(
+            await self.app.store.get_flag(key), queue.DEFAULT_COLD_START_S
+        )
+        self._cold_starts[key] = estimate
+        return estimate
+
+    def _cold_start_guess(self) -> float:
+        """A cold start before the offer is known: the slowest estimate seen (the default
+        before any), so that waiting is not chosen on a guess that is too hopeful."""
+        return max(self._cold_starts.values(), default=queue.DEFAULT_COLD_START_S)
 
     # --- after a job ---------------------------------------------------------------------
 

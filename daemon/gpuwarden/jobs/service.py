@@ -3,25 +3,28 @@ give each instance back after its job (reuse, keep warm, or end it).
 
 One loop (`run`) owns a TaskGroup with one task per job being driven. Where things stand is
 in the store (job and instance rows, events); what is only in memory here is which instance
-is busy with which job, which are warm and until when, and what each rented machine offers.
+is busy with which job, which are warm and until when, what each rented machine offers, the
+idle gaps keep_warm "auto" learns from and the recent job lengths.
 After a restart `start()` rebuilds all of that from the store (see `_recover`).
 
 Instances per job, in order:
-1. a warm instance that fits (no new rental), else the cheapest offer that meets the job,
-   across enabled providers, launched through the guard's launch path (NoCapacity or a
-   refused launch: the next offer);
+1. a warm instance that fits (the most recently used; no new rental); else, if a live
+   instance (booting or busy) will be free for it sooner than a cold start is worth
+   (weighing.choose, with jobs.wait_weight), the job waits for it; else the cheapest offer
+   that meets the job, across enabled providers, launched through the guard's launch path
+   (NoCapacity or a refused launch: the next offer);
 2. wait for SSH, at most jobs.ssh_wait: on timeout the instance is ended (launch_failed)
    and the job queued again with attempt + 1, avoiding that offer;
 3. the runner (runner.py) drives the job to succeeded / failed / cancelled;
 4. after the job: a waiting job that fits takes the instance; else it stays warm for the
-   keep-warm window and is then ended (idle), or at once (job_done) when the window is 0.
+   keep-warm window (fixed, or weighing.adaptive_window for "auto") and is then ended
+   (idle), or at once (job_done) when the window is 0.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Coroutine
-from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -40,19 +43,15 @@ from gpuwarden.core.model import (
 )
 from gpuwarden.fleet.app import App
 from gpuwarden.jobs import decisions as queue
+from gpuwarden.jobs.dispatcher import Dispatcher
 from gpuwarden.jobs.renting import EndFn, LaunchFn, Renting, default_end, default_launch
 from gpuwarden.jobs.runner import Connector, Outcome, Runner, SshConnector
+from gpuwarden.jobs.warm_pool import WarmPool
 from gpuwarden.store import IllegalTransition, NotFoundError
 
 log = structlog.get_logger(__name__)
 
 ACTIVE = (JobState.PROVISIONING, JobState.RUNNING, JobState.FETCHING)
-
-
-@dataclass
-class _Warm:
-    until: datetime
-    reason: TerminationReason  # job_done when the window was 0, else idle
 
 
 class JobService(Renting):
@@ -69,8 +68,11 @@ class JobService(Renting):
         super().__init__(app, launch=launch, end=end)
         self._connector = connector
         self._busy: dict[str, str] = {}  # instance id -> job id
-        self._warm: dict[str, _Warm] = {}
         self._launching = 0
+        self._warm = WarmPool(app.store, self._caps)
+        self._dispatcher = Dispatcher(
+            app.store, lambda: self.settings, self._busy, self._caps, self._cold_start_guess
+        )
         self._recovered: list[tuple[Job, Instance]] = []
         self._tasks: set[asyncio.Task[None]] = set()
         self._tg: asyncio.TaskGroup | None = None
@@ -104,6 +106,7 @@ class JobService(Renting):
             await self.start()
         elif self._ran:  # restarted after a failure: its tasks are gone, rebuild from the store
             self._busy.clear()
+            self._dispatcher.reset()
             self._launching = 0
             await self._recover()
         self._ran = True
@@ -151,8 +154,9 @@ class JobService(Renting):
                 if backoff_end is not None:
                     wake = min(wake, backoff_end)
             await self._expire_warm(clock.now())
-            if self._warm:
-                wake = min(wake, *(w.until for w in self._warm.values()))
+            expiry = self._warm.next_expiry()
+            if expiry is not None:
+                wake = min(wake, expiry)
             await clock.sleep_until(wake, interrupt=self.app.jobs_wake)
 
     def _spawn(self, coro: Coroutine[Any, Any, None], job_id: str) -> None:
@@ -167,40 +171,35 @@ class JobService(Renting):
         return len(self._busy) + len(self._warm) + self._launching
 
     async def _dispatch(self, jobs: list[Job]) -> None:
+        waiting = 0  # jobs of this pass left queued for a live instance
         for job in jobs:
-            inst = await self._warm_fit(job)
+            self._warm.note_arrival(job)
+            inst = await self._warm.fit(job, self.settings.gpu_ram_gb)
             if inst is not None:
                 if await self._assign(job, inst):
                     self._spawn(self._drive(job, inst), job.id)
+                continue
+            can_rent = self._in_use() < self.settings.max_instances or len(self._warm) > 0
+            now = self.app.clock.now()
+            choice = await self._dispatcher.choose(job, now, ahead=waiting, can_rent=can_rent)
+            if choice.action == "wait":
+                # A live instance that fits takes it when it is free (its end wakes the loop).
+                waiting += 1
                 continue
             if self._in_use() >= self.settings.max_instances and not await self._free_a_slot():
                 return
             if await self._claim(job, None):
                 self._launching += 1
+                self._dispatcher.renting(job, now)
                 self._spawn(self._drive(job, None), job.id)
-
-    async def _warm_fit(self, job: Job) -> Instance | None:
-        for iid in list(self._warm):
-            try:
-                inst = await self.app.store.get_instance(iid)
-            except NotFoundError:
-                self._warm.pop(iid, None)
-                continue
-            if not inst.state.live:
-                self._warm.pop(iid, None)
-                continue
-            cap = self._caps.get(iid, queue.Capability(None, inst.price_per_hour))
-            if queue.fits(job.spec, inst, cap, self.settings.gpu_ram_gb):
-                return inst
-        return None
 
     async def _free_a_slot(self) -> bool:
         """At capacity with a warm instance no waiting job could use: end it for a new one."""
-        for iid in list(self._warm):
-            self._warm.pop(iid)
-            await self._end(iid, TerminationReason.IDLE)
-            return True
-        return False
+        iid = self._warm.evict_one()
+        if iid is None:
+            return False
+        await self._end(iid, TerminationReason.IDLE)
+        return True
 
     async def _claim(self, job: Job, inst: Instance | None) -> bool:
         """QUEUED -> PROVISIONING (the api may have cancelled it meanwhile: then False)."""
@@ -225,7 +224,7 @@ class JobService(Renting):
     async def _assign(self, job: Job, inst: Instance) -> bool:
         if not await self._claim(job, inst):
             return False
-        self._warm.pop(inst.id, None)
+        self._warm.take(inst.id)
         self._busy[inst.id] = job.id
         await self.app.store.update_instance(inst.id, job_id=job.id)
         log.info("job_reuses_instance", job_id=job.id, instance_id=inst.id)
@@ -246,7 +245,10 @@ class JobService(Renting):
                 if inst is None:
                     return
                 self._busy[inst.id] = job.id
-            ready = await self._wait_ready(job, inst, fresh=launched)
+            try:
+                ready = await self._wait_ready(job, inst, fresh=launched)
+            finally:
+                self._dispatcher.ready(job.id)
             if ready is None:
                 return
             after = ready
@@ -255,6 +257,7 @@ class JobService(Renting):
             log.exception("job_driver_error", job_id=job.id, error=str(exc))
             await self._requeue(job.id, f"internal error: {type(exc).__name__}: {exc}")
         finally:
+            self._dispatcher.ready(job.id)  # also when the launch failed
             if inst is not None and after is None:
                 self._busy.pop(inst.id, None)
         if after is not None:
@@ -296,11 +299,13 @@ class JobService(Renting):
     async def _keep_warm(self, inst: Instance, since: datetime) -> timedelta:
         """Hold `inst` warm for the keep-warm window from `since` (returned); then it is
         ended with reason idle, or job_done when the window is 0."""
-        stats = await self.app.store.get_flag(queue.cold_start_key(inst.provider, inst.gpu))
-        mean = float(stats["mean"]) if isinstance(stats, dict) and "mean" in stats else None
-        window = queue.keep_warm_window(self.settings.keep_warm, mean)
-        reason = TerminationReason.IDLE if window > timedelta(0) else TerminationReason.JOB_DONE
-        self._warm[inst.id] = _Warm(since + window, reason)
+        window = self._warm.window(
+            self.settings.keep_warm,
+            self.app.clock.now(),
+            await self._cold_start_s(inst),
+            self.settings.wait_weight,
+        )
+        self._warm.hold(inst, since, window)
         return window
 
     async def _active_until_job_end(self, inst: Instance, job_id: str) -> datetime:
@@ -310,6 +315,7 @@ class JobService(Renting):
         or fetching). A job queued again (its runner died) ends now."""
         job = await self.app.store.get_job(job_id)
         ended = job.finished_at if job.state.terminal and job.finished_at else None
+        self._dispatcher.finished(job)
         end = ended or self.app.clock.now()
         if end <= inst.last_activity:
             return end
@@ -323,10 +329,8 @@ class JobService(Renting):
         return end
 
     async def _expire_warm(self, now: datetime) -> None:
-        for iid, warm in list(self._warm.items()):
-            if warm.until <= now:
-                self._warm.pop(iid, None)
-                await self._end(iid, warm.reason)
+        for iid, reason in self._warm.due(now):
+            await self._end(iid, reason)
 
     # --- recovery ------------------------------------------------------------------------
 

@@ -1,0 +1,51 @@
+"""The warm pool: most recently used first, windows, expiry, and learning idle gaps."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+
+from jobs_fakes import add_instance, add_job, settings
+from tests.conftest import MakeApp
+
+from gpuwarden.core.clock import FakeClock
+from gpuwarden.core.model import InstanceState, TerminationReason
+from gpuwarden.jobs.warm_pool import WarmPool
+
+
+async def test_the_pool_reuses_the_most_recent_learns_gaps_and_expires(
+    tmp_path: Path, make_app: MakeApp
+) -> None:
+    clock = FakeClock()
+    app = await make_app(settings(tmp_path), clock)
+    pool = WarmPool(app.store, {})
+    t0 = clock.now()
+    a = await add_instance(app, "ia")
+    b = await add_instance(app, "ib")
+    gone = await add_instance(app, "ic", state=InstanceState.TERMINATED)
+    pool.hold(a, t0, timedelta(seconds=100))
+    pool.hold(b, t0 + timedelta(seconds=30), timedelta(seconds=100))
+    pool.hold(gone, t0 + timedelta(seconds=60), timedelta(seconds=100))
+    job = await add_job(app, "j1")
+    # The ended one leaves the pool; of the live ones the most recently used comes first.
+    picked = await pool.fit(job, 8.0)
+    assert picked is not None and picked.id == "ib"
+    assert len(pool) == 2
+    # No gap seen: "auto" is the ski-rental window (a cold start billed and waited through).
+    assert pool.window("auto", t0, 60.0, 1.0) == timedelta(seconds=120)
+    assert pool.window(timedelta(minutes=5), t0, 60.0, 1.0) == timedelta(minutes=5)
+    # A job submitted at 70 s, 10 s after the last instance went idle (at 60 s): one gap of
+    # 10 s, so "auto" covers it, stretched by a quarter.
+    await clock.advance(70)
+    pool.note_arrival(await add_job(app, "j2"))
+    assert pool.window("auto", clock.now(), 60.0, 1.0) == timedelta(seconds=12.5)
+    # Only the first job after going idle closes a gap: a second one changes nothing.
+    pool.note_arrival(await add_job(app, "j3"))
+    assert pool.window("auto", clock.now(), 60.0, 1.0) == timedelta(seconds=12.5)
+    assert pool.next_expiry() == t0 + timedelta(seconds=100)
+    assert pool.due(t0 + timedelta(seconds=99)) == []
+    assert pool.due(t0 + timedelta(seconds=100)) == [("ia", TerminationReason.IDLE)]
+    pool.take("ib")
+    assert len(pool) == 0 and pool.evict_one() is None
+    pool.hold(a, t0, timedelta(0))
+    assert pool.due(t0) == [("ia", TerminationReason.JOB_DONE)]

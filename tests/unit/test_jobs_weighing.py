@@ -1,0 +1,175 @@
+"""Table tests of the pure waiting-versus-renting and keep-warm decisions (fixed times)."""
+
+from __future__ import annotations
+
+import math
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from gpuwarden.jobs import weighing as w
+
+T0 = datetime(2026, 1, 5, 9, 0, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(
+    ("wait_s", "cold", "weight", "can_rent", "action"),
+    [
+        # The only instance boots with 40 s left, a cold start is 180 s: wait for it.
+        (40.0, 180.0, 1.0, True, "wait"),
+        # Remaining boot shorter than a cold start, dollars only: wait.
+        (170.0, 180.0, 0.0, True, "wait"),
+        # Waiting 400 s costs 400; renting costs 180 billed + 180 waited = 360: rent.
+        (400.0, 180.0, 1.0, True, "rent"),
+        # Exactly the cold-start cost: a tie keeps the fleet small.
+        (360.0, 180.0, 1.0, True, "wait"),
+        # Waiting weighs 3x: 130 s of waiting (390) is dearer than 60 s billed + 180 waited.
+        (130.0, 60.0, 3.0, True, "rent"),
+        # Dollars only never rents while something live will take the job...
+        (10_000.0, 60.0, 0.0, True, "wait"),
+        # ...but nothing live: rent.
+        (math.inf, 60.0, 0.0, True, "rent"),
+        (math.inf, 60.0, 1.0, True, "rent"),
+        # At the cap (max_instances) renting is not an option.
+        (10_000.0, 60.0, 1.0, False, "wait"),
+    ],
+)
+def test_choose_weighs_waiting_against_renting(
+    wait_s: float, cold: float, weight: float, can_rent: bool, action: str
+) -> None:
+    choice = w.choose(wait_s, cold, weight, can_rent=can_rent)
+    assert choice.action == action
+    assert choice.cost_rent == pytest.approx(cold * (1 + weight))
+
+
+def test_a_job_arriving_while_the_only_instance_boots_waits_when_the_boot_is_nearly_done() -> None:
+    # Rented at 09:00 for job A with a 180 s cold start; job B arrives at 09:02 (120 s in).
+    # The instance is free for B after its remaining boot (60 s) plus A (60 s): 120 s < 180 s.
+    launched, arrival, cold, job_s = T0, T0 + timedelta(seconds=120), 180.0, 60.0
+    remaining_boot = cold - (arrival - launched).total_seconds()
+    wait = w.expected_wait([remaining_boot + job_s], ahead=0, job_s=job_s)
+    assert wait == 120.0
+    assert w.choose(wait, cold, 1.0, can_rent=True).action == "wait"
+    # Just after launch the instance is free in 180 + 60 = 240 s: still cheaper than 360.
+    assert w.choose(240.0, cold, 1.0, can_rent=True).action == "wait"
+    # With jobs queued ahead for it, each adds a job's length: 2 ahead -> 360 (a tie: wait),
+    # 3 ahead -> 420 (rent).
+    assert w.expected_wait([240.0], ahead=2, job_s=job_s) == 360.0
+    assert w.choose(360.0, cold, 1.0, can_rent=True).action == "wait"
+    wait3 = w.expected_wait([240.0], ahead=3, job_s=job_s)
+    assert wait3 == 420.0
+    assert w.choose(wait3, cold, 1.0, can_rent=True).action == "rent"
+
+
+@pytest.mark.parametrize(
+    ("free_in", "ahead", "job_s", "wait"),
+    [
+        ([], 0, 60.0, math.inf),
+        ([30.0], 0, 60.0, 30.0),
+        ([30.0, 10.0], 0, 60.0, 10.0),
+        ([30.0, 10.0], 1, 60.0, 30.0),  # the job ahead takes the one free in 10 s
+        ([30.0, 10.0], 2, 60.0, 70.0),  # then the one free in 30 s; ours: 10 + 60
+        ([-5.0], 0, 60.0, 0.0),  # overdue counts as free now
+    ],
+)
+def test_expected_wait(free_in: list[float], ahead: int, job_s: float, wait: float) -> None:
+    assert w.expected_wait(free_in, ahead, job_s) == wait
+
+
+@pytest.mark.parametrize(
+    ("elapsed", "step", "total", "recent", "left"),
+    [
+        (10.0, 1, 4, [], 30.0),  # a quarter done in 10 s: 30 s to go
+        (30.0, 4, 4, [60.0], 0.0),
+        (20.0, 0, 0, [60.0, 100.0, 80.0], 60.0),  # no progress yet: median 80 - 20
+        (20.0, 0, 0, [], w.DEFAULT_JOB_S - 20.0),
+        (500.0, 0, 0, [60.0], 0.0),  # overran the typical length: free any moment
+    ],
+)
+def test_remaining_run(
+    elapsed: float, step: int, total: int, recent: list[float], left: float
+) -> None:
+    assert w.remaining_run_s(elapsed, step, total, recent) == pytest.approx(left)
+
+
+def _gaps(*seconds: float, every: float = 600.0) -> list[w.Gap]:
+    """Gaps observed one after another, the last at T0."""
+    n = len(seconds)
+    return [w.Gap(T0 - timedelta(seconds=every * (n - 1 - i)), s) for i, s in enumerate(seconds)]
+
+
+@pytest.mark.parametrize(
+    ("gaps", "cold", "weight", "window"),
+    [
+        ([], 180.0, 1.0, 360.0),  # no history: ski rental (as long as a cold start costs)
+        ([], 60.0, 0.0, 60.0),
+        (_gaps(7200.0, 5400.0, 9000.0), 60.0, 1.0, 0.0),  # sparse: end at once
+        # Bursty: cover every gap, stretched by the margin (120 * 1.25).
+        (_gaps(90.0, 120.0, 100.0, 80.0), 180.0, 1.0, 150.0),
+        # Mostly short gaps and one long one: cover the short ones only.
+        (_gaps(30.0, 40.0, 35.0, 3600.0), 60.0, 1.0, 50.0),
+        # Short gaps that are still dearer to bridge than a cold start: end at once.
+        (_gaps(500.0, 600.0, 550.0), 60.0, 1.0, 0.0),
+    ],
+)
+def test_adaptive_window_table(
+    gaps: list[w.Gap], cold: float, weight: float, window: float
+) -> None:
+    assert w.adaptive_window(gaps, T0, cold, weight) == window
+
+
+def test_adaptive_window_is_the_cheapest_candidate() -> None:
+    gaps = _gaps(30.0, 400.0, 45.0, 1200.0, 200.0, 60.0, 5000.0, 90.0, every=900.0)
+    cold_cost = w.cold_start_cost(120.0, 1.0)
+    weighted = [(g.seconds, 0.5 ** ((T0 - g.at).total_seconds() / w.GAP_HALF_LIFE_S)) for g in gaps]
+    got = w.adaptive_window(gaps, T0, 120.0, 1.0, margin=1.0)
+    candidates = [0.0, *(g.seconds for g in gaps), 10.0, 100.0, 1000.0, 3000.0]
+    best = min(w.window_cost(weighted, t, cold_cost) for t in candidates)
+    assert w.window_cost(weighted, got, cold_cost) == pytest.approx(best)
+
+
+def test_old_gaps_fade() -> None:
+    # Yesterday was bursty (short gaps); today's gaps are long. Long ones win once the old
+    # ones have faded, though they are fewer.
+    old = [w.Gap(T0 - timedelta(hours=30), 60.0) for _ in range(6)]
+    new = [w.Gap(T0 - timedelta(minutes=m), 4000.0) for m in (10, 60, 120)]
+    assert w.adaptive_window(old + new, T0, 60.0, 1.0) == 0.0
+    # Counted alike (no decay), the six short ones would win.
+    assert w.adaptive_window(old + new, T0, 60.0, 1.0, half_life_s=1e12) == 75.0
+
+
+def test_note_gap_keeps_the_newest() -> None:
+    hist: list[w.Gap] = []
+    for i in range(5):
+        hist = w.note_gap(hist, w.Gap(T0 + timedelta(seconds=i), float(i)), keep=3)
+    assert [g.seconds for g in hist] == [2.0, 3.0, 4.0]
+
+
+def test_cold_start_estimate_decays_and_counts_failed_launches() -> None:
+    stats = w.cold_start_update(None, 100.0)
+    assert stats == {"n": 1, "mean": 100.0, "pending": 0.0}
+    stats = w.cold_start_update(stats, 200.0)
+    assert stats["mean"] == pytest.approx(130.0)  # 100 + 0.3 * (200 - 100)
+    # A launch that failed after 300 s is charged to the next success (100 + 300 = 400).
+    stats = w.cold_start_update(stats, 300.0, failed=True)
+    assert stats["n"] == 2 and stats["mean"] == pytest.approx(130.0)
+    stats = w.cold_start_update(stats, 100.0)
+    assert stats["mean"] == pytest.approx(130.0 + 0.3 * (400.0 - 130.0))
+    assert stats["pending"] == 0.0
+    # Many fast launches: the old slow ones are forgotten (a plain mean never would).
+    for _ in range(20):
+        stats = w.cold_start_update(stats, 50.0)
+    assert stats["mean"] == pytest.approx(50.0, abs=1.0)
+
+
+def test_cold_start_mean_reads_old_and_missing_flags() -> None:
+    assert w.cold_start_mean(None, 180.0) == 180.0
+    assert w.cold_start_mean({"n": 3, "mean": 42.0}, 180.0) == 42.0  # the old running mean
+    assert w.cold_start_mean({"n": 0, "mean": 0.0, "pending": 90.0}, 180.0) == 180.0
+    assert w.cold_start_mean("junk", 180.0) == 180.0
+
+
+def test_the_most_recently_used_warm_instance_goes_first() -> None:
+    idle = {"a": T0, "b": T0 + timedelta(seconds=30), "c": T0 - timedelta(seconds=5)}
+    assert w.most_recent_first(idle) == ["b", "a", "c"]
+    assert w.most_recent_first({"y": T0, "x": T0}) == ["x", "y"]
