@@ -508,9 +508,21 @@ async def test_reap_destroys_labelled_instances_while_the_daemon_is_stopped(
         await sim.stop()
 
 
+def _own_terminal() -> None:
+    """In the child: a session of its own, the pseudo-terminal on stdin as its controlling
+    terminal, so that a typed Ctrl-C (0x03) reaches it as SIGINT, as in a real shell."""
+    import fcntl
+    import termios
+
+    os.setsid()
+    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+
 def _on_a_terminal(d: Daemon, answer: bytes, *argv: str) -> tuple[int, str]:
-    """Run a command with a pseudo-terminal as stdin/stdout/stderr and type `answer` at the
-    prompt. Reads with bounded waits under an overall deadline (a real process)."""
+    """Run a command with a pseudo-terminal as stdin/stdout/stderr (and its controlling
+    terminal) and type `answer` at the prompt: b"\x03" is Ctrl-C, b"\x04" Ctrl-D (EOF).
+    Reads with bounded waits under an overall deadline (a real process): a command still
+    waiting for more input when it passes is killed and reported as -9."""
     import pty
     import select
 
@@ -521,6 +533,7 @@ def _on_a_terminal(d: Daemon, answer: bytes, *argv: str) -> tuple[int, str]:
         stdout=slave,
         stderr=slave,
         env={**os.environ, "NO_COLOR": "1"},
+        preexec_fn=_own_terminal,  # noqa: PLW1509 - no lock is taken between fork and exec
     )
     os.close(slave)
     seen = b""
@@ -543,10 +556,15 @@ def _on_a_terminal(d: Daemon, answer: bytes, *argv: str) -> tuple[int, str]:
             if not chunk:
                 break
             seen += chunk
-        code = proc.wait(10)
+        try:  # the terminal closes a moment before the process has exited
+            code = proc.wait(max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            code = proc.wait(10)
     finally:
         if proc.poll() is None:
             proc.kill()
+            proc.wait(10)
         os.close(master)
     assert answered, seen
     return code, seen.decode(errors="replace")
@@ -610,4 +628,25 @@ def test_launch_and_destroy_all_ask_on_a_terminal(daemon: Daemon) -> None:
     code, text = _on_a_terminal(daemon, b"y\n", "destroy-all")
     assert code == 0, text
     assert "destroyed" in text
+    _until_no_live(daemon)
+
+
+@pytest.mark.parametrize(("key", "code"), [(b"\x03", 130), (b"\x04", 1)], ids=["ctrl-c", "eof"])
+def test_ctrl_c_or_eof_at_a_prompt_never_acts_and_returns_at_once(
+    daemon: Daemon, key: bytes, code: int
+) -> None:
+    """Ctrl-C or EOF typed at the prompt, and nothing after it (no Enter): the command ends
+    by itself, before the deadline of the terminal helper, and nothing was launched or
+    destroyed. Ctrl-C exits 130, EOF is a "no" (exit 1)."""
+    before = {r["id"] for r in gw_json(daemon, "status")}
+    got, text = _on_a_terminal(daemon, key, "launch", "--gpu", "4090", "--hours", "1")
+    assert got == code, text
+    assert "Launched" not in text
+    assert {r["id"] for r in gw_json(daemon, "status")} == before
+
+    inst = _launch(daemon)
+    got, text = _on_a_terminal(daemon, key, "destroy-all")
+    assert got == code, text
+    assert _row(daemon, inst["id"])["state"] in ("provisioning", "running")  # not terminating
+    gw_json(daemon, "destroy-all", "--yes")
     _until_no_live(daemon)
