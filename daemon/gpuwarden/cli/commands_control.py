@@ -41,7 +41,11 @@ def register(sub: Any) -> None:
 
     p = command(sub, "offers", "search GPU offers at the enabled providers", _offers)
     p.add_argument("--provider", metavar="P", help="only this provider (e.g. vast, sim-vast)")
-    p.add_argument("--gpu", metavar="NAME", help="GPU name contains NAME (e.g. 4090, A100)")
+    p.add_argument(
+        "--gpu",
+        metavar="NAME",
+        help="this GPU model: whole words of its name (4090, A100; A10 is not A100)",
+    )
     p.add_argument("--gpu-ram", metavar="GB", type=positive(float), help="at least GB per GPU")
     p.add_argument("--max-price", metavar="X", type=positive(float), help="at most $X per hour")
     p.add_argument(
@@ -57,7 +61,9 @@ def register(sub: Any) -> None:
     )
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--offer", metavar="ID", help="rent this offer (see 'gpuwarden offers')")
-    which.add_argument("--gpu", metavar="NAME", help="rent the cheapest offer with this GPU")
+    which.add_argument(
+        "--gpu", metavar="NAME", help="rent the cheapest offer with this GPU model (see offers)"
+    )
     p.add_argument("--max-price", metavar="X", type=positive(float), help="at most $X per hour")
     p.add_argument("--gpu-ram", metavar="GB", type=positive(float), help="at least GB per GPU")
     p.add_argument("--provider", metavar="P", help="only this provider")
