@@ -28,7 +28,7 @@ from control_support import running_server
 from tests.conftest import LoopThread, daemon_env, eventually, short_tmp
 
 from gpuwarden.cli import main
-from gpuwarden.control.methods import LaunchParams, Method
+from gpuwarden.control.methods import LaunchParams, Method, OffersParams
 from gpuwarden.system.childproc import ChildFailed, DaemonProcess
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -210,9 +210,14 @@ def test_info(daemon: Daemon) -> None:
 
 
 def test_offers(daemon: Daemon) -> None:
-    offers = gw_json(daemon, "offers", "--gpu", "4090", "--max-price", "5", "--limit", "3")
+    found = gw_json(daemon, "offers", "--gpu", "4090", "--max-price", "5", "--limit", "3")
+    assert found["warnings"] == []
+    offers = found["offers"]
     assert 0 < len(offers) <= 3
-    assert all("4090" in o["gpu"] and o["price_per_hour"] <= 5 for o in offers)
+    assert all(o["gpu"] == "RTX 4090" and o["price_per_hour"] <= 5 for o in offers)
+    # A model, not a substring: the sim sells A10s (Lambda) and A100s (both).
+    a10 = gw_json(daemon, "offers", "--gpu", "A10")["offers"]
+    assert a10 and all(o["gpu"].split()[0] == "A10" for o in a10)
     code, out, _ = gw(daemon, "offers", "--provider", "sim-lambda", "--limit", "2")
     assert code == 0
     assert "sim-lambda" in out and "PRICE" in out
@@ -301,7 +306,7 @@ def test_an_instance_is_named_by_a_unique_id_prefix_or_its_label(daemon: Daemon)
 
 
 def test_launch_by_offer_id_and_destroy_all(daemon: Daemon) -> None:
-    offer = gw_json(daemon, "offers", "--provider", "sim-lambda", "--limit", "1")[0]
+    offer = gw_json(daemon, "offers", "--provider", "sim-lambda", "--limit", "1")["offers"][0]
     inst = gw_json(
         daemon, "launch", "--offer", offer["offer_id"], "--provider", "sim-lambda", "--yes"
     )
@@ -614,6 +619,65 @@ async def test_a_launch_the_dry_run_refuses_is_not_attempted() -> None:
         error = json.loads(out)["error"]
         assert error["message"] == REFUSED and error["data"]["code"] == "price_too_high"
         assert asked == [True, True, True]
+
+
+WARNING = "no offers from sim-lambda: 429 rate-limited (its search failed)"
+
+
+async def test_a_provider_that_failed_is_a_warning_and_yes_still_shows_the_estimate() -> None:
+    """A provider whose search failed is named on stderr (and in --json) by offers and
+    launch; with --yes the estimate, with what ends the instance and the budget left
+    today, still goes to stderr, stdout keeping the launch's own answer."""
+    estimate = {
+        "dry_run": True,
+        "provider": "sim-vast",
+        "offer_id": "o1",
+        "gpu": "A10",
+        "num_gpus": 1,
+        "gpu_ram_gb": 24.0,
+        "price_per_hour": 0.5,
+        "region": "US",
+        "hours": 2.0,
+        "estimated_cost": 1.0,
+        "idle_timeout_s": 1800.0,
+        "hard_cap_h": 8.0,
+        "daily_limit": 10.0,
+        "daily_spent": 1.25,
+        "daily_committed": 2.0,
+        "daily_left": 8.0,
+        "refused": None,
+        "refused_code": None,
+        "warnings": [WARNING],
+    }
+
+    async def offers(app: Any, p: OffersParams) -> dict[str, Any]:
+        return {"offers": [], "warnings": [WARNING]}
+
+    async def launch(app: Any, p: LaunchParams) -> dict[str, Any]:
+        if p.dry_run:
+            return estimate
+        return {"id": "abcd1234", "provider": "sim-vast", "gpu": "A10", "state": "requested"}
+
+    methods: dict[str, Method[Any]] = {
+        "offers": Method(OffersParams, offers),
+        "launch": Method(LaunchParams, launch),
+    }
+    async with running_server(methods=methods) as (_, app):
+        sock = str(app.settings.daemon.socket)
+
+        def run(*argv: str) -> tuple[int, str, str]:
+            return gw(None, *argv, "--socket", sock)
+
+        code, out, err = await asyncio.to_thread(run, "offers", "--gpu", "A10")
+        assert code == 0 and "No offers match" in out
+        assert f"warning: {WARNING}" in err
+        code, out, err = await asyncio.to_thread(run, "offers", "--gpu", "A10", "--json")
+        assert code == 0 and json.loads(out)["warnings"] == [WARNING]
+        code, out, err = await asyncio.to_thread(run, "launch", "--gpu", "A10", "--yes")
+        assert code == 0 and "Launched abcd1234" in out and "Estimate" not in out
+        assert "Estimate:  $1.00" in err and f"warning: {WARNING}" in err
+        assert "after 30m 00s idle" in err and "8 h after launch (hard cap)" in err
+        assert "$8.00 left today of $10.00 (spent $1.25, committed $2.00)" in err
 
 
 def test_launch_and_destroy_all_ask_on_a_terminal(daemon: Daemon) -> None:

@@ -146,9 +146,12 @@ def _offers(args: argparse.Namespace) -> int:
     }
 
     async def body(client: ControlClient, out: Out) -> int:
-        offers = await client.call("offers", drop_none(params))
+        found = await client.call("offers", drop_none(params))
+        offers = found.get("offers", [])
+        for warning in found.get("warnings", []):
+            out.warn(warning)
         if out.json_mode:
-            out.json(offers)
+            out.json(found)
         elif not offers:
             out.print("No offers match.")
         else:
@@ -188,8 +191,8 @@ def _launch(args: argparse.Namespace) -> int:
 
     async def body(client: ControlClient, out: Out) -> int:
         est = await client.call("launch", {**params, "dry_run": True})
-        if not args.yes:
-            _show_estimate(out, est)
+        # With --yes too, so that what was rented, at what rate, is always on record.
+        _show_estimate(out, est, to_stderr=out.json_mode or args.yes)
         if est.get("refused"):
             # What the launch itself would answer: refused now, before asking to confirm.
             code = str(est.get("refused_code") or "refused")
@@ -216,8 +219,9 @@ def _launch(args: argparse.Namespace) -> int:
     return run_command(args, body)
 
 
-def _show_estimate(out: Out, est: Mapping[str, Any]) -> None:
-    """The dry run, on stderr in --json mode so that stdout stays one JSON document."""
+def _show_estimate(out: Out, est: Mapping[str, Any], *, to_stderr: bool) -> None:
+    """The dry run: on stderr in --json mode (stdout stays one JSON document) and with --yes
+    (stdout is the launch's own answer). Then a warning per provider whose search failed."""
     gpus = int(est.get("num_gpus") or 1)
     lines = [
         f"GPU:       {(str(gpus) + ' x ') if gpus > 1 else ''}{est.get('gpu', '?')}"
@@ -226,12 +230,29 @@ def _show_estimate(out: Out, est: Mapping[str, Any]) -> None:
         f"Rate:      {rate(est.get('price_per_hour'))}",
         f"Duration:  {duration(float(est.get('hours') or 0) * 3600)} lease",
         f"Estimate:  {money(est.get('estimated_cost'))} if kept for the whole lease",
+        f"Ends:      after {duration(est.get('idle_timeout_s'))} idle, at the lease end, and"
+        f" at the latest {float(est.get('hard_cap_h') or 0):g} h after launch (hard cap)",
+        "Budget:    " + _budget_left(est),
     ]
     if est.get("refused"):
         lines.append(f"Refused:   {est['refused']}")
-    console = out.err if out.json_mode else out.console
+    console = out.err if to_stderr else out.console
     for line in lines:
         console.print(line)
+    for warning in est.get("warnings", []):
+        out.warn(warning)
+
+
+def _budget_left(est: Mapping[str, Any]) -> str:
+    if est.get("daily_limit") is None:
+        return (
+            f"no daily limit (budget.daily_limit); {money(est.get('daily_committed'))} "
+            "spent or committed today"
+        )
+    return (
+        f"{money(est.get('daily_left'))} left today of {money(est.get('daily_limit'))} "
+        f"(spent {money(est.get('daily_spent'))}, committed {money(est.get('daily_committed'))})"
+    )
 
 
 # --- lease, activity, destroy --------------------------------------------------------------

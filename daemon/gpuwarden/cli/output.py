@@ -132,6 +132,9 @@ class Out:
     def error(self, message: str) -> None:
         self.err.print(Text(f"gpuwarden: {message}", style="red"))
 
+    def warn(self, message: str) -> None:
+        self.err.print(Text(f"gpuwarden: warning: {message}", style="yellow"))
+
     def hint(self, message: str) -> None:
         self.err.print(Text(f"hint: {message}", style="yellow"))
 

@@ -103,9 +103,12 @@ def _providers(app: App, provider: str | None) -> dict[str, Any]:
     return {provider: app.providers[provider]}
 
 
-async def _search(app: App, provider: str | None, want: Requirements) -> list[Offer]:
-    """Offers from every chosen provider, cheapest first. A provider that fails is left
-    out; if all fail, ProviderUnavailable."""
+async def _search(
+    app: App, provider: str | None, want: Requirements
+) -> tuple[list[Offer], list[str]]:
+    """Offers from every chosen provider, cheapest first, and a warning for each provider
+    that failed (rate-limited, down): its offers are missing, and the caller must say so,
+    or the cheapest "match" may be the dearer GPU. If all fail, ProviderUnavailable."""
     chosen = _providers(app, provider)
     results = await asyncio.gather(
         *(p.search_offers(want) for p in chosen.values()), return_exceptions=True
@@ -121,7 +124,8 @@ async def _search(app: App, provider: str | None, want: Requirements) -> list[Of
             found.extend(res)
     if failures and not found and len(failures) == len(chosen):
         raise errors.ProviderUnavailable("offer search failed: " + "; ".join(failures))
-    return sorted(found, key=lambda o: (o.price_per_hour, o.provider, o.offer_id))
+    cheapest = sorted(found, key=lambda o: (o.price_per_hour, o.provider, o.offer_id))
+    return cheapest, [f"no offers from {f} (its search failed)" for f in failures]
 
 
 def offer_dict(o: Offer) -> dict[str, Any]:
@@ -151,7 +155,8 @@ async def offers(
     gpu: str | None = None,
     gpu_ram_gb: float | None = None,
     max_price: float | None = None,
-) -> list[dict[str, Any]]:
+) -> dict[str, Any]:
+    """{"offers": cheapest first, at most `limit`, "warnings": providers that failed}."""
     want = _requirements(
         app,
         requirements=requirements,
@@ -160,7 +165,8 @@ async def offers(
         max_price=max_price,
         limit=limit,
     )
-    return [offer_dict(o) for o in (await _search(app, provider, want))[:limit]]
+    found, warnings = await _search(app, provider, want)
+    return {"offers": [offer_dict(o) for o in found[:limit]], "warnings": warnings}
 
 
 async def launch(
@@ -187,19 +193,19 @@ async def launch(
     )
     if offer_id is not None:
         want = Requirements(min_reliability=0.0, verified=False, limit=500, num_gpus=1)
-    found = await _search(app, provider, want)
+    found, warnings = await _search(app, provider, want)
     if offer_id is not None:
         found = [o for o in found if o.offer_id == offer_id]
     if not found:
         what = f"offer {offer_id!r}" if offer_id else "an offer matching the requirements"
-        raise errors.NoOffer(f"no {what} is available")
+        raise errors.NoOffer("; ".join([f"no {what} is available", *warnings]))
     offer = found[0]
     limits = app.limits()
     lease = policy.initial_lease(hours, limits)
     if dry_run:
         refused: errors.DomainError | None = None
+        now = app.clock.now()
         try:
-            now = app.clock.now()
             await budget.check_new(app, offer.price_per_hour, lease, offer.billing, now)
         except errors.DomainError as exc:
             refused = exc
@@ -208,12 +214,30 @@ async def launch(
             **offer_dict(offer),
             "hours": lease / policy.HOUR,
             "estimated_cost": round(policy.estimate(offer.price_per_hour, lease, offer.billing), 6),
+            # What will end it before the lease does: idle, or the hard cap from creation.
+            "idle_timeout_s": limits.idle_timeout.total_seconds(),
+            "hard_cap_h": limits.hard_cap / policy.HOUR,
+            **(await _budget_today(app, now)),
             # What a real launch would answer (message and error code), or None.
             "refused": refused.message if refused else None,
             "refused_code": refused.code if refused else None,
+            "warnings": warnings,
         }
     inst = await launcher.launch(app, offer, hours=hours)
-    return await _instance_dict(app, inst, app.clock.now())
+    return {**(await _instance_dict(app, inst, app.clock.now())), "warnings": warnings}
+
+
+async def _budget_today(app: App, now: datetime) -> dict[str, Any]:
+    """The daily limit, what is spent and committed today, and what is left (None: no
+    limit)."""
+    day = (await budget.state(app, now)).daily
+    left = None if day.limit is None else round(max(0.0, day.limit - day.committed), 6)
+    return {
+        "daily_limit": day.limit,
+        "daily_spent": round(day.spent, 6),
+        "daily_committed": round(day.committed, 6),
+        "daily_left": left,
+    }
 
 
 # --- lease and activity ------------------------------------------------------------------
