@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import structlog
+from jobs_fakes import add_instance
 
 from gpuwarden.config import settings as config
 from gpuwarden.fleet.app import App
@@ -103,7 +104,7 @@ async def test_services_start_in_order_then_ready_then_run(
     assert {"alpha", "beta", "systemd-watchdog", "config-reload"} <= names
     sup.stopping.set()
     assert await asyncio.wait_for(task, 10) == 0
-    assert [m for m in rec.sent if "STOPPING" in m]
+    assert [m["STATUS"] for m in rec.sent if "STOPPING" in m] == ["stopping"]  # none live
     with StateLock(settings.lock_path):  # released on the way out
         pass
 
@@ -174,3 +175,35 @@ async def test_a_held_lock_exits_75_before_opening_the_database(
         assert await sup.run() == 75
     assert not settings.db_path.exists()
     assert f"pid {os.getpid()}" in capsys.readouterr().err
+
+
+async def test_stopping_with_instances_billing_warns_with_count_and_burn(
+    settings: config.Settings, tmp_path: Path
+) -> None:
+    """Nothing ends them on their deadlines while the daemon is down: STATUS= and a warning
+    say how many still bill and at what hourly rate."""
+
+    class Renter:
+        name = "renter"
+
+        def __init__(self, app: App) -> None:
+            self.app = app
+
+        async def start(self) -> None:
+            await add_instance(self.app, "i1", price_per_hour=0.25)
+            await add_instance(self.app, "i2", price_per_hour=1.5)
+
+        async def run(self) -> None:
+            await asyncio.Event().wait()
+
+    sup, rec = make(settings, tmp_path, lambda app: [Renter(app)])
+    task = asyncio.create_task(sup.run())
+    await asyncio.wait_for(rec.ready_seen.wait(), 10)
+    with structlog.testing.capture_logs() as logs:
+        sup.stopping.set()
+        assert await asyncio.wait_for(task, 10) == 0
+    stopping = [m for m in rec.sent if "STOPPING" in m]
+    assert stopping[0]["STATUS"] == "stopping with 2 instance(s) still billing, $1.750/h"
+    warned = [e for e in logs if e["event"] == "stopping_with_instances_billing"]
+    assert warned and warned[0]["log_level"] == "warning"
+    assert (warned[0]["count"], warned[0]["burn_per_hour"]) == (2, 1.75)

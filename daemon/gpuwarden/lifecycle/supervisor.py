@@ -270,7 +270,7 @@ class Supervisor:
         if root.done() and not root.cancelled() and root.exception() is not None:
             log.error("supervisor_failed", error=repr(root.exception()))
             code = EXIT_FAILED
-        self.notifier.stopping("stopping")
+        self.notifier.stopping(await _stopping_status(app))
         log.info("daemon_stopping")
         root.cancel()
         _, pending = await asyncio.wait({root}, timeout=deadline)
@@ -315,3 +315,25 @@ async def _closing(what: str, close: Callable[[], Awaitable[object]]) -> None:
         await close()
     except Exception:
         log.exception("close_failed", what=what)
+
+
+async def _stopping_status(app: App) -> str:
+    """STATUS= for STOPPING=1; with instances still live, a warning with their count and
+    hourly burn: nothing ends them on their deadlines until the daemon is back (only the
+    dead-man switch on each instance, after policy.deadman_timeout)."""
+    try:
+        live = await app.store.live_instances()
+    except Exception as exc:
+        log.warning("stopping_live_unknown", error=repr(exc))
+        return "stopping; live instances unknown"
+    if not live:
+        return "stopping"
+    burn = sum(i.price_per_hour for i in live)
+    log.warning(
+        "stopping_with_instances_billing",
+        count=len(live),
+        burn_per_hour=round(burn, 4),
+        instances=[i.id for i in live],
+        deadman_timeout_s=app.limits().deadman_timeout.total_seconds(),
+    )
+    return f"stopping with {len(live)} instance(s) still billing, ${burn:,.3f}/h"
