@@ -9,12 +9,12 @@ from __future__ import annotations
 import asyncio
 import shutil
 import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from jobs_fakes import add_instance, add_job, drive, make_app
+from jobs_fakes import add_instance, add_job, drive, settings
 from remote_support import LocalConnector, LocalShell, bare_path, kill_leftovers, wait_all_gone
+from tests.conftest import MakeApp
 
 from gpuwarden.core.clock import FakeClock
 from gpuwarden.core.model import EntityKind, JobState
@@ -43,17 +43,15 @@ def instance_shell(tmp_path: Path) -> LocalShell:
     return LocalShell(home, shell=str(bin_dir / "sh"), path=bare_path(bin_dir), banner=BANNER)
 
 
-async def _app(tmp_path: Path, delay: str) -> tuple[App, FakeClock]:
-    return await make_app(tmp_path, preview_step_delay=delay, width=64, height=64)
+async def _app(tmp_path: Path, make_app: MakeApp, delay: str) -> tuple[App, FakeClock]:
+    clock = FakeClock()
+    conf = settings(tmp_path, preview_step_delay=delay, width=64, height=64)
+    return await make_app(conf, clock), clock
 
 
 @pytest.fixture
-async def quick(tmp_path: Path) -> AsyncIterator[tuple[App, FakeClock]]:
-    app, clock = await _app(tmp_path, "0s")
-    try:
-        yield app, clock
-    finally:
-        await app.store.close()
+async def quick(tmp_path: Path, make_app: MakeApp) -> tuple[App, FakeClock]:
+    return await _app(tmp_path, make_app, "0s")
 
 
 async def test_a_job_runs_on_a_dash_instance_with_a_banner_and_python_off_the_path(
@@ -71,10 +69,12 @@ async def test_a_job_runs_on_a_dash_instance_with_a_banner_and_python_off_the_pa
 
 
 async def test_a_cancel_on_a_dash_instance_ends_the_runner_itself(
-    tmp_path: Path, instance_shell: LocalShell
+    tmp_path: Path, make_app: MakeApp, instance_shell: LocalShell
 ) -> None:
     """Cancel midway: the runner's Python process is gone afterwards, not only its wrapper."""
-    app, clock = await _app(tmp_path, "30s")  # each step takes 30 s: it is running when cancelled
+    app, clock = await _app(
+        tmp_path, make_app, "30s"
+    )  # each step takes 30 s: it is running when cancelled
     job_id = f"j{uuid.uuid4().hex[:10]}"
     marker = f".gpuwarden/jobs/{job_id}/"
     try:
@@ -97,4 +97,3 @@ async def test_a_cancel_on_a_dash_instance_ends_the_runner_itself(
         await wait_all_gone(marker)
     finally:
         kill_leftovers(marker)
-        await app.store.close()
