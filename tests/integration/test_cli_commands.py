@@ -28,7 +28,7 @@ from control_support import running_server
 from tests.conftest import LoopThread, daemon_env, eventually, short_tmp
 
 from gpuwarden.cli import main
-from gpuwarden.control.methods import LaunchParams, Method, OffersParams
+from gpuwarden.control.methods import LaunchParams, Method, NoParams, OffersParams
 from gpuwarden.system.childproc import ChildFailed, DaemonProcess
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -346,7 +346,7 @@ def test_events_and_reload(daemon: Daemon) -> None:
     reload = gw_json(daemon, "reload")
     assert reload["reloaded"] is True
     code, out, _ = gw(daemon, "reload")
-    assert code == 0 and "reloaded" in out.lower()
+    assert code == 0 and "Configuration reloaded: nothing changed." in out
     gw_json(daemon, "destroy", inst["id"])
 
 
@@ -678,6 +678,23 @@ async def test_a_provider_that_failed_is_a_warning_and_yes_still_shows_the_estim
         assert "Estimate:  $1.00" in err and f"warning: {WARNING}" in err
         assert "after 30m 00s idle" in err and "8 h after launch (hard cap)" in err
         assert "$8.00 left today of $10.00 (spent $1.25, committed $2.00)" in err
+
+
+async def test_a_refused_reload_says_so_and_exits_1() -> None:
+    problem = "policy.idle_timeout: not a duration (from /etc/gpuwarden/config.toml)"
+
+    async def reload(app: Any, p: NoParams) -> dict[str, Any]:
+        return {"reloaded": False, "problems": [problem]}
+
+    methods: dict[str, Method[Any]] = {"config.reload": Method(NoParams, reload)}
+    async with running_server(methods=methods) as (_, app):
+        sock = str(app.settings.daemon.socket)
+        code, out, err = await asyncio.to_thread(gw, None, "reload", "--socket", sock)
+        assert code == 1 and "reloaded" not in out.lower()
+        assert "configuration refused; the running configuration stays" in err
+        assert problem in err
+        code, out, err = await asyncio.to_thread(gw, None, "reload", "--socket", sock, "--json")
+        assert code == 1 and json.loads(out)["problems"] == [problem]
 
 
 def test_launch_and_destroy_all_ask_on_a_terminal(daemon: Daemon) -> None:

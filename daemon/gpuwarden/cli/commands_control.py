@@ -349,10 +349,20 @@ def _reload(args: argparse.Namespace) -> int:
         r = await client.call("config.reload")
         if out.json_mode:
             out.json(r)
-        else:
-            out.print("Configuration reloaded.")
-            for k, v in (r or {}).items():
-                out.print(f"  {k}: {v}")
+        if not r.get("reloaded"):
+            out.error("configuration refused; the running configuration stays")
+            for problem in r.get("problems", []):
+                out.err.print(f"  {problem}")
+            out.hint("'gpuwarden check-config' checks a file before a reload")
+            return EX_DOMAIN
+        if not out.json_mode:
+            changed = r.get("changed") or []
+            out.print(
+                "Configuration reloaded: "
+                + (", ".join(changed) + " changed." if changed else "nothing changed.")
+            )
+            if r.get("needs_restart"):
+                out.print("Needs a restart to take effect: " + ", ".join(r["needs_restart"]))
         return EX_OK
 
     return run_command(args, body)
