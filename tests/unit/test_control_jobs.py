@@ -1,0 +1,46 @@
+"""The job handlers as people use them: `jobs --limit N` shows the newest N, newest first
+(the oldest first hid every new job after 50), and a job is named by a unique id prefix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from jobs_fakes import add_job, settings
+from tests.conftest import MakeApp
+
+from gpuwarden.control import jobs as api
+from gpuwarden.core import errors
+from gpuwarden.core.clock import FakeClock
+from gpuwarden.core.model import JobState
+
+
+async def test_the_list_is_the_newest_first(
+    tmp_path: Path, make_app: MakeApp, clock: FakeClock
+) -> None:
+    app = await make_app(settings(tmp_path), clock)
+    for jid in ("j01", "j02", "j03", "j04"):
+        await add_job(app, jid, priority=9 if jid == "j01" else 0)  # priority: not the order
+        await clock.advance(10)
+    assert [j["id"] for j in await api.list(app, limit=2)] == ["j04", "j03"]
+    assert [j["id"] for j in await api.list(app)] == ["j04", "j03", "j02", "j01"]
+    # The jobs loop still takes them in queue order.
+    assert next(j.id for j in await app.store.jobs([JobState.QUEUED])) == "j01"
+
+
+async def test_a_job_is_named_by_a_unique_prefix(
+    tmp_path: Path, make_app: MakeApp, clock: FakeClock
+) -> None:
+    app = await make_app(settings(tmp_path), clock)
+    for jid in ("jab12aa", "jab12bb", "jcd34cc"):
+        await add_job(app, jid)
+    assert (await api.get(app, "jcd3"))["id"] == "jcd34cc"
+    assert (await api.get(app, "jab12a"))["id"] == "jab12aa"
+    with pytest.raises(errors.Ambiguous, match=r"jab12aa.*jab12bb"):
+        await api.get(app, "jab12")
+    with pytest.raises(errors.NotFound, match="at least 4 characters"):
+        await api.get(app, "jcd")
+    with pytest.raises(errors.NotFound):
+        await api.get(app, "j%%%")  # text, not a LIKE pattern
+    cancelled = await api.cancel(app, "jcd34")
+    assert cancelled["id"] == "jcd34cc" and cancelled["state"] == "cancelled"
