@@ -174,6 +174,7 @@ def test_no_daemon_exits_69_with_a_hint(tmp_path: Path) -> None:
         ["extend"],
         ["extend", "abc", "-1"],
         ["extend", "abc", "lots"],
+        ["extend", "abc", "1h-30m"],
         ["launch", "--hours", "1"],  # neither --offer nor --gpu
         ["launch", "--offer", "1", "--gpu", "x"],
         ["status", "--bogus"],
@@ -255,6 +256,8 @@ def test_launch_status_extend_activity_destroy_history(daemon: Daemon) -> None:
     assert ext["id"] == iid
     code, out, _ = gw(daemon, "extend", iid, "0.5")
     assert code == 0 and "Extended" in out
+    code, out, _ = gw(daemon, "extend", iid, "15m")  # a duration, as config writes them
+    assert code == 0 and "by 15m 00s" in out
     code, out, err = gw(daemon, "extend", iid, "100", "--json")
     assert code == 1
     assert json.loads(out)["error"]["data"]["code"] == "lease_max_exceeded"

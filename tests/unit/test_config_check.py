@@ -164,3 +164,25 @@ def test_environment_beats_credentials(tmp_path: Path, monkeypatch: pytest.Monke
     monkeypatch.setenv("GPUWARDEN_PROVIDERS__VAST__API_KEY", "from-env")
     key = config.load(EXAMPLE).providers.vast.api_key
     assert key is not None and key.get_secret_value() == "from-env"
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [
+        ("30m", 1800),
+        ("1h30m", 5400),
+        ("1h 30m", 5400),
+        ("2d4h", 187200),
+        ("1m5s", 65),
+        ("250ms", 0.25),
+        ("1.5h", 5400),
+    ],
+)
+def test_durations_may_be_compound(text: str, seconds: float) -> None:
+    assert config.parse_duration(text).total_seconds() == seconds
+
+
+@pytest.mark.parametrize("text", ["", "30", "h", "1h-30m", "m30", "1x"])
+def test_what_is_not_a_duration_is_refused(text: str) -> None:
+    with pytest.raises(ValueError, match="1h30m"):
+        config.parse_duration(text)

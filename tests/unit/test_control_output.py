@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import io
 from datetime import UTC, datetime
 from typing import Any
@@ -10,6 +11,7 @@ import pytest
 
 from gpuwarden.cli import commands_views as cc
 from gpuwarden.cli.client import RemoteError, Unreachable
+from gpuwarden.cli.commands_control import lease_hours
 from gpuwarden.cli.output import (
     EX_DOMAIN,
     EX_UNAVAILABLE,
@@ -164,3 +166,16 @@ def test_event_line_for_humans() -> None:
     assert "reason=idle" in line.plain
     lagged = cc.event_line({"name": "lagged", "details": {"dropped": 7}})
     assert "7 events not shown" in lagged.plain
+
+
+@pytest.mark.parametrize(
+    ("text", "hours"), [("30m", 0.5), ("1h30m", 1.5), ("2", 2.0), ("0.25", 0.25), ("90m", 1.5)]
+)
+def test_extend_takes_a_duration_or_hours(text: str, hours: float) -> None:
+    assert lease_hours(text) == hours
+
+
+@pytest.mark.parametrize("text", ["lots", "-1", "0", "0m", "nan", "inf"])
+def test_extend_refuses_what_is_not_a_positive_time(text: str) -> None:
+    with pytest.raises(argparse.ArgumentTypeError):
+        lease_hours(text)

@@ -11,6 +11,7 @@ Every command takes --json, --socket and --config. Exit codes: see cli/output.py
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -30,6 +31,7 @@ from gpuwarden.cli.output import (
     rate,
     run_command,
 )
+from gpuwarden.config.settings import parse_duration
 
 ID_HELP = "instance id, a unique start of it (4+ characters), or label (see 'gpuwarden status')"
 
@@ -75,13 +77,14 @@ def register(sub: Any) -> None:
     )
     p.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
 
-    p = command(sub, "extend", "extend an instance's lease by HOURS", _extend)
+    p = command(sub, "extend", "extend an instance's lease by DURATION", _extend)
     p.add_argument("id", metavar="ID", help=ID_HELP)
     p.add_argument(
         "hours",
-        metavar="HOURS",
-        type=positive(float),
-        help="hours to add; the whole lease may not pass policy.lease_max",
+        metavar="DURATION",
+        type=lease_hours,
+        help="time to add: 30m, 2h, 1h30m, or a number of hours; the whole lease may not "
+        "pass policy.lease_max",
     )
 
     p = command(
@@ -265,7 +268,7 @@ def _extend(args: argparse.Namespace) -> int:
             out.json(r)
         else:
             out.print(
-                f"Extended {r.get('id')} by {args.hours:g} h: lease until "
+                f"Extended {r.get('id')} by {duration(args.hours * 3600)}: lease until "
                 f"{local_time(r.get('lease_until'))}; next deadline in "
                 f"{duration(r.get('time_left_s'))} ({r.get('deadline_reason')}); "
                 f"{float(r.get('still_allowed_h') or 0):g} h more allowed."
@@ -273,6 +276,21 @@ def _extend(args: argparse.Namespace) -> int:
         return EX_OK
 
     return run_command(args, body)
+
+
+def lease_hours(text: str) -> float:
+    """An argparse type: a duration as config writes it ("30m", "1h30m"), or a bare number of
+    hours ("2", "0.5"), as hours greater than 0."""
+    try:
+        hours = float(text)
+    except ValueError:
+        try:
+            hours = parse_duration(text).total_seconds() / 3600
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    if not (hours > 0 and math.isfinite(hours)):  # NaN fails the first test
+        raise argparse.ArgumentTypeError("must be a finite time greater than 0")
+    return hours
 
 
 def _activity(args: argparse.Namespace) -> int:

@@ -31,12 +31,14 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 DEFAULT_CONFIG_PATH = Path("/etc/gpuwarden/config.toml")
 EX_CONFIG = 78
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
+_PART = r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)"
+_DURATION = re.compile(rf"\s*(?:{_PART}\s*)+")  # one or more parts: "30m", "1h30m", "1h 30m"
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
 
 def parse_duration(value: object) -> timedelta:
-    """Accept "90s", "30m", "4h", "1.5h", "2d", a number of seconds, or a timedelta."""
+    """Accept "90s", "30m", "4h", "1.5h", "2d", compounds such as "1h30m", a number of
+    seconds, or a timedelta."""
     if isinstance(value, timedelta):
         return value
     if isinstance(value, bool):
@@ -45,11 +47,10 @@ def parse_duration(value: object) -> timedelta:
         if value < 0:
             raise ValueError("a duration cannot be negative")
         return timedelta(seconds=value)
-    if isinstance(value, str):
-        m = _DURATION.match(value)
-        if m:
-            return timedelta(seconds=float(m.group(1)) * _UNIT_SECONDS[m.group(2)])
-    raise ValueError(f"{value!r} is not a duration; write it like '90s', '30m' or '4h'")
+    if isinstance(value, str) and _DURATION.fullmatch(value):
+        parts = re.findall(_PART, value)
+        return timedelta(seconds=sum(float(n) * _UNIT_SECONDS[u] for n, u in parts))
+    raise ValueError(f"{value!r} is not a duration; write it like '90s', '30m', '4h' or '1h30m'")
 
 
 def format_duration(value: timedelta) -> str:
