@@ -187,6 +187,16 @@ def test_usage_errors_exit_2(argv: list[str]) -> None:
     assert "usage:" in err
 
 
+@pytest.mark.parametrize(
+    "argv", [["status", "--bogus"], ["extend", "abc", "1", "--hours", "2"], ["jobs", "-x"]]
+)
+def test_a_bad_flag_prints_the_subcommands_usage(argv: list[str]) -> None:
+    code, _, err = gw(None, *argv)
+    assert code == 2
+    assert err.startswith(f"usage: gpuwarden {argv[0]} ")  # its flags, not the command list
+    assert f"gpuwarden {argv[0]}: error: unrecognized arguments" in err
+
+
 def test_usage_exit_code_of_the_real_entry_point() -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "gpuwarden", "costs", "--days", "x"],
