@@ -186,3 +186,33 @@ def test_durations_may_be_compound(text: str, seconds: float) -> None:
 def test_what_is_not_a_duration_is_refused(text: str) -> None:
     with pytest.raises(ValueError, match="1h30m"):
         config.parse_duration(text)
+
+
+def test_a_provider_without_a_key_is_refused_by_check_config_and_run_alike(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """One validation: what check-config passes, run accepts; and a refused run writes no
+    file (no state dir, database, lock or SSH key)."""
+    state = tmp_path / "state"
+    path = tmp_path / "c.toml"
+    path.write_text(f'[daemon]\nstate_dir = "{state}"\n[providers.vast]\nenabled = true\n')
+    code, _, err = check([str(path)], capsys)
+    assert code == 78 and "providers.vast.api_key: required" in err
+    code, out, _ = check(["--json", str(path)], capsys)
+    assert code == 78
+    assert json.loads(out) == {
+        "valid": False,
+        "problems": [
+            {
+                "setting": "providers.vast.api_key",
+                "reason": "required when providers.vast.enabled is true (set it or put it "
+                "in the credential file vast_api_key)",
+                "from": "the configuration",
+            }
+        ],
+    }
+    with pytest.raises(SystemExit) as exc:
+        main(["run", "--config", str(path)])
+    assert exc.value.code == 78
+    assert "providers.vast.api_key" in capsys.readouterr().err
+    assert not state.exists()

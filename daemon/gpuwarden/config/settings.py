@@ -360,7 +360,7 @@ def load(path: str | os.PathLike[str] | None = None, *, require_file: bool = Tru
         raise ConfigError([("(file)", "no such file", str(cfg_path))])
     data = _credentials(_deep_copy(raw), env)
     try:
-        return Settings(**data)
+        settings = Settings(**data)
     except ValidationError as exc:
         problems = []
         for err in exc.errors():
@@ -371,6 +371,30 @@ def load(path: str | os.PathLike[str] | None = None, *, require_file: bool = Tru
                 reason = "unknown setting"
             problems.append((dotted, reason, _location(loc, raw, cfg_path, env)))
         raise ConfigError(problems) from None
+    missing = [missing_api_key(name) for name in keys_missing(settings)]
+    if missing:
+        raise ConfigError(missing)
+    return settings
+
+
+def keys_missing(settings: Settings) -> list[str]:
+    """The real providers enabled without an API key. Checked by load(), so that
+    check-config, run and a reload refuse the same files, and run before writing anything
+    (the database, the lock, an SSH key); the providers check again when built."""
+    return [
+        name
+        for name, s in settings.providers.enabled().items()
+        if name != "sim" and (s.api_key is None or not s.api_key.get_secret_value())
+    ]
+
+
+def missing_api_key(name: str) -> tuple[str, str, str]:
+    return (
+        f"providers.{name}.api_key",
+        f"required when providers.{name}.enabled is true"
+        f" (set it or put it in the credential file {name}_api_key)",
+        "the configuration",
+    )
 
 
 def _deep_copy(d: Mapping[str, Any]) -> dict[str, Any]:
