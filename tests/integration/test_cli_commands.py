@@ -48,6 +48,7 @@ STATUS_KEYS = {
     "price_per_hour",
     "cost_now",
     "est_total",
+    "job",
 }
 HISTORY_KEYS = {
     "at",
@@ -255,6 +256,7 @@ def test_launch_status_extend_activity_destroy_history(daemon: Daemon) -> None:
     code, out, _ = gw(daemon, "status")
     assert code == 0
     assert iid in out and "TOTAL" in out and "TIME LEFT" in out and "PROBE" in out
+    assert "LEASE END" in out and "JOB" in out and "RATE" in out
     # The watchdog probes a new instance as soon as it runs; the PROBE cell then says so.
     _until(lambda: _row(daemon, iid)["last_probe_ok"] is True, "never probed")
     assert _row(daemon, iid)["strikes"] == 0

@@ -189,10 +189,12 @@ def test_what_is_not_a_duration_is_refused(text: str) -> None:
 
 
 def test_a_provider_without_a_key_is_refused_by_check_config_and_run_alike(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """One validation: what check-config passes, run accepts; and a refused run writes no
     file (no state dir, database, lock or SSH key)."""
+    (tmp_path / "creds").mkdir()  # as under systemd, without the key among the credentials
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path / "creds"))
     state = tmp_path / "state"
     path = tmp_path / "c.toml"
     path.write_text(f'[daemon]\nstate_dir = "{state}"\n[providers.vast]\nenabled = true\n')
@@ -216,3 +218,16 @@ def test_a_provider_without_a_key_is_refused_by_check_config_and_run_alike(
     assert exc.value.code == 78
     assert "providers.vast.api_key" in capsys.readouterr().err
     assert not state.exists()
+
+
+def test_outside_systemd_a_key_in_a_credential_store_counts(tmp_path: Path) -> None:
+    """check-config run by an operator: the key is in /etc/credstore for LoadCredential=."""
+    settings = config.Settings(
+        daemon={"state_dir": str(tmp_path)}, providers={"vast": {"enabled": True}}
+    )
+    with pytest.raises(config.ConfigError):
+        config.check_startable(settings)
+    with pytest.raises(config.ConfigError):
+        config.check_startable(settings, credstores=[tmp_path / "no-such-store"])
+    (tmp_path / "vast_api_key").write_text("vk")
+    config.check_startable(settings, credstores=[tmp_path / "no-such-store", tmp_path])

@@ -6,9 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from jobs_fakes import add_job, settings
+from jobs_fakes import add_instance, add_job, settings
 from tests.conftest import MakeApp
 
+from gpuwarden.control import instances
 from gpuwarden.control import jobs as api
 from gpuwarden.core import errors
 from gpuwarden.core.clock import FakeClock
@@ -44,3 +45,16 @@ async def test_a_job_is_named_by_a_unique_prefix(
         await api.get(app, "j%%%")  # text, not a LIKE pattern
     cancelled = await api.cancel(app, "jcd34")
     assert cancelled["id"] == "jcd34cc" and cancelled["state"] == "cancelled"
+
+
+async def test_status_names_the_job_running_on_an_instance(
+    tmp_path: Path, make_app: MakeApp, clock: FakeClock
+) -> None:
+    app = await make_app(settings(tmp_path), clock)
+    await add_instance(app, "i1")
+    await add_instance(app, "i2")
+    await add_job(app, "jbusy", JobState.RUNNING, instance_id="i1")
+    await add_job(app, "jdone", JobState.SUCCEEDED, instance_id="i2")
+    rows = {r["id"]: r for r in (await instances.status(app))["instances"]}
+    assert (rows["i1"]["job"], rows["i1"]["busy"]) == ("jbusy", True)
+    assert (rows["i2"]["job"], rows["i2"]["busy"]) == (None, False)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Any
 
@@ -61,8 +62,11 @@ def _check_config(args: argparse.Namespace) -> int:
     from gpuwarden.system import logs as glog
 
     path = config.resolve_path(args.path)
+    # Outside systemd a key may wait in a credential store for LoadCredential= to pass on.
+    stores = () if os.environ.get("CREDENTIALS_DIRECTORY") else config.SYSTEMD_CREDSTORES
     try:
         settings = config.load(path)
+        config.check_startable(settings, credstores=stores)
     except config.ConfigError as exc:
         if args.json:  # the problems as data, for scripts; stderr keeps the readable form
             problems = [{"setting": f, "reason": r, "from": w} for f, r, w in exc.problems]

@@ -103,12 +103,18 @@ class Out:
     and honours NO_COLOR); JSON always goes out plain."""
 
     def __init__(
-        self, json_mode: bool = False, *, stdout: TextIO | None = None, stderr: TextIO | None = None
+        self,
+        json_mode: bool = False,
+        *,
+        stdout: TextIO | None = None,
+        stderr: TextIO | None = None,
+        width: int | None = None,
     ) -> None:
         self.json_mode = json_mode
         self._stdout = stdout or sys.stdout
         # Off a terminal rich would assume 80 columns and cut cells; a pipe gets whole rows.
-        width = None if _isatty(self._stdout) else PIPE_WIDTH
+        if width is None and not _isatty(self._stdout):
+            width = PIPE_WIDTH
         # soft_wrap: messages are not broken into lines by rich; tables still fit the width.
         # markup=False: text from the daemon (details, labels) may hold [brackets]; styling is
         # done with rich.text.Text only.

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -371,21 +371,38 @@ def load(path: str | os.PathLike[str] | None = None, *, require_file: bool = Tru
                 reason = "unknown setting"
             problems.append((dotted, reason, _location(loc, raw, cfg_path, env)))
         raise ConfigError(problems) from None
-    missing = [missing_api_key(name) for name in keys_missing(settings)]
-    if missing:
-        raise ConfigError(missing)
     return settings
 
 
-def keys_missing(settings: Settings) -> list[str]:
-    """The real providers enabled without an API key. Checked by load(), so that
-    check-config, run and a reload refuse the same files, and run before writing anything
-    (the database, the lock, an SSH key); the providers check again when built."""
-    return [
-        name
-        for name, s in settings.providers.enabled().items()
-        if name != "sim" and (s.api_key is None or not s.api_key.get_secret_value())
-    ]
+# Where systemd's LoadCredential=NAME looks for a credential (systemd.exec(5)).
+SYSTEMD_CREDSTORES = tuple(
+    Path(d + enc)
+    for d in ("/etc/credstore", "/run/credstore", "/usr/lib/credstore")
+    for enc in ("", ".encrypted")
+)
+
+
+def check_startable(settings: Settings, *, credstores: Sequence[Path] = ()) -> None:
+    """What `run` needs beyond a valid file: an API key for every real provider enabled.
+    `run` calls this before it writes anything (state dir, lock, database, SSH key), and
+    check-config calls it too, so that check-config passes exactly what run accepts.
+    `credstores`: for check-config outside systemd, the stores a key may wait in for
+    LoadCredential= to hand it over. Raises ConfigError."""
+    problems = []
+    for name, s in settings.providers.enabled().items():
+        if name == "sim" or (s.api_key is not None and s.api_key.get_secret_value()):
+            continue
+        if not any(_exists(d / f"{name}_api_key") for d in credstores):
+            problems.append(missing_api_key(name))
+    if problems:
+        raise ConfigError(problems)
+
+
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except OSError:  # a store we may not look into counts as not holding it
+        return False
 
 
 def missing_api_key(name: str) -> tuple[str, str, str]:

@@ -24,7 +24,7 @@ from gpuwarden.core.model import (
 )
 from gpuwarden.fleet import budget, launcher
 from gpuwarden.fleet.app import App
-from gpuwarden.fleet.busy import busy_instances, observations
+from gpuwarden.fleet.busy import jobs_on_instances, observations
 from gpuwarden.providers.base import Offer, Requirements
 from gpuwarden.store import NotFoundError
 
@@ -379,8 +379,9 @@ async def _instance_dict(
 async def status(app: App) -> dict[str, Any]:
     now = app.clock.now()
     live = await app.store.live_instances()
-    busy = await busy_instances(app)
-    rows = [await _instance_dict(app, i, now, busy) for i in live]
+    on = await jobs_on_instances(app)
+    # "job": the job running on it now (job_id is the job it was rented for).
+    rows = [{**(await _instance_dict(app, i, now, set(on))), "job": on.get(i.id)} for i in live]
     st = await budget.state(app, now)
     return {
         "now": format_ts(now),

@@ -76,6 +76,7 @@ def main(config_path: str | None = None) -> int:
     path = config.resolve_path(config_path)
     try:
         settings = config.load(path)
+        config.check_startable(settings)  # before anything is written, as check-config does
     except ConfigError as exc:
         print(exc.render(), file=sys.stderr)
         return EX_CONFIG
