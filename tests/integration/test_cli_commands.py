@@ -721,9 +721,13 @@ def test_launch_and_destroy_all_ask_on_a_terminal(daemon: Daemon) -> None:
     code, text = _on_a_terminal(daemon, b"y\n", "launch", "--gpu", "4090", "--hours", "1")
     assert code == 0, text
     assert "Launched" in text
+    iid = next(ln.split()[1] for ln in text.splitlines() if ln.startswith("Launched"))
     code, text = _on_a_terminal(daemon, b"y\n", "destroy-all")
     assert code == 0, text
-    assert "destroyed" in text
+    asked = text[: text.index("[y/N]")]  # shown before the question: what, at what rate
+    assert "This destroys 1 instance(s), together $0." in asked
+    assert iid in asked and "RTX 4090" in asked and "/h" in asked and "so far" in asked
+    assert "Destroyed 1/1." in text  # sim-vast confirms at once
     _until_no_live(daemon)
 
 

@@ -336,10 +336,7 @@ def _destroy_all(args: argparse.Namespace) -> int:
                 else:
                     out.print("No live instances.")
                 return EX_OK
-            console = out.err if out.json_mode else out.console
-            console.print(
-                f"This destroys {len(live)} instance(s): " + ", ".join(r["id"] for r in live)
-            )
+            _show_doomed(out, live)
             if not out.interactive:
                 out.error("not destroying without confirmation: this is not a terminal")
                 out.hint("pass --yes to destroy from a script")
@@ -351,12 +348,33 @@ def _destroy_all(args: argparse.Namespace) -> int:
         if out.json_mode:
             out.json(r)
             return EX_OK
-        for item in r.get("instances", []):
+        items = r.get("instances", [])
+        for item in items:
             _ended(out, item)
-        out.print(f"{r.get('count', 0)} instance(s) destroyed or being destroyed.")
+        done = sum(1 for i in items if i.get("confirmed"))
+        pending = len(items) - done
+        out.print(
+            f"Destroyed {done}/{len(items)}"
+            + (f"; {pending} still terminating (the daemon keeps retrying)." if pending else ".")
+        )
         return EX_OK
 
     return run_command(args, body)
+
+
+def _show_doomed(out: Out, live: list[dict[str, Any]]) -> None:
+    """What destroy-all is about to end, with what each costs, before it asks (on stderr in
+    --json mode)."""
+    lines = [
+        f"  {r.get('id')}  {r.get('gpu') or '-'}  {r.get('state')}  "
+        f"{rate(r.get('price_per_hour'))}  {money(r.get('cost_now'))} so far"
+        for r in live
+    ]
+    burn = sum(float(r.get("price_per_hour") or 0) for r in live)
+    console = out.err if out.json_mode else out.console
+    console.print(f"This destroys {len(live)} instance(s), together {rate(burn)}:")
+    for line in lines:
+        console.print(line)
 
 
 # --- daemon -------------------------------------------------------------------------------
