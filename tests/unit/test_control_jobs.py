@@ -9,11 +9,12 @@ import pytest
 from jobs_fakes import add_instance, add_job, settings
 from tests.conftest import MakeApp
 
+from gpuwarden.config.settings import Settings
 from gpuwarden.control import instances
 from gpuwarden.control import jobs as api
 from gpuwarden.core import errors
 from gpuwarden.core.clock import FakeClock
-from gpuwarden.core.model import JobState
+from gpuwarden.core.model import QUEUE_PAUSED_FLAG, JobState
 
 
 async def test_the_list_is_the_newest_first(
@@ -58,3 +59,23 @@ async def test_status_names_the_job_running_on_an_instance(
     rows = {r["id"]: r for r in (await instances.status(app))["instances"]}
     assert (rows["i1"]["job"], rows["i1"]["busy"]) == ("jbusy", True)
     assert (rows["i2"]["job"], rows["i2"]["busy"]) == (None, False)
+
+
+async def test_costs_and_status_show_the_budget_and_why_the_queue_is_paused(
+    tmp_path: Path, make_app: MakeApp, clock: FakeClock
+) -> None:
+    conf = settings(tmp_path).model_copy(
+        update={"budget": Settings(budget={"daily_limit": 10.0}).budget}
+    )
+    app = await make_app(conf, clock)
+    await add_instance(app, "i1", price_per_hour=0.5)  # 4 h lease: $2 committed
+    costs = await instances.costs(app)
+    day = costs["budget"]["daily"]
+    assert (day["limit"], day["spent"], day["committed"], day["left"]) == (10.0, 0.0, 2.0, 8.0)
+    assert costs["budget"]["monthly"]["left"] is None  # no monthly limit
+    assert costs["queue_paused"] is False and costs["queue_paused_reason"] is None
+    await app.store.set_flag(QUEUE_PAUSED_FLAG, True, reason="insufficient_credit")
+    for got in (await instances.costs(app), await instances.status(app)):
+        assert got["queue_paused"] is True
+        assert got["queue_paused_reason"] == "insufficient_credit"
+        assert got["queue_paused_since"]

@@ -236,3 +236,23 @@ def test_time_left_turns_yellow_under_15_minutes() -> None:
     assert "yellow" in str(cc._time_left(_row(time_left_s=14 * 60)).style)
     assert "yellow" not in str(cc._time_left(_row(time_left_s=16 * 60)).style)
     assert cc._time_left(_row(time_left_s=60), reason=False).plain == "1m 00s"
+
+
+def test_the_money_state_shows_each_budget_window_and_why_the_queue_is_paused() -> None:
+    buf = io.StringIO()
+    cc.show_money_state(
+        Out(stdout=buf),
+        {
+            "budget": {
+                "daily": {"limit": 10.0, "spent": 1.5, "committed": 2.0, "left": 8.0},
+                "monthly": {"limit": None, "spent": 1.5, "committed": 2.0, "left": None},
+            },
+            "queue_paused": True,
+            "queue_paused_reason": "insufficient_credit",
+            "queue_paused_since": None,
+        },
+    )
+    text = buf.getvalue()
+    assert "budget daily: $8.00 left of $10.00 (spent $1.50, committed $2.00)" in text
+    assert "budget monthly: no limit (budget.monthly_limit)" in text
+    assert "job queue: PAUSED (insufficient_credit); 'gpuwarden resume' restarts it" in text

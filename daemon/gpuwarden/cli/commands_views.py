@@ -108,7 +108,7 @@ def show_status(args: argparse.Namespace) -> int:
         else:
             status_table(out, rows, now)
         if isinstance(result, Mapping) and result.get("queue_paused"):
-            out.print(Text("The job queue is paused.", style="yellow"))
+            out.print(queue_line(result))
         return EX_OK
 
     return run_command(args, body)
@@ -243,6 +243,8 @@ def show_costs(args: argparse.Namespace) -> int:
                 )
         if c.get("live"):
             out.print(f"\nIncludes {money(c.get('live'))} so far on live instances.")
+        out.print("")
+        show_money_state(out, c)
         return EX_OK
 
     return run_command(args, body)
@@ -262,7 +264,7 @@ def show_info(args: argparse.Namespace) -> int:
         )
         out.print(f"installation {r.get('installation')}  socket {r.get('socket')}")
         out.print("providers: " + (", ".join(r.get("providers") or []) or "none"))
-        out.print("job queue: " + ("paused" if r.get("queue_paused") else "running"))
+        show_money_state(out, r)
         beats = r.get("heartbeats") or {}
         if beats:
             out.table(
@@ -276,6 +278,36 @@ def show_info(args: argparse.Namespace) -> int:
         return EX_OK
 
     return run_command(args, body)
+
+
+def show_money_state(out: Out, r: Mapping[str, Any]) -> None:
+    """The budget windows (limit, spent, committed, left) and the job queue, with why it is
+    paused: what decides whether the next rental or job may start."""
+    for name, w in (r.get("budget") or {}).items():
+        if w.get("limit") is None:
+            out.print(
+                f"budget {name}: no limit (budget.{name}_limit); spent {money(w.get('spent'))}, "
+                f"committed {money(w.get('committed'))}"
+            )
+        else:
+            left = w.get("left") or 0.0
+            out.print(
+                Text(
+                    f"budget {name}: {money(left)} left of {money(w.get('limit'))} "
+                    f"(spent {money(w.get('spent'))}, committed {money(w.get('committed'))})",
+                    style="red" if left <= 0 else "",
+                )
+            )
+    out.print(queue_line(r))
+
+
+def queue_line(r: Mapping[str, Any]) -> Text:
+    if not r.get("queue_paused"):
+        return Text("job queue: running")
+    why = r.get("queue_paused_reason") or "unknown"
+    since = r.get("queue_paused_since")
+    when = f" since {local_time(since)}" if since else ""
+    return Text(f"job queue: PAUSED{when} ({why}); 'gpuwarden resume' restarts it", style="yellow")
 
 
 def event_line(ev: Mapping[str, Any]) -> Text:

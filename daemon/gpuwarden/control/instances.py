@@ -228,15 +228,36 @@ async def launch(
 
 
 async def _budget_today(app: App, now: datetime) -> dict[str, Any]:
-    """The daily limit, what is spent and committed today, and what is left (None: no
-    limit)."""
-    day = (await budget.state(app, now)).daily
-    left = None if day.limit is None else round(max(0.0, day.limit - day.committed), 6)
+    """The daily window of budget_json, flat: daily_limit, _spent, _committed, _left."""
+    return {f"daily_{k}": v for k, v in (await budget_json(app, now))["daily"].items()}
+
+
+async def budget_json(app: App, now: datetime) -> dict[str, dict[str, float | None]]:
+    """Each budget window (daily, monthly): its limit, the spend recorded, the spend
+    committed (what live instances can still bill), and what is left for new rentals
+    (None without a limit)."""
+    out: dict[str, dict[str, float | None]] = {}
+    for w in (await budget.state(app, now)).windows():
+        left = None if w.limit is None else round(max(0.0, w.limit - w.committed), 6)
+        out[w.name] = {
+            "limit": w.limit,
+            "spent": round(w.spent, 6),
+            "committed": round(w.committed, 6),
+            "left": left,
+        }
+    return out
+
+
+async def queue_pause(app: App) -> dict[str, Any]:
+    """Whether the job queue is paused, why (insufficient_credit, user, ...) and since when:
+    the flag's last event."""
+    paused = bool(await app.store.get_flag(QUEUE_PAUSED_FLAG, False))
+    found = await app.store.events(entity_id=QUEUE_PAUSED_FLAG, limit=1, newest=True)
+    last = found[0] if paused and found else None
     return {
-        "daily_limit": day.limit,
-        "daily_spent": round(day.spent, 6),
-        "daily_committed": round(day.committed, 6),
-        "daily_left": left,
+        "queue_paused": paused,
+        "queue_paused_reason": last.reason if last else None,
+        "queue_paused_since": format_ts(last.at) if last else None,
     }
 
 
@@ -382,7 +403,6 @@ async def status(app: App) -> dict[str, Any]:
     on = await jobs_on_instances(app)
     # "job": the job running on it now (job_id is the job it was rented for).
     rows = [{**(await _instance_dict(app, i, now, set(on))), "job": on.get(i.id)} for i in live]
-    st = await budget.state(app, now)
     return {
         "now": format_ts(now),
         "instances": rows,
@@ -390,15 +410,8 @@ async def status(app: App) -> dict[str, Any]:
         "cost_per_hour": round(sum(i.price_per_hour for i in live if i.provider_id), 6),
         "cost_now": round(sum(r["cost_now"] for r in rows), 6),
         "est_total": round(sum(r["est_total"] for r in rows), 6),
-        "budget": {
-            w.name: {
-                "limit": w.limit,
-                "spent": round(w.spent, 6),
-                "committed": round(w.committed, 6),
-            }
-            for w in st.windows()
-        },
-        "queue_paused": bool(await app.store.get_flag(QUEUE_PAUSED_FLAG, False)),
+        "budget": await budget_json(app, now),
+        **(await queue_pause(app)),
     }
 
 
@@ -441,4 +454,6 @@ async def costs(app: App, days: int = 7) -> dict[str, Any]:
         "total": round(spent.total, 6),
         "idle": round(spent.idle, 6),
         "live": round(spent.live, 6),
+        "budget": await budget_json(app, now),
+        **(await queue_pause(app)),
     }

@@ -19,7 +19,7 @@ from gpuwarden import __version__
 from gpuwarden.control import instances, jobs
 from gpuwarden.control.events import event_json
 from gpuwarden.core.errors import InvalidState
-from gpuwarden.core.model import QUEUE_PAUSED_FLAG, JobState
+from gpuwarden.core.model import JobState
 from gpuwarden.fleet.app import App
 from gpuwarden.jobs.limits import MAX_COUNT, MAX_PROMPT_CHARS, MAX_STEPS
 
@@ -198,7 +198,6 @@ async def _reload(app: App, _: NoParams) -> Any:
 
 async def _info(app: App, _: NoParams) -> dict[str, Any]:
 
-    paused = await app.store.get_flag(QUEUE_PAUSED_FLAG, False)
     uptime = max(0.0, app.clock.monotonic() - app.started_monotonic)
     return {
         "version": __version__,
@@ -209,7 +208,8 @@ async def _info(app: App, _: NoParams) -> dict[str, Any]:
         "socket": str(app.settings.daemon.socket),
         "heartbeats": {name: round(age, 3) for name, age in app.heartbeats.ages().items()},
         "providers": sorted(app.providers),
-        "queue_paused": bool(paused),
+        "budget": await instances.budget_json(app, app.clock.now()),
+        **(await instances.queue_pause(app)),
     }
 
 
