@@ -58,15 +58,20 @@ async def resolve_instance(app: App, ref: str) -> Instance:
         if len(live) == 1:
             return live[0]
         if found:
-            shown = ", ".join(f"{i.id} ({i.state.value})" for i in found)
-            raise errors.Ambiguous(
-                f"{ref!r} matches {len(found)} instances: {shown}; give more of the id",
-                id=ref,
-                candidates=[{"id": i.id, "state": i.state.value} for i in found],
-            )
+            raise ambiguous(ref, "instances", [(i.id, i.state.value) for i in found])
     short = len(ref) < MIN_PREFIX and not ref.startswith(prefix)
     hint = f" (an id prefix needs at least {MIN_PREFIX} characters)" if short else ""
     raise errors.NotFound(f"no instance {ref!r}{hint}", id=ref)
+
+
+def ambiguous(ref: str, what: str, found: list[tuple[str, str]]) -> errors.Ambiguous:
+    """The refusal of an id prefix that several (id, state) share, with the candidates."""
+    shown = ", ".join(f"{i} ({state})" for i, state in found)
+    return errors.Ambiguous(
+        f"{ref!r} matches {len(found)} {what}: {shown}; give more of the id",
+        id=ref,
+        candidates=[{"id": i, "state": state} for i, state in found],
+    )
 
 
 def _requirements(

@@ -16,7 +16,7 @@ from typing import Any
 
 import structlog
 
-from gpuwarden.control.instances import MIN_PREFIX
+from gpuwarden.control.instances import MIN_PREFIX, ambiguous
 from gpuwarden.core import errors
 from gpuwarden.core.model import QUEUE_PAUSED_FLAG, EntityKind, Job, JobState
 from gpuwarden.fleet.app import App
@@ -113,12 +113,7 @@ async def _job(app: App, ref: str) -> Job:
         if len(found) == 1:
             return found[0]
         if found:
-            shown = ", ".join(f"{j.id} ({j.state.value})" for j in found)
-            raise errors.Ambiguous(
-                f"{ref!r} matches several jobs: {shown}; give more of the id",
-                id=ref,
-                candidates=[{"id": j.id, "state": j.state.value} for j in found],
-            )
+            raise ambiguous(ref, "jobs", [(j.id, j.state.value) for j in found])
     hint = (
         f" (an id prefix needs at least {MIN_PREFIX} characters)" if len(ref) < MIN_PREFIX else ""
     )
