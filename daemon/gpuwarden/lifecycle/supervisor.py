@@ -1,9 +1,9 @@
 """`gpuwarden run`: start the daemon, supervise its loops, stop it cleanly.
 
 Start-up, in this order, so that a refused start touches nothing:
-config (bad: exit 78) -> logging -> uvloop -> state dir -> lock (held: exit 75) -> store
-(open, integrity check, migrate) -> SSH key -> in-process sim cloud (if enabled) ->
-providers -> App -> each service's start() -> READY=1.
+config (bad, or a provider without its key: exit 78) -> logging -> uvloop -> state dir ->
+lock (held: exit 75) -> store (open, integrity check, migrate) -> SSH key -> in-process sim
+cloud (if enabled) -> providers -> App -> each service's start() -> READY=1.
 
 Running: every service's run() is a named task in ONE root TaskGroup, beside the systemd
 watchdog task and the config-reload task. Signal handlers only set events (runtime.py).
