@@ -260,6 +260,7 @@ def test_costs(daemon: Daemon) -> None:
 def test_events_and_reload(daemon: Daemon) -> None:
     inst = launch_one(daemon)
     events = gw_json(daemon, "events", "--id", inst["id"])
+    assert gw_json(daemon, "events", "--id", inst["id"][:5]) == events  # a prefix names it too
     assert [e["to_state"] for e in events if e["name"] == "state"][:2] == [
         "requested",
         "provisioning",

@@ -129,7 +129,12 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--limit", metavar="N", type=positive(int), default=50, help="the newest N (default 50)"
     )
-    p.add_argument("--id", metavar="ID", dest="entity", help="only events of this instance/job")
+    p.add_argument(
+        "--id",
+        metavar="ID",
+        dest="entity",
+        help="only events of this instance or job (its id, a unique start of it, or a label)",
+    )
 
     from gpuwarden.cli.reap import register as register_reap
 

@@ -357,7 +357,8 @@ def show_events(args: argparse.Namespace) -> int:
                 show(out, ev)
                 seen = max(seen, int(ev.get("id") or 0))
             async for ev in stream:
-                if args.entity and ev.get("entity_id") != args.entity:
+                # New events are matched here, by id or its start (a label is not known).
+                if args.entity and not str(ev.get("entity_id") or "").startswith(args.entity):
                     continue
                 if ev.get("id") is not None and int(ev["id"]) <= seen:
                     continue

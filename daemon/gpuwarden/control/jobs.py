@@ -61,13 +61,13 @@ async def list(  # the control method is jobs.list
 
 
 async def get(app: App, id: str) -> dict[str, Any]:
-    return job_dict(await _job(app, id))
+    return job_dict(await resolve_job(app, id))
 
 
 async def cancel(app: App, id: str) -> dict[str, Any]:
     """Cancel a job. Queued or provisioning: at once. Running or fetching: asked of its runner
     (the reply shows the job still running, with cancel_requested). Finished: an error."""
-    job = await _job(app, id)
+    job = await resolve_job(app, id)
     jid = job.id
     if job.state.terminal:
         raise errors.InvalidState(f"job {jid} is already {job.state.value}", state=job.state.value)
@@ -78,7 +78,7 @@ async def cancel(app: App, id: str) -> dict[str, Any]:
             app.jobs_wake.set()
             return job_dict(job)
         except IllegalTransition:
-            job = await _job(app, jid)  # it moved on meanwhile: ask its runner
+            job = await resolve_job(app, jid)  # it moved on meanwhile: ask its runner
             if job.state.terminal:
                 return job_dict(job)
     await app.store.record(EntityKind.JOB, jid, "cancel_requested", {"state": job.state.value})
@@ -101,7 +101,7 @@ async def resume(app: App) -> dict[str, Any]:
     return {"queue_paused": False}
 
 
-async def _job(app: App, ref: str) -> Job:
+async def resolve_job(app: App, ref: str) -> Job:
     """The job `ref` names: its full id, or a unique prefix of it of at least MIN_PREFIX
     characters (as for instances)."""
     try:
