@@ -256,3 +256,10 @@ def test_the_money_state_shows_each_budget_window_and_why_the_queue_is_paused() 
     assert "budget daily: $8.00 left of $10.00 (spent $1.50, committed $2.00)" in text
     assert "budget monthly: no limit (budget.monthly_limit)" in text
     assert "job queue: PAUSED (insufficient_credit); 'gpuwarden resume' restarts it" in text
+
+
+def test_launch_hours_take_a_duration_too() -> None:
+    from gpuwarden.cli import build_parser
+
+    args = build_parser().parse_args(["launch", "--gpu", "4090", "--hours", "90m"])
+    assert args.hours == 1.5

@@ -72,8 +72,9 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--hours",
         metavar="N",
-        type=positive(float),
-        help="lease in hours (default: policy.lease_default, at most policy.lease_max)",
+        type=lease_hours,
+        help="lease: hours, or a duration such as 90m or 1h30m (default: "
+        "policy.lease_default, at most policy.lease_max)",
     )
     p.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
 
