@@ -3,18 +3,26 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import structlog
 
 from gpuwarden.cli import main
+from gpuwarden.system import logs as glog
 
 
 @pytest.fixture(autouse=True)
-def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     for name in list(os.environ):
-        if name.startswith("GPUWARDEN_") or name == "CREDENTIALS_DIRECTORY":
+        if name.startswith(("GPUWARDEN_", "CREDENTIALS_DIRECTORY")):
             monkeypatch.delenv(name)
+    yield
+    # reap configures logging for itself (warnings on stderr): give the next tests theirs.
+    structlog.reset_defaults()
+    glog.close()
+    glog.clear_secrets()
 
 
 def test_reap_says_plainly_that_the_in_process_sim_cannot_be_listed(
