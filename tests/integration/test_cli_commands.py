@@ -9,30 +9,27 @@ point are checked once more through subprocesses.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import io
 import json
 import os
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
 
 import asyncssh
 import pytest
-from control_support import running_server
-from tests.conftest import LoopThread, daemon_env, eventually, short_tmp
+from cli_support import (
+    Daemon,
+    daemon,
+    gw,
+    gw_json,
+    launch_one,
+    status_row,
+    until,
+    until_no_live,
+)
 
-from gpuwarden.cli import main
-from gpuwarden.control.methods import LaunchParams, Method
-from gpuwarden.system.childproc import ChildFailed, DaemonProcess
-
-ROOT = Path(__file__).resolve().parents[2]
-EXAMPLE = ROOT / "config.example.toml"
 STATUS_KEYS = {
     "id",
     "provider",
@@ -48,6 +45,7 @@ STATUS_KEYS = {
     "price_per_hour",
     "cost_now",
     "est_total",
+    "job",
 }
 HISTORY_KEYS = {
     "at",
@@ -63,87 +61,7 @@ HISTORY_KEYS = {
 }
 
 pytestmark = pytest.mark.slow
-
-
-class Daemon:
-    """`gpuwarden run` with the example config, state and socket in `base`, its output read on
-    a loop of its own (the tests are synchronous: the CLI runs its own event loop)."""
-
-    def __init__(self, base: Path, loop: LoopThread) -> None:
-        self.base = base
-        self.socket = base / "control.sock"
-        self.loop = loop
-        self.env = daemon_env(
-            GPUWARDEN_DAEMON__STATE_DIR=str(base / "state"),
-            GPUWARDEN_DAEMON__SOCKET=str(self.socket),
-            GPUWARDEN_PROVIDERS__SIM__BOOT_DELAY="0.2s",
-            GPUWARDEN_POLICY__POLL_INTERVAL="1s",
-        )
-        self.proc: DaemonProcess | None = None
-
-    def start(self) -> None:
-        self.proc = self.loop.run(DaemonProcess.start(EXAMPLE, self.env, cwd=self.base))
-        self.loop.run(self.proc.wait_for("daemon_ready", 30))
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            with contextlib.suppress(ChildFailed):  # killed if SIGTERM did not end it
-                self.loop.run(self.proc.stop(20))
-
-
-@pytest.fixture(scope="module")
-def daemon() -> Iterator[Daemon]:
-    with short_tmp() as base, LoopThread() as loop:
-        d = Daemon(base, loop)
-        try:
-            d.start()
-            yield d
-        finally:
-            d.stop()
-
-
-def gw(d: Daemon | None, *argv: str) -> tuple[int, str, str]:
-    """Run one command in-process; returns (exit code, stdout, stderr)."""
-    out, err = io.StringIO(), io.StringIO()
-    full = list(argv)
-    if d is not None:
-        full += ["--socket", str(d.socket)]
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            main(full)
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else 1
-        else:
-            code = 0
-    return code, out.getvalue(), err.getvalue()
-
-
-def gw_json(d: Daemon, *argv: str) -> Any:
-    code, out, err = gw(d, *argv, "--json")
-    assert code == 0, err
-    return json.loads(out)
-
-
-def _until(check: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
-    """`eventually` for these synchronous tests: `check` runs the CLI, which runs its own
-    event loop, so it is called in a worker thread."""
-    asyncio.run(
-        eventually(lambda: asyncio.to_thread(check), timeout=timeout, interval=0.2, what=what)
-    )
-
-
-def _until_no_live(d: Daemon) -> None:
-    _until(lambda: not gw_json(d, "status"), "no live instances")
-
-
-def _row(d: Daemon, iid: str) -> dict[str, Any]:
-    row: dict[str, Any] = next(r for r in gw_json(d, "status") if r["id"] == iid)
-    return row
-
-
-def _launch(d: Daemon, *extra: str) -> dict[str, Any]:
-    inst: dict[str, Any] = gw_json(d, "launch", "--gpu", "4090", "--hours", "1", "--yes", *extra)
-    return inst
+__all__ = ["daemon"]  # the fixture, imported for pytest to find
 
 
 # --- exit codes without a daemon and for usage ----------------------------------------------
@@ -174,6 +92,7 @@ def test_no_daemon_exits_69_with_a_hint(tmp_path: Path) -> None:
         ["extend"],
         ["extend", "abc", "-1"],
         ["extend", "abc", "lots"],
+        ["extend", "abc", "1h-30m"],
         ["launch", "--hours", "1"],  # neither --offer nor --gpu
         ["launch", "--offer", "1", "--gpu", "x"],
         ["status", "--bogus"],
@@ -184,6 +103,16 @@ def test_usage_errors_exit_2(argv: list[str]) -> None:
     code, _, err = gw(None, *argv)
     assert code == 2
     assert "usage:" in err
+
+
+@pytest.mark.parametrize(
+    "argv", [["status", "--bogus"], ["extend", "abc", "1", "--hours", "2"], ["jobs", "-x"]]
+)
+def test_a_bad_flag_prints_the_subcommands_usage(argv: list[str]) -> None:
+    code, _, err = gw(None, *argv)
+    assert code == 2
+    assert err.startswith(f"usage: gpuwarden {argv[0]} ")  # its flags, not the command list
+    assert f"gpuwarden {argv[0]}: error: unrecognized arguments" in err
 
 
 def test_usage_exit_code_of_the_real_entry_point() -> None:
@@ -210,25 +139,21 @@ def test_info(daemon: Daemon) -> None:
 
 
 def test_offers(daemon: Daemon) -> None:
-    offers = gw_json(daemon, "offers", "--gpu", "4090", "--max-price", "5", "--limit", "3")
+    found = gw_json(daemon, "offers", "--gpu", "4090", "--max-price", "5", "--limit", "3")
+    assert found["warnings"] == []
+    offers = found["offers"]
     assert 0 < len(offers) <= 3
-    assert all("4090" in o["gpu"] and o["price_per_hour"] <= 5 for o in offers)
+    assert all(o["gpu"] == "RTX 4090" and o["price_per_hour"] <= 5 for o in offers)
+    # A model, not a substring: the sim sells A10s (Lambda) and A100s (both).
+    a10 = gw_json(daemon, "offers", "--gpu", "A10")["offers"]
+    assert a10 and all(o["gpu"].split()[0] == "A10" for o in a10)
     code, out, _ = gw(daemon, "offers", "--provider", "sim-lambda", "--limit", "2")
     assert code == 0
     assert "sim-lambda" in out and "PRICE" in out
 
 
-def test_launch_refuses_without_a_terminal_and_without_yes(daemon: Daemon) -> None:
-    before = {r["id"] for r in gw_json(daemon, "status")}
-    code, out, err = gw(daemon, "launch", "--gpu", "4090", "--hours", "1")
-    assert code == 1
-    assert "--yes" in err
-    assert "Estimate" in out and "RTX 4090" in out  # the dry run was shown
-    assert {r["id"] for r in gw_json(daemon, "status")} == before  # nothing was rented
-
-
 def test_launch_status_extend_activity_destroy_history(daemon: Daemon) -> None:
-    inst = _launch(daemon)
+    inst = launch_one(daemon)
     iid = inst["id"]
     assert inst["state"] in ("provisioning", "running")
 
@@ -239,9 +164,10 @@ def test_launch_status_extend_activity_destroy_history(daemon: Daemon) -> None:
     code, out, _ = gw(daemon, "status")
     assert code == 0
     assert iid in out and "TOTAL" in out and "TIME LEFT" in out and "PROBE" in out
+    assert "LEASE END" in out and "JOB" in out and "RATE" in out
     # The watchdog probes a new instance as soon as it runs; the PROBE cell then says so.
-    _until(lambda: _row(daemon, iid)["last_probe_ok"] is True, "never probed")
-    assert _row(daemon, iid)["strikes"] == 0
+    until(lambda: status_row(daemon, iid)["last_probe_ok"] is True, "never probed")
+    assert status_row(daemon, iid)["strikes"] == 0
     code, out, _ = gw(daemon, "status")
     line = next(ln for ln in out.splitlines() if iid in ln)
     assert "ok " in line and " ago" in line, out
@@ -250,6 +176,8 @@ def test_launch_status_extend_activity_destroy_history(daemon: Daemon) -> None:
     assert ext["id"] == iid
     code, out, _ = gw(daemon, "extend", iid, "0.5")
     assert code == 0 and "Extended" in out
+    code, out, _ = gw(daemon, "extend", iid, "15m")  # a duration, as config writes them
+    assert code == 0 and "by 15m 00s" in out
     code, out, err = gw(daemon, "extend", iid, "100", "--json")
     assert code == 1
     assert json.loads(out)["error"]["data"]["code"] == "lease_max_exceeded"
@@ -287,7 +215,7 @@ def test_domain_errors_exit_1(daemon: Daemon) -> None:
 
 
 def test_an_instance_is_named_by_a_unique_id_prefix_or_its_label(daemon: Daemon) -> None:
-    inst = _launch(daemon)
+    inst = launch_one(daemon)
     iid, label = inst["id"], inst["label"]
     assert gw_json(daemon, "extend", iid[:5], "0.5")["id"] == iid
     code, out, _ = gw(daemon, "activity", iid[:4])
@@ -297,11 +225,11 @@ def test_an_instance_is_named_by_a_unique_id_prefix_or_its_label(daemon: Daemon)
     assert json.loads(out)["error"]["data"]["code"] == "not_found"
     assert "at least 4 characters" in err
     assert gw_json(daemon, "destroy", label)["id"] == iid
-    _until_no_live(daemon)
+    until_no_live(daemon)
 
 
 def test_launch_by_offer_id_and_destroy_all(daemon: Daemon) -> None:
-    offer = gw_json(daemon, "offers", "--provider", "sim-lambda", "--limit", "1")[0]
+    offer = gw_json(daemon, "offers", "--provider", "sim-lambda", "--limit", "1")["offers"][0]
     inst = gw_json(
         daemon, "launch", "--offer", offer["offer_id"], "--provider", "sim-lambda", "--yes"
     )
@@ -313,7 +241,7 @@ def test_launch_by_offer_id_and_destroy_all(daemon: Daemon) -> None:
     assert inst["id"] in [i["id"] for i in result["instances"]]
     # Lambda ends instances asynchronously: they stay "terminating" until it stops listing them.
     assert all(r["state"] == "terminating" for r in gw_json(daemon, "status"))
-    _until_no_live(daemon)
+    until_no_live(daemon)
     code, out, _ = gw(daemon, "status")
     assert code == 0 and "No live instances" in out
     code, out, _ = gw(daemon, "destroy-all", "--yes")
@@ -321,7 +249,7 @@ def test_launch_by_offer_id_and_destroy_all(daemon: Daemon) -> None:
 
 
 def test_costs(daemon: Daemon) -> None:
-    _launch(daemon)
+    launch_one(daemon)
     costs = gw_json(daemon, "costs", "--days", "2")
     assert {"days", "by_provider", "by_reason", "total", "idle"} <= costs.keys()
     code, out, _ = gw(daemon, "costs")
@@ -330,8 +258,9 @@ def test_costs(daemon: Daemon) -> None:
 
 
 def test_events_and_reload(daemon: Daemon) -> None:
-    inst = _launch(daemon)
+    inst = launch_one(daemon)
     events = gw_json(daemon, "events", "--id", inst["id"])
+    assert gw_json(daemon, "events", "--id", inst["id"][:5]) == events  # a prefix names it too
     assert [e["to_state"] for e in events if e["name"] == "state"][:2] == [
         "requested",
         "provisioning",
@@ -341,12 +270,12 @@ def test_events_and_reload(daemon: Daemon) -> None:
     reload = gw_json(daemon, "reload")
     assert reload["reloaded"] is True
     code, out, _ = gw(daemon, "reload")
-    assert code == 0 and "reloaded" in out.lower()
+    assert code == 0 and "Configuration reloaded: nothing changed." in out
     gw_json(daemon, "destroy", inst["id"])
 
 
 def test_events_follow_streams_new_events(daemon: Daemon) -> None:
-    inst = _launch(daemon)
+    inst = launch_one(daemon)
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -506,108 +435,3 @@ async def test_reap_destroys_labelled_instances_while_the_daemon_is_stopped(
             await p.aclose()
     finally:
         await sim.stop()
-
-
-def _on_a_terminal(d: Daemon, answer: bytes, *argv: str) -> tuple[int, str]:
-    """Run a command with a pseudo-terminal as stdin/stdout/stderr and type `answer` at the
-    prompt. Reads with bounded waits under an overall deadline (a real process)."""
-    import pty
-    import select
-
-    master, slave = pty.openpty()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "gpuwarden", *argv, "--socket", str(d.socket)],
-        stdin=slave,
-        stdout=slave,
-        stderr=slave,
-        env={**os.environ, "NO_COLOR": "1"},
-    )
-    os.close(slave)
-    seen = b""
-    answered = False
-    deadline = time.monotonic() + 30
-    try:
-        while time.monotonic() < deadline:
-            if not answered and b"[y/N]" in seen:
-                os.write(master, answer)
-                answered = True
-            ready, _, _ = select.select([master], [], [], 0.2)
-            if not ready:
-                if proc.poll() is not None:
-                    break
-                continue
-            try:
-                chunk = os.read(master, 4096)
-            except OSError:  # EIO: the child closed the terminal
-                break
-            if not chunk:
-                break
-            seen += chunk
-        code = proc.wait(10)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        os.close(master)
-    assert answered, seen
-    return code, seen.decode(errors="replace")
-
-
-REFUSED = "$9.00/h is over budget.max_hourly_price ($2.50/h)"
-
-
-async def test_a_launch_the_dry_run_refuses_is_not_attempted() -> None:
-    """The dry run says a launch would be refused (price, budget): the confirmation shows
-    why, and the CLI stops there with exit 1, without asking and without launching."""
-    asked: list[bool] = []
-
-    async def launch(app: Any, p: LaunchParams) -> dict[str, Any]:
-        asked.append(p.dry_run)
-        assert p.dry_run, "a refused launch was attempted"
-        return {
-            "dry_run": True,
-            "provider": "sim-vast",
-            "offer_id": "o1",
-            "gpu": "H100 80GB",
-            "num_gpus": 1,
-            "gpu_ram_gb": 80.0,
-            "price_per_hour": 9.0,
-            "region": "EU",
-            "hours": 4.0,
-            "estimated_cost": 36.0,
-            "refused": REFUSED,
-            "refused_code": "price_too_high",
-        }
-
-    async with running_server(methods={"launch": Method(LaunchParams, launch)}) as (_, app):
-        sock = str(app.settings.daemon.socket)
-
-        def run(*argv: str) -> tuple[int, str, str]:
-            return gw(None, "launch", "--gpu", "h100", *argv, "--socket", sock)
-
-        code, out, err = await asyncio.to_thread(run)
-        assert code == 1
-        assert f"Refused:   {REFUSED}" in out and "Estimate" in out  # in the confirmation
-        assert REFUSED in err and "budget.max_hourly_price in the config" in err  # and a hint
-        assert "--yes" not in err  # it did not get as far as asking
-        code, out, err = await asyncio.to_thread(run, "--yes")
-        assert code == 1 and REFUSED in err and out == ""
-        code, out, err = await asyncio.to_thread(run, "--yes", "--json")
-        assert code == 1
-        error = json.loads(out)["error"]
-        assert error["message"] == REFUSED and error["data"]["code"] == "price_too_high"
-        assert asked == [True, True, True]
-
-
-def test_launch_and_destroy_all_ask_on_a_terminal(daemon: Daemon) -> None:
-    before = {r["id"] for r in gw_json(daemon, "status")}
-    code, text = _on_a_terminal(daemon, b"n\n", "launch", "--gpu", "4090", "--hours", "1")
-    assert code == 1
-    assert "Estimate" in text and "not launched" in text
-    assert {r["id"] for r in gw_json(daemon, "status")} == before
-    code, text = _on_a_terminal(daemon, b"y\n", "launch", "--gpu", "4090", "--hours", "1")
-    assert code == 0, text
-    assert "Launched" in text
-    code, text = _on_a_terminal(daemon, b"y\n", "destroy-all")
-    assert code == 0, text
-    assert "destroyed" in text
-    _until_no_live(daemon)

@@ -239,3 +239,70 @@ def test_run_refuses_a_file_that_is_not_text_with_78_before_touching_anything(
     assert supervisor.main(str(path)) == 78
     assert "not UTF-8 text" in capsys.readouterr().err
     assert not (tmp_path / "state").exists()
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [
+        ("30m", 1800),
+        ("1h30m", 5400),
+        ("1h 30m", 5400),
+        ("2d4h", 187200),
+        ("1m5s", 65),
+        ("250ms", 0.25),
+        ("1.5h", 5400),
+    ],
+)
+def test_durations_may_be_compound(text: str, seconds: float) -> None:
+    assert config.parse_duration(text).total_seconds() == seconds
+
+
+@pytest.mark.parametrize("text", ["", "30", "h", "1h-30m", "m30", "1x"])
+def test_what_is_not_a_duration_is_refused(text: str) -> None:
+    with pytest.raises(ValueError, match="1h30m"):
+        config.parse_duration(text)
+
+
+def test_a_provider_without_a_key_is_refused_by_check_config_and_run_alike(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One validation: what check-config passes, run accepts; and a refused run writes no
+    file (no state dir, database, lock or SSH key)."""
+    (tmp_path / "creds").mkdir()  # as under systemd, without the key among the credentials
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path / "creds"))
+    state = tmp_path / "state"
+    path = tmp_path / "c.toml"
+    path.write_text(f'[daemon]\nstate_dir = "{state}"\n[providers.vast]\nenabled = true\n')
+    code, _, err = check([str(path)], capsys)
+    assert code == 78 and "providers.vast.api_key: required" in err
+    code, out, _ = check(["--json", str(path)], capsys)
+    assert code == 78
+    assert json.loads(out) == {
+        "valid": False,
+        "problems": [
+            {
+                "setting": "providers.vast.api_key",
+                "reason": "required when providers.vast.enabled is true (set it or put it "
+                "in the credential file vast_api_key)",
+                "from": "the configuration",
+            }
+        ],
+    }
+    with pytest.raises(SystemExit) as exc:
+        main(["run", "--config", str(path)])
+    assert exc.value.code == 78
+    assert "providers.vast.api_key" in capsys.readouterr().err
+    assert not state.exists()
+
+
+def test_outside_systemd_a_key_in_a_credential_store_counts(tmp_path: Path) -> None:
+    """check-config run by an operator: the key is in /etc/credstore for LoadCredential=."""
+    settings = config.Settings(
+        daemon={"state_dir": str(tmp_path)}, providers={"vast": {"enabled": True}}
+    )
+    with pytest.raises(config.ConfigError):
+        config.check_startable(settings)
+    with pytest.raises(config.ConfigError):
+        config.check_startable(settings, credstores=[tmp_path / "no-such-store"])
+    (tmp_path / "vast_api_key").write_text("vk")
+    config.check_startable(settings, credstores=[tmp_path / "no-such-store", tmp_path])

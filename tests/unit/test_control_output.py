@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import io
 from datetime import UTC, datetime
 from typing import Any
@@ -10,6 +11,7 @@ import pytest
 
 from gpuwarden.cli import commands_views as cc
 from gpuwarden.cli.client import RemoteError, Unreachable
+from gpuwarden.cli.commands_control import lease_hours
 from gpuwarden.cli.output import (
     EX_DOMAIN,
     EX_UNAVAILABLE,
@@ -169,3 +171,100 @@ def test_event_line_for_humans() -> None:
     assert "reason=idle" in line.plain
     lagged = cc.event_line({"name": "lagged", "details": {"dropped": 7}})
     assert "7 events not shown" in lagged.plain
+
+
+@pytest.mark.parametrize(
+    ("text", "hours"), [("30m", 0.5), ("1h30m", 1.5), ("2", 2.0), ("0.25", 0.25), ("90m", 1.5)]
+)
+def test_extend_takes_a_duration_or_hours(text: str, hours: float) -> None:
+    assert lease_hours(text) == hours
+
+
+@pytest.mark.parametrize("text", ["lots", "-1", "0", "0m", "nan", "inf"])
+def test_extend_refuses_what_is_not_a_positive_time(text: str) -> None:
+    with pytest.raises(argparse.ArgumentTypeError):
+        lease_hours(text)
+
+
+def _status_row(iid: str, **kw: Any) -> dict[str, Any]:
+    return {
+        "id": iid,
+        "provider": "sim-lambda",
+        "gpu": "RTX 6000Ada",
+        "state": "provisioning",
+        "price_per_hour": 1.253,
+        "uptime_s": 3725.0,
+        "lease_until": "2026-01-01T16:00:00Z",
+        "time_left_s": 1799.0,
+        "deadline_reason": "idle",
+        "job": "j0123456789",
+        "strikes": 0,
+        "last_probe_at": "2026-01-01T11:58:00Z",
+        "last_probe_ok": True,
+        "cost_now": 12.3456,
+        "est_total": 123.45,
+        **kw,
+    }
+
+
+def _render_status(width: int) -> str:
+    buf = io.StringIO()
+    out = Out(stdout=buf, width=width)
+    rows = [_status_row("de38ba3c"), _status_row("0a1b2c3d", job=None, time_left_s=60.0)]
+    cc.status_table(out, rows, "2026-01-01T12:00:00Z")
+    return buf.getvalue()
+
+
+def test_status_fits_80_columns_without_cutting_a_cell() -> None:
+    text = _render_status(80)
+    lines = text.splitlines()
+    assert max(len(ln) for ln in lines) <= 80, text
+    assert "…" not in text  # no cell cut
+    head = lines[0].split()
+    assert head == ["ID", "GPU", "STATE", "$/H", "LEFT", "JOB", "COST"]
+    first = next(ln for ln in lines if ln.startswith("de38ba3c"))
+    for cell in ("RTX 6000Ada", "provisioning", "1.253", "29m 59s", "j0123456789", "$12.35"):
+        assert cell in first, first
+    assert "2.506" in lines[-1]  # the hourly burn of all of them
+
+
+def test_status_shows_every_column_when_wide() -> None:
+    text = _render_status(200)
+    assert "…" not in text
+    for col in ("RATE", "LEASE END", "TIME LEFT", "JOB", "PROBE", "EST. TOTAL"):
+        assert col in text.splitlines()[0]
+    first = next(ln for ln in text.splitlines() if ln.startswith("de38ba3c"))
+    assert "$1.253/h" in first and "29m 59s (idle)" in first and "j0123456789" in first
+
+
+def test_time_left_turns_yellow_under_15_minutes() -> None:
+    assert "yellow" in str(cc._time_left(_row(time_left_s=14 * 60)).style)
+    assert "yellow" not in str(cc._time_left(_row(time_left_s=16 * 60)).style)
+    assert cc._time_left(_row(time_left_s=60), reason=False).plain == "1m 00s"
+
+
+def test_the_money_state_shows_each_budget_window_and_why_the_queue_is_paused() -> None:
+    buf = io.StringIO()
+    cc.show_money_state(
+        Out(stdout=buf),
+        {
+            "budget": {
+                "daily": {"limit": 10.0, "spent": 1.5, "committed": 2.0, "left": 8.0},
+                "monthly": {"limit": None, "spent": 1.5, "committed": 2.0, "left": None},
+            },
+            "queue_paused": True,
+            "queue_paused_reason": "insufficient_credit",
+            "queue_paused_since": None,
+        },
+    )
+    text = buf.getvalue()
+    assert "budget daily: $8.00 left of $10.00 (spent $1.50, committed $2.00)" in text
+    assert "budget monthly: no limit (budget.monthly_limit)" in text
+    assert "job queue: PAUSED (insufficient_credit); 'gpuwarden resume' restarts it" in text
+
+
+def test_launch_hours_take_a_duration_too() -> None:
+    from gpuwarden.cli import build_parser
+
+    args = build_parser().parse_args(["launch", "--gpu", "4090", "--hours", "90m"])
+    assert args.hours == 1.5

@@ -16,6 +16,7 @@ from gpuwarden.core import errors
 from gpuwarden.core.clock import FakeClock
 from gpuwarden.core.model import Billing, TerminationReason
 from gpuwarden.fleet import launcher
+from gpuwarden.providers.base import Offer
 from gpuwarden.providers.fake import FakeProvider
 
 
@@ -25,16 +26,50 @@ async def test_offers_are_cheapest_first_across_providers(
     vast = FakeProvider(clock, "vast")
     lam = FakeProvider(clock, "lambda", billing=Billing.PER_MINUTE)
     app = await make_app(clock=clock, providers=[vast, lam])
-    got = await api.offers(app, gpu_ram_gb=0, limit=4)
+    found = await api.offers(app, gpu_ram_gb=0, limit=4)
+    assert found["warnings"] == []
+    got = found["offers"]
     prices = [o["price_per_hour"] for o in got]
     assert prices == sorted(prices) and len(got) == 4
     assert {o["provider"] for o in got} == {"vast", "lambda"}
-    only = await api.offers(app, provider="lambda", gpu="a100")
+    only = (await api.offers(app, provider="lambda", gpu="a100"))["offers"]
     assert [o["gpu"] for o in only] == ["A100 80GB"]
     assert only[0]["billing"] == "per_minute"
     with pytest.raises(errors.ProviderUnavailable):
         await api.offers(app, provider="nope")
     await app.store.close()
+
+
+async def test_a_provider_that_failed_is_a_warning_not_a_silent_gap(
+    tmp_path: Path, make_app: MakeApp, clock: FakeClock
+) -> None:
+    """The A10 seller is rate-limited: an A10 is not found elsewhere (the A100 seller's
+    "A100 80GB" is not an A10), and the missing provider is named in offers and launch."""
+    a10 = FakeProvider(clock, "lambda", offers=[_offer("lambda", "A10", 0.75)])
+    a100 = FakeProvider(clock, "vast", offers=[_offer("vast", "A100 SXM4", 1.05)])
+    app = await make_app(clock=clock, providers=[a10, a100])
+    a10.faults.fail_next["search_offers"] = 3
+    found = await api.offers(app, gpu="A10")
+    assert found["offers"] == []
+    assert len(found["warnings"]) == 1 and "lambda" in found["warnings"][0]
+    with pytest.raises(errors.NoOffer, match="no offers from lambda"):
+        await api.launch(app, gpu="A10", dry_run=True)
+    est = await api.launch(app, gpu="a100", dry_run=True)
+    assert est["gpu"] == "A100 SXM4"
+    assert [w for w in est["warnings"] if "lambda" in w] == est["warnings"] != []
+    assert a100.calls_to("launch") == []
+
+
+def _offer(provider: str, gpu: str, price: float) -> Offer:
+    return Offer(
+        provider=provider,
+        offer_id=f"{provider}-1",
+        gpu_name=gpu,
+        num_gpus=1,
+        gpu_ram_gb=24.0,
+        price_per_hour=price,
+        region="US",
+    )
 
 
 async def test_launch_dry_run_estimates_without_renting(
@@ -47,6 +82,10 @@ async def test_launch_dry_run_estimates_without_renting(
     assert est["estimated_cost"] == pytest.approx(1.5)
     assert est["refused"] is not None and "daily limit" in est["refused"]
     assert est["refused_code"] == "budget_exceeded"
+    # What ends it besides the lease, and the budget left today before this rental.
+    assert est["idle_timeout_s"] == 30 * 60 and est["hard_cap_h"] == 8
+    assert (est["daily_limit"], est["daily_left"], est["daily_committed"]) == (1.0, 1.0, 0.0)
+    assert est["warnings"] == []
     ok = await api.launch(app, gpu="a10", hours=1, dry_run=True)
     assert (ok["refused"], ok["refused_code"]) == (None, None)
     assert fake.calls_to("launch") == []

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import structlog
+from jobs_fakes import add_instance
 
 from gpuwarden.config import settings as config
 from gpuwarden.fleet.app import App
@@ -109,7 +110,7 @@ async def test_services_start_in_order_then_ready_then_run(
     assert {"alpha", "beta", "systemd-watchdog", "config-reload"} <= names
     sup.stopping.set()
     assert await asyncio.wait_for(task, 10) == 0
-    assert [m for m in rec.sent if "STOPPING" in m]
+    assert [m["STATUS"] for m in rec.sent if "STOPPING" in m] == ["stopping"]  # none live
     with StateLock(settings.lock_path):  # released on the way out
         pass
 
@@ -234,3 +235,35 @@ async def test_a_sim_base_url_means_that_sim_and_none_of_its_own(tmp_path: Path)
         "http://127.0.0.1:8700/lambda/api/v1",
     )
     assert not (tmp_path / "state" / "sim").exists()  # no sandbox: no sim started here
+
+
+async def test_stopping_with_instances_billing_warns_with_count_and_burn(
+    settings: config.Settings, tmp_path: Path
+) -> None:
+    """Nothing ends them on their deadlines while the daemon is down: STATUS= and a warning
+    say how many still bill and at what hourly rate."""
+
+    class Renter:
+        name = "renter"
+
+        def __init__(self, app: App) -> None:
+            self.app = app
+
+        async def start(self) -> None:
+            await add_instance(self.app, "i1", price_per_hour=0.25)
+            await add_instance(self.app, "i2", price_per_hour=1.5)
+
+        async def run(self) -> None:
+            await asyncio.Event().wait()
+
+    sup, rec = make(settings, tmp_path, lambda app: [Renter(app)])
+    task = asyncio.create_task(sup.run())
+    await asyncio.wait_for(rec.ready_seen.wait(), 10)
+    with structlog.testing.capture_logs() as logs:
+        sup.stopping.set()
+        assert await asyncio.wait_for(task, 10) == 0
+    stopping = [m for m in rec.sent if "STOPPING" in m]
+    assert stopping[0]["STATUS"] == "stopping with 2 instance(s) still billing, $1.750/h"
+    warned = [e for e in logs if e["event"] == "stopping_with_instances_billing"]
+    assert warned and warned[0]["log_level"] == "warning"
+    assert (warned[0]["count"], warned[0]["burn_per_hour"]) == (2, 1.75)

@@ -262,6 +262,10 @@ async def test_a_valid_file_replaces_the_settings_and_is_recorded(
     assert app.jobs_wake.is_set()
     reloads = [e for e in await app.store.events() if e.name == CONFIG_RELOADED]
     assert [e.details["changed"] for e in reloads] == [["daemon.socket", "policy.idle_timeout"]]
+    # The socket in force is still the first one: reloading the same file again still says
+    # a restart is needed, though nothing changed since the last reload.
+    again = await reloader.reload()
+    assert again == {"reloaded": True, "changed": [], "needs_restart": ["daemon.socket"]}
 
 
 async def test_reload_runs_when_requested(app_with_config: tuple[App, Path]) -> None:

@@ -35,6 +35,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        # parse_args would blame the top level and print its usage; the subcommand's usage
+        # is the one that lists the flags the user meant.
+        _subparser(parser, args.command).error(f"unrecognized arguments: {' '.join(extra)}")
     code: int = args.func(args)
     sys.exit(code)
+
+
+def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
+    for action in parser._actions:  # argparse keeps its subparsers only here
+        if isinstance(action, argparse._SubParsersAction):
+            found: argparse.ArgumentParser = action.choices[name]
+            return found
+    return parser

@@ -11,6 +11,7 @@ Every command takes --json, --socket and --config. Exit codes: see cli/output.py
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -30,6 +31,7 @@ from gpuwarden.cli.output import (
     rate,
     run_command,
 )
+from gpuwarden.config.settings import parse_duration
 
 ID_HELP = "instance id, a unique start of it (4+ characters), or label (see 'gpuwarden status')"
 
@@ -41,7 +43,11 @@ def register(sub: Any) -> None:
 
     p = command(sub, "offers", "search GPU offers at the enabled providers", _offers)
     p.add_argument("--provider", metavar="P", help="only this provider (e.g. vast, sim-vast)")
-    p.add_argument("--gpu", metavar="NAME", help="GPU name contains NAME (e.g. 4090, A100)")
+    p.add_argument(
+        "--gpu",
+        metavar="NAME",
+        help="this GPU model: whole words of its name (4090, A100; A10 is not A100)",
+    )
     p.add_argument("--gpu-ram", metavar="GB", type=positive(float), help="at least GB per GPU")
     p.add_argument("--max-price", metavar="X", type=positive(float), help="at most $X per hour")
     p.add_argument(
@@ -57,25 +63,29 @@ def register(sub: Any) -> None:
     )
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--offer", metavar="ID", help="rent this offer (see 'gpuwarden offers')")
-    which.add_argument("--gpu", metavar="NAME", help="rent the cheapest offer with this GPU")
+    which.add_argument(
+        "--gpu", metavar="NAME", help="rent the cheapest offer with this GPU model (see offers)"
+    )
     p.add_argument("--max-price", metavar="X", type=positive(float), help="at most $X per hour")
     p.add_argument("--gpu-ram", metavar="GB", type=positive(float), help="at least GB per GPU")
     p.add_argument("--provider", metavar="P", help="only this provider")
     p.add_argument(
         "--hours",
         metavar="N",
-        type=positive(float),
-        help="lease in hours (default: policy.lease_default, at most policy.lease_max)",
+        type=lease_hours,
+        help="lease: hours, or a duration such as 90m or 1h30m (default: "
+        "policy.lease_default, at most policy.lease_max)",
     )
     p.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
 
-    p = command(sub, "extend", "extend an instance's lease by HOURS", _extend)
+    p = command(sub, "extend", "extend an instance's lease by DURATION", _extend)
     p.add_argument("id", metavar="ID", help=ID_HELP)
     p.add_argument(
         "hours",
-        metavar="HOURS",
-        type=positive(float),
-        help="hours to add; the whole lease may not pass policy.lease_max",
+        metavar="DURATION",
+        type=lease_hours,
+        help="time to add: 30m, 2h, 1h30m, or a number of hours; the whole lease may not "
+        "pass policy.lease_max",
     )
 
     p = command(
@@ -120,7 +130,12 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--limit", metavar="N", type=positive(int), default=50, help="the newest N (default 50)"
     )
-    p.add_argument("--id", metavar="ID", dest="entity", help="only events of this instance/job")
+    p.add_argument(
+        "--id",
+        metavar="ID",
+        dest="entity",
+        help="only events of this instance or job (its id, a unique start of it, or a label)",
+    )
 
     from gpuwarden.cli.reap import register as register_reap
 
@@ -140,9 +155,12 @@ def _offers(args: argparse.Namespace) -> int:
     }
 
     async def body(client: ControlClient, out: Out) -> int:
-        offers = await client.call("offers", drop_none(params))
+        found = await client.call("offers", drop_none(params))
+        offers = found.get("offers", [])
+        for warning in found.get("warnings", []):
+            out.warn(warning)
         if out.json_mode:
-            out.json(offers)
+            out.json(found)
         elif not offers:
             out.print("No offers match.")
         else:
@@ -182,8 +200,8 @@ def _launch(args: argparse.Namespace) -> int:
 
     async def body(client: ControlClient, out: Out) -> int:
         est = await client.call("launch", {**params, "dry_run": True})
-        if not args.yes:
-            _show_estimate(out, est)
+        # With --yes too, so that what was rented, at what rate, is always on record.
+        _show_estimate(out, est, to_stderr=out.json_mode or args.yes)
         if est.get("refused"):
             # What the launch itself would answer: refused now, before asking to confirm.
             code = str(est.get("refused_code") or "refused")
@@ -210,8 +228,9 @@ def _launch(args: argparse.Namespace) -> int:
     return run_command(args, body)
 
 
-def _show_estimate(out: Out, est: Mapping[str, Any]) -> None:
-    """The dry run, on stderr in --json mode so that stdout stays one JSON document."""
+def _show_estimate(out: Out, est: Mapping[str, Any], *, to_stderr: bool) -> None:
+    """The dry run: on stderr in --json mode (stdout stays one JSON document) and with --yes
+    (stdout is the launch's own answer). Then a warning per provider whose search failed."""
     gpus = int(est.get("num_gpus") or 1)
     lines = [
         f"GPU:       {(str(gpus) + ' x ') if gpus > 1 else ''}{est.get('gpu', '?')}"
@@ -220,12 +239,29 @@ def _show_estimate(out: Out, est: Mapping[str, Any]) -> None:
         f"Rate:      {rate(est.get('price_per_hour'))}",
         f"Duration:  {duration(float(est.get('hours') or 0) * 3600)} lease",
         f"Estimate:  {money(est.get('estimated_cost'))} if kept for the whole lease",
+        f"Ends:      after {duration(est.get('idle_timeout_s'))} idle, at the lease end, and"
+        f" at the latest {float(est.get('hard_cap_h') or 0):g} h after launch (hard cap)",
+        "Budget:    " + _budget_left(est),
     ]
     if est.get("refused"):
         lines.append(f"Refused:   {est['refused']}")
-    console = out.err if out.json_mode else out.console
+    console = out.err if to_stderr else out.console
     for line in lines:
         console.print(line)
+    for warning in est.get("warnings", []):
+        out.warn(warning)
+
+
+def _budget_left(est: Mapping[str, Any]) -> str:
+    if est.get("daily_limit") is None:
+        return (
+            f"no daily limit (budget.daily_limit); {money(est.get('daily_committed'))} "
+            "spent or committed today"
+        )
+    return (
+        f"{money(est.get('daily_left'))} left today of {money(est.get('daily_limit'))} "
+        f"(spent {money(est.get('daily_spent'))}, committed {money(est.get('daily_committed'))})"
+    )
 
 
 # --- lease, activity, destroy --------------------------------------------------------------
@@ -238,7 +274,7 @@ def _extend(args: argparse.Namespace) -> int:
             out.json(r)
         else:
             out.print(
-                f"Extended {r.get('id')} by {args.hours:g} h: lease until "
+                f"Extended {r.get('id')} by {duration(args.hours * 3600)}: lease until "
                 f"{local_time(r.get('lease_until'))}; next deadline in "
                 f"{duration(r.get('time_left_s'))} ({r.get('deadline_reason')}); "
                 f"{float(r.get('still_allowed_h') or 0):g} h more allowed."
@@ -246,6 +282,21 @@ def _extend(args: argparse.Namespace) -> int:
         return EX_OK
 
     return run_command(args, body)
+
+
+def lease_hours(text: str) -> float:
+    """An argparse type: a duration as config writes it ("30m", "1h30m"), or a bare number of
+    hours ("2", "0.5"), as hours greater than 0."""
+    try:
+        hours = float(text)
+    except ValueError:
+        try:
+            hours = parse_duration(text).total_seconds() / 3600
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    if not (hours > 0 and math.isfinite(hours)):  # NaN fails the first test
+        raise argparse.ArgumentTypeError("must be a finite time greater than 0")
+    return hours
 
 
 def _activity(args: argparse.Namespace) -> int:
@@ -291,10 +342,7 @@ def _destroy_all(args: argparse.Namespace) -> int:
                 else:
                     out.print("No live instances.")
                 return EX_OK
-            console = out.err if out.json_mode else out.console
-            console.print(
-                f"This destroys {len(live)} instance(s): " + ", ".join(r["id"] for r in live)
-            )
+            _show_doomed(out, live)
             if not out.interactive:
                 out.error("not destroying without confirmation: this is not a terminal")
                 out.hint("pass --yes to destroy from a script")
@@ -306,12 +354,33 @@ def _destroy_all(args: argparse.Namespace) -> int:
         if out.json_mode:
             out.json(r)
             return EX_OK
-        for item in r.get("instances", []):
+        items = r.get("instances", [])
+        for item in items:
             _ended(out, item)
-        out.print(f"{r.get('count', 0)} instance(s) destroyed or being destroyed.")
+        done = sum(1 for i in items if i.get("confirmed"))
+        pending = len(items) - done
+        out.print(
+            f"Destroyed {done}/{len(items)}"
+            + (f"; {pending} still terminating (the daemon keeps retrying)." if pending else ".")
+        )
         return EX_OK
 
     return run_command(args, body)
+
+
+def _show_doomed(out: Out, live: list[dict[str, Any]]) -> None:
+    """What destroy-all is about to end, with what each costs, before it asks (on stderr in
+    --json mode)."""
+    lines = [
+        f"  {r.get('id')}  {r.get('gpu') or '-'}  {r.get('state')}  "
+        f"{rate(r.get('price_per_hour'))}  {money(r.get('cost_now'))} so far"
+        for r in live
+    ]
+    burn = sum(float(r.get("price_per_hour") or 0) for r in live)
+    console = out.err if out.json_mode else out.console
+    console.print(f"This destroys {len(live)} instance(s), together {rate(burn)}:")
+    for line in lines:
+        console.print(line)
 
 
 # --- daemon -------------------------------------------------------------------------------
@@ -322,10 +391,20 @@ def _reload(args: argparse.Namespace) -> int:
         r = await client.call("config.reload")
         if out.json_mode:
             out.json(r)
-        else:
-            out.print("Configuration reloaded.")
-            for k, v in (r or {}).items():
-                out.print(f"  {k}: {v}")
+        if not r.get("reloaded"):
+            out.error("configuration refused; the running configuration stays")
+            for problem in r.get("problems", []):
+                out.err.print(f"  {problem}")
+            out.hint("'gpuwarden check-config' checks a file before a reload")
+            return EX_DOMAIN
+        if not out.json_mode:
+            changed = r.get("changed") or []
+            out.print(
+                "Configuration reloaded: "
+                + (", ".join(changed) + " changed." if changed else "nothing changed.")
+            )
+            if r.get("needs_restart"):
+                out.print("Needs a restart to take effect: " + ", ".join(r["needs_restart"]))
         return EX_OK
 
     return run_command(args, body)

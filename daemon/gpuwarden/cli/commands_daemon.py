@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Any
 
@@ -40,7 +41,10 @@ def register(sub: Any) -> None:
             "$CREDENTIALS_DIRECTORY) and print the effective settings with every secret "
             "shown as **********. Nothing is started."
         ),
-        epilog="exit codes: 0 valid, 78 invalid (each bad setting named by its dotted path)",
+        epilog=(
+            "exit codes: 0 valid (gpuwarden run would accept it), 78 invalid (each bad "
+            "setting named by its dotted path; with --json also as JSON on stdout)"
+        ),
     )
     check.add_argument("path", nargs="?", metavar="PATH", help=CONFIG_HELP)
     check.add_argument("--json", action="store_true", help="print JSON instead of TOML")
@@ -58,9 +62,15 @@ def _check_config(args: argparse.Namespace) -> int:
     from gpuwarden.system import logs as glog
 
     path = config.resolve_path(args.path)
+    # Outside systemd a key may wait in a credential store for LoadCredential= to pass on.
+    stores = () if os.environ.get("CREDENTIALS_DIRECTORY") else config.SYSTEMD_CREDSTORES
     try:
         settings = config.load(path)
+        config.check_startable(settings, credstores=stores)
     except config.ConfigError as exc:
+        if args.json:  # the problems as data, for scripts; stderr keeps the readable form
+            problems = [{"setting": f, "reason": r, "from": w} for f, r, w in exc.problems]
+            print(json.dumps({"valid": False, "problems": problems}, indent=2))
         print(exc.render(), file=sys.stderr)
         return config.EX_CONFIG
     glog.register_secrets_from(settings)

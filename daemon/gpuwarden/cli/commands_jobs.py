@@ -65,7 +65,7 @@ def _int_range(lo: int, hi: int) -> Callable[[str], int]:
     return parse
 
 
-JOB_ID_HELP = "job id (see 'gpuwarden jobs')"
+JOB_ID_HELP = "job id, or a unique start of it (4+ characters; see 'gpuwarden jobs')"
 
 
 def register(sub: Any) -> None:
@@ -113,7 +113,7 @@ def register(sub: Any) -> None:
         type=_int_range(1, 10_000),
         default=50,
         metavar="N",
-        help="at most N (default 50)",
+        help="the newest N, newest first (default 50)",
     )
 
     p = command(sub, "job", "show one job", _job)

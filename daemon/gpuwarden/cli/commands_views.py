@@ -49,17 +49,25 @@ def status_rows(result: Any) -> list[dict[str, Any]]:
     return list(result or [])
 
 
-def _time_left(row: Mapping[str, Any]) -> Text:
+SOON_S = 15 * 60  # TIME LEFT turns yellow under this
+
+
+def _time_left(row: Mapping[str, Any], *, reason: bool = True) -> Text:
+    """Time to the next deadline and its reason; yellow under 15 minutes, EXPIRED in red."""
     if row.get("expired"):
         return Text("EXPIRED", style="bold red")
     left = row.get("time_left_s")
     if left is None:
         return Text("-")
-    if row.get("state") in LIVE and left <= 0:
+    live = row.get("state") in LIVE
+    if live and left <= 0:
         return Text("EXPIRED", style="bold red")
     text = duration(left)
-    reason = row.get("deadline_reason")
-    return Text(f"{text} ({reason})" if reason else text)
+    why = row.get("deadline_reason")
+    return Text(
+        f"{text} ({why})" if why and reason else text,
+        style="yellow" if live and left < SOON_S else "",
+    )
 
 
 def ago(seconds: float) -> str:
@@ -102,37 +110,75 @@ def show_status(args: argparse.Namespace) -> int:
         if not rows:
             out.print("No live instances.")
         else:
-            columns = ["ID", "PROVIDER", "GPU", "STATE", "UPTIME", "TIME LEFT", "PROBE"]
-            out.table(
-                [*columns, "COST NOW", "EST. TOTAL"],
-                [
-                    [
-                        r.get("id", ""),
-                        r.get("provider", ""),
-                        r.get("gpu", "") or "-",
-                        Text(str(r.get("state")), style=STATE_STYLE.get(str(r.get("state")), "")),
-                        duration(r.get("uptime_s")),
-                        _time_left(r),
-                        probe_cell(r, now),
-                        money(r.get("cost_now")),
-                        money(r.get("est_total")),
-                    ]
-                    for r in rows
-                ],
-                totals=[
-                    "TOTAL",
-                    f"{len(rows)} instance{'s' if len(rows) != 1 else ''}",
-                    *[""] * (len(columns) - 2),
-                    money(_sum(rows, "cost_now")),
-                    money(_sum(rows, "est_total")),
-                ],
-                right=["UPTIME", "COST NOW", "EST. TOTAL"],
-            )
+            status_table(out, rows, now)
         if isinstance(result, Mapping) and result.get("queue_paused"):
-            out.print(Text("The job queue is paused.", style="yellow"))
+            out.print(queue_line(result))
         return EX_OK
 
     return run_command(args, body)
+
+
+FULL_WIDTH = 140  # narrower terminals get the compact table
+FULL_COLUMNS = (
+    *("ID", "PROVIDER", "GPU", "STATE", "RATE", "UPTIME", "LEASE END", "TIME LEFT", "JOB"),
+    *("PROBE", "COST NOW", "EST. TOTAL"),
+)
+COMPACT_COLUMNS = ("ID", "GPU", "STATE", "$/H", "LEFT", "JOB", "COST")
+
+
+def status_table(out: Out, rows: list[dict[str, Any]], now: Any) -> None:
+    """Every column when the terminal is wide (or output is piped); at 80 columns a compact
+    table of what decides money: GPU, state, rate, time left, the job on it, cost so far."""
+    full = out.console.width >= FULL_WIDTH
+    columns = FULL_COLUMNS if full else COMPACT_COLUMNS
+    cells = []
+    for r in rows:
+        state = Text(str(r.get("state")), style=STATE_STYLE.get(str(r.get("state")), ""))
+        job = r.get("job") or "-"
+        if full:
+            cells.append(
+                [
+                    r.get("id", ""),
+                    r.get("provider", ""),
+                    r.get("gpu", "") or "-",
+                    state,
+                    rate(r.get("price_per_hour")),
+                    duration(r.get("uptime_s")),
+                    local_time(r.get("lease_until"), with_date=False),
+                    _time_left(r),
+                    job,
+                    probe_cell(r, now),
+                    money(r.get("cost_now")),
+                    money(r.get("est_total")),
+                ]
+            )
+        else:
+            price = r.get("price_per_hour")
+            cells.append(
+                [
+                    r.get("id", ""),
+                    r.get("gpu", "") or "-",
+                    state,
+                    "-" if price is None else f"{price:.3f}",
+                    _time_left(r, reason=False),
+                    job,
+                    money(r.get("cost_now")),
+                ]
+            )
+    count = f"{len(rows)} instance{'s' if len(rows) != 1 else ''}"
+    rate_sum = f"{_sum(rows, 'price_per_hour'):.3f}"
+    cost_now, est = money(_sum(rows, "cost_now")), money(_sum(rows, "est_total"))
+    totals = (
+        ["TOTAL", count, "", "", rate(_sum(rows, "price_per_hour")), *[""] * 5, cost_now, est]
+        if full
+        else ["TOTAL", count, "", rate_sum, "", "", cost_now]
+    )
+    out.table(
+        columns,
+        cells,
+        totals=totals,
+        right=["RATE", "UPTIME", "COST NOW", "EST. TOTAL", "$/H", "COST"],
+    )
 
 
 # --- history and costs --------------------------------------------------------------------
@@ -201,6 +247,8 @@ def show_costs(args: argparse.Namespace) -> int:
                 )
         if c.get("live"):
             out.print(f"\nIncludes {money(c.get('live'))} so far on live instances.")
+        out.print("")
+        show_money_state(out, c)
         return EX_OK
 
     return run_command(args, body)
@@ -220,7 +268,7 @@ def show_info(args: argparse.Namespace) -> int:
         )
         out.print(f"installation {r.get('installation')}  socket {r.get('socket')}")
         out.print("providers: " + (", ".join(r.get("providers") or []) or "none"))
-        out.print("job queue: " + ("paused" if r.get("queue_paused") else "running"))
+        show_money_state(out, r)
         beats = r.get("heartbeats") or {}
         if beats:
             out.table(
@@ -234,6 +282,36 @@ def show_info(args: argparse.Namespace) -> int:
         return EX_OK
 
     return run_command(args, body)
+
+
+def show_money_state(out: Out, r: Mapping[str, Any]) -> None:
+    """The budget windows (limit, spent, committed, left) and the job queue, with why it is
+    paused: what decides whether the next rental or job may start."""
+    for name, w in (r.get("budget") or {}).items():
+        if w.get("limit") is None:
+            out.print(
+                f"budget {name}: no limit (budget.{name}_limit); spent {money(w.get('spent'))}, "
+                f"committed {money(w.get('committed'))}"
+            )
+        else:
+            left = w.get("left") or 0.0
+            out.print(
+                Text(
+                    f"budget {name}: {money(left)} left of {money(w.get('limit'))} "
+                    f"(spent {money(w.get('spent'))}, committed {money(w.get('committed'))})",
+                    style="red" if left <= 0 else "",
+                )
+            )
+    out.print(queue_line(r))
+
+
+def queue_line(r: Mapping[str, Any]) -> Text:
+    if not r.get("queue_paused"):
+        return Text("job queue: running")
+    why = r.get("queue_paused_reason") or "unknown"
+    since = r.get("queue_paused_since")
+    when = f" since {local_time(since)}" if since else ""
+    return Text(f"job queue: PAUSED{when} ({why}); 'gpuwarden resume' restarts it", style="yellow")
 
 
 def event_line(ev: Mapping[str, Any]) -> Text:
@@ -283,7 +361,8 @@ def show_events(args: argparse.Namespace) -> int:
                 show(out, ev)
                 seen = max(seen, int(ev.get("id") or 0))
             async for ev in stream:
-                if args.entity and ev.get("entity_id") != args.entity:
+                # New events are matched here, by id or its start (a label is not known).
+                if args.entity and not str(ev.get("entity_id") or "").startswith(args.entity):
                     continue
                 if ev.get("id") is not None and int(ev["id"]) <= seen:
                     continue

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
+import signal
 import sys
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+import threading
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
@@ -100,12 +103,18 @@ class Out:
     and honours NO_COLOR); JSON always goes out plain."""
 
     def __init__(
-        self, json_mode: bool = False, *, stdout: TextIO | None = None, stderr: TextIO | None = None
+        self,
+        json_mode: bool = False,
+        *,
+        stdout: TextIO | None = None,
+        stderr: TextIO | None = None,
+        width: int | None = None,
     ) -> None:
         self.json_mode = json_mode
         self._stdout = stdout or sys.stdout
         # Off a terminal rich would assume 80 columns and cut cells; a pipe gets whole rows.
-        width = None if _isatty(self._stdout) else PIPE_WIDTH
+        if width is None and not _isatty(self._stdout):
+            width = PIPE_WIDTH
         # soft_wrap: messages are not broken into lines by rich; tables still fit the width.
         # markup=False: text from the daemon (details, labels) may hold [brackets]; styling is
         # done with rich.text.Text only.
@@ -128,6 +137,9 @@ class Out:
 
     def error(self, message: str) -> None:
         self.err.print(Text(f"gpuwarden: {message}", style="red"))
+
+    def warn(self, message: str) -> None:
+        self.err.print(Text(f"gpuwarden: warning: {message}", style="yellow"))
 
     def hint(self, message: str) -> None:
         self.err.print(Text(f"hint: {message}", style="yellow"))
@@ -158,12 +170,36 @@ class Out:
         self.console.print(t)
 
     def confirm(self, question: str) -> bool:
-        """Ask on the terminal; False when the answer is not yes."""
-        try:
-            answer = self.err.input(Text(f"{question} [y/N] "))
-        except EOFError:
-            return False
+        """Ask on the terminal; False when the answer is not yes, or on EOF (Ctrl-D).
+        Ctrl-C raises KeyboardInterrupt at once, so the command stops before acting.
+
+        The prompt runs inside asyncio.run, whose SIGINT handler only cancels the main task
+        and lets the blocking read carry on: Ctrl-C would hang until Enter and the answer
+        would still be read. Python's own handler, in force while we ask, interrupts the
+        read itself."""
+        with _interrupt_at_once():
+            try:
+                answer = self.err.input(Text(f"{question} [y/N] "))
+            except EOFError:
+                self.err.print()  # the cursor is still on the prompt's line
+                return False
+            except KeyboardInterrupt:
+                self.err.print()
+                raise
         return answer.strip().lower() in ("y", "yes")
+
+
+@contextlib.contextmanager
+def _interrupt_at_once() -> Iterator[None]:
+    """SIGINT raises KeyboardInterrupt in the main thread for the duration of the block."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers belong to the main thread; no asyncio handler here either
+        return
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _isatty(stream: Any) -> bool:

@@ -105,12 +105,12 @@ def main(args: argparse.Namespace) -> int:
 
 async def reap(settings: Settings, out: Out, *, yes: bool) -> int:
     clock = SystemClock()
+    report = Report()
     try:
-        providers = build(settings, clock, out)
+        providers = build(settings, clock, report)
     except ConfigError as exc:
         out.error(exc.render())
         return EX_CONFIG
-    report = Report()
     try:
         await _list(providers, label_prefix(settings.daemon.installation), report)
         _show(out, report)
@@ -135,18 +135,23 @@ async def reap(settings: Settings, out: Out, *, yes: bool) -> int:
     return _finish(out, report, EX_DOMAIN if report.failed else EX_OK)
 
 
-def build(settings: Settings, clock: SystemClock, out: Out) -> dict[str, Provider]:
+SIM_UNREACHABLE = (
+    "the sim cloud runs inside the daemon, on a port chosen at its start (providers.sim.port "
+    "= 0), which reap cannot find, and ends with it; with the daemon up, 'gpuwarden "
+    "destroy-all' ends its instances; for a standalone 'gpuwarden sim' set "
+    "providers.sim.base_url"
+)
+
+
+def build(settings: Settings, clock: SystemClock, report: Report) -> dict[str, Provider]:
     from gpuwarden.providers import build_providers
 
     sim = settings.providers.sim
     urls = None
     if sim.enabled:
         base = sim.base_url or (f"http://{sim.host}:{sim.port}" if sim.port else None)
-        if base is None:
-            out.error(
-                "skipping the sim cloud: it ran inside the daemon (port 0) and ended with it; "
-                "set providers.sim.base_url to reach a standalone 'gpuwarden sim'"
-            )
+        if base is None:  # a listing we could not make: said, and exit 1, not "none"
+            report.failed.append(("list sim-vast and sim-lambda", SIM_UNREACHABLE))
         else:
             from gpuwarden.sim.server import SimUrls
 
@@ -239,7 +244,8 @@ def _show(out: Out, report: Report) -> None:
     if out.json_mode:
         return
     if not report.found:
-        out.print("No instance with our label at any enabled provider.")
+        where = "the providers that could be listed" if report.failed else "any enabled provider"
+        out.print(f"No instance with our label at {where}.")
     else:
         out.table(
             ["PROVIDER", "PROVIDER ID", "LABEL", "STATE", "GPU", "RATE", "STARTED"],

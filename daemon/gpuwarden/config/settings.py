@@ -11,7 +11,7 @@ import math
 import os
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -38,23 +38,24 @@ DEFAULT_CONFIG_PATH = Path("/etc/gpuwarden/config.toml")
 EX_CONFIG = 78
 
 MAX_DURATION_S = 100 * 365 * 86400.0
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
+_PART = r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)"
+_DURATION = re.compile(rf"\s*(?:{_PART}\s*)+")  # one or more parts: "30m", "1h30m", "1h 30m"
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
 
 def parse_duration(value: object) -> timedelta:
-    """Accept "90s", "30m", "4h", "1.5h", "2d", a number of seconds, or a timedelta."""
+    """Accept "90s", "30m", "4h", "1.5h", "2d", compounds such as "1h30m", a number of
+    seconds, or a timedelta."""
     if isinstance(value, timedelta):
         return value
     if isinstance(value, bool):
         raise ValueError("expected a duration such as '90s', '30m' or '4h'")
     if isinstance(value, int | float):
         return _seconds(float(value))
-    if isinstance(value, str):
-        m = _DURATION.match(value)
-        if m:
-            return _seconds(float(m.group(1)) * _UNIT_SECONDS[m.group(2)])
-    raise ValueError(f"{value!r} is not a duration; write it like '90s', '30m' or '4h'")
+    if isinstance(value, str) and _DURATION.fullmatch(value):
+        parts = re.findall(_PART, value)
+        return _seconds(sum(float(n) * _UNIT_SECONDS[u] for n, u in parts))
+    raise ValueError(f"{value!r} is not a duration; write it like '90s', '30m', '4h' or '1h30m'")
 
 
 def _seconds(secs: float) -> timedelta:
@@ -403,7 +404,7 @@ def load(path: str | os.PathLike[str] | None = None, *, require_file: bool = Tru
         raise ConfigError([("(file)", "no such file", str(cfg_path))])
     data = _credentials(_deep_copy(raw), env)
     try:
-        return Settings(**data)
+        settings = Settings(**data)
     except SettingsError as exc:  # a complex value in the environment that is not JSON
         raise ConfigError([_env_problem(exc, env)]) from None
     except ValidationError as exc:
@@ -416,6 +417,47 @@ def load(path: str | os.PathLike[str] | None = None, *, require_file: bool = Tru
                 reason = "unknown setting"
             problems.append((dotted, reason, _location(loc, raw, cfg_path, env)))
         raise ConfigError(problems) from None
+    return settings
+
+
+# Where systemd's LoadCredential=NAME looks for a credential (systemd.exec(5)).
+SYSTEMD_CREDSTORES = tuple(
+    Path(d + enc)
+    for d in ("/etc/credstore", "/run/credstore", "/usr/lib/credstore")
+    for enc in ("", ".encrypted")
+)
+
+
+def check_startable(settings: Settings, *, credstores: Sequence[Path] = ()) -> None:
+    """What `run` needs beyond a valid file: an API key for every real provider enabled.
+    `run` calls this before it writes anything (state dir, lock, database, SSH key), and
+    check-config calls it too, so that check-config passes exactly what run accepts.
+    `credstores`: for check-config outside systemd, the stores a key may wait in for
+    LoadCredential= to hand it over. Raises ConfigError."""
+    problems = []
+    for name, s in settings.providers.enabled().items():
+        if name == "sim" or (s.api_key is not None and s.api_key.get_secret_value()):
+            continue
+        if not any(_exists(d / f"{name}_api_key") for d in credstores):
+            problems.append(missing_api_key(name))
+    if problems:
+        raise ConfigError(problems)
+
+
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except OSError:  # a store we may not look into counts as not holding it
+        return False
+
+
+def missing_api_key(name: str) -> tuple[str, str, str]:
+    return (
+        f"providers.{name}.api_key",
+        f"required when providers.{name}.enabled is true"
+        f" (set it or put it in the credential file {name}_api_key)",
+        "the configuration",
+    )
 
 
 def read_toml(path: Path) -> dict[str, Any]:

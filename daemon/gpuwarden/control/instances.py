@@ -24,7 +24,7 @@ from gpuwarden.core.model import (
 )
 from gpuwarden.fleet import budget, launcher
 from gpuwarden.fleet.app import App
-from gpuwarden.fleet.busy import busy_instances, observations
+from gpuwarden.fleet.busy import jobs_on_instances, observations
 from gpuwarden.providers.base import Offer, Requirements
 from gpuwarden.store import NotFoundError
 
@@ -58,15 +58,20 @@ async def resolve_instance(app: App, ref: str) -> Instance:
         if len(live) == 1:
             return live[0]
         if found:
-            shown = ", ".join(f"{i.id} ({i.state.value})" for i in found)
-            raise errors.Ambiguous(
-                f"{ref!r} matches {len(found)} instances: {shown}; give more of the id",
-                id=ref,
-                candidates=[{"id": i.id, "state": i.state.value} for i in found],
-            )
+            raise ambiguous(ref, "instances", [(i.id, i.state.value) for i in found])
     short = len(ref) < MIN_PREFIX and not ref.startswith(prefix)
     hint = f" (an id prefix needs at least {MIN_PREFIX} characters)" if short else ""
     raise errors.NotFound(f"no instance {ref!r}{hint}", id=ref)
+
+
+def ambiguous(ref: str, what: str, found: list[tuple[str, str]]) -> errors.Ambiguous:
+    """The refusal of an id prefix that several (id, state) share, with the candidates."""
+    shown = ", ".join(f"{i} ({state})" for i, state in found)
+    return errors.Ambiguous(
+        f"{ref!r} matches {len(found)} {what}: {shown}; give more of the id",
+        id=ref,
+        candidates=[{"id": i, "state": state} for i, state in found],
+    )
 
 
 def _requirements(
@@ -103,9 +108,12 @@ def _providers(app: App, provider: str | None) -> dict[str, Any]:
     return {provider: app.providers[provider]}
 
 
-async def _search(app: App, provider: str | None, want: Requirements) -> list[Offer]:
-    """Offers from every chosen provider, cheapest first. A provider that fails is left
-    out; if all fail, ProviderUnavailable."""
+async def _search(
+    app: App, provider: str | None, want: Requirements
+) -> tuple[list[Offer], list[str]]:
+    """Offers from every chosen provider, cheapest first, and a warning for each provider
+    that failed (rate-limited, down): its offers are missing, and the caller must say so,
+    or the cheapest "match" may be the dearer GPU. If all fail, ProviderUnavailable."""
     chosen = _providers(app, provider)
     results = await asyncio.gather(
         *(p.search_offers(want) for p in chosen.values()), return_exceptions=True
@@ -121,7 +129,8 @@ async def _search(app: App, provider: str | None, want: Requirements) -> list[Of
             found.extend(res)
     if failures and not found and len(failures) == len(chosen):
         raise errors.ProviderUnavailable("offer search failed: " + "; ".join(failures))
-    return sorted(found, key=lambda o: (o.price_per_hour, o.provider, o.offer_id))
+    cheapest = sorted(found, key=lambda o: (o.price_per_hour, o.provider, o.offer_id))
+    return cheapest, [f"no offers from {f} (its search failed)" for f in failures]
 
 
 def offer_dict(o: Offer) -> dict[str, Any]:
@@ -151,7 +160,8 @@ async def offers(
     gpu: str | None = None,
     gpu_ram_gb: float | None = None,
     max_price: float | None = None,
-) -> list[dict[str, Any]]:
+) -> dict[str, Any]:
+    """{"offers": cheapest first, at most `limit`, "warnings": providers that failed}."""
     want = _requirements(
         app,
         requirements=requirements,
@@ -160,7 +170,8 @@ async def offers(
         max_price=max_price,
         limit=limit,
     )
-    return [offer_dict(o) for o in (await _search(app, provider, want))[:limit]]
+    found, warnings = await _search(app, provider, want)
+    return {"offers": [offer_dict(o) for o in found[:limit]], "warnings": warnings}
 
 
 async def launch(
@@ -187,19 +198,19 @@ async def launch(
     )
     if offer_id is not None:
         want = Requirements(min_reliability=0.0, verified=False, limit=500, num_gpus=1)
-    found = await _search(app, provider, want)
+    found, warnings = await _search(app, provider, want)
     if offer_id is not None:
         found = [o for o in found if o.offer_id == offer_id]
     if not found:
         what = f"offer {offer_id!r}" if offer_id else "an offer matching the requirements"
-        raise errors.NoOffer(f"no {what} is available")
+        raise errors.NoOffer("; ".join([f"no {what} is available", *warnings]))
     offer = found[0]
     limits = app.limits()
     lease = policy.initial_lease(hours, limits)
     if dry_run:
         refused: errors.DomainError | None = None
+        now = app.clock.now()
         try:
-            now = app.clock.now()
             await budget.check_new(app, offer.price_per_hour, lease, offer.billing, now)
         except errors.DomainError as exc:
             refused = exc
@@ -208,12 +219,51 @@ async def launch(
             **offer_dict(offer),
             "hours": lease / policy.HOUR,
             "estimated_cost": round(policy.estimate(offer.price_per_hour, lease, offer.billing), 6),
+            # What will end it before the lease does: idle, or the hard cap from creation.
+            "idle_timeout_s": limits.idle_timeout.total_seconds(),
+            "hard_cap_h": limits.hard_cap / policy.HOUR,
+            **(await _budget_today(app, now)),
             # What a real launch would answer (message and error code), or None.
             "refused": refused.message if refused else None,
             "refused_code": refused.code if refused else None,
+            "warnings": warnings,
         }
     inst = await launcher.launch(app, offer, hours=hours)
-    return await _instance_dict(app, inst, app.clock.now())
+    return {**(await _instance_dict(app, inst, app.clock.now())), "warnings": warnings}
+
+
+async def _budget_today(app: App, now: datetime) -> dict[str, Any]:
+    """The daily window of budget_json, flat: daily_limit, _spent, _committed, _left."""
+    return {f"daily_{k}": v for k, v in (await budget_json(app, now))["daily"].items()}
+
+
+async def budget_json(app: App, now: datetime) -> dict[str, dict[str, float | None]]:
+    """Each budget window (daily, monthly): its limit, the spend recorded, the spend
+    committed (what live instances can still bill), and what is left for new rentals
+    (None without a limit)."""
+    out: dict[str, dict[str, float | None]] = {}
+    for w in (await budget.state(app, now)).windows():
+        left = None if w.limit is None else round(max(0.0, w.limit - w.committed), 6)
+        out[w.name] = {
+            "limit": w.limit,
+            "spent": round(w.spent, 6),
+            "committed": round(w.committed, 6),
+            "left": left,
+        }
+    return out
+
+
+async def queue_pause(app: App) -> dict[str, Any]:
+    """Whether the job queue is paused, why (insufficient_credit, user, ...) and since when:
+    the flag's last event."""
+    paused = bool(await app.store.get_flag(QUEUE_PAUSED_FLAG, False))
+    found = await app.store.events(entity_id=QUEUE_PAUSED_FLAG, limit=1, newest=True)
+    last = found[0] if paused and found else None
+    return {
+        "queue_paused": paused,
+        "queue_paused_reason": last.reason if last else None,
+        "queue_paused_since": format_ts(last.at) if last else None,
+    }
 
 
 # --- lease and activity ------------------------------------------------------------------
@@ -356,9 +406,9 @@ async def _instance_dict(
 async def status(app: App) -> dict[str, Any]:
     now = app.clock.now()
     live = await app.store.live_instances()
-    busy = await busy_instances(app)
-    rows = [await _instance_dict(app, i, now, busy) for i in live]
-    st = await budget.state(app, now)
+    on = await jobs_on_instances(app)
+    # "job": the job running on it now (job_id is the job it was rented for).
+    rows = [{**(await _instance_dict(app, i, now, set(on))), "job": on.get(i.id)} for i in live]
     return {
         "now": format_ts(now),
         "instances": rows,
@@ -366,15 +416,8 @@ async def status(app: App) -> dict[str, Any]:
         "cost_per_hour": round(sum(i.price_per_hour for i in live if i.provider_id), 6),
         "cost_now": round(sum(r["cost_now"] for r in rows), 6),
         "est_total": round(sum(r["est_total"] for r in rows), 6),
-        "budget": {
-            w.name: {
-                "limit": w.limit,
-                "spent": round(w.spent, 6),
-                "committed": round(w.committed, 6),
-            }
-            for w in st.windows()
-        },
-        "queue_paused": bool(await app.store.get_flag(QUEUE_PAUSED_FLAG, False)),
+        "budget": await budget_json(app, now),
+        **(await queue_pause(app)),
     }
 
 
@@ -417,4 +460,6 @@ async def costs(app: App, days: int = 7) -> dict[str, Any]:
         "total": round(spent.total, 6),
         "idle": round(spent.idle, 6),
         "live": round(spent.live, 6),
+        "budget": await budget_json(app, now),
+        **(await queue_pause(app)),
     }

@@ -16,6 +16,7 @@ from typing import Any
 
 import structlog
 
+from gpuwarden.control.instances import MIN_PREFIX, ambiguous
 from gpuwarden.core import errors
 from gpuwarden.core.model import QUEUE_PAUSED_FLAG, EntityKind, Job, JobState
 from gpuwarden.fleet.app import App
@@ -53,33 +54,35 @@ async def submit(app: App, *, priority: int = 0, **fields: Any) -> dict[str, Any
 async def list(  # the control method is jobs.list
     app: App, states: Iterable[JobState | str] | None = None, limit: int = 100
 ) -> builtins.list[dict[str, Any]]:
-    """Jobs in queue order (priority, then age), optionally only in some states."""
+    """The newest `limit` jobs, newest first, optionally only in some states."""
     wanted = None if states is None else [JobState(s) for s in states]
-    return [job_dict(j) for j in await app.store.jobs(wanted, limit=limit)]
+    got = await app.store.jobs(wanted, limit=limit, newest_first=True)
+    return [job_dict(j) for j in got]
 
 
 async def get(app: App, id: str) -> dict[str, Any]:
-    return job_dict(await _job(app, id))
+    return job_dict(await resolve_job(app, id))
 
 
 async def cancel(app: App, id: str) -> dict[str, Any]:
     """Cancel a job. Queued or provisioning: at once. Running or fetching: asked of its runner
     (the reply shows the job still running, with cancel_requested). Finished: an error."""
-    job = await _job(app, id)
+    job = await resolve_job(app, id)
+    jid = job.id
     if job.state.terminal:
-        raise errors.InvalidState(f"job {id} is already {job.state.value}", state=job.state.value)
+        raise errors.InvalidState(f"job {jid} is already {job.state.value}", state=job.state.value)
     if job.state in (JobState.QUEUED, JobState.PROVISIONING):
         try:
-            job = await app.store.transition_job(id, JobState.CANCELLED, reason="user")
-            log.info("job_cancelled", job_id=id)
+            job = await app.store.transition_job(jid, JobState.CANCELLED, reason="user")
+            log.info("job_cancelled", job_id=jid)
             app.jobs_wake.set()
             return job_dict(job)
         except IllegalTransition:
-            job = await _job(app, id)  # it moved on meanwhile: ask its runner
+            job = await resolve_job(app, jid)  # it moved on meanwhile: ask its runner
             if job.state.terminal:
                 return job_dict(job)
-    await app.store.record(EntityKind.JOB, id, "cancel_requested", {"state": job.state.value})
-    log.info("job_cancel_requested", job_id=id)
+    await app.store.record(EntityKind.JOB, jid, "cancel_requested", {"state": job.state.value})
+    log.info("job_cancel_requested", job_id=jid)
     app.jobs_wake.set()
     out = job_dict(job)
     out["cancel_requested"] = True
@@ -98,8 +101,20 @@ async def resume(app: App) -> dict[str, Any]:
     return {"queue_paused": False}
 
 
-async def _job(app: App, job_id: str) -> Job:
+async def resolve_job(app: App, ref: str) -> Job:
+    """The job `ref` names: its full id, or a unique prefix of it of at least MIN_PREFIX
+    characters (as for instances)."""
     try:
-        return await app.store.get_job(job_id)
+        return await app.store.get_job(ref)
     except NotFoundError:
-        raise errors.NotFound(f"no job {job_id}", id=job_id) from None
+        pass
+    if len(ref) >= MIN_PREFIX:
+        found = await app.store.jobs_with_id_prefix(ref)
+        if len(found) == 1:
+            return found[0]
+        if found:
+            raise ambiguous(ref, "jobs", [(j.id, j.state.value) for j in found])
+    hint = (
+        f" (an id prefix needs at least {MIN_PREFIX} characters)" if len(ref) < MIN_PREFIX else ""
+    )
+    raise errors.NotFound(f"no job {ref!r}{hint}", id=ref)

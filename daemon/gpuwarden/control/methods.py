@@ -18,8 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from gpuwarden import __version__
 from gpuwarden.control import instances, jobs
 from gpuwarden.control.events import event_json
-from gpuwarden.core.errors import InvalidState
-from gpuwarden.core.model import QUEUE_PAUSED_FLAG, JobState
+from gpuwarden.core.errors import InvalidState, NotFound
+from gpuwarden.core.model import JobState
 from gpuwarden.fleet.app import App
 from gpuwarden.jobs.limits import MAX_COUNT, MAX_PROMPT_CHARS, MAX_STEPS
 
@@ -198,7 +198,6 @@ async def _reload(app: App, _: NoParams) -> Any:
 
 async def _info(app: App, _: NoParams) -> dict[str, Any]:
 
-    paused = await app.store.get_flag(QUEUE_PAUSED_FLAG, False)
     uptime = max(0.0, app.clock.monotonic() - app.started_monotonic)
     return {
         "version": __version__,
@@ -209,7 +208,8 @@ async def _info(app: App, _: NoParams) -> dict[str, Any]:
         "socket": str(app.settings.daemon.socket),
         "heartbeats": {name: round(age, 3) for name, age in app.heartbeats.ages().items()},
         "providers": sorted(app.providers),
-        "queue_paused": bool(paused),
+        "budget": await instances.budget_json(app, app.clock.now()),
+        **(await instances.queue_pause(app)),
     }
 
 
@@ -217,8 +217,20 @@ async def _events(app: App, p: EventsListParams) -> list[dict[str, Any]]:
     """The last `limit` events of the last `hours`, oldest first (as events.subscribe sends
     them)."""
     since = app.clock.now() - timedelta(hours=p.hours)
-    found = await app.store.events(since=since, entity_id=p.entity_id, limit=p.limit, newest=True)
+    entity = None if p.entity_id is None else await _entity(app, p.entity_id)
+    found = await app.store.events(since=since, entity_id=entity, limit=p.limit, newest=True)
     return [event_json(e) for e in found]
+
+
+async def _entity(app: App, ref: str) -> str:
+    """The id of the instance (id, label or unique prefix) or job (id or unique prefix) that
+    `ref` names; anything else as given (the daemon's own entities, such as its flags)."""
+    for resolve in (instances.resolve_instance, jobs.resolve_job):
+        try:
+            return (await resolve(app, ref)).id
+        except NotFound:
+            continue
+    return ref
 
 
 METHODS: Mapping[str, Method[Any]] = {

@@ -13,8 +13,13 @@ BUSY_JOB_STATES = (JobState.PROVISIONING, JobState.RUNNING, JobState.FETCHING)
 
 async def busy_instances(app: App) -> set[str]:
     """Instances with a job on them (the jobs service owns those rows; we only read)."""
+    return set(await jobs_on_instances(app))
+
+
+async def jobs_on_instances(app: App) -> dict[str, str]:
+    """Instance id -> the id of the job that holds it busy."""
     jobs = await app.store.jobs(BUSY_JOB_STATES)
-    return {j.instance_id for j in jobs if j.instance_id}
+    return {j.instance_id: j.id for j in jobs if j.instance_id}
 
 
 def observations(inst: Instance, busy: set[str]) -> policy.Observations:

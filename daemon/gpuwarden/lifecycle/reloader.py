@@ -7,7 +7,8 @@ is far more likely a truncated write than a wish to put every limit back to its 
 valid one
 replaces `app.settings` (loops re-read it on each pass) and wakes the guard and the job
 queue, since limits and deadlines may have moved. Settings read only at start-up (paths,
-providers, SSH) are reported as needing a restart.
+providers, SSH) are reported as needing a restart for as long as the file differs from
+the values the daemon started with.
 """
 
 from __future__ import annotations
@@ -38,6 +39,9 @@ class ConfigReloader:
         self.path = path
         self.notifier = notifier
         self.status = status
+        # What the restart-only settings are in force as: a reload does not change them,
+        # so "needs a restart" compares with these, not with the file read last.
+        self.started = app.settings.model_dump(by_alias=True)
 
     async def run(self, requested: asyncio.Event) -> None:
         """Reload each time `requested` is set (the SIGHUP handler sets it)."""
@@ -81,7 +85,8 @@ class ConfigReloader:
         changed = changed_keys(
             app.settings.model_dump(by_alias=True), new.model_dump(by_alias=True)
         )
-        needs_restart = [k for k in changed if k.startswith(RESTART_ONLY)]
+        pending = changed_keys(self.started, new.model_dump(by_alias=True))
+        needs_restart = [k for k in pending if k.startswith(RESTART_ONLY)]
         if new.daemon.log_level != app.settings.daemon.log_level:
             glog.set_level(new.daemon.log_level)
         app.settings = new

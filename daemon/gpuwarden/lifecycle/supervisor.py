@@ -1,10 +1,10 @@
 """`gpuwarden run`: start the daemon, supervise its loops, stop it cleanly.
 
 Start-up, in this order, so that a refused start touches nothing:
-config (bad: exit 78) -> logging -> uvloop -> state dir -> lock (held: exit 75) -> store
-(open, integrity check, migrate) -> SSH key -> in-process sim cloud (if enabled, unless
-providers.sim.base_url names a standalone `gpuwarden sim`) -> providers -> App -> each
-service's start() -> READY=1.
+config (bad, or a provider without its key: exit 78) -> logging -> uvloop -> state dir ->
+lock (held: exit 75) -> store (open, integrity check, migrate) -> SSH key -> in-process sim
+cloud (if enabled, unless providers.sim.base_url names a standalone `gpuwarden sim`) ->
+providers -> App -> each service's start() -> READY=1.
 
 Running: every service's run() is a named task in ONE root TaskGroup, beside the systemd
 watchdog task and the config-reload task. Signal handlers only set events (runtime.py).
@@ -77,6 +77,7 @@ def main(config_path: str | None = None) -> int:
     path = config.resolve_path(config_path)
     try:
         settings = config.load(path)
+        config.check_startable(settings)  # before anything is written, as check-config does
     except ConfigError as exc:
         print(exc.render(), file=sys.stderr)
         return EX_CONFIG
@@ -277,7 +278,7 @@ class Supervisor:
         if root.done() and not root.cancelled() and root.exception() is not None:
             log.error("supervisor_failed", error=repr(root.exception()))
             code = EXIT_FAILED
-        self.notifier.stopping("stopping")
+        self.notifier.stopping(await _stopping_status(app))
         log.info("daemon_stopping")
         root.cancel()
         _, pending = await asyncio.wait({root}, timeout=deadline)
@@ -322,3 +323,25 @@ async def _closing(what: str, close: Callable[[], Awaitable[object]]) -> None:
         await close()
     except Exception:
         log.exception("close_failed", what=what)
+
+
+async def _stopping_status(app: App) -> str:
+    """STATUS= for STOPPING=1; with instances still live, a warning with their count and
+    hourly burn: nothing ends them on their deadlines until the daemon is back (only the
+    dead-man switch on each instance, after policy.deadman_timeout)."""
+    try:
+        live = await app.store.live_instances()
+    except Exception as exc:
+        log.warning("stopping_live_unknown", error=repr(exc))
+        return "stopping; live instances unknown"
+    if not live:
+        return "stopping"
+    burn = sum(i.price_per_hour for i in live)
+    log.warning(
+        "stopping_with_instances_billing",
+        count=len(live),
+        burn_per_hour=round(burn, 4),
+        instances=[i.id for i in live],
+        deadman_timeout_s=app.limits().deadman_timeout.total_seconds(),
+    )
+    return f"stopping with {len(live)} instance(s) still billing, ${burn:,.3f}/h"

@@ -8,7 +8,13 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from gpuwarden.config.settings import SIM_DEFAULT_KEY, ConfigError, ProviderSettings, Settings
+from gpuwarden.config.settings import (
+    SIM_DEFAULT_KEY,
+    ConfigError,
+    ProviderSettings,
+    Settings,
+    missing_api_key,
+)
 from gpuwarden.core.clock import Clock
 from gpuwarden.providers.base import Provider, factory_for, register
 from gpuwarden.providers.http import Backoff, ClientOptions
@@ -35,16 +41,7 @@ class SimUrls(Protocol):
 
 def _api_key(name: str, s: ProviderSettings) -> str:
     if s.api_key is None or not s.api_key.get_secret_value():
-        raise ConfigError(
-            [
-                (
-                    f"providers.{name}.api_key",
-                    f"required when providers.{name}.enabled is true"
-                    f" (set it or put it in the credential file {name}_api_key)",
-                    "the configuration",
-                )
-            ]
-        )
+        raise ConfigError([missing_api_key(name)])
     return s.api_key.get_secret_value()
 
 

@@ -31,6 +31,7 @@ from gpuwarden.providers.base import (
     ProviderState,
     Requirements,
     Transient,
+    gpu_matches,
 )
 
 
@@ -178,7 +179,7 @@ class FakeProvider:
         out = [
             o
             for o in self.offers
-            if (want.gpu_name is None or want.gpu_name.lower() in o.gpu_name.lower())
+            if gpu_matches(want.gpu_name, o.gpu_name)
             and (want.min_gpu_ram_gb is None or o.gpu_ram_gb >= want.min_gpu_ram_gb)
             and (want.max_price is None or o.price_per_hour <= want.max_price)
             and o.num_gpus >= want.num_gpus

@@ -30,6 +30,7 @@ from gpuwarden.providers.base import (
     RateLimited,
     Requirements,
     Transient,
+    gpu_matches,
 )
 
 USER_DATA_LIMIT = 1024 * 1024  # bytes of cloud-init user data Lambda accepts
@@ -105,7 +106,7 @@ def _region_ok(region: str, wanted: str | None) -> bool:
 
 
 def _fits(o: Offer, want: Requirements) -> bool:
-    if want.gpu_name and want.gpu_name.lower() not in o.gpu_name.lower():
+    if not gpu_matches(want.gpu_name, o.gpu_name):
         return False
     if o.num_gpus != want.num_gpus:
         return False

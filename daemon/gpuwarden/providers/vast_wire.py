@@ -28,12 +28,13 @@ from gpuwarden.providers.base import (
     RateLimited,
     Requirements,
     Transient,
+    gpu_matches,
 )
 from gpuwarden.providers.http import error_text
 
-# Vast's gpu_name values (with spaces). A Requirements.gpu_name substring that matches some of
-# these is sent as an `in` filter so the server's limit applies to the right GPUs; anything
-# else is matched client-side only.
+# Vast's gpu_name values (with spaces). A Requirements.gpu_name that matches some of these
+# (base.gpu_matches) is sent as an `in` filter so the server's limit applies to the right
+# GPUs; anything else is matched client-side only.
 KNOWN_GPUS = (
     "RTX 3060",
     "RTX 3070",
@@ -107,8 +108,7 @@ def search_query(want: Requirements) -> dict[str, Any]:
 def gpu_candidates(wanted: str | None) -> list[str]:
     if not wanted:
         return []
-    w = wanted.lower()
-    return [n for n in KNOWN_GPUS if w in n.lower()]
+    return [n for n in KNOWN_GPUS if gpu_matches(wanted, n)]
 
 
 def _region_ok(geo: str, region: str | None) -> bool:
@@ -149,7 +149,7 @@ def to_offers(body: Any, provider: str, want: Requirements) -> list[Offer]:
         if not isinstance(raw, Mapping) or raw.get("id") is None:
             continue
         o = to_offer(raw, provider, interruptible=want.interruptible)
-        if want.gpu_name and want.gpu_name.lower() not in o.gpu_name.lower():
+        if not gpu_matches(want.gpu_name, o.gpu_name):
             continue
         if not _region_ok(o.region, want.region):
             continue

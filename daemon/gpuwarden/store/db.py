@@ -382,15 +382,32 @@ class Store:
         async with self._lock:
             return await self._job(self._conn, job_id)
 
-    async def jobs(self, states: Iterable[JobState] | None = None, limit: int = 1000) -> list[Job]:
+    async def jobs(
+        self,
+        states: Iterable[JobState] | None = None,
+        limit: int = 1000,
+        *,
+        newest_first: bool = False,
+    ) -> list[Job]:
+        """In queue order (priority, then age), or the newest first (for people)."""
         query, args = "SELECT * FROM jobs", tuple[str, ...]()
         if states is not None:
             wanted = tuple(s.value for s in states)
             query += f" WHERE state IN ({', '.join('?' * len(wanted))})"
             args = wanted
-        query += " ORDER BY priority DESC, created_at, id LIMIT ?"
+        if newest_first:
+            query += " ORDER BY created_at DESC, id DESC LIMIT ?"
+        else:
+            query += " ORDER BY priority DESC, created_at, id LIMIT ?"
         async with self._lock:
             got = await sql.fetch(self._conn, query, (*args, limit))
+        return [rows.job_from_row(r) for r in got]
+
+    async def jobs_with_id_prefix(self, prefix: str, limit: int = 10) -> list[Job]:
+        """Jobs whose id starts with `prefix` (compared as text: no LIKE wildcards)."""
+        query = "SELECT * FROM jobs WHERE substr(id, 1, ?) = ? ORDER BY id LIMIT ?"
+        async with self._lock:
+            got = await sql.fetch(self._conn, query, (len(prefix), prefix, limit))
         return [rows.job_from_row(r) for r in got]
 
     async def _job(self, conn: aiosqlite.Connection, job_id: str) -> Job:
