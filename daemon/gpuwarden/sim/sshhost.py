@@ -260,6 +260,16 @@ class SshHost:
             for task in (*outs, feeder, hangup, exited):
                 task.cancel()
             await asyncio.gather(*outs, feeder, hangup, exited, return_exceptions=True)
+            # A detached child (a job started with setsid ... &) may hold the command's stdout
+            # and stderr open long after the command exited; the pumps are cancelled then, so
+            # close our ends of the pipes here rather than leaving them to the collector.
+            _close_pipes(proc)
+
+
+def _close_pipes(proc: asyncio.subprocess.Process) -> None:
+    # asyncio has no public close for a Process; its transport owns the pipes.
+    transport = proc._transport  # type: ignore[attr-defined]
+    transport.close()
 
 
 def _signal_group(pid: int, sig: signal.Signals) -> None:
