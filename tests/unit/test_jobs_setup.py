@@ -10,28 +10,19 @@ import re
 import subprocess
 import sys
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
 from jobs_fakes import FakeConnector, add_instance, add_job, drive, settings
-from tests.conftest import MakeApp
+from tests.conftest import RUNNER_SCRIPT as RUNNER
+from tests.conftest import MakeApp, load_runner
 
 from gpuwarden.core.clock import FakeClock
 from gpuwarden.core.model import JobState
 from gpuwarden.jobs.runner import Outcome, Runner, setup_seconds
 
 ROOT = Path(__file__).resolve().parents[2]
-RUNNER = ROOT / "daemon" / "gpuwarden" / "remote" / "assets" / "txt2img.py"
 ENGINE_PACKAGES = ("diffusers", "transformers", "accelerate")
-
-
-def load_runner() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("txt2img_setup_under_test", RUNNER)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def test_the_engine_packages_are_pinned_exactly_in_one_place() -> None:

@@ -280,6 +280,7 @@ def run(spec_path):
         finished = time.monotonic()
         result = {
             "job_id": spec.get("job_id"),
+            "python": sys.executable,  # which interpreter the daemon's search found
             "engine": spec["engine"],
             "model": spec["model"] if spec["engine"] == "diffusers" else "preview",
             "seed": spec["seed"],
