@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import inspect
 import os
 import shutil
@@ -18,6 +19,7 @@ import threading
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from types import ModuleType
 from typing import Any, Protocol, TypeVar
 
 import pytest
@@ -212,3 +214,17 @@ class LoopThread:
     def run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
         """Run `coro` on the loop and wait (up to `timeout` s) for its result."""
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+
+# --- the runner script ----------------------------------------------------------------------------
+
+RUNNER_SCRIPT = Path(__file__).resolve().parents[1] / "daemon/gpuwarden/remote/assets/txt2img.py"
+
+
+def load_runner(name: str = "txt2img_under_test") -> ModuleType:
+    """The instance-side runner (txt2img.py) imported as a module, to call its functions."""
+    spec = importlib.util.spec_from_file_location(name, RUNNER_SCRIPT)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod

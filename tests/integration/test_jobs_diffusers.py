@@ -16,11 +16,9 @@ from types import ModuleType
 from typing import Any
 
 import pytest
+from tests.conftest import load_runner
 
 pytestmark = pytest.mark.slow
-
-ASSETS = Path(__file__).resolve().parents[2] / "daemon" / "gpuwarden" / "remote" / "assets"
-RUNNER = ASSETS / "txt2img.py"
 
 
 def _needs(*modules: str) -> None:
@@ -28,16 +26,8 @@ def _needs(*modules: str) -> None:
     if missing:
         pytest.skip(
             f"the diffusers engine test needs {', '.join(missing)} "
-            "(pip install torch==2.13.0 diffusers transformers)"
+            "(pip install torch==2.13.0 and the runner's PINNED_PACKAGES, as .ci/run does)"
         )
-
-
-def load_runner() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("txt2img_under_test", RUNNER)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def _bytes_to_unicode() -> list[str]:
@@ -137,7 +127,8 @@ def run_job(runner: ModuleType, job_dir: Path, spec: dict[str, Any]) -> tuple[in
 def test_the_diffusers_engine_runs_a_tiny_pipeline_from_disk(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    _needs("torch", "diffusers", "transformers")
+    # accelerate too: without any of the runner's pinned packages it would pip-install them.
+    _needs("torch", "diffusers", "transformers", "accelerate")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # nothing may come from the network
     model = build_tiny_pipeline(tmp_path)
     runner = load_runner()

@@ -49,6 +49,7 @@ class FakeRemote:
     absent_after_start: int = 0  # the next N status reads after a start say "absent"
     start_exits: tuple[int, str] | None = None  # the started command exits at once (code, log)
     argvs: list[list[str]] = field(default_factory=list)  # what each start ran
+    setup_s: float = 0.0  # the next result's setup_s: the first job installs, later ones not
 
     def _maybe_drop(self) -> None:
         if self.drop_next > 0:
@@ -79,7 +80,13 @@ class FakeRemote:
             data = f"png {spec['prompt']} {spec['seed']} {i}".encode()
             self.files[f"{job_dir}/image-{i}.png"] = data
             entries.append({"name": f"image-{i}.png", "sha256": hashlib.sha256(data).hexdigest()})
-        result = {"engine": spec["engine"], "seed": spec["seed"], "files": entries}
+        result = {
+            "engine": spec["engine"],
+            "seed": spec["seed"],
+            "files": entries,
+            "setup_s": self.setup_s,
+        }
+        self.setup_s = 0.0  # installed: the next job on this machine finds it
         self.files[f"{job_dir}/result.json"] = json.dumps(result).encode()
         self._append(f"{job_dir}/progress.jsonl", {"event": "done"})
         job.state, job.exit_code = "exited", 0
@@ -149,9 +156,10 @@ class FakeConn:
 @dataclass
 class FakeConnector:
     remotes: dict[str, FakeRemote] = field(default_factory=dict)  # by instance id
+    setup_s: float = 0.0  # what a new machine's first job spends installing the engine
 
     def remote(self, instance_id: str) -> FakeRemote:
-        return self.remotes.setdefault(instance_id, FakeRemote())
+        return self.remotes.setdefault(instance_id, FakeRemote(setup_s=self.setup_s))
 
     async def connect(self, inst: Instance) -> FakeConn:
         remote = self.remote(inst.id)

@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import shutil
+import signal
 import socket
 import subprocess
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 import asyncssh
 import pytest
@@ -27,7 +30,7 @@ PRIVSEP_DIR = Path("/run/sshd")  # sshd refuses to start without it
 READY_TIMEOUT = 10.0
 
 
-def unavailable(reason: str) -> None:
+def unavailable(reason: str) -> NoReturn:
     """Skip with `reason`, or fail under CI, where everything these tests need is installed."""
     if os.environ.get("CI") == "true":
         pytest.fail(f"{reason} (CI must run these tests)")
@@ -160,3 +163,73 @@ def _wait_listening(port: int, proc: subprocess.Popen[bytes], log: Path) -> None
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=step)
         waited += step
+
+
+CONDA_PYTHON = Path("/opt/conda/bin/python3")
+
+
+@contextlib.contextmanager
+def conda_python() -> Iterator[Path]:
+    """/opt/conda/bin/python3, where pytorch images keep Python: a link to this machine's
+    Python 3, made for the test and removed after (skipped if /opt/conda is there already:
+    something else owns it)."""
+    conda = CONDA_PYTHON.parents[1]
+    if conda.exists():
+        pytest.skip(f"{conda} exists already on this machine: the test will not touch it")
+    python = shutil.which("python3", path="/usr/local/bin:/usr/bin:/bin")
+    if python is None:
+        unavailable("no python3 in /usr/local/bin, /usr/bin or /bin to stand for conda's")
+    CONDA_PYTHON.parent.mkdir(parents=True)
+    try:
+        CONDA_PYTHON.symlink_to(os.path.realpath(python))
+        yield CONDA_PYTHON
+    finally:
+        shutil.rmtree(conda, ignore_errors=True)
+
+
+def children_of(pid: int) -> list[tuple[int, str]]:
+    """(pid, state) of the processes whose parent is `pid`, from /proc."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text().rsplit(") ", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(stat[1]) == pid:
+            found.append((int(entry.name), stat[0]))
+    return found
+
+
+@contextlib.contextmanager
+def pid_namespace_without_reaper(base: Path) -> Iterator[int]:
+    """A PID namespace (with its own /proc) whose PID 1 is `sleep`, which never reaps: a
+    container without init. Yields PID 1's pid as seen from here, for `nsenter --target`.
+    Killing PID 1 at the end ends everything in the namespace."""
+    probe = subprocess.run(
+        ["unshare", "--pid", "--fork", "true"], capture_output=True, text=True, check=False
+    )
+    if probe.returncode != 0:
+        pytest.skip(f"unshare --pid is not permitted here: {probe.stderr.strip()}")
+    init = base / "init"
+    # Says it is up, then becomes a PID 1 that never calls wait().
+    init.write_text("#!/bin/sh\necho up\nexec sleep infinity\n")
+    init.chmod(0o755)
+    outer = subprocess.Popen(
+        ["unshare", "--pid", "--fork", "--mount-proc", str(init)], stdout=subprocess.PIPE
+    )
+    try:
+        assert outer.stdout is not None
+        ready, _, _ = select.select([outer.stdout], [], [], READY_TIMEOUT)
+        assert ready and outer.stdout.readline() == b"up\n", "the namespace's PID 1 did not start"
+        [(pid1, _)] = children_of(outer.pid)
+        yield pid1
+    finally:
+        for pid, _ in children_of(outer.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        outer.kill()
+        outer.wait(timeout=10)
+        if outer.stdout is not None:
+            outer.stdout.close()

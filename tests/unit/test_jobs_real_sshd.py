@@ -9,7 +9,15 @@ SshProber runs the probe there. One case per kind of host the daemon meets:
 - dash as the login shell (Debian, Ubuntu);
 - a login shell that prints a banner before every command, whose PATH holds no Python
   (Python only under a directory off the PATH, as /opt/conda/bin in pytorch images);
-- busybox ash as the login shell and as `sh`, with busybox's own tools (minimal images).
+- busybox ash as the login shell and as `sh`, with busybox's own tools (minimal images);
+- Python only under /opt/conda/bin (pytorch images), none on the PATH: the job must run with
+  that one;
+- a PID namespace whose PID 1 never reaps (a container without init): root's login shell
+  enters it, so the job's detached start and its cancel happen there, and cancel must leave
+  nothing of the job alive (zombies are allowed: nobody reaps them).
+
+No utmp records (as in containers; this machine keeps none): the probe must count exactly
+the SSH session with a terminal when one is open, and none otherwise.
 
 Real Store and FakeClock (the runner's polls are stepped; sshd and the processes run in real
 time). Slow: each case starts its own sshd."""
@@ -17,6 +25,7 @@ time). Slow: each case starts its own sshd."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -29,7 +38,17 @@ from pathlib import Path
 import pytest
 from jobs_fakes import add_instance, add_job, cancel_midway, drive, settings
 from remote_support import JOB_TOOLS, bare_path, kill_leftovers, wait_all_gone
-from sshd_support import Login, Sshd, login_user, require_root_sshd, running_sshd
+from sshd_support import (
+    CONDA_PYTHON,
+    Login,
+    Sshd,
+    children_of,
+    conda_python,
+    login_user,
+    pid_namespace_without_reaper,
+    require_root_sshd,
+    running_sshd,
+)
 from tests.conftest import MakeApp, eventually
 
 from gpuwarden.config.settings import Settings
@@ -47,18 +66,39 @@ pytestmark = pytest.mark.slow
 BANNER = "Welcome to Ubuntu 22.04.4 LTS (GNU/Linux x86_64)"
 # What the probe needs beyond the job tools, for the case whose PATH is bare.
 PROBE_TOOLS = ("touch", "wc", "who", "tty", "awk", "tr", "sed", "grep", "sort")
-CASES = ("root-bash", "user-bash", "user-dash", "banner-no-python-on-path", "busybox-sh")
+CASES = (
+    "root-bash",
+    "user-bash",
+    "user-dash",
+    "banner-no-python-on-path",
+    "busybox-sh",
+    "conda-python",
+    "pidns-no-reaper",
+)
+# Where the login shell enters a PID namespace, sshd's own processes are out of its sight.
+SSHD_VISIBLE = tuple(c for c in CASES if c != "pidns-no-reaper")
 
 
 @dataclass
 class Host:
+    case: str
     sshd: Sshd
     login: Login
+    pid1: int | None = None  # the PID namespace's PID 1 (as seen from here), where there is one
 
 
-def _login_shell(case: str, base: Path) -> str:
+def _login_shell(case: str, base: Path, stack: contextlib.ExitStack, pid1: int | None) -> str:
     if case in ("root-bash", "user-bash"):
         return "/bin/bash"
+    if pid1 is not None:
+        login = base / "login-shell"
+        login.write_text(
+            f'#!/bin/bash\nexec nsenter --target {pid1} --pid --mount -- /bin/bash "$@"\n'
+        )
+        login.chmod(0o755)
+        return str(login)
+    if case == "conda-python":
+        stack.enter_context(conda_python())
     fixed = [p for p in PYTHON_CANDIDATES if "/" in p]
     if not any(Path(p).is_file() for p in fixed):
         pytest.skip(f"no Python at any of {', '.join(fixed)} on this machine")
@@ -69,11 +109,12 @@ def _login_shell(case: str, base: Path) -> str:
         pytest.skip("dash is not installed here (apt-get install dash)")
     if case == "user-dash":
         return dash
-    # A login shell that greets first and whose PATH has `sh` and the tools, but no Python.
+    # A login shell whose PATH has `sh` and the tools, but no Python (and that greets first).
     bin_dir = base / "bin"
     bin_dir.mkdir()
     (bin_dir / "sh").symlink_to(dash)
-    return _wrapper(base, dash, bare_path(bin_dir, *PROBE_TOOLS), banner=BANNER)
+    banner = BANNER if case == "banner-no-python-on-path" else ""
+    return _wrapper(base, dash, bare_path(bin_dir, *PROBE_TOOLS), banner=banner)
 
 
 def _busybox_login(base: Path) -> str:
@@ -105,12 +146,15 @@ def _wrapper(base: Path, shell: str, path: str, banner: str = "") -> str:
 def host(request: pytest.FixtureRequest, short_dir: Path) -> Iterator[Host]:
     require_root_sshd()
     case: str = request.param
-    shell = _login_shell(case, short_dir)
-    with (
-        login_user(short_dir, shell, root=case == "root-bash") as login,
-        running_sshd(short_dir) as sshd,
-    ):
-        yield Host(sshd, login)
+    with contextlib.ExitStack() as stack:
+        pid1 = None
+        if case == "pidns-no-reaper":
+            pid1 = stack.enter_context(pid_namespace_without_reaper(short_dir))
+        shell = _login_shell(case, short_dir, stack, pid1)
+        root = case in ("root-bash", "pidns-no-reaper")  # nsenter needs root
+        login = stack.enter_context(login_user(short_dir, shell, root=root))
+        sshd = stack.enter_context(running_sshd(short_dir))
+        yield Host(case, sshd, login, pid1)
 
 
 async def _rig(
@@ -142,6 +186,9 @@ async def test_a_job_runs_to_its_checked_image(
     assert [sha256_of(p) for p in made] == [sha256_of(Path(image))]
     if not host.login.root:
         assert made[0].stat().st_uid == host.login.home.stat().st_uid != 0
+    result = json.loads((app.settings.output_dir / job.id / "result.json").read_text())
+    if host.case == "conda-python":
+        assert result["python"] == str(CONDA_PYTHON)  # found off the PATH, where conda keeps it
 
 
 async def test_a_cancel_midway_leaves_nothing_of_the_job_alive(
@@ -156,6 +203,8 @@ async def test_a_cancel_midway_leaves_nothing_of_the_job_alive(
         outcome = await cancel_midway(clock, runner, job, inst, host.login.home)
         assert outcome is Outcome.CANCELLED
         await wait_all_gone(marker)  # the process tree, not the wrapper's pid
+        if host.pid1 is not None:  # the namespace's PID 1 never reaped what the cancel ended
+            assert any(state == "Z" for _, state in children_of(host.pid1))
     finally:
         kill_leftovers(marker)
 
@@ -172,7 +221,8 @@ async def test_the_probe_answers_and_refreshes_the_heartbeat(
     assert result.deadman is False
 
 
-async def test_the_probe_counts_an_ssh_login_terminal_and_no_other(
+@pytest.mark.parametrize("host", SSHD_VISIBLE, indirect=True)
+async def test_without_utmp_records_the_probe_counts_exactly_the_ssh_session(
     tmp_path: Path, make_app: MakeApp, host: Host
 ) -> None:
     """With no login records here (no utmp, as in containers), a terminal that no login holds

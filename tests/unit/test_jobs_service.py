@@ -18,6 +18,7 @@ from gpuwarden.control import jobs as api
 from gpuwarden.core import policy
 from gpuwarden.core.clock import FakeClock
 from gpuwarden.core.model import (
+    EntityKind,
     Instance,
     InstanceState,
     JobState,
@@ -384,3 +385,29 @@ async def test_a_job_waiting_on_a_launch_that_fails_gets_the_next_instance(
     stats = await env.app.store.get_flag(f"jobs.cold_start:fake:{i1.gpu}")
     # From launch to the timeout: jobs.ssh_wait (90 s) and the polls around it.
     assert stats["n"] == 0 and 90 <= stats["pending"] <= 105
+
+
+async def test_the_first_jobs_setup_counts_in_the_cold_start(make_env: Any) -> None:
+    # The new machine's first job spends 90 s installing the engine; the second finds it there.
+    env: Env = await make_env(keep_warm="10m", max_instances=1)
+    env.connector.setup_s = 90.0
+    first = await submit(env, "one")
+
+    async def first_done() -> bool:
+        return await env.state(first) is JobState.SUCCEEDED
+
+    await env.until(first_done)
+    second = await submit(env, "two")  # the warm instance takes it
+
+    async def second_done() -> bool:
+        return await env.state(second) is JobState.SUCCEEDED
+
+    await env.until(second_done)
+    assert env.cloud.launches == ["fake-offer-1"]
+    setups = [(await env.app.store.get_job(j)).extra["setup_s"] for j in (first, second)]
+    assert setups == [90.0, 0.0]
+    # Boot (the provider's 60 s, and the polls around it) plus the setup, counted once.
+    stats = await env.app.store.get_flag("jobs.cold_start:fake:RTX 4090")
+    assert stats["n"] == 1 and 150 <= stats["mean"] <= 165
+    events = await env.app.store.events(kind=EntityKind.INSTANCE, entity_id="i1")
+    assert [e.details["setup_s"] for e in events if e.name == "cold_start_setup"] == [90.0]

@@ -162,6 +162,20 @@ def test_cold_start_estimate_decays_and_counts_failed_launches() -> None:
     assert stats["mean"] == pytest.approx(50.0, abs=1.0)
 
 
+def test_a_first_jobs_setup_counts_as_if_it_was_part_of_the_launch() -> None:
+    # One launch so far: the setup adds to it outright, as a first sample of boot + setup would.
+    first = w.cold_start_update(None, 60.0)
+    assert w.cold_start_add_setup(first, 90.0) == w.cold_start_update(None, 150.0)
+    # Later launches: the setup moves the mean as much as a sample longer by it would have.
+    later = w.cold_start_update(first, 100.0)
+    assert w.cold_start_add_setup(later, 90.0) == w.cold_start_update(first, 190.0)
+    # No successful launch sampled yet: it waits, like a failed launch's boot, for the next.
+    waiting = w.cold_start_add_setup(None, 90.0)
+    assert waiting == {"n": 0, "mean": 0.0, "pending": 90.0}
+    assert w.cold_start_update(waiting, 60.0)["mean"] == pytest.approx(150.0)
+    assert w.cold_start_add_setup(later, -5.0) == later  # no setup, nothing moves
+
+
 def test_cold_start_mean_reads_old_and_missing_flags() -> None:
     assert w.cold_start_mean(None, 180.0) == 180.0
     assert w.cold_start_mean({"n": 3, "mean": 42.0}, 180.0) == 42.0  # the old running mean

@@ -221,6 +221,20 @@ class Renting:
         await self.app.store.set_flag(key, stats, reason="cold_start")
         self._cold_starts[key] = weighing.cold_start_mean(stats, queue.DEFAULT_COLD_START_S)
 
+    async def _remember_setup(self, inst: Instance, setup_s: float) -> None:
+        """Count the setup a job did on `inst` (the runner installing its engine, which
+        happens once per machine) in the cold start of its provider and GPU: that time is
+        billed and waited through before the first image, like the boot."""
+        if setup_s <= 0:
+            return
+        key = queue.cold_start_key(inst.provider, inst.gpu)
+        stats = weighing.cold_start_add_setup(await self.app.store.get_flag(key), setup_s)
+        await self.app.store.record(
+            EntityKind.INSTANCE, inst.id, "cold_start_setup", {"setup_s": setup_s, **stats}
+        )
+        await self.app.store.set_flag(key, stats, reason="cold_start")
+        self._cold_starts[key] = weighing.cold_start_mean(stats, queue.DEFAULT_COLD_START_S)
+
     async def _cold_start_s(self, inst: Instance) -> float:
         """The decaying cold-start estimate for the instance's provider and GPU."""
         key = queue.cold_start_key(inst.provider, inst.gpu)

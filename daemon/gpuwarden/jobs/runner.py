@@ -17,7 +17,9 @@ import contextlib
 import enum
 import hashlib
 import json
+import math
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -407,6 +409,7 @@ class _Run:
         assigned = _time(job.extra.get("assigned_at")) or started
         gpu_seconds = max(0.0, (now - started).total_seconds())
         cost = queue.job_cost(self.inst.price_per_hour, (now - assigned).total_seconds())
+        setup_s = setup_seconds(result)
         try:
             await self.app.store.transition_job(
                 job.id,
@@ -416,7 +419,7 @@ class _Run:
                 error=None,
                 gpu_seconds=gpu_seconds,
                 cost=cost,
-                extra={**job.extra, "result": result},
+                extra={**job.extra, "result": result, "setup_s": setup_s},
             )
         except IllegalTransition:
             return Outcome.CANCELLED  # cancelled while fetching: the files stay, unrecorded
@@ -426,8 +429,19 @@ class _Run:
             instance_id=self.inst.id,
             cost=cost,
             gpu_seconds=round(gpu_seconds, 3),
+            setup_s=setup_s,
         )
         return Outcome.SUCCEEDED
+
+
+def setup_seconds(result: Mapping[str, Any]) -> float:
+    """The seconds the runner spent installing its engine (result.json's `setup_s`); 0.0 when
+    it installed nothing, or from a runner too old to say, or from a value that is not a
+    number of seconds (the instance's answer is not trusted to be well formed)."""
+    value = result.get("setup_s")
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return 0.0
+    return float(value) if math.isfinite(value) and value > 0 else 0.0
 
 
 def _time(value: Any) -> datetime | None:

@@ -274,7 +274,10 @@ class JobService(Renting):
             return
         assert self.runner is not None
         outcome = await self.runner.execute(current, inst)
-        if outcome is Outcome.DIED:
+        if outcome is Outcome.SUCCEEDED:
+            done = await self.app.store.get_job(job.id)
+            await self._remember_setup(inst, float(done.extra.get("setup_s") or 0.0))
+        elif outcome is Outcome.DIED:
             await self._requeue(job.id, "the runner died on the instance")
         elif outcome is Outcome.LOST:
             await self._requeue(job.id, "the instance went away or stopped answering")

@@ -13,8 +13,9 @@ and the job waits through it, so one cold start costs `cold * (1 + wait_weight)`
 - `adaptive_window`: how long an idle instance stays warm under `keep_warm = "auto"`, chosen by
   replaying the recent idle gaps (time from an instance going idle to the next arrival)
   against every candidate window, older gaps counting less (exponential decay);
-- `cold_start_update` / `cold_start_mean`: the decaying cold-start estimate per provider and
-  GPU, which charges failed launches to the next successful one.
+- `cold_start_update` / `cold_start_add_setup` / `cold_start_mean`: the decaying cold-start
+  estimate per provider and GPU, which charges failed launches to the next successful one and
+  counts the setup a new instance's first job did (installing the runner's engine).
 """
 
 from __future__ import annotations
@@ -190,6 +191,23 @@ def cold_start_update(
     sample = max(0.0, seconds) + pending
     mean = sample if n == 0 else mean + alpha * (sample - mean)
     return {"n": n + 1, "mean": round(mean, 3), "pending": 0.0}
+
+
+def cold_start_add_setup(
+    stats: Mapping[str, Any] | None, setup_s: float, *, alpha: float = COLD_START_ALPHA
+) -> dict[str, Any]:
+    """The estimate after adding the setup an instance's first job did (installing the
+    runner's engine, measured on the instance) to the launch last sampled: what
+    `cold_start_update` would have given had the setup been known then. With no successful
+    launch sampled yet it waits in `pending` for the next one."""
+    n = int(stats.get("n", 0)) if stats else 0
+    mean = float(stats.get("mean", 0.0)) if stats else 0.0
+    pending = float(stats.get("pending", 0.0)) if stats else 0.0
+    extra = max(0.0, setup_s)
+    if n == 0:
+        return {"n": 0, "mean": round(mean, 3), "pending": round(pending + extra, 3)}
+    mean += extra if n == 1 else alpha * extra
+    return {"n": n, "mean": round(mean, 3), "pending": round(pending, 3)}
 
 
 def cold_start_mean(stats: object, default_s: float) -> float:
