@@ -215,7 +215,9 @@ async def test_an_ssh_drop_mid_job_reattaches_and_finishes_once(tmp_path: Path) 
 async def test_a_service_restart_mid_job_continues_it_without_a_second_rental(
     tmp_path: Path,
 ) -> None:
-    settings = job_settings(tmp_path, preview_step_delay="0.05s")
+    # 30 steps of 0.2 s: the job is still running when the test, having seen step 3 (the
+    # progress it reads lags the runner by a poll), kills the loop, even on a loaded machine.
+    settings = job_settings(tmp_path, preview_step_delay="0.2s")
     async with job_env(tmp_path, settings=settings) as env:
         job_id = await env.submit("restart", steps=30)
 

@@ -32,6 +32,7 @@ import random
 import struct
 import sys
 import time
+import warnings
 import zlib
 
 DEFAULT_MODEL = "stabilityai/sd-turbo"
@@ -188,7 +189,11 @@ class DiffusersEngine:
         self.torch = torch
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         dtype = torch.float16 if self.device == "cuda" else torch.float32
-        self.pipe = AutoPipelineForText2Image.from_pretrained(spec["model"], torch_dtype=dtype)
+        with warnings.catch_warnings():
+            # diffusers 0.42 renamed torch_dtype to dtype and warns; older releases, which an
+            # image may already have, know only torch_dtype, which every release honours.
+            warnings.filterwarnings("ignore", ".*torch_dtype.*", FutureWarning)
+            self.pipe = AutoPipelineForText2Image.from_pretrained(spec["model"], torch_dtype=dtype)
         self.pipe.to(self.device)
         self.pipe.set_progress_bar_config(disable=True)
 
