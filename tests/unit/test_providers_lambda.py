@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import pytest
 import respx
-from providers_support import load_fixture
+from providers_support import GARBAGE, GARBAGE_IDS, load_fixture
 from structlog.testing import capture_logs
 from tests.conftest import AutoClock
 
@@ -388,16 +388,6 @@ async def test_get_honours_the_sim_ssh_port_extension(
     router.get(f"/instances/{IID}").mock(return_value=httpx.Response(200, json=body))
     inst = await client.get(IID)
     assert inst is not None and (inst.ssh_host, inst.ssh_port) == ("127.0.0.1", 40123)
-
-
-GARBAGE = [
-    httpx.Response(200, text="<html><body>Bad gateway</body></html>"),
-    httpx.Response(200, content=b""),
-    httpx.Response(200, json={"unexpected": True}),
-    httpx.Response(404, text="<html><body>404 Not Found</body></html>"),
-    httpx.Response(404, content=b""),
-]
-GARBAGE_IDS = ["html-200", "empty-200", "json-without-data", "html-404", "empty-404"]
 
 
 @pytest.mark.parametrize("response", GARBAGE, ids=GARBAGE_IDS)

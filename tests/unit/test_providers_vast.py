@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 import respx
-from providers_support import load_fixture
+from providers_support import GARBAGE, GARBAGE_IDS, load_fixture
 from structlog.testing import capture_logs
 from tests.conftest import AutoClock
 
@@ -412,16 +412,6 @@ async def test_get_of_a_gone_instance_is_none(
 ) -> None:
     router.get("/api/v0/instances/99999999/").mock(return_value=response)
     assert await client.get("99999999") is None
-
-
-GARBAGE = [
-    httpx.Response(200, text="<html><body>Bad gateway</body></html>"),
-    httpx.Response(200, content=b""),
-    httpx.Response(200, json={"unexpected": True}),
-    httpx.Response(404, text="<html><body>404 Not Found</body></html>"),
-    httpx.Response(404, content=b""),
-]
-GARBAGE_IDS = ["html-200", "empty-200", "json-without-instances", "html-404", "empty-404"]
 
 
 @pytest.mark.parametrize("response", GARBAGE, ids=GARBAGE_IDS)
