@@ -49,3 +49,15 @@ async def test_the_pool_reuses_the_most_recent_learns_gaps_and_expires(
     assert len(pool) == 0 and pool.evict_one() is None
     pool.hold(a, t0, timedelta(0))
     assert pool.due(t0) == [("ia", TerminationReason.JOB_DONE)]
+
+
+async def test_only_what_a_pass_could_see_expires_in_it(tmp_path: Path, make_app: MakeApp) -> None:
+    """An instance a job left while the loop's pass ran is not ended by that pass, even with
+    a window of 0: the next pass's dispatch lets a waiting job take it first."""
+    clock = FakeClock()
+    app = await make_app(settings(tmp_path), clock)
+    pool = WarmPool(app.store, {})
+    seen = pool.ids()  # the pass begins: the pool is empty
+    pool.hold(await add_instance(app, "ia"), clock.now(), timedelta(0))  # a job ended meanwhile
+    assert pool.due(clock.now(), seen) == []
+    assert pool.due(clock.now(), pool.ids()) == [("ia", TerminationReason.JOB_DONE)]

@@ -147,13 +147,17 @@ class JobService(Renting):
             self.app.heartbeats.beat(self.name)
             now = clock.now()
             wake = now + timedelta(seconds=BEAT_EVERY)
+            # Only what this pass's dispatch could see may expire in it: an instance a job
+            # left while the pass ran (a window of 0 is due at once) waits for the next pass,
+            # whose dispatch gives a waiting job the chance to take it first.
+            seen = self._warm.ids()
             if not await self.app.store.get_flag(QUEUE_PAUSED_FLAG, False):
                 queued = await self.app.store.jobs([JobState.QUEUED])  # not read while paused
                 await self._dispatch(queue.runnable(queued, now))
                 backoff_end = queue.next_wake(queued, now)
                 if backoff_end is not None:
                     wake = min(wake, backoff_end)
-            await self._expire_warm(clock.now())
+            await self._expire_warm(clock.now(), seen)
             expiry = self._warm.next_expiry()
             if expiry is not None:
                 wake = min(wake, expiry)
@@ -331,8 +335,8 @@ class JobService(Renting):
         )
         return end
 
-    async def _expire_warm(self, now: datetime) -> None:
-        for iid, reason in self._warm.due(now):
+    async def _expire_warm(self, now: datetime, among: frozenset[str] | None = None) -> None:
+        for iid, reason in self._warm.due(now, among):
             await self._end(iid, reason)
 
     # --- recovery ------------------------------------------------------------------------

@@ -96,9 +96,19 @@ class WarmPool:
             return iid
         return None
 
-    def due(self, now: datetime) -> list[tuple[str, TerminationReason]]:
-        """Instances whose window has passed, out of the pool, with the reason to end them."""
-        out = [(iid, w.reason) for iid, w in self._warm.items() if w.until <= now]
+    def ids(self) -> frozenset[str]:
+        return frozenset(self._warm)
+
+    def due(
+        self, now: datetime, among: frozenset[str] | None = None
+    ) -> list[tuple[str, TerminationReason]]:
+        """Instances whose window has passed, out of the pool, with the reason to end them;
+        only those `among` the given ids when given."""
+        out = [
+            (iid, w.reason)
+            for iid, w in self._warm.items()
+            if w.until <= now and (among is None or iid in among)
+        ]
         for iid, _ in out:
             self._warm.pop(iid, None)
         return out
