@@ -101,7 +101,8 @@ class Env:
                     raise AssertionError("the service stopped")
                 assert self.clock.monotonic() - start <= limit, "condition not reached in time"
                 wake = self.clock.next_wake()
-                if wake is not None and not await _busy(self):
+                await _settle(self)
+                if wake is not None:
                     await self.clock.advance(max(0.0, (wake - self.clock.now()).total_seconds()))
                 else:
                     await asyncio.sleep(0.005)
@@ -110,7 +111,7 @@ class Env:
         return (await self.app.store.get_job(job_id)).state
 
 
-async def _busy(env: Env) -> bool:
+async def _settle(env: Env) -> None:
     """Let pending database work land before time moves. A few loop turns were not enough on
     a loaded machine: the store's thread was still writing (a job's end, a rental) when the
     clock stepped on, and the service decided on a stale view (a second rental, an instance
@@ -120,7 +121,6 @@ async def _busy(env: Env) -> bool:
         await env.app.store.get_flag("test.settle")
         for _ in range(5):
             await asyncio.sleep(0)
-    return False
 
 
 @pytest.fixture

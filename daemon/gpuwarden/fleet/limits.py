@@ -1,17 +1,13 @@
 """The limits in force: the policy and budget sections of the settings as `policy.Limits`.
 
-A config reload replaces `app.settings`, so the limits are read through a source (a function
-of no arguments) on each use rather than copied once at start-up.
+A config reload replaces `app.settings`, so `App.limits()` reads them on each use rather than
+copying them once at start-up.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from gpuwarden.config.settings import Settings
 from gpuwarden.core.policy import Limits
-
-LimitsSource = Callable[[], Limits]
 
 
 def limits_from(settings: Settings) -> Limits:
