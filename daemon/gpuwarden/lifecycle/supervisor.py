@@ -50,6 +50,7 @@ from gpuwarden.lifecycle import runtime, wiring
 from gpuwarden.lifecycle.reloader import ConfigReloader
 from gpuwarden.lifecycle.service import Service
 from gpuwarden.providers import build_providers
+from gpuwarden.providers.base import Provider
 from gpuwarden.remote import ssh as remote
 from gpuwarden.store import Store, StoreCorrupt
 from gpuwarden.system import logs as glog
@@ -60,6 +61,8 @@ if TYPE_CHECKING:
     from gpuwarden.sim.server import SimUrls
 
 log = structlog.get_logger(__name__)
+
+ProvidersFactory = Callable[..., dict[str, Provider]]  # build_providers' signature
 
 EXIT_FAILED = 1
 
@@ -104,12 +107,15 @@ class Supervisor:
         config_path: Path,
         clock: Clock | None = None,
         build_services: Callable[[App], list[Service]] = wiring.build_services,
+        make_providers: ProvidersFactory = build_providers,
     ) -> None:
         self.settings = settings
         self.config_path = config_path
         self.clock = clock or SystemClock()
         # Which loops run, given the wired context (tests pass their own).
         self.build_services = build_services
+        # The provider clients, given the settings (the benchmark passes in-memory fakes).
+        self.make_providers = make_providers
         self.notifier = systemd.Notifier.from_env()
         self.stopping = asyncio.Event()
         self.reload_requested = asyncio.Event()
@@ -196,7 +202,7 @@ class Supervisor:
         stack.push_async_callback(_closing, "store", store.close)
         key, public = self._ssh_key()
         sim_urls = await self._start_sim(stack)
-        providers = build_providers(s, self.clock, sim_urls=sim_urls)
+        providers = self.make_providers(s, self.clock, sim_urls=sim_urls)
         for name, provider in providers.items():
             stack.push_async_callback(_closing, f"provider {name}", provider.aclose)
         app = App(
