@@ -115,10 +115,10 @@ async def _settle(env: Env) -> None:
     """Let pending database work land before time moves. A few loop turns were not enough on
     a loaded machine: the store's thread was still writing (a job's end, a rental) when the
     clock stepped on, and the service decided on a stale view (a second rental, an instance
-    ended before the waiting job took it). The store answers in order, so a round trip waits
-    for every write queued before it; a few rounds let chains of writes land too."""
+    ended before the waiting job took it). `writes_done` waits for every write queued before
+    it; a few rounds let chains of writes land too."""
     for _ in range(4):
-        await env.app.store.get_flag("test.settle")
+        await env.app.store.writes_done()
         for _ in range(5):
             await asyncio.sleep(0)
 

@@ -19,7 +19,7 @@ the reconciler adopts it when the provider lists our label, then it is destroyed
 from __future__ import annotations
 
 import secrets
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
@@ -79,6 +79,9 @@ class Terminator:
         # (a full disk), the ending goes ahead from memory and is written when it can be.
         self._unwritten: dict[str, _Unwritten] = {}
         self._inflight: set[str] = set()
+        # Called with an instance id when an attempt on it ends (its retry time is set, or
+        # it is gone): the guard plans that instance again, whoever made the attempt.
+        self.attempt_listeners: list[Callable[[str], None]] = []
 
     # --- the schedule ---------------------------------------------------------------
 
@@ -180,6 +183,8 @@ class Terminator:
             return await self._attempt(inst, inst.provider_id)
         finally:
             self._inflight.discard(inst.id)
+            for listener in list(self.attempt_listeners):
+                listener(inst.id)
 
     async def _attempt(self, inst: Instance, provider_id: str) -> bool:
         provider = self.providers.get(inst.provider)

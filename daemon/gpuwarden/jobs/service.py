@@ -117,8 +117,12 @@ class JobService(Renting):
             unsubscribe()
 
     def _on_event(self, event: Event) -> None:
-        # An instance that ended frees capacity for the queue.
-        if event.kind is EntityKind.INSTANCE and event.to_state == InstanceState.TERMINATED.value:
+        # An instance of ours (rented for a job, busy or warm) that ended frees capacity for
+        # the queue. The end of any other instance changes nothing the queue counts, so it
+        # does not cost a pass over the queue: a burst of deadlines across a fleet would.
+        ended = event.kind is EntityKind.INSTANCE and event.to_state == InstanceState.TERMINATED
+        ours = "job_id" in event.details or event.entity_id in self._busy
+        if ended and (ours or event.entity_id in self._warm.ids()):
             self.app.jobs_wake.set()
 
     async def _run_tasks(self) -> None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import heapq
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -46,6 +47,7 @@ from gpuwarden.store import NotFoundError
 log = structlog.get_logger(__name__)
 
 ACTIVITY_STEP = timedelta(minutes=1)  # smaller moves of last_activity are not written
+PROBE_CONCURRENCY = 64  # probes in flight at once
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
@@ -226,16 +228,25 @@ class Watchdog:
     def __init__(self, app: App, prober: Prober | None = None) -> None:
         self.app = app
         self.prober = prober or SshProber(_app_key(app), app.settings.ssh.known_hosts)
+        # Each running instance's next probe, and a heap of (time, id) over it (an entry
+        # whose time is no longer the plan's is stale).
         self._due: dict[str, datetime] = {}
+        self._heap: list[tuple[datetime, str]] = []
+        self._arrived: set[str] = set()  # started running since the last tick
+        self._synced = False
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        # At most this many probes at once: a restart or a clock jump that makes much of a
+        # big fleet due together opens a bounded number of SSH connections.
+        self._slots = asyncio.Semaphore(PROBE_CONCURRENCY)
         # Set when an instance starts running, so its first probe does not wait for a beat.
         self._wake = asyncio.Event()
-        self._unsubscribe = app.store.subscribe(self._on_event)
+        self._unsubscribe: Callable[[], None] | None = app.store.subscribe(self._on_event)
         if prober is None:
             probe_script()  # fail at start-up, not at the first probe, if it is missing
 
     def _on_event(self, event: Event) -> None:
         if event.kind is EntityKind.INSTANCE and event.to_state == InstanceState.RUNNING.value:
+            self._arrived.add(event.entity_id)
             self._wake.set()
 
     @property
@@ -246,6 +257,9 @@ class Watchdog:
         """Nothing to prepare: the first pass runs as soon as the loop starts."""
 
     async def run(self) -> None:
+        if self._unsubscribe is None:  # restarted after a failure
+            self._unsubscribe = self.app.store.subscribe(self._on_event)
+        self._synced = False  # events may have been missed meanwhile
         try:
             while not self.app.stopping.is_set():
                 self.app.heartbeats.beat(self.name)
@@ -253,41 +267,62 @@ class Watchdog:
                 await self.app.clock.sleep_until(wake, interrupt=self._wake)
         finally:
             self._unsubscribe()
-            for task in self._tasks.values():
+            self._unsubscribe = None
+            for task in list(self._tasks.values()):
                 task.cancel()
             await asyncio.gather(*self._tasks.values(), return_exceptions=True)
 
     async def tick(self) -> datetime:
-        """Start the probes that are due; returns when to look again (within BEAT_EVERY)."""
+        """Start the probes that are due; returns when to look again (within BEAT_EVERY).
+
+        The work is what is due, not the fleet: probe times sit on a heap, instances join it
+        when they start running (a store event; all RUNNING ones on the first tick) and leave
+        it when their turn finds them no longer running."""
         now = self.app.clock.now()
-        running = await self.app.store.instances([InstanceState.RUNNING])
-        ids = {inst.id for inst in running}
-        for gone in set(self._due) - ids:
-            del self._due[gone]
-        for inst in running:
-            if inst.id not in self._due:
-                # Never probed (it just came up): at once, to confirm it and start its
-                # heartbeat. Probed before (a daemon restart): its own slot, so that a
-                # restart does not probe the whole fleet in one burst.
-                first = next_probe_at(inst.id, self.interval, now - _US)
-                self._due[inst.id] = now if inst.last_probe_at is None else first
-            due = self._due[inst.id]
-            if due > now:
+        live = self.app.store.live
+        if not self._synced:
+            self._synced = True
+            self._arrived |= {i.id for i in live.select([InstanceState.RUNNING])}
+        arrived, self._arrived = self._arrived, set()
+        for iid in arrived:
+            inst = live.get(iid)
+            if inst is None or inst.state is not InstanceState.RUNNING or iid in self._due:
                 continue
-            self._due[inst.id] = next_probe_at(inst.id, self.interval, now)
-            busy = self._tasks.get(inst.id)
+            # Never probed (it just came up): at once, to confirm it and start its
+            # heartbeat. Probed before (a daemon restart): its own slot, so that a
+            # restart does not probe the whole fleet in one burst.
+            first = next_probe_at(iid, self.interval, now - _US)
+            self._plan(iid, now if inst.last_probe_at is None else first)
+        while self._heap and self._heap[0][0] <= now:
+            at, iid = heapq.heappop(self._heap)
+            if self._due.get(iid) != at:
+                continue  # stale
+            inst = live.get(iid)
+            if inst is None or inst.state is not InstanceState.RUNNING:
+                del self._due[iid]
+                continue
+            self._plan(iid, next_probe_at(iid, self.interval, now))
+            busy = self._tasks.get(iid)
             if busy is not None and not busy.done():
                 continue  # the last probe is still out: this slot is skipped, not stacked
-            self._tasks[inst.id] = asyncio.create_task(
-                self._probe_one(inst.id), name=f"probe-{inst.id}"
-            )
-        for iid in [i for i, t in self._tasks.items() if t.done()]:
+            task = asyncio.create_task(self._probe_one(iid), name=f"probe-{iid}")
+            self._tasks[iid] = task
+            task.add_done_callback(self._forget)
+        wake = now + timedelta(seconds=BEAT_EVERY)
+        return min(wake, self._heap[0][0]) if self._heap else wake
+
+    def _plan(self, instance_id: str, at: datetime) -> None:
+        self._due[instance_id] = at
+        heapq.heappush(self._heap, (at, instance_id))
+
+    def _forget(self, task: asyncio.Task[None]) -> None:
+        iid = task.get_name().removeprefix("probe-")
+        if self._tasks.get(iid) is task:
             del self._tasks[iid]
-        return min([now + timedelta(seconds=BEAT_EVERY), *self._due.values()])
 
     async def probes_done(self) -> None:
         """Wait for the probes in flight (tests use this after `tick`)."""
-        await asyncio.gather(*self._tasks.values())
+        await asyncio.gather(*list(self._tasks.values()))
 
     async def _probe_one(self, instance_id: str) -> None:
         try:
@@ -296,7 +331,8 @@ class Watchdog:
                 return
             timeout = self.app.settings.policy.probe_timeout.total_seconds()
             try:
-                result = await self.prober.probe(inst, timeout)
+                async with self._slots:
+                    result = await self.prober.probe(inst, timeout)
             except ProbeFailed as exc:
                 await self._failed(instance_id, exc)
                 return

@@ -34,10 +34,11 @@ from gpuwarden.core.model import (
     InstanceState,
     Job,
     JobState,
-    Termination,
     TerminationReason,
 )
 from gpuwarden.store import migrations, rows, sql
+from gpuwarden.store.live import LiveInstances
+from gpuwarden.store.reads import StoreReads
 from gpuwarden.store.sql import NotFoundError
 
 
@@ -56,16 +57,27 @@ class StoreCorrupt(Exception):
 
 Listener = Callable[[Event], None]
 
+_LIVE_QUERY = "SELECT * FROM instances WHERE state IN ({})".format(  # noqa: S608 - our own values
+    ", ".join(f"'{s.value}'" for s in sorted(LIVE_INSTANCE_STATES))
+)
 
-class Store:
+
+class Store(StoreReads):
     """Use `await Store.open(path, clock)`; close with `await store.close()`."""
 
-    def __init__(self, conn: aiosqlite.Connection, clock: Clock) -> None:
+    def __init__(
+        self, conn: aiosqlite.Connection, clock: Clock, reader: aiosqlite.Connection | None = None
+    ) -> None:
         self._conn = conn
+        self._reader = reader or conn
         self._clock = clock
         self._lock = asyncio.Lock()
         self._listeners: list[Listener] = []
         self._pending: list[Event] = []
+        # The live instances in memory, and the rows a transaction changed (applied after
+        # its COMMIT, dropped with a rollback).
+        self.live = LiveInstances()
+        self._staged: list[Instance] = []
 
     # --- lifecycle -------------------------------------------------------------------
 
@@ -80,15 +92,35 @@ class Store:
         try:
             await store._configure()
             await store.migrate()
+            await store._open_reader(path)
+            store.live.load(
+                rows.instance_from_row(r)
+                for r in await sql.fetch(conn, _LIVE_QUERY + " ORDER BY created_at, rowid")
+            )
         except sqlite3.DatabaseError as exc:
             # A truncated or overwritten file fails here ("file is not a database"), before
             # the integrity check could say so: the same clear refusal, not a traceback.
             await conn.close()
             raise StoreCorrupt(f"{path}: {exc}") from exc
         except BaseException:
-            await conn.close()
+            await store.close()
             raise
         return store
+
+    async def _open_reader(self, path: Path | str) -> None:
+        """The read-only connection of reads.py (one connection serves both for a database
+        in memory, which a second connection would not see)."""
+        if str(path) == ":memory:" or str(path).startswith("file:"):
+            return
+        reader = await aiosqlite.connect(str(path), isolation_level=None)
+        reader.row_factory = sqlite3.Row
+        try:
+            await reader.execute("PRAGMA query_only=ON")
+            await reader.execute("PRAGMA busy_timeout=5000")
+        except BaseException:
+            await reader.close()
+            raise
+        self._reader = reader
 
     async def _configure(self) -> None:
         for pragma in (
@@ -109,7 +141,15 @@ class Store:
             return await migrations.apply(self._conn)
 
     async def close(self) -> None:
+        if self._reader is not self._conn:
+            await self._reader.close()
         await self._conn.close()
+
+    async def writes_done(self) -> None:
+        """Return once every write queued before this call has committed (reads do not wait
+        for writes, so tests that step a fake clock wait on this instead)."""
+        async with self._lock:
+            pass
 
     def subscribe(self, listener: Listener) -> Callable[[], None]:
         """Call `listener(event)` after each commit, once per event written. Returns unsubscribe."""
@@ -123,6 +163,7 @@ class Store:
         """BEGIN IMMEDIATE under the writer lock. Pass values in; never await the network here."""
         async with self._lock:
             self._pending = []
+            self._staged = []
             try:
                 await self._conn.execute("BEGIN IMMEDIATE")
                 yield self._conn
@@ -134,10 +175,14 @@ class Store:
                     with contextlib.suppress(sqlite3.Error):
                         await self._conn.execute("ROLLBACK")
                 self._pending = []
+                self._staged = []
                 if isinstance(exc, sqlite3.OperationalError):
                     raise StoreWriteFailed(str(exc)) from exc
                 raise
             written, self._pending = self._pending, []
+            for inst in self._staged:
+                self.live.apply(inst)
+            self._staged = []
         for event in written:
             for listener in list(self._listeners):
                 listener(event)
@@ -201,6 +246,8 @@ class Store:
             if updates:
                 table = "instances" if kind is EntityKind.INSTANCE else "jobs"
                 await sql.update(conn, table, entity_id, updates)
+                if kind is EntityKind.INSTANCE:
+                    self._staged.append(await self._instance(conn, entity_id))
             return await self._event(conn, kind, entity_id, name, reason=reason, details=details)
 
     # --- instances -------------------------------------------------------------------
@@ -212,6 +259,7 @@ class Store:
         cols = rows.columns(inst)
         async with self.transaction() as conn:
             await sql.insert(conn, "instances", cols)
+            self._staged.append(await self._instance(conn, inst.id))
             await self._event(
                 conn,
                 EntityKind.INSTANCE,
@@ -252,6 +300,7 @@ class Store:
                 updates[stamp] = now
             await sql.update(conn, "instances", instance_id, updates)
             after = await self._instance(conn, instance_id)
+            self._staged.append(after)
             body = dict(details or {})
             if to in (InstanceState.TERMINATED, InstanceState.LAUNCH_FAILED):
                 term = policy.termination_of(after, now)
@@ -263,6 +312,8 @@ class Store:
                     "price_per_hour": term.price_per_hour,
                     "cost": term.cost,
                 }
+                if after.job_id is not None:  # rented for a job: the jobs loop listens
+                    body["job_id"] = after.job_id
                 if to is InstanceState.TERMINATED:
                     await sql.insert(conn, "terminations", rows.columns(term), replace=True)
             await self._event(
@@ -285,52 +336,39 @@ class Store:
             raise IllegalTransition("use transition_instance to change the state")
         async with self.transaction() as conn:
             await sql.update(conn, "instances", instance_id, fields)
-            return await self._instance(conn, instance_id)
+            after = await self._instance(conn, instance_id)
+            self._staged.append(after)
+            return after
 
     async def get_instance(self, instance_id: str) -> Instance:
-        async with self._lock:
-            return await self._instance(self._conn, instance_id)
-
-    async def find_instance(self, provider: str, provider_id: str) -> Instance | None:
-        async with self._lock:
-            got = await sql.fetch(
-                self._conn,
-                "SELECT * FROM instances WHERE provider = ? AND provider_id = ?"
-                " ORDER BY created_at DESC LIMIT 1",
-                (provider, provider_id),
-            )
-        return rows.instance_from_row(got[0]) if got else None
+        """A live instance from memory; an ended one from the database."""
+        found = self.live.get(instance_id)
+        if found is not None:
+            return found
+        return await self._instance(self._reader, instance_id)
 
     async def instances(self, states: Iterable[InstanceState] | None = None) -> list[Instance]:
+        """In creation order. Live states only: from memory; else read from the database."""
+        if states is not None:
+            wanted = frozenset(states)
+            if wanted <= LIVE_INSTANCE_STATES:
+                return self.live.select(wanted)
         query, args = "SELECT * FROM instances", tuple[str, ...]()
         if states is not None:
-            wanted = tuple(s.value for s in states)
-            query += f" WHERE state IN ({', '.join('?' * len(wanted))})"
-            args = wanted
-        async with self._lock:
-            got = await sql.fetch(self._conn, query + " ORDER BY created_at", args)
+            values = tuple(s.value for s in wanted)
+            query += f" WHERE state IN ({', '.join('?' * len(values))})"
+            args = values
+        got = await sql.fetch(self._reader, query + " ORDER BY created_at", args)
         return [rows.instance_from_row(r) for r in got]
 
     async def live_instances(self) -> list[Instance]:
-        return await self.instances(LIVE_INSTANCE_STATES)
+        return self.live.select()
 
     async def _instance(self, conn: aiosqlite.Connection, instance_id: str) -> Instance:
         got = await sql.fetch(conn, "SELECT * FROM instances WHERE id = ?", (instance_id,))
         if not got:
             raise NotFoundError(f"no instance {instance_id}")
         return rows.instance_from_row(got[0])
-
-    async def terminations(
-        self, since: datetime, until: datetime | None = None
-    ) -> list[Termination]:
-        query = "SELECT * FROM terminations WHERE at >= ?"
-        args: tuple[Any, ...] = (format_ts(since),)
-        if until is not None:
-            query += " AND at < ?"
-            args += (format_ts(until),)
-        async with self._lock:
-            got = await sql.fetch(self._conn, query + " ORDER BY at", args)
-        return [rows.termination_from_row(r) for r in got]
 
     # --- jobs ------------------------------------------------------------------------
 
@@ -379,36 +417,7 @@ class Store:
             return await self._job(conn, job_id)
 
     async def get_job(self, job_id: str) -> Job:
-        async with self._lock:
-            return await self._job(self._conn, job_id)
-
-    async def jobs(
-        self,
-        states: Iterable[JobState] | None = None,
-        limit: int = 1000,
-        *,
-        newest_first: bool = False,
-    ) -> list[Job]:
-        """In queue order (priority, then age), or the newest first (for people)."""
-        query, args = "SELECT * FROM jobs", tuple[str, ...]()
-        if states is not None:
-            wanted = tuple(s.value for s in states)
-            query += f" WHERE state IN ({', '.join('?' * len(wanted))})"
-            args = wanted
-        if newest_first:
-            query += " ORDER BY created_at DESC, id DESC LIMIT ?"
-        else:
-            query += " ORDER BY priority DESC, created_at, id LIMIT ?"
-        async with self._lock:
-            got = await sql.fetch(self._conn, query, (*args, limit))
-        return [rows.job_from_row(r) for r in got]
-
-    async def jobs_with_id_prefix(self, prefix: str, limit: int = 10) -> list[Job]:
-        """Jobs whose id starts with `prefix` (compared as text: no LIKE wildcards)."""
-        query = "SELECT * FROM jobs WHERE substr(id, 1, ?) = ? ORDER BY id LIMIT ?"
-        async with self._lock:
-            got = await sql.fetch(self._conn, query, (len(prefix), prefix, limit))
-        return [rows.job_from_row(r) for r in got]
+        return await self._job(self._reader, job_id)
 
     async def _job(self, conn: aiosqlite.Connection, job_id: str) -> Job:
         got = await sql.fetch(conn, "SELECT * FROM jobs WHERE id = ?", (job_id,))
@@ -417,40 +426,6 @@ class Store:
         return rows.job_from_row(got[0])
 
     # --- events and flags ------------------------------------------------------------
-
-    async def events(
-        self,
-        *,
-        since: datetime | None = None,
-        kind: EntityKind | None = None,
-        entity_id: str | None = None,
-        after_id: int = 0,
-        limit: int = 10_000,
-        newest: bool = False,
-    ) -> list[Event]:
-        """Matching events, oldest first: the first `limit` of them, or with `newest` the
-        last `limit` (the tail of a long log, without reading all of it)."""
-        clauses, args = ["id > ?"], [after_id]
-        if since is not None:
-            clauses.append("at >= ?")
-            args.append(format_ts(since))  # type: ignore[arg-type]
-        if kind is not None:
-            clauses.append("kind = ?")
-            args.append(kind.value)  # type: ignore[arg-type]
-        if entity_id is not None:
-            clauses.append("entity_id = ?")
-            args.append(entity_id)  # type: ignore[arg-type]
-        order = "DESC" if newest else "ASC"
-        query = f"SELECT * FROM events WHERE {' AND '.join(clauses)} ORDER BY id {order} LIMIT ?"  # noqa: S608
-        async with self._lock:
-            got = await sql.fetch(self._conn, query, (*args, limit))
-        found = [rows.event_from_row(r) for r in got]
-        return found[::-1] if newest else found
-
-    async def get_flag(self, key: str, default: Any = None) -> Any:
-        async with self._lock:
-            got = await sql.fetch(self._conn, "SELECT value FROM flags WHERE key = ?", (key,))
-        return json.loads(got[0]["value"]) if got else default
 
     async def set_flag(self, key: str, value: Any, *, reason: str | None = None) -> None:
         """Daemon-wide state (queue paused, ...), with an event so it is on record."""

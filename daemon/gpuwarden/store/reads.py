@@ -1,0 +1,104 @@
+"""The Store's reads that never wait on the writer: a second, read-only connection.
+
+SQLite in WAL mode lets a reader see the last commit while the writer holds its transaction,
+so `history`, `costs`, `jobs`, events and flags are answered without taking the writer's lock
+(a burst of terminations no longer queues the control socket behind it). Each read is one
+statement in autocommit, so it sees every write committed before it was asked.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from datetime import datetime
+from typing import Any
+
+import aiosqlite
+
+from gpuwarden.core.clock import format_ts
+from gpuwarden.core.model import EntityKind, Event, Instance, Job, JobState, Termination
+from gpuwarden.store import rows, sql
+
+
+class StoreReads:
+    """Reads on `_reader` (the Store opens it beside its writer connection)."""
+
+    _reader: aiosqlite.Connection
+
+    async def find_instance(self, provider: str, provider_id: str) -> Instance | None:
+        got = await sql.fetch(
+            self._reader,
+            "SELECT * FROM instances WHERE provider = ? AND provider_id = ?"
+            " ORDER BY created_at DESC LIMIT 1",
+            (provider, provider_id),
+        )
+        return rows.instance_from_row(got[0]) if got else None
+
+    async def terminations(
+        self, since: datetime, until: datetime | None = None
+    ) -> list[Termination]:
+        query = "SELECT * FROM terminations WHERE at >= ?"
+        args: tuple[Any, ...] = (format_ts(since),)
+        if until is not None:
+            query += " AND at < ?"
+            args += (format_ts(until),)
+        got = await sql.fetch(self._reader, query + " ORDER BY at", args)
+        return [rows.termination_from_row(r) for r in got]
+
+    async def jobs(
+        self,
+        states: Iterable[JobState] | None = None,
+        limit: int = 1000,
+        *,
+        newest_first: bool = False,
+    ) -> list[Job]:
+        """In queue order (priority, then age), or the newest first (for people)."""
+        query, args = "SELECT * FROM jobs", tuple[str, ...]()
+        if states is not None:
+            wanted = tuple(s.value for s in states)
+            query += f" WHERE state IN ({', '.join('?' * len(wanted))})"
+            args = wanted
+        if newest_first:
+            query += " ORDER BY created_at DESC, id DESC LIMIT ?"
+        else:
+            query += " ORDER BY priority DESC, created_at, id LIMIT ?"
+        got = await sql.fetch(self._reader, query, (*args, limit))
+        return [rows.job_from_row(r) for r in got]
+
+    async def jobs_with_id_prefix(self, prefix: str, limit: int = 10) -> list[Job]:
+        """Jobs whose id starts with `prefix` (compared as text: no LIKE wildcards)."""
+        query = "SELECT * FROM jobs WHERE substr(id, 1, ?) = ? ORDER BY id LIMIT ?"
+        got = await sql.fetch(self._reader, query, (len(prefix), prefix, limit))
+        return [rows.job_from_row(r) for r in got]
+
+    async def events(
+        self,
+        *,
+        since: datetime | None = None,
+        kind: EntityKind | None = None,
+        entity_id: str | None = None,
+        after_id: int = 0,
+        limit: int = 10_000,
+        newest: bool = False,
+    ) -> list[Event]:
+        """Matching events, oldest first: the first `limit` of them, or with `newest` the
+        last `limit` (the tail of a long log, without reading all of it)."""
+        clauses, args = ["id > ?"], [after_id]
+        if since is not None:
+            clauses.append("at >= ?")
+            args.append(format_ts(since))  # type: ignore[arg-type]
+        if kind is not None:
+            clauses.append("kind = ?")
+            args.append(kind.value)  # type: ignore[arg-type]
+        if entity_id is not None:
+            clauses.append("entity_id = ?")
+            args.append(entity_id)  # type: ignore[arg-type]
+        order = "DESC" if newest else "ASC"
+        query = f"SELECT * FROM events WHERE {' AND '.join(clauses)} ORDER BY id {order} LIMIT ?"  # noqa: S608
+        got = await sql.fetch(self._reader, query, (*args, limit))
+        found = [rows.event_from_row(r) for r in got]
+        return found[::-1] if newest else found
+
+    async def get_flag(self, key: str, default: Any = None) -> Any:
+        got = await sql.fetch(self._reader, "SELECT value FROM flags WHERE key = ?", (key,))
+        return json.loads(got[0]["value"]) if got else default
