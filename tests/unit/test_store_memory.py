@@ -1,0 +1,134 @@
+"""The store's in-memory view of the live instances equals the database, whatever happens.
+
+Hypothesis draws a sequence of operations on a real Store (SQLite on disk): inserts in any
+live state, legal and illegal transitions, field updates with and without an event, a
+transaction that fails halfway, and a reopen (the view rebuilt from the file). After every
+step the view must equal what `SELECT ... WHERE state IN (live)` parses to, row for row, and
+the store's reads of live instances must come back in the database's order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import tempfile
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
+from tests.conftest import T0
+
+from gpuwarden.core.clock import FakeClock
+from gpuwarden.core.model import (
+    LIVE_INSTANCE_STATES,
+    EntityKind,
+    Instance,
+    InstanceState,
+    TerminationReason,
+)
+from gpuwarden.store import IllegalTransition, NotFoundError, Store, rows, sql
+
+IDS = [f"i{n}" for n in range(6)]
+LIVE = sorted(LIVE_INSTANCE_STATES)
+
+op = st.one_of(
+    st.tuples(st.just("insert"), st.sampled_from(IDS), st.sampled_from(LIVE)),
+    st.tuples(st.just("move"), st.sampled_from(IDS), st.sampled_from(list(InstanceState))),
+    st.tuples(st.just("update"), st.sampled_from(IDS), st.integers(0, 5)),
+    st.tuples(st.just("record"), st.sampled_from(IDS), st.integers(0, 5)),
+    st.tuples(st.just("fail"), st.sampled_from(IDS), st.integers(0, 5)),
+    st.tuples(st.just("tick"), st.sampled_from(IDS), st.integers(1, 90)),
+    st.tuples(st.just("reopen"), st.sampled_from(IDS), st.just(0)),
+)
+
+
+def _instance(iid: str, state: InstanceState, clock: FakeClock) -> Instance:
+    now = clock.now()
+    return Instance(
+        id=iid,
+        provider="fake",
+        label=f"gpuwarden-main-{iid}",
+        state=state,
+        created_at=now,
+        lease_until=now + timedelta(hours=1),
+        last_activity=now,
+        price_per_hour=0.5,
+        provider_id=None if state is InstanceState.REQUESTED else f"p-{iid}",
+        extra={"n": 0},
+    )
+
+
+async def _in_database(store: Store) -> list[Instance]:
+    query = "SELECT * FROM instances WHERE state IN ({}) ORDER BY created_at, rowid".format(
+        ", ".join(f"'{s.value}'" for s in LIVE)
+    )
+    return [rows.instance_from_row(r) for r in await sql.fetch(store._conn, query)]
+
+
+class _Boom(Exception):
+    pass
+
+
+async def _step(store: Store, clock: FakeClock, name: str, iid: str, arg: Any) -> None:
+    if name == "insert":
+        with contextlib.suppress(Exception):  # the id may exist: a failed insert
+            await store.insert_instance(_instance(iid, arg, clock))
+    elif name == "move":
+        reason = TerminationReason.MANUAL if arg is InstanceState.TERMINATING else None
+        with contextlib.suppress(IllegalTransition, NotFoundError):
+            await store.transition_instance(iid, arg, reason=reason, provider_id=f"p-{iid}")
+    elif name == "update":
+        with contextlib.suppress(NotFoundError):
+            await store.update_instance(iid, strikes=arg, last_probe_at=clock.now())
+    elif name == "record":
+        with contextlib.suppress(NotFoundError):
+            await store.record(
+                EntityKind.INSTANCE, iid, "strike", {"n": arg}, updates={"extra": {"n": arg}}
+            )
+    elif name == "fail":
+        with contextlib.suppress(_Boom, NotFoundError):
+            async with store.transaction() as conn:
+                await sql.update(conn, "instances", iid, {"strikes": 100 + arg})
+                raise _Boom  # rolled back: the view must not keep the change
+    elif name == "tick":
+        await clock.advance(arg)
+
+
+async def _run(ops: list[tuple[str, str, Any]], db: Path) -> None:
+    clock = FakeClock(T0)
+    store = await Store.open(db, clock)
+    try:
+        for name, iid, arg in ops:
+            if name == "reopen":
+                await store.close()
+                store = await Store.open(db, clock)
+            else:
+                await _step(store, clock, name, iid, arg)
+            want = await _in_database(store)
+            assert await store.live_instances() == want
+            assert {i.id: i for i in want} == {i.id: store.live.get(i.id) for i in want}
+            assert len(store.live) == len(want)
+            for inst in want:
+                assert await store.get_instance(inst.id) == inst
+            running = [i for i in want if i.state is InstanceState.RUNNING]
+            assert await store.instances([InstanceState.RUNNING]) == running
+    finally:
+        await store.close()
+
+
+@hsettings(
+    max_examples=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(ops=st.lists(op, min_size=1, max_size=30))
+def test_the_memory_view_equals_the_database(tmp_path: Path, ops: list[Any]) -> None:
+    where = Path(tempfile.mkdtemp(dir=tmp_path))
+    try:
+        asyncio.run(_run(ops, where / "gpuwarden.db"))
+    finally:
+        shutil.rmtree(where, ignore_errors=True)
