@@ -43,6 +43,7 @@ op = st.one_of(
     st.tuples(st.just("fail"), st.sampled_from(IDS), st.integers(0, 5)),
     st.tuples(st.just("tick"), st.sampled_from(IDS), st.integers(1, 90)),
     st.tuples(st.just("reopen"), st.sampled_from(IDS), st.just(0)),
+    st.tuples(st.just("burst"), st.sampled_from(IDS), st.sampled_from(list(InstanceState))),
 )
 
 
@@ -94,6 +95,18 @@ async def _step(store: Store, clock: FakeClock, name: str, iid: str, arg: Any) -
             async with store.transaction() as conn:
                 await sql.update(conn, "instances", iid, {"strikes": 100 + arg})
                 raise _Boom  # rolled back: the view must not keep the change
+    elif name == "burst":  # concurrent changes: written in one batch, each on its own
+        results = await asyncio.gather(
+            *(
+                store.transition_instance(
+                    other, arg, reason=TerminationReason.MANUAL, provider_id=f"p-{other}"
+                )
+                for other in IDS
+            ),
+            return_exceptions=True,
+        )
+        for got in results:
+            assert isinstance(got, Instance | IllegalTransition | NotFoundError), got
     elif name == "tick":
         await clock.advance(arg)
 

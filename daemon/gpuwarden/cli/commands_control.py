@@ -31,15 +31,18 @@ from gpuwarden.cli.output import (
     rate,
     run_command,
 )
-from gpuwarden.config.settings import parse_duration
 
 ID_HELP = "instance id, a unique start of it (4+ characters), or label (see 'gpuwarden status')"
 
 
 def register(sub: Any) -> None:
-    command(
+    p = command(
         sub, "status", "show live instances: uptime, time left, last probe, cost", views.show_status
     )
+    p.add_argument("--limit", type=int, metavar="N", help="show at most N instances")
+    p.add_argument("--provider", metavar="P", help="only this provider (e.g. vast, sim-vast)")
+    p.add_argument("--state", choices=sorted(LIVE), help="only instances in this state")
+    p.add_argument("--gpu", metavar="NAME", help="only this GPU model (4090, A100)")
 
     p = command(sub, "offers", "search GPU offers at the enabled providers", _offers)
     p.add_argument("--provider", metavar="P", help="only this provider (e.g. vast, sim-vast)")
@@ -291,6 +294,8 @@ def lease_hours(text: str) -> float:
         hours = float(text)
     except ValueError:
         try:
+            from gpuwarden.config.settings import parse_duration  # pydantic: only when needed
+
             hours = parse_duration(text).total_seconds() / 3600
         except ValueError as exc:
             raise argparse.ArgumentTypeError(str(exc)) from None

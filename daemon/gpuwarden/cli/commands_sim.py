@@ -10,16 +10,10 @@ import signal
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from gpuwarden.config.settings import (
-    EX_CONFIG,
-    SIM_DEFAULT_KEY,
-    ConfigError,
-    SimSettings,
-    load,
-    parse_duration,
-)
+if TYPE_CHECKING:  # imported where used: other commands must not pay for pydantic-settings
+    from gpuwarden.config.settings import SimSettings
 
 
 def register(sub: Any) -> None:
@@ -48,6 +42,8 @@ def register(sub: Any) -> None:
 
 
 def _settings(args: argparse.Namespace) -> SimSettings:
+    from gpuwarden.config.settings import SimSettings, load, parse_duration
+
     sim = SimSettings()
     if args.config:
         sim = load(args.config).providers.sim
@@ -62,6 +58,8 @@ def _settings(args: argparse.Namespace) -> SimSettings:
 
 
 def run(args: argparse.Namespace) -> int:
+    from gpuwarden.config.settings import EX_CONFIG, ConfigError
+
     try:
         settings = _settings(args)
     except ConfigError as exc:
@@ -74,6 +72,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def _serve(settings: SimSettings, *, as_json: bool) -> int:
+    from gpuwarden.config.settings import SIM_DEFAULT_KEY
     from gpuwarden.sim import SimCloud
     from gpuwarden.sim.ledger import render
     from gpuwarden.system import logs as gw_logging

@@ -100,17 +100,26 @@ def probe_cell(row: Mapping[str, Any], now: Any) -> Text:
 
 
 def show_status(args: argparse.Namespace) -> int:
+    wanted = {
+        k: getattr(args, k, None)
+        for k in ("limit", "provider", "state", "gpu")
+        if getattr(args, k, None) is not None
+    }
+
     async def body(client: ControlClient, out: Out) -> int:
-        result = await client.call("status")
+        result = await client.call("status", wanted)
         rows = status_rows(result)
         if out.json_mode:
             out.json(rows)
             return EX_OK
         now = result.get("now") if isinstance(result, Mapping) else None
         if not rows:
-            out.print("No live instances.")
+            out.print("No live instances." if not wanted else "No live instance matches.")
         else:
             status_table(out, rows, now)
+        count = result.get("count") if isinstance(result, Mapping) else None
+        if isinstance(count, int) and count > len(rows):
+            out.print(f"Showing {len(rows)} of {count} (--limit).")
         if isinstance(result, Mapping) and result.get("queue_paused"):
             out.print(queue_line(result))
         return EX_OK

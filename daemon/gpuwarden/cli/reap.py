@@ -22,19 +22,18 @@ import asyncio
 import contextlib
 import sys
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import structlog
 from rich.text import Text
 
 from gpuwarden.cli.commands_daemon import CONFIG_HELP
 from gpuwarden.cli.output import EX_DOMAIN, EX_OK, Out, iso_utc, local_time, rate
-from gpuwarden.config.settings import EX_CONFIG, ConfigError, Settings, load
 from gpuwarden.core.clock import SystemClock
 from gpuwarden.core.model import EntityKind, InstanceState, TerminationReason, label_prefix
-from gpuwarden.providers.base import Provider, ProviderInstance, ProviderState
 
-log = structlog.get_logger(__name__)
+if TYPE_CHECKING:  # imported where used: `gpuwarden status` must not pay for them
+    from gpuwarden.config.settings import Settings
+    from gpuwarden.providers.base import Provider, ProviderInstance
 
 
 def register(sub: Any) -> None:
@@ -86,6 +85,8 @@ def _pi_json(p: ProviderInstance) -> dict[str, Any]:
 
 
 def main(args: argparse.Namespace) -> int:
+    from gpuwarden.config.settings import EX_CONFIG, ConfigError, load
+
     out = Out(args.json)
     from gpuwarden.system import logs as gw_logging
 
@@ -104,6 +105,9 @@ def main(args: argparse.Namespace) -> int:
 
 
 async def reap(settings: Settings, out: Out, *, yes: bool) -> int:
+    from gpuwarden.config.settings import EX_CONFIG, ConfigError
+    from gpuwarden.providers.base import ProviderState
+
     clock = SystemClock()
     report = Report()
     try:
@@ -181,7 +185,7 @@ async def _destroy(
             out.error(f"could not destroy {pi.label} ({pi.provider} {pi.provider_id}): {exc}")
             return
         report.destroyed.append(pi)
-        log.warning("reap_destroyed", provider=pi.provider, provider_id=pi.provider_id)
+        _log().warning("reap_destroyed", provider=pi.provider, provider_id=pi.provider_id)
         if not out.json_mode:
             out.print(f"destroyed {pi.label} ({pi.provider} {pi.provider_id})")
 
@@ -223,7 +227,7 @@ async def _record_one(store: Any, pi: ProviderInstance) -> int:
     inst = await store.find_instance(pi.provider, pi.provider_id)
     if inst is None:
         await store.record(EntityKind.DAEMON, "reap", "reaped", {**details, "label": pi.label})
-        log.warning("reap_unknown_instance", provider=pi.provider, provider_id=pi.provider_id)
+        _log().warning("reap_unknown_instance", provider=pi.provider, provider_id=pi.provider_id)
         return 0
     if not inst.state.live:
         return 1
@@ -241,6 +245,8 @@ async def _record_one(store: Any, pi: ProviderInstance) -> int:
 
 
 def _show(out: Out, report: Report) -> None:
+    from gpuwarden.providers.base import ProviderState
+
     if out.json_mode:
         return
     if not report.found:
@@ -271,3 +277,10 @@ def _finish(out: Out, report: Report, code: int) -> int:
     if out.json_mode:
         out.json(report.to_json())
     return code
+
+
+def _log() -> Any:
+    """The logger, imported on first use: the other commands never load structlog."""
+    import structlog
+
+    return structlog.get_logger(__name__)

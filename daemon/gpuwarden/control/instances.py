@@ -25,7 +25,7 @@ from gpuwarden.core.model import (
 from gpuwarden.fleet import budget, launcher
 from gpuwarden.fleet.app import App
 from gpuwarden.fleet.busy import jobs_on_instances, observations
-from gpuwarden.providers.base import Offer, Requirements
+from gpuwarden.providers.base import Offer, Requirements, gpu_matches
 from gpuwarden.store import NotFoundError
 
 # --- lookups -----------------------------------------------------------------------------
@@ -403,19 +403,40 @@ async def _instance_dict(
     }
 
 
-async def status(app: App) -> dict[str, Any]:
+async def status(
+    app: App,
+    *,
+    limit: int | None = None,
+    provider: str | None = None,
+    state: str | None = None,
+    gpu: str | None = None,
+) -> dict[str, Any]:
+    """The live instances (those matching the filters; the first `limit` of them in
+    `instances`), with totals over every match. Read from the store's memory: no query."""
     now = app.clock.now()
-    live = await app.store.live_instances()
+    live = [
+        i
+        for i in await app.store.live_instances()
+        if (provider is None or i.provider == provider)
+        and (state is None or i.state.value == state)
+        and gpu_matches(gpu, i.gpu)
+    ]
     on = await jobs_on_instances(app)
+    busy = set(on)
+    limits = app.limits()
+    shown = live if limit is None else live[:limit]
     # "job": the job running on it now (job_id is the job it was rented for).
-    rows = [{**(await _instance_dict(app, i, now, set(on))), "job": on.get(i.id)} for i in live]
+    rows = [{**(await _instance_dict(app, i, now, busy)), "job": on.get(i.id)} for i in shown]
+    cost_now = sum(policy.cost_so_far(i, now) for i in live)
+    est = sum(policy.est_total(i, observations(i, busy), limits, now) for i in live)
     return {
         "now": format_ts(now),
         "instances": rows,
-        "count": len(rows),
+        "count": len(live),
+        "shown": len(rows),
         "cost_per_hour": round(sum(i.price_per_hour for i in live if i.provider_id), 6),
-        "cost_now": round(sum(r["cost_now"] for r in rows), 6),
-        "est_total": round(sum(r["est_total"] for r in rows), 6),
+        "cost_now": round(cost_now, 6),
+        "est_total": round(est, 6),
         "budget": await budget_json(app, now),
         **(await queue_pause(app)),
     }

@@ -11,7 +11,7 @@ import os
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -33,6 +33,16 @@ class NoParams(_Params):
 
 
 Id = Field(min_length=1, max_length=128)
+
+
+class StatusParams(_Params):
+    """Which live instances to list: at most `limit` rows (the totals still count every
+    match), of one provider, state and GPU model."""
+
+    limit: int | None = Field(default=None, ge=1, le=1_000_000)
+    provider: str | None = Field(default=None, min_length=1, max_length=64)
+    state: Literal["requested", "provisioning", "running", "terminating"] | None = None
+    gpu: str | None = Field(default=None, min_length=1, max_length=64)
 
 
 class OffersParams(_Params):
@@ -113,8 +123,8 @@ class Method(Generic[P]):
     handler: Callable[[App, P], Awaitable[Any]]
 
 
-async def _status(app: App, _: NoParams) -> Any:
-    return await instances.status(app)
+async def _status(app: App, p: StatusParams) -> Any:
+    return await instances.status(app, limit=p.limit, provider=p.provider, state=p.state, gpu=p.gpu)
 
 
 async def _offers(app: App, p: OffersParams) -> Any:
@@ -234,7 +244,7 @@ async def _entity(app: App, ref: str) -> str:
 
 
 METHODS: Mapping[str, Method[Any]] = {
-    "status": Method(NoParams, _status),
+    "status": Method(StatusParams, _status),
     "offers": Method(OffersParams, _offers),
     "launch": Method(LaunchParams, _launch),
     "extend": Method(ExtendParams, _extend),

@@ -163,8 +163,17 @@ class Guard:
             if verdict is not None:
                 due.append((row, verdict))
         due.sort(key=lambda d: d[1].deadline)  # the most overdue first
-        for inst, verdict in due:
-            await self._end(tasks, inst, verdict, now)
+        # Together: the store writes the intents that wait for it in one transaction.
+        ended = await asyncio.gather(
+            *(self._end(tasks, inst, verdict, now) for inst, verdict in due),
+            return_exceptions=True,
+        )
+        for (inst, _), outcome in zip(due, ended, strict=True):
+            if isinstance(outcome, BaseException):
+                if not isinstance(outcome, Exception):
+                    raise outcome  # a cancellation
+                log.error("guard_end_failed", instance_id=inst.id, error=repr(outcome))
+                self._changed.add(inst.id)  # judged again on the next pass
         self.passes += 1
         wake = now + timedelta(seconds=BEAT_EVERY)
         planned = self._next_planned()

@@ -1,6 +1,6 @@
 """The SQLite store: instances, jobs, the append-only event log and the termination record."""
 
-from gpuwarden.store.db import IllegalTransition, Store, StoreCorrupt, StoreWriteFailed
-from gpuwarden.store.sql import NotFoundError
+from gpuwarden.store.db import Store, StoreCorrupt, StoreWriteFailed
+from gpuwarden.store.sql import IllegalTransition, NotFoundError
 
 __all__ = ["IllegalTransition", "NotFoundError", "Store", "StoreCorrupt", "StoreWriteFailed"]

@@ -22,10 +22,8 @@ from typing import Any
 
 import aiosqlite
 
-from gpuwarden.core import policy
 from gpuwarden.core.clock import Clock, format_ts
 from gpuwarden.core.model import (
-    INSTANCE_TRANSITIONS,
     JOB_TRANSITIONS,
     LIVE_INSTANCE_STATES,
     EntityKind,
@@ -36,14 +34,11 @@ from gpuwarden.core.model import (
     JobState,
     TerminationReason,
 )
-from gpuwarden.store import migrations, rows, sql
+from gpuwarden.store import migrations, rows, sql, transitions
 from gpuwarden.store.live import LiveInstances
 from gpuwarden.store.reads import StoreReads
-from gpuwarden.store.sql import NotFoundError
-
-
-class IllegalTransition(Exception):
-    """A state change the state machine does not allow. Nothing was written."""
+from gpuwarden.store.sql import IllegalTransition, NotFoundError
+from gpuwarden.store.transitions import Transition
 
 
 class StoreWriteFailed(Exception):
@@ -56,6 +51,7 @@ class StoreCorrupt(Exception):
 
 
 Listener = Callable[[Event], None]
+
 
 _LIVE_QUERY = "SELECT * FROM instances WHERE state IN ({})".format(  # noqa: S608 - our own values
     ", ".join(f"'{s.value}'" for s in sorted(LIVE_INSTANCE_STATES))
@@ -78,6 +74,8 @@ class Store(StoreReads):
         # its COMMIT, dropped with a rollback).
         self.live = LiveInstances()
         self._staged: list[Instance] = []
+        self._committed: list[Event] = []  # events of the last commit, for the listeners
+        self._queued: list[Transition] = []  # state changes waiting for the writer
 
     # --- lifecycle -------------------------------------------------------------------
 
@@ -161,28 +159,38 @@ class Store(StoreReads):
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[aiosqlite.Connection]:
         """BEGIN IMMEDIATE under the writer lock. Pass values in; never await the network here."""
-        async with self._lock:
+        async with self._lock, self._begin() as conn:
+            yield conn
+        self._notify()
+
+    @asynccontextmanager
+    async def _begin(self) -> AsyncIterator[aiosqlite.Connection]:
+        """One transaction; the caller holds the lock and calls `_notify` after releasing it."""
+        self._pending = []
+        self._staged = []
+        try:
+            await self._conn.execute("BEGIN IMMEDIATE")
+            yield self._conn
+            await self._conn.execute("COMMIT")
+        except BaseException as exc:
+            # SQLite may have rolled back already (SQLITE_FULL does); a failed COMMIT must
+            # not leave the connection inside a transaction that no later BEGIN can start.
+            if self._conn.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    await self._conn.execute("ROLLBACK")
             self._pending = []
             self._staged = []
-            try:
-                await self._conn.execute("BEGIN IMMEDIATE")
-                yield self._conn
-                await self._conn.execute("COMMIT")
-            except BaseException as exc:
-                # SQLite may have rolled back already (SQLITE_FULL does); a failed COMMIT must
-                # not leave the connection inside a transaction that no later BEGIN can start.
-                if self._conn.in_transaction:
-                    with contextlib.suppress(sqlite3.Error):
-                        await self._conn.execute("ROLLBACK")
-                self._pending = []
-                self._staged = []
-                if isinstance(exc, sqlite3.OperationalError):
-                    raise StoreWriteFailed(str(exc)) from exc
-                raise
-            written, self._pending = self._pending, []
-            for inst in self._staged:
-                self.live.apply(inst)
-            self._staged = []
+            if isinstance(exc, sqlite3.OperationalError):
+                raise StoreWriteFailed(str(exc)) from exc
+            raise
+        self._committed += self._pending
+        self._pending = []
+        for inst in self._staged:
+            self.live.apply(inst)
+        self._staged = []
+
+    def _notify(self) -> None:
+        written, self._committed = self._committed, []
         for event in written:
             for listener in list(self._listeners):
                 listener(event)
@@ -281,53 +289,87 @@ class Store(StoreReads):
         """Check the transition, write the new state, its fields and one event, atomically.
 
         Going to TERMINATED also writes the termination record (uptime and cost to now, as
-        policy.termination_of figures them: the store records money, it does not compute it)."""
-        now = self._clock.now()
-        async with self.transaction() as conn:
-            current = await self._instance(conn, instance_id)
-            if to not in INSTANCE_TRANSITIONS[current.state]:
-                raise IllegalTransition(f"instance {instance_id}: {current.state} -> {to}")
-            updates: dict[str, Any] = {"state": to.value, **fields}
-            if reason is not None:
-                updates["reason"] = reason.value
-            stamp = {
-                InstanceState.RUNNING: "running_at",
-                InstanceState.TERMINATING: "terminating_at",
-                InstanceState.TERMINATED: "terminated_at",
-                InstanceState.LAUNCH_FAILED: "terminated_at",
-            }.get(to)
-            if stamp and stamp not in updates:
-                updates[stamp] = now
-            await sql.update(conn, "instances", instance_id, updates)
-            after = await self._instance(conn, instance_id)
-            self._staged.append(after)
-            body = dict(details or {})
-            if to in (InstanceState.TERMINATED, InstanceState.LAUNCH_FAILED):
-                term = policy.termination_of(after, now)
-                body |= {
-                    "provider_id": term.provider_id,
-                    "uptime_s": term.uptime_s,
-                    "gpu": term.gpu,
-                    "region": term.region,
-                    "price_per_hour": term.price_per_hour,
-                    "cost": term.cost,
-                }
-                if after.job_id is not None:  # rented for a job: the jobs loop listens
-                    body["job_id"] = after.job_id
-                if to is InstanceState.TERMINATED:
-                    await sql.insert(conn, "terminations", rows.columns(term), replace=True)
-            await self._event(
-                conn,
-                EntityKind.INSTANCE,
-                instance_id,
-                "state",
-                from_state=current.state.value,
-                to_state=to.value,
-                reason=after.reason.value if after.reason else None,
-                details=body,
-                at=now,
-            )
-            return after
+        policy.termination_of figures them: the store records money, it does not compute it).
+
+        Group commit: the changes asked for while the writer is busy are written together
+        in its next transaction, each in a savepoint of its own (an illegal one writes
+        nothing and raises for its caller alone), so a burst of 1,000 deadlines costs a few
+        fsyncs instead of 1,000. Each call still returns only after its change committed."""
+        req = Transition(
+            instance_id,
+            to,
+            reason,
+            details,
+            fields,
+            self._clock.now(),
+            asyncio.get_running_loop().create_future(),
+        )
+        self._queued.append(req)
+        try:
+            await self._lock.acquire()
+        except asyncio.CancelledError:
+            if req in self._queued:  # not written: nobody took it into a batch yet
+                self._queued.remove(req)
+            raise
+        try:
+            if not req.done.done():  # else an earlier holder wrote it with its own batch
+                await self._write_batch(req)
+        finally:
+            self._lock.release()
+        self._notify()
+        return req.done.result()
+
+    async def _write_batch(self, req: Transition) -> None:
+        batch, self._queued = self._queued, []
+        try:
+            async with self._begin() as conn:
+                for one in batch:
+                    await self._transition_one(conn, one, alone=len(batch) == 1)
+        except BaseException:
+            # Rolled back (the disk, a cancellation): the others' changes were not written
+            # either, so they go back in the queue and their callers write them themselves.
+            loop = asyncio.get_running_loop()
+            for one in batch:
+                if one is not req:
+                    one.done = loop.create_future()
+                    self._queued.append(one)
+            raise
+
+    async def _transition_one(
+        self, conn: aiosqlite.Connection, req: Transition, *, alone: bool
+    ) -> None:
+        """One change of a batch; its result (or its own error) goes to its caller."""
+        if alone:
+            req.done.set_result(await self._transition(conn, req))
+            return
+        events, staged = len(self._pending), len(self._staged)
+        await conn.execute("SAVEPOINT one")
+        try:
+            after = await self._transition(conn, req)
+        except (IllegalTransition, NotFoundError) as exc:
+            await conn.execute("ROLLBACK TO one")
+            await conn.execute("RELEASE one")
+            del self._pending[events:], self._staged[staged:]
+            req.done.set_exception(exc)
+            return
+        await conn.execute("RELEASE one")
+        req.done.set_result(after)
+
+    async def _transition(self, conn: aiosqlite.Connection, req: Transition) -> Instance:
+        current, after, body = await transitions.write(conn, req)
+        self._staged.append(after)
+        await self._event(
+            conn,
+            EntityKind.INSTANCE,
+            req.instance_id,
+            "state",
+            from_state=current.state.value,
+            to_state=req.to.value,
+            reason=after.reason.value if after.reason else None,
+            details=body,
+            at=req.now,
+        )
+        return after
 
     async def update_instance(self, instance_id: str, **fields: Any) -> Instance:
         """Change fields that are not the state (probe results, SSH endpoint). No event:
@@ -365,10 +407,7 @@ class Store(StoreReads):
         return self.live.select()
 
     async def _instance(self, conn: aiosqlite.Connection, instance_id: str) -> Instance:
-        got = await sql.fetch(conn, "SELECT * FROM instances WHERE id = ?", (instance_id,))
-        if not got:
-            raise NotFoundError(f"no instance {instance_id}")
-        return rows.instance_from_row(got[0])
+        return await sql.instance(conn, instance_id)
 
     # --- jobs ------------------------------------------------------------------------
 

@@ -9,11 +9,16 @@ from typing import Any
 
 import aiosqlite
 
+from gpuwarden.core.model import Instance
 from gpuwarden.store import rows
 
 
 class NotFoundError(KeyError):
     pass
+
+
+class IllegalTransition(Exception):
+    """A state change the state machine does not allow. Nothing was written."""
 
 
 _COLUMN_OK = frozenset("abcdefghijklmnopqrstuvwxyz_")
@@ -58,3 +63,10 @@ async def update(
     )
     if cur.rowcount == 0:
         raise NotFoundError(f"no {table[:-1]} {entity_id}")
+
+
+async def instance(conn: aiosqlite.Connection, instance_id: str) -> Instance:
+    got = await fetch(conn, "SELECT * FROM instances WHERE id = ?", (instance_id,))
+    if not got:
+        raise NotFoundError(f"no instance {instance_id}")
+    return rows.instance_from_row(got[0])
