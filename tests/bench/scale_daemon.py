@@ -13,13 +13,14 @@ import asyncio
 import sqlite3
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import uvloop
 
 from gpuwarden.config import settings as config
-from gpuwarden.core.clock import Clock
+from gpuwarden.core.clock import Clock, parse_ts
 from gpuwarden.core.model import Instance
 from gpuwarden.fleet.app import App
 from gpuwarden.lifecycle import wiring
@@ -45,14 +46,18 @@ def _fake_cloud(db: Path, clock: Clock, log_path: Path) -> FakeProvider:
     fake = FakeProvider(clock, PROVIDER, credit=1e9)
     with sqlite3.connect(db) as conn:
         live = conn.execute(
-            "SELECT provider_id, label FROM instances WHERE provider = ?"
+            "SELECT provider_id, label, provider_started_at FROM instances WHERE provider = ?"
             " AND state IN ('requested', 'provisioning', 'running', 'terminating')"
             " ORDER BY CAST(provider_id AS INTEGER)",
             (PROVIDER,),
         ).fetchall()
-    for pid, label in live:
+    for pid, label, started in live:
         made = fake.spawn(label)
         assert made == pid, f"seeded provider ids must run from 1001 up: {made} != {pid}"
+        # Started when the database says, so the reconciler finds nothing to correct.
+        at = parse_ts(started)
+        if at is not None:
+            fake.machines[pid] = replace(fake.machines[pid], launched_at=at)
     out = log_path.open("a", buffering=1)
 
     def on_destroy(pid: str) -> None:

@@ -75,7 +75,7 @@ def seed(
                 provider_started_at=now,
                 running_at=now,
                 ssh_host="127.0.0.1",
-                ssh_port=22000 + n % 1000,
+                ssh_port=22000 + int(pid) % 1000,  # where FakeProvider puts it
                 last_probe_at=now,
                 last_probe_ok=True,
                 billing=Billing.PER_SECOND,

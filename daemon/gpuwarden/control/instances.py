@@ -368,9 +368,13 @@ def _deadline_fields(
 
 
 async def _instance_dict(
-    app: App, inst: Instance, now: datetime, busy: set[str] | None = None
+    app: App,
+    inst: Instance,
+    now: datetime,
+    busy: set[str] | None = None,
+    limits: policy.Limits | None = None,
 ) -> dict[str, Any]:
-    limits = app.limits()
+    limits = limits or app.limits()  # status passes them once for all its rows
     obs = observations(inst, busy or set())
     start = policy.billing_start(inst)
     end = inst.terminated_at or now
@@ -426,7 +430,9 @@ async def status(
     limits = app.limits()
     shown = live if limit is None else live[:limit]
     # "job": the job running on it now (job_id is the job it was rented for).
-    rows = [{**(await _instance_dict(app, i, now, busy)), "job": on.get(i.id)} for i in shown]
+    rows = [
+        {**(await _instance_dict(app, i, now, busy, limits)), "job": on.get(i.id)} for i in shown
+    ]
     cost_now = sum(policy.cost_so_far(i, now) for i in live)
     est = sum(policy.est_total(i, observations(i, busy), limits, now) for i in live)
     return {
