@@ -104,6 +104,11 @@ MIGRATIONS: list[str] = [
         value TEXT NOT NULL
     );
     """,
+    # 2: jobs_newest. `jobs.list` without a state lists the newest first; with 100,000 jobs
+    # in the table, no index served that ORDER BY and every call sorted them all.
+    """
+    CREATE INDEX jobs_newest ON jobs(created_at DESC, id DESC);
+    """,
 ]
 
 
