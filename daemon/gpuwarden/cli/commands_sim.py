@@ -12,13 +12,13 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from gpuwarden.config.durations import parse_duration
 from gpuwarden.config.settings import (
     EX_CONFIG,
     SIM_DEFAULT_KEY,
     ConfigError,
     SimSettings,
     load,
-    parse_duration,
 )
 
 
