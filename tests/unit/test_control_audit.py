@@ -7,12 +7,12 @@ import asyncio
 import json
 import os
 import pwd
-import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from peer_support import NOBODY, as_nobody
 from tests.conftest import MakeApp
 
 from gpuwarden.config.settings import DaemonSettings, Settings
@@ -23,8 +23,6 @@ from gpuwarden.core.model import QUEUE_PAUSED_FLAG, EntityKind, Event, Terminati
 from gpuwarden.fleet import launcher
 from gpuwarden.fleet.app import App
 from gpuwarden.providers.fake import FakeProvider
-
-NOBODY = 65534
 
 
 def test_a_caller_is_named_by_user_name_and_uid() -> None:
@@ -131,48 +129,14 @@ async def test_an_instance_the_daemon_ended_has_no_by_in_history(
     assert (record["reason"], record["by"]) == ("idle", None)
 
 
-def _fork_as_nobody_pausing(path: Path) -> tuple[int, int]:
-    """A child that drops to uid 65534 and pauses the queue over the socket; it writes what
-    it read back into a pipe. Returns (pid, read end)."""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: plain syscalls only, then _exit
-        try:
-            os.close(r)
-            os.setgroups([])
-            os.setgid(NOBODY)
-            os.setuid(NOBODY)
-            s = socket.socket(socket.AF_UNIX)
-            s.settimeout(5)
-            s.connect(str(path))
-            s.sendall(b'{"jsonrpc":"2.0","id":1,"method":"queue.pause","params":{}}\n')
-            os.write(w, s.recv(65536))
-        except BaseException as exc:
-            os.write(w, f"error {exc!r}".encode())
-        finally:
-            os._exit(0)
-    os.close(w)
-    return pid, r
-
-
-def _read_all(fd: int) -> bytes:
-    chunks = []
-    while chunk := os.read(fd, 4096):
-        chunks.append(chunk)
-    os.close(fd)
-    return b"".join(chunks)
-
-
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a client as uid 65534")
 async def test_another_uid_is_recorded_as_that_uid(served: tuple[App, Path]) -> None:
     app, path = served
     os.chmod(path.parent, 0o755)
     os.chmod(path, 0o666)
-    pid, r = _fork_as_nobody_pausing(path)
-    loop = asyncio.get_running_loop()
-    got = await asyncio.wait_for(loop.run_in_executor(None, _read_all, r), 20)
-    await loop.run_in_executor(None, os.waitpid, pid, 0)
-    assert b'"queue_paused":true' in got.replace(b" ", b""), got
+    request = b'{"jsonrpc":"2.0","id":1,"method":"queue.pause","params":{}}\n'
+    got = await as_nobody(path, request, keep=200)
+    assert got.startswith(f"uid={NOBODY} got=") and '"queue_paused":true' in got, got
     [ev] = await app.store.events(entity_id=QUEUE_PAUSED_FLAG, kind=EntityKind.DAEMON)
     try:
         name: str | None = pwd.getpwuid(NOBODY).pw_name

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from jobs_fakes import add_instance
 from notify_support import receiver
+from tests.conftest import open_app
 
 from gpuwarden.config import settings as config
 from gpuwarden.fleet.app import App
@@ -18,24 +19,6 @@ from gpuwarden.lifecycle import supervisor
 from gpuwarden.lifecycle.service import Service
 from gpuwarden.notify.service import Notifier
 from gpuwarden.system import systemd
-
-
-class _Renter:
-    """Leaves two instances live, as a daemon stopped mid-rental would."""
-
-    name = "renter"
-
-    def __init__(self, app: App) -> None:
-        self.app = app
-
-    async def start(self) -> None:
-        await add_instance(self.app, "i1", price_per_hour=0.25)
-        await add_instance(self.app, "i2", price_per_hour=1.5)
-
-    async def run(self) -> None:
-        while True:
-            self.app.heartbeats.beat(self.name)
-            await asyncio.sleep(0.05)
 
 
 async def test_a_daemon_stopping_with_instances_billing_says_so(
@@ -51,13 +34,18 @@ async def test_a_daemon_stopping_with_instances_billing_says_so(
             f'[notify]\nurls = ["{rx.url}"]\nevents = ["stopped_billing"]\n'
         )
         settings = config.load(path)
+        # Two instances live when the daemon starts, as after a stop mid-rental.
+        settings.daemon.state_dir.mkdir()
+        async with open_app(settings) as app:
+            await add_instance(app, "i1", price_per_hour=0.25)
+            await add_instance(app, "i2", price_per_hour=1.5)
         built: list[Notifier] = []
         made = asyncio.Event()
 
         def build(app: App) -> list[Service]:
             built.append(Notifier(app))
             made.set()
-            return [_Renter(app), built[0]]
+            return [built[0]]
 
         sup = supervisor.Supervisor(settings, path, build_services=build)
         sup.notifier = systemd.Notifier(None)
