@@ -271,6 +271,10 @@ class JobsSettings(_Section):
     wait_weight: float = Field(default=1.0, ge=0)
     output_dir: Path | None = None  # default: <state_dir>/outputs
     max_attempts: int = Field(default=3, ge=1)
+    # Spot: jobs rent interruptible (bid) offers where the provider has them (Vast), bidding
+    # the offer's minimum bid times bid_factor (never above the job's or the budget's price).
+    interruptible: bool = True
+    bid_factor: float = Field(default=1.2, ge=1.0, le=10.0)
     ssh_wait: Duration = timedelta(minutes=10)
     disk_gb: float = Field(default=20.0, gt=0)
     # How often a running job's progress and status are read over SSH.

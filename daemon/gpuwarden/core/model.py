@@ -100,6 +100,7 @@ class TerminationReason(enum.StrEnum):
     VANISHED = "vanished"  # the provider ended it, not us
     LAUNCH_FAILED = "launch_failed"
     DEADMAN = "deadman"  # the switch on the instance ended it while the daemon was silent
+    PREEMPTED = "preempted"  # a spot (bid) instance was outbid: stopped, so we destroyed it
 
 
 # Names shared by writers and readers of the store: the queue's pause flag, and the event a
@@ -170,6 +171,7 @@ class JobSpec:
     engine: str = ""  # "" = the provider's default (diffusers on real GPUs, preview on sim)
     max_price: float | None = None
     gpu_ram_gb: float | None = None
+    spot: bool | None = None  # None: jobs.interruptible decides
 
 
 @dataclass(frozen=True, slots=True)
