@@ -204,6 +204,9 @@ class SimFaultSettings(_Section):
     list_lag: Duration = timedelta(0)  # listings show new ones late and ended ones still
     destroy_noop: int = Field(default=0, ge=0)  # next N destroys answer success, do nothing
     end_on_zero_credit: bool = False  # at zero credit also end the running instances
+    # Spot instances (rented with a bid) outbid at random: so many per hour of sim time a
+    # running one has (Vast only; POST /_sim/instances/{id}/outbid outbids one now).
+    outbid_rate: float = Field(default=0.0, ge=0, le=3600)
     seed: int = 0  # of the random draws for the rates
 
 
