@@ -6,7 +6,7 @@
   provider and GPU were seen, then the observed rate (preemptions per hour of spot use,
   the prior counted as one hour of exposure, so one early outbid does not swing it wildly);
 - the expected cost of running a job on an offer: its price times the work, plus the
-  chance that a preemption makes the work run again;
+  chance that a preemption makes the work run again (and, after FALLBACK_AFTER, on demand);
 - when a job gives up on spot (after FALLBACK_AFTER preemptions);
 - what spot saved and what preemptions cost, for `costs`.
 """
@@ -98,14 +98,17 @@ def hazard(reliability: float, seen: Exposure | None) -> float:
 
 
 def expected_cost(offer: Offer, work_s: float, rate: float) -> float:
-    """What running `work_s` seconds (cold start and job) on `offer` is expected to cost:
-    once, plus once more with the chance that a preemption (at `rate` per hour) makes the
-    job run again elsewhere. On-demand offers carry no such risk."""
+    """What running `work_s` seconds (cold start and job) on `offer` is expected to cost.
+    On demand: once. Spot: each try is preempted with probability p (at `rate` per hour),
+    and a preempted try is paid and run again, up to FALLBACK_AFTER tries, after which the
+    job runs on demand: once x (1 + p + p^2 ...) + p^FALLBACK_AFTER x the on-demand run."""
     once = offer.price_per_hour * max(0.0, work_s) / 3600.0
     if not offer.interruptible:
         return once
     p = 1.0 - math.exp(-max(0.0, rate) * max(0.0, work_s) / 3600.0)
-    return once * (1.0 + p)
+    tries = sum(p**k for k in range(FALLBACK_AFTER))
+    on_demand = (offer.on_demand_price or offer.price_per_hour) * max(0.0, work_s) / 3600.0
+    return once * tries + p**FALLBACK_AFTER * on_demand
 
 
 def by_expected_cost(
