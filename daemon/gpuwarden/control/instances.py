@@ -25,6 +25,7 @@ from gpuwarden.core.model import (
 from gpuwarden.fleet import budget, launcher
 from gpuwarden.fleet.app import App
 from gpuwarden.fleet.busy import jobs_on_instances, observations
+from gpuwarden.jobs import spot
 from gpuwarden.providers.base import Offer, Requirements
 from gpuwarden.store import NotFoundError
 
@@ -460,6 +461,8 @@ async def costs(app: App, days: int = 7) -> dict[str, Any]:
         "total": round(spent.total, 6),
         "idle": round(spent.idle, 6),
         "live": round(spent.live, 6),
+        # What spot saved against the on-demand price, and what preemptions cost.
+        "spot": spot.summary(await app.store.spot_terminations(since)),
         "budget": await budget_json(app, now),
         **(await queue_pause(app)),
     }

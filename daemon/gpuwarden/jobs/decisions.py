@@ -85,6 +85,7 @@ def requirements(
     min_reliability: float,
     budget_max_price: float | None,
     interruptible: bool = False,
+    disk_gb: float | None = None,
 ) -> Requirements:
     """The offer search for a job: its own limits, else the configured ones."""
     prices = [p for p in (spec.max_price, budget_max_price) if p is not None]
@@ -94,6 +95,7 @@ def requirements(
         min_reliability=min_reliability,
         verified=True,
         interruptible=interruptible,
+        disk_gb=disk_gb,
     )
 
 

@@ -105,6 +105,7 @@ class Renting:
             min_reliability=self.settings.min_reliability,
             budget_max_price=self.app.settings.budget.max_hourly_price,
             interruptible=use_spot,
+            disk_gb=self.settings.disk_gb,
         )
         providers = list(self.app.providers.values())
         answers = await asyncio.gather(

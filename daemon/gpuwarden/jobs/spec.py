@@ -137,4 +137,5 @@ def job_dict(job: Job) -> dict[str, Any]:
         "spec": dataclasses.asdict(job.spec),
         "engine": job.extra.get("engine"),
         "result": job.extra.get("result"),
+        "preemptions": job.extra.get("preemptions", 0),
     }

@@ -40,6 +40,7 @@ class Requirements:
     interruptible: bool = False
     region: str | None = None
     limit: int = 50
+    disk_gb: float | None = None  # the disk to be rented: Vast prices its storage in dph_total
 
 
 @dataclass(frozen=True, slots=True)
