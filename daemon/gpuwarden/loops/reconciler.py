@@ -17,7 +17,8 @@ At start-up (before READY) and then every policy.poll_interval, for each provide
 A provider whose listing fails is skipped for this pass (and logged), never read as
 "nothing exists". Then the account: credit under budget.credit_floor, or InsufficientCredit
 from any call, ends everything and pauses the queue; recorded spend past a budget limit
-ends everything with reason budget.
+ends everything with reason budget. Last, the state dir's free space (a warning while it is
+under daemon.low_disk_mb).
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ from gpuwarden.providers.base import (
 )
 from gpuwarden.remote import deadman
 from gpuwarden.store import IllegalTransition, NotFoundError
+from gpuwarden.system.disk import LowDiskWarning
 
 log = structlog.get_logger(__name__)
 
@@ -68,6 +70,7 @@ class Reconciler:
         self._misses: dict[str, int] = {}  # instance id -> consecutive misses past grace
         self._first_missed: dict[str, datetime] = {}  # instance id -> first of those misses
         self._list_failing: set[str] = set()  # providers whose last listing failed
+        self.disk = LowDiskWarning()  # checked once a pass: the state dir's free space
 
     async def start(self) -> None:
         """One full pass before READY, so a restart finds what a crash hid at once."""
@@ -111,6 +114,8 @@ class Reconciler:
             await self._reconcile(name, provider, listed, prefix)
             await self._account(name, provider)
         await self._budget()
+        daemon = self.app.settings.daemon
+        self.disk.check(daemon.state_dir, int(daemon.low_disk_mb * 1e6), self.app.clock.monotonic())
         self.passes += 1
 
     def _list_failed(self, name: str, exc: Exception) -> None:
