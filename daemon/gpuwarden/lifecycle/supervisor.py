@@ -171,14 +171,25 @@ class Supervisor:
     async def _start(self, stack: contextlib.AsyncExitStack) -> None:
         s = self.settings
         state_dir = s.daemon.state_dir
-        state_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
         lock = StateLock(s.lock_path)
         try:
+            state_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
             lock.acquire()
         except LockHeld as exc:
             print(f"gpuwarden: {exc}", file=sys.stderr)
             raise StartupFailed(
                 EX_TEMPFAIL, "daemon_already_running", lock=str(exc.path), pid=exc.pid
+            ) from None
+        except OSError as exc:  # read-only, not ours, not a directory, no space
+            why = exc.strerror or str(exc)
+            print(
+                f"gpuwarden: cannot use the state directory {state_dir}: {why}"
+                f" ({exc.filename or s.lock_path}); it must be a directory the daemon can"
+                " write (daemon.state_dir)",
+                file=sys.stderr,
+            )
+            raise StartupFailed(
+                EXIT_FAILED, "state_dir_unusable", path=str(state_dir), error=why
             ) from None
         stack.callback(lock.release)
         self.locked = True
