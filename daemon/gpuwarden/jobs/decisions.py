@@ -83,6 +83,7 @@ def requirements(
     default_gpu_ram_gb: float,
     min_reliability: float,
     budget_max_price: float | None,
+    disk_gb: float | None = None,
 ) -> Requirements:
     """The offer search for a job: its own limits, else the configured ones."""
     prices = [p for p in (spec.max_price, budget_max_price) if p is not None]
@@ -91,6 +92,7 @@ def requirements(
         max_price=min(prices) if prices else None,
         min_reliability=min_reliability,
         verified=True,
+        disk_gb=disk_gb,
     )
 
 

@@ -97,6 +97,7 @@ class Renting:
             default_gpu_ram_gb=self.settings.gpu_ram_gb,
             min_reliability=self.settings.min_reliability,
             budget_max_price=self.app.settings.budget.max_hourly_price,
+            disk_gb=self.settings.disk_gb,
         )
         providers = list(self.app.providers.values())
         answers = await asyncio.gather(

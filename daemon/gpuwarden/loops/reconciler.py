@@ -29,7 +29,6 @@ from typing import Any
 
 import structlog
 
-from gpuwarden.core import policy
 from gpuwarden.core.clock import format_ts
 from gpuwarden.core.heartbeat import BEAT_EVERY
 from gpuwarden.core.model import (
@@ -41,6 +40,7 @@ from gpuwarden.core.model import (
 )
 from gpuwarden.fleet import budget
 from gpuwarden.fleet.app import App
+from gpuwarden.fleet.ended import provider_ended
 from gpuwarden.fleet.launcher import record_provider_id, running_fields
 from gpuwarden.fleet.terminator import gone
 from gpuwarden.providers.base import (
@@ -49,7 +49,6 @@ from gpuwarden.providers.base import (
     ProviderInstance,
     ProviderState,
 )
-from gpuwarden.remote import deadman
 from gpuwarden.store import IllegalTransition, NotFoundError
 from gpuwarden.system.disk import LowDiskWarning
 
@@ -312,48 +311,21 @@ class Reconciler:
                     reason=TerminationReason.LAUNCH_FAILED.value,
                 )
             elif inst.state is InstanceState.TERMINATING:  # ended before it was found
-                await self.terminator.confirmed(inst, {"why": "the provider never listed it"})
+                # Nothing was created (the daemon died before the provider call, say): the
+                # record says so, not the reason it was being ended for, and costs $0.
+                await self.terminator.confirmed(
+                    inst,
+                    {"why": "the provider never listed it", "ending": inst.reason},
+                    reason=TerminationReason.LAUNCH_FAILED,
+                )
         except (IllegalTransition, NotFoundError):
             return
 
     async def _vanished(self, inst: Instance, why: str) -> None:
-        """The provider no longer runs it and we did not end it: `deadman` when its switch
-        had cause to end it by the time we first missed it, else `vanished`."""
-        now = self.app.clock.now()
-        first_missed = self._first_missed.get(inst.id, now)
+        """The provider no longer runs it and we did not end it (fleet/ended.py)."""
+        first_missed = self._first_missed.get(inst.id, self.app.clock.now())
         self._forget_misses(inst.id)
-        try:  # the row as it is now: a probe may have landed since the pass began
-            inst = await self.app.store.get_instance(inst.id)
-        except NotFoundError:
-            return
-        settings = self.app.settings
-        reason = policy.vanish_reason(
-            inst,
-            self.app.limits(),
-            first_missed,
-            switch=deadman.switch_can_end(settings, inst.provider),
-        )
-        details = {
-            "why": why,
-            "first_missed": format_ts(first_missed),
-            "last_contact": format_ts(policy.last_contact(inst)),
-        }
-        try:
-            await self.app.store.transition_instance(
-                inst.id, InstanceState.TERMINATED, reason=reason, details=details
-            )
-        except (IllegalTransition, NotFoundError):
-            return
-        log.warning(
-            "instance_vanished",
-            instance_id=inst.id,
-            provider=inst.provider,
-            provider_id=inst.provider_id,
-            reason=reason.value,
-            why=why,
-            last_contact=details["last_contact"],
-        )
-        self.app.jobs_wake.set()
+        await provider_ended(self.app, inst.id, why, first_missed)
 
     # --- money ----------------------------------------------------------------------
 

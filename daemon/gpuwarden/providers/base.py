@@ -40,6 +40,9 @@ class Requirements:
     interruptible: bool = False
     region: str | None = None
     limit: int = 50
+    # The disk a rental will ask for (GB): Vast prices storage per GB, so the price an offer
+    # quotes (and we record and budget with) must be for this disk, not the search default.
+    disk_gb: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
