@@ -119,6 +119,8 @@ class DaemonSettings(_Section):
     shutdown_timeout: Duration = timedelta(seconds=10)
     request_timeout: Duration = timedelta(seconds=30)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # Warn (state_disk_low) while the state dir's disk has less free space than this; 0: never.
+    low_disk_mb: float = Field(default=500.0, ge=0, allow_inf_nan=False)
 
     _floors = field_validator("shutdown_timeout", "request_timeout")(_at_least)
 
@@ -280,6 +282,8 @@ class JobsSettings(_Section):
     bid_factor: float = Field(default=1.2, ge=1.0, le=10.0)
     ssh_wait: Duration = timedelta(minutes=10)
     disk_gb: float = Field(default=20.0, gt=0)
+    # A file from an instance larger than this fails its job instead of filling our disk.
+    max_image_mb: float = Field(default=50.0, gt=0, le=10_000)
     # How often a running job's progress and status are read over SSH.
     progress_interval: Duration = timedelta(seconds=1)
     # The preview engine sleeps this long per step so that its progress can be seen.

@@ -95,6 +95,7 @@ def _requirements(
         max_price=cap if price is None else price,
         min_reliability=jobs.min_reliability,
         limit=limit,
+        disk_gb=jobs.disk_gb,  # what launcher.launch asks for
     )
 
 

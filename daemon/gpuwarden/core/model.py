@@ -106,6 +106,11 @@ class TerminationReason(enum.StrEnum):
 # Names shared by writers and readers of the store: the queue's pause flag, and the event a
 # config reload records (it wakes the guard, since new limits may move deadlines).
 QUEUE_PAUSED_FLAG = "queue_paused"
+# The installation label this state dir's instances carry, unless the config sets one.
+INSTALLATION_FLAG = "installation"
+# What an installation was called before each state dir had its own (still the default a
+# database with instances keeps, so that they are recognised).
+LEGACY_INSTALLATION = "main"
 CONFIG_RELOADED = "config_reloaded"
 
 
