@@ -69,8 +69,9 @@ class ConfigReloader:
         self.notifier.ready(self.status())
         return {"reloaded": False, "problems": problems}
 
-    async def reload(self) -> dict[str, Any]:
-        """Re-read the file; returns what happened (for the control socket's answer)."""
+    async def reload(self, by: str = "SIGHUP") -> dict[str, Any]:
+        """Re-read the file; returns what happened (for the control socket's answer). `by`:
+        who asked (the event's "by": a signal, or the control socket's caller)."""
         app = self.app
         self.notifier.reloading(int(app.clock.monotonic() * 1_000_000))
         try:
@@ -97,7 +98,7 @@ class ConfigReloader:
             EntityKind.DAEMON,
             "daemon",
             CONFIG_RELOADED,
-            {"changed": changed, "needs_restart": needs_restart},
+            {"changed": changed, "needs_restart": needs_restart, "by": by},
         )
         app.jobs_wake.set()
         log.info("config_reloaded", changed=changed, needs_restart=needs_restart)

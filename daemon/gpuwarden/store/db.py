@@ -350,11 +350,13 @@ class Store:
 
     # --- jobs ------------------------------------------------------------------------
 
-    async def insert_job(self, job: Job) -> None:
+    async def insert_job(self, job: Job, details: Mapping[str, Any] | None = None) -> None:
         cols = rows.columns(job)
         async with self.transaction() as conn:
             await sql.insert(conn, "jobs", cols)
-            await self._event(conn, EntityKind.JOB, job.id, "state", to_state=job.state.value)
+            await self._event(
+                conn, EntityKind.JOB, job.id, "state", to_state=job.state.value, details=details
+            )
 
     async def transition_job(
         self,
@@ -468,7 +470,14 @@ class Store:
             got = await sql.fetch(self._conn, "SELECT value FROM flags WHERE key = ?", (key,))
         return json.loads(got[0]["value"]) if got else default
 
-    async def set_flag(self, key: str, value: Any, *, reason: str | None = None) -> None:
+    async def set_flag(
+        self,
+        key: str,
+        value: Any,
+        *,
+        reason: str | None = None,
+        details: Mapping[str, Any] | None = None,
+    ) -> None:
         """Daemon-wide state (queue paused, ...), with an event so it is on record."""
         async with self.transaction() as conn:
             await conn.execute(
@@ -477,7 +486,12 @@ class Store:
                 (key, json.dumps(value)),
             )
             await self._event(
-                conn, EntityKind.DAEMON, key, "flag", reason=reason, details={"value": value}
+                conn,
+                EntityKind.DAEMON,
+                key,
+                "flag",
+                reason=reason,
+                details={**(details or {}), "value": value},
             )
 
     async def vacuum_into(self, target: Path) -> None:
