@@ -34,6 +34,8 @@ from pydantic_settings import (
     SettingsError,
 )
 
+from gpuwarden.config.web import DashboardSettings, MetricsSettings
+
 DEFAULT_CONFIG_PATH = Path("/etc/gpuwarden/config.toml")
 EX_CONFIG = 78
 
@@ -303,6 +305,8 @@ class Settings(BaseSettings):
     providers: ProvidersSettings = ProvidersSettings()
     jobs: JobsSettings = JobsSettings()
     ssh: SshSettings = SshSettings()
+    dashboard: DashboardSettings = DashboardSettings()
+    metrics: MetricsSettings = MetricsSettings()
 
     @classmethod
     def settings_customise_sources(

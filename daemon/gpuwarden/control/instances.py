@@ -269,8 +269,9 @@ async def queue_pause(app: App) -> dict[str, Any]:
 # --- lease and activity ------------------------------------------------------------------
 
 
-async def extend(app: App, id: str, hours: float) -> dict[str, Any]:
-    """Extend the lease by `hours` (counts as activity). Refusals say how much is allowed."""
+async def extend(app: App, id: str, hours: float, *, by: str = "user") -> dict[str, Any]:
+    """Extend the lease by `hours` (counts as activity). Refusals say how much is allowed.
+    `by`: who asked, for the event log."""
     inst = await resolve_instance(app, id)
     now = app.clock.now()
     limits = app.limits()
@@ -280,7 +281,12 @@ async def extend(app: App, id: str, hours: float) -> dict[str, Any]:
         EntityKind.INSTANCE,
         inst.id,
         "extended",
-        {"hours": hours, "from": format_ts(inst.lease_until), "to": format_ts(new_lease)},
+        {
+            "hours": hours,
+            "from": format_ts(inst.lease_until),
+            "to": format_ts(new_lease),
+            "by": by,
+        },
         updates={"lease_until": new_lease, "last_activity": now},
     )
     after = await app.store.get_instance(inst.id)
@@ -293,7 +299,7 @@ async def extend(app: App, id: str, hours: float) -> dict[str, Any]:
     }
 
 
-async def activity(app: App, id: str) -> dict[str, Any]:
+async def activity(app: App, id: str, *, by: str = "user") -> dict[str, Any]:
     """Mark the instance active now (resets its idle deadline)."""
     inst = await resolve_instance(app, id)
     if inst.state not in (
@@ -309,7 +315,7 @@ async def activity(app: App, id: str) -> dict[str, Any]:
     if policy.decide(inst, policy.Observations(), limits, now).terminate is not None:
         raise errors.InvalidState(f"instance {inst.id} is past its deadline; it is being ended")
     await app.store.record(
-        EntityKind.INSTANCE, inst.id, "activity", {"by": "user"}, updates={"last_activity": now}
+        EntityKind.INSTANCE, inst.id, "activity", {"by": by}, updates={"last_activity": now}
     )
     after = await app.store.get_instance(inst.id)
     return {"id": after.id, **_deadline_fields(after, policy.Observations(), limits, now)}
@@ -318,14 +324,14 @@ async def activity(app: App, id: str) -> dict[str, Any]:
 # --- destroy -----------------------------------------------------------------------------
 
 
-async def destroy(app: App, id: str) -> dict[str, Any]:
+async def destroy(app: App, id: str, *, by: str = "user") -> dict[str, Any]:
     """End the instance (reason manual; an instance already ending keeps its reason)."""
     inst = await resolve_instance(app, id)
     if not inst.state.live:
         raise errors.InvalidState(
             f"instance {inst.id} is already {inst.state.value}", state=inst.state.value
         )
-    after = await app.terminator.end(inst.id, TerminationReason.MANUAL, {"by": "user"})
+    after = await app.terminator.end(inst.id, TerminationReason.MANUAL, {"by": by})
     return _ended_dict(after)
 
 
