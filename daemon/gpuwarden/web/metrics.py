@@ -11,8 +11,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from prometheus_client.registry import Collector
 
 from gpuwarden.control.instances import budget_json
@@ -21,7 +22,8 @@ from gpuwarden.core.model import QUEUE_PAUSED_FLAG, InstanceState, JobState
 from gpuwarden.fleet.app import App
 from gpuwarden.fleet.busy import busy_instances, observations
 
-CONTENT_TYPE = CONTENT_TYPE_LATEST
+# The classic text format: every Prometheus version reads it, and our names are plain ASCII.
+CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
 LIVE = (
     InstanceState.REQUESTED,
     InstanceState.PROVISIONING,
