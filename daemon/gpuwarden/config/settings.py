@@ -36,6 +36,7 @@ from pydantic_settings import (
 
 from gpuwarden.config.durations import Duration, format_duration, parse_duration
 from gpuwarden.core.model import NotifyKind
+from gpuwarden.config.web import DashboardSettings, MetricsSettings
 
 DEFAULT_CONFIG_PATH = Path("/etc/gpuwarden/config.toml")
 EX_CONFIG = 78
@@ -299,6 +300,8 @@ class Settings(BaseSettings):
     jobs: JobsSettings = JobsSettings()
     ssh: SshSettings = SshSettings()
     notify: NotifySettings = NotifySettings()
+    dashboard: DashboardSettings = DashboardSettings()
+    metrics: MetricsSettings = MetricsSettings()
 
     @classmethod
     def settings_customise_sources(

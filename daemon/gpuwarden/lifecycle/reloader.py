@@ -31,7 +31,15 @@ from gpuwarden.system.systemd import Notifier
 log = structlog.get_logger(__name__)
 
 # Read once at start-up; a reload that changes them only takes effect after a restart.
-RESTART_ONLY = ("daemon.state_dir", "daemon.socket", "daemon.installation", "providers.", "ssh.")
+RESTART_ONLY = (
+    "daemon.state_dir",
+    "daemon.socket",
+    "daemon.installation",
+    "providers.",
+    "ssh.",
+    "dashboard.listen",
+    "dashboard.allow_remote",
+)
 
 
 class ConfigReloader:

@@ -342,6 +342,8 @@ class Reconciler:
         except Exception as exc:
             log.debug("account_read_failed", provider=name, error=str(exc))
             return
+        if account.credit is not None:
+            self.app.credit[name] = account.credit
         if account.credit is not None and account.credit < floor:
             await budget.credit_stop(
                 self.app,
