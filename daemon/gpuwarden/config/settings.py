@@ -35,8 +35,8 @@ from pydantic_settings import (
 )
 
 from gpuwarden.config.durations import Duration, format_duration, parse_duration
-from gpuwarden.core.model import NotifyKind
 from gpuwarden.config.web import DashboardSettings, MetricsSettings
+from gpuwarden.core.model import NotifyKind
 
 DEFAULT_CONFIG_PATH = Path("/etc/gpuwarden/config.toml")
 EX_CONFIG = 78
