@@ -253,11 +253,26 @@ def show_costs(args: argparse.Namespace) -> int:
                 )
         if c.get("live"):
             out.print(f"\nIncludes {money(c.get('live'))} so far on live instances.")
+        _show_spot(out, c.get("spot") or {})
         out.print("")
         show_money_state(out, c)
         return EX_OK
 
     return run_command(args, body)
+
+
+def _show_spot(out: Out, s: dict[str, Any]) -> None:
+    """What spot saved and what preemptions cost (nothing when no spot instance ended)."""
+    if not s.get("instances"):
+        return
+    out.print(
+        f"\nSpot: {s.get('instances')} instance(s) paid {money(s.get('paid'))};"
+        f" on demand {money(s.get('on_demand'))}: saved {money(s.get('saved'))}."
+    )
+    out.print(
+        f"Preemptions: {s.get('preemptions', 0)}; re-run {duration(s.get('rerun_s'))}"
+        f" of work, costing {money(s.get('rerun_cost'))}."
+    )
 
 
 # --- daemon -------------------------------------------------------------------------------

@@ -35,6 +35,7 @@ from pydantic_settings import (
 )
 
 from gpuwarden.config.durations import Duration, format_duration, parse_duration
+from gpuwarden.config.web import DashboardSettings, MetricsSettings
 from gpuwarden.core.model import NotifyKind
 
 DEFAULT_CONFIG_PATH = Path("/etc/gpuwarden/config.toml")
@@ -76,6 +77,8 @@ class DaemonSettings(_Section):
     shutdown_timeout: Duration = timedelta(seconds=10)
     request_timeout: Duration = timedelta(seconds=30)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # Warn (state_disk_low) while the state dir's disk has less free space than this; 0: never.
+    low_disk_mb: float = Field(default=500.0, ge=0, allow_inf_nan=False)
 
     _floors = field_validator("shutdown_timeout", "request_timeout")(_at_least)
 
@@ -161,6 +164,9 @@ class SimFaultSettings(_Section):
     list_lag: Duration = timedelta(0)  # listings show new ones late and ended ones still
     destroy_noop: int = Field(default=0, ge=0)  # next N destroys answer success, do nothing
     end_on_zero_credit: bool = False  # at zero credit also end the running instances
+    # Spot instances (rented with a bid) outbid at random: so many per hour of sim time a
+    # running one has (Vast only; POST /_sim/instances/{id}/outbid outbids one now).
+    outbid_rate: float = Field(default=0.0, ge=0, le=3600)
     seed: int = 0  # of the random draws for the rates
 
 
@@ -228,8 +234,14 @@ class JobsSettings(_Section):
     wait_weight: float = Field(default=1.0, ge=0)
     output_dir: Path | None = None  # default: <state_dir>/outputs
     max_attempts: int = Field(default=3, ge=1)
+    # Spot: jobs rent interruptible (bid) offers where the provider has them (Vast), bidding
+    # the offer's minimum bid times bid_factor (never above the job's or the budget's price).
+    interruptible: bool = True
+    bid_factor: float = Field(default=1.2, ge=1.0, le=10.0)
     ssh_wait: Duration = timedelta(minutes=10)
     disk_gb: float = Field(default=20.0, gt=0)
+    # A file from an instance larger than this fails its job instead of filling our disk.
+    max_image_mb: float = Field(default=50.0, gt=0, le=10_000)
     # How often a running job's progress and status are read over SSH.
     progress_interval: Duration = timedelta(seconds=1)
     # The preview engine sleeps this long per step so that its progress can be seen.
@@ -288,6 +300,8 @@ class Settings(BaseSettings):
     jobs: JobsSettings = JobsSettings()
     ssh: SshSettings = SshSettings()
     notify: NotifySettings = NotifySettings()
+    dashboard: DashboardSettings = DashboardSettings()
+    metrics: MetricsSettings = MetricsSettings()
 
     @classmethod
     def settings_customise_sources(

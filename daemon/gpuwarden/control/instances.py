@@ -26,6 +26,7 @@ from gpuwarden.core.model import (
 from gpuwarden.fleet import budget, launcher
 from gpuwarden.fleet.app import App
 from gpuwarden.fleet.busy import jobs_on_instances, observations
+from gpuwarden.jobs import spot
 from gpuwarden.providers.base import Offer, Requirements
 from gpuwarden.store import NotFoundError
 
@@ -95,6 +96,7 @@ def _requirements(
         max_price=cap if price is None else price,
         min_reliability=jobs.min_reliability,
         limit=limit,
+        disk_gb=jobs.disk_gb,  # what launcher.launch asks for
     )
 
 
@@ -481,6 +483,8 @@ async def costs(app: App, days: int = 7) -> dict[str, Any]:
         "total": round(spent.total, 6),
         "idle": round(spent.idle, 6),
         "live": round(spent.live, 6),
+        # What spot saved against the on-demand price, and what preemptions cost.
+        "spot": spot.summary(await app.store.spot_terminations(since)),
         "budget": await budget_json(app, now),
         **(await queue_pause(app)),
     }

@@ -88,6 +88,7 @@ class SubmitParams(_Params):
     engine: str | None = Field(default=None, max_length=32)
     max_price: float | None = Field(default=None, ge=0, le=10_000)
     gpu_ram_gb: float | None = Field(default=None, ge=0, le=10_000)
+    spot: bool | None = None  # None: jobs.interruptible
     priority: int = Field(default=0, ge=-1000, le=1000)
 
 

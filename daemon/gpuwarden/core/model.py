@@ -100,12 +100,18 @@ class TerminationReason(enum.StrEnum):
     VANISHED = "vanished"  # the provider ended it, not us
     LAUNCH_FAILED = "launch_failed"
     DEADMAN = "deadman"  # the switch on the instance ended it while the daemon was silent
+    PREEMPTED = "preempted"  # a spot (bid) instance was outbid: stopped, so we destroyed it
 
 
 # Names shared by writers and readers of the store: the queue's pause flag, the event a
 # config reload records (it wakes the guard, since new limits may move deadlines), and the
 # event a budget stop records (the notifier tells the operator).
 QUEUE_PAUSED_FLAG = "queue_paused"
+# The installation label this state dir's instances carry, unless the config sets one.
+INSTALLATION_FLAG = "installation"
+# What an installation was called before each state dir had its own (still the default a
+# database with instances keeps, so that they are recognised).
+LEGACY_INSTALLATION = "main"
 CONFIG_RELOADED = "config_reloaded"
 BUDGET_STOPPED = "budget_stop"
 
@@ -183,6 +189,7 @@ class JobSpec:
     engine: str = ""  # "" = the provider's default (diffusers on real GPUs, preview on sim)
     max_price: float | None = None
     gpu_ram_gb: float | None = None
+    spot: bool | None = None  # None: jobs.interruptible decides
 
 
 @dataclass(frozen=True, slots=True)

@@ -82,6 +82,21 @@ def app_onstart(app: App, provider: str, instance_id: str, onstart: str = "") ->
     return script + onstart if onstart else script
 
 
+def spot_extra(offer: Offer) -> dict[str, Any]:
+    """What a spot rental records on its row (extra["spot"]): the reconciler and watchdog
+    read it to tell an outbid instance, `costs` to show what spot saved."""
+    if not offer.interruptible:
+        return {}
+    bid = offer.bid if offer.bid is not None else offer.min_bid
+    return {
+        "spot": {
+            "bid": bid,
+            "min_bid": offer.min_bid,
+            "on_demand_price": offer.on_demand_price,
+        }
+    }
+
+
 async def launch(
     app: App,
     offer: Offer,
@@ -118,6 +133,7 @@ async def launch(
         offer_id=offer.offer_id,
         job_id=job_id,
         billing=offer.billing,
+        extra=spot_extra(offer),
     )
     app.launching.add(iid)
     try:

@@ -10,6 +10,7 @@ from gpuwarden.loops.guard import Guard
 from gpuwarden.loops.reconciler import Reconciler
 from gpuwarden.loops.watchdog import Watchdog
 from gpuwarden.notify.service import Notifier
+from gpuwarden.web.server import DashboardServer
 
 
 def build_services(app: App) -> list[Service]:
@@ -30,4 +31,8 @@ def build_services(app: App) -> list[Service]:
     services.append(Watchdog(app))  # SSH probes of running instances
     # Jobs last: its start() recovers jobs in flight against the reconciled store.
     services.append(JobService(app))
+    # The dashboard (and /metrics), only when configured: it serves from a store that the
+    # reconciler has already checked and jobs that have been recovered.
+    if app.settings.dashboard.listen:
+        services.append(DashboardServer(app))
     return services
