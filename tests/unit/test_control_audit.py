@@ -15,14 +15,22 @@ import pytest
 from peer_support import NOBODY, as_nobody
 from tests.conftest import MakeApp
 
-from gpuwarden.config.settings import DaemonSettings, Settings
+from gpuwarden.config import settings as config
 from gpuwarden.control.methods import Caller
 from gpuwarden.control.server import ControlServer
 from gpuwarden.core.clock import SystemClock
-from gpuwarden.core.model import QUEUE_PAUSED_FLAG, EntityKind, Event, TerminationReason
+from gpuwarden.core.model import (
+    CONFIG_RELOADED,
+    QUEUE_PAUSED_FLAG,
+    EntityKind,
+    Event,
+    TerminationReason,
+)
 from gpuwarden.fleet import launcher
 from gpuwarden.fleet.app import App
+from gpuwarden.lifecycle.reloader import ConfigReloader
 from gpuwarden.providers.fake import FakeProvider
+from gpuwarden.system import systemd
 
 
 def test_a_caller_is_named_by_user_name_and_uid() -> None:
@@ -60,12 +68,13 @@ async def _call(path: Path, method: str, params: dict[str, Any] | None = None) -
 @pytest.fixture
 async def served(short_dir: Path, make_app: MakeApp) -> AsyncIterator[tuple[App, Path]]:
     clock = SystemClock()
-    settings = Settings(
-        daemon=DaemonSettings(
-            state_dir=short_dir, socket=short_dir / "control.sock", allowed_uids=[NOBODY]
-        )
+    conf = short_dir / "c.toml"
+    conf.write_text(
+        f'[daemon]\nstate_dir = "{short_dir}"\nsocket = "{short_dir / "control.sock"}"\n'
+        f"allowed_uids = [{NOBODY}]\n"
     )
-    app = await make_app(settings, clock, [FakeProvider(clock, "fake")])
+    app = await make_app(config.load(conf), clock, [FakeProvider(clock, "fake")])
+    app.reload = ConfigReloader(app, conf, systemd.Notifier(None), lambda: "running").reload
     server = ControlServer(app)
     await server.start()
     task = asyncio.create_task(server.run())
@@ -91,6 +100,7 @@ async def test_actions_over_the_socket_record_the_callers_uid(served: tuple[App,
     await _call(path, "extend", {"id": iid, "hours": 1})
     await _call(path, "activity", {"id": iid})
     await _call(path, "destroy", {"id": iid})
+    await _call(path, "config.reload")
 
     me = _me()
     assert f"uid:{os.getuid()}" in me
@@ -108,6 +118,8 @@ async def test_actions_over_the_socket_record_the_callers_uid(served: tuple[App,
     assert ("requested", me) in states
     assert ("terminating", me) in states
     assert "user" not in json.dumps([e.details for e in inst_events + job_events + flags])
+    [reloaded] = await app.store.events(entity_id="daemon", kind=EntityKind.DAEMON)
+    assert (reloaded.name, reloaded.details["by"]) == (CONFIG_RELOADED, me)
 
     # history and the events list show who ended it
     [record] = await _call(path, "history", {"hours": 1})
