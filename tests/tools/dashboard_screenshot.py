@@ -23,15 +23,10 @@ from gpuwarden.cli.client import ControlClient
 from gpuwarden.cli.demo import Demo, demo_env, find_config
 
 ROOT = Path(__file__).resolve().parents[2]
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
+# The browser tests' launch settings, so the picture is taken as the tests see the page.
+sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "integration")]
+from browser_support import CHROMIUM, CHROMIUM_ARGS  # noqa: E402
+
 JOBS = [
     ("a lighthouse on a cliff at dusk, oil painting", 8),
     ("a red fox in fresh snow", 8),
@@ -74,9 +69,7 @@ async def main(out: Path) -> int:
         _, got, _ = await demo.gpuwarden("dashboard", "--config", str(demo.config), "--json")
         url = json.loads(got)["url"]
         async with async_playwright() as pw:
-            browser = await pw.chromium.launch(
-                executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS
-            )
+            browser = await pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
             page = await browser.new_page(viewport={"width": 1280, "height": 1000})
             await page.goto(url)
             await page.locator("#live.on").wait_for()
