@@ -24,7 +24,7 @@ async def test_the_page_lists_an_instance_extend_moves_its_lease_destroy_ends_it
     tmp_path: Path,
 ) -> None:
     async with dashboard(tmp_path) as d, browser_page(tmp_path) as page:
-        launched = await api.launch(d.env.app, hours=1)
+        launched = await api.launch(d.env.app, hours=1, by="test")
         iid = launched["id"]
         await page.goto(d.login_url)
         assert page.url == d.url  # the token left the address bar
@@ -66,7 +66,7 @@ async def test_a_change_arrives_live_without_a_reload(tmp_path: Path) -> None:
         await page.goto(d.login_url)
         await expect(page.locator("#live")).to_have_text("● live")
         await page.evaluate("window.sameDocument = true")
-        launched = await api.launch(d.env.app, hours=1)
+        launched = await api.launch(d.env.app, hours=1, by="test")
         # Well within the page's 15 s periodic refresh: only the event stream can bring it.
         await expect(page.locator(f'#instances tr[data-id="{launched["id"]}"]')).to_be_visible(
             timeout=5000
@@ -81,7 +81,7 @@ async def test_no_token_is_401_and_a_cross_site_post_is_refused(tmp_path: Path) 
     async with dashboard(tmp_path) as d, browser_page(tmp_path) as page:
         response = await page.goto(d.url)
         assert response is not None and response.status == 401
-        launched = await api.launch(d.env.app, hours=1)
+        launched = await api.launch(d.env.app, hours=1, by="test")
         await page.goto(d.login_url)  # the browser now holds a session cookie
         # Another site (another port is another origin) posts a form at the dashboard: the
         # browser sends the cookie along, and the dashboard must refuse.

@@ -38,9 +38,9 @@ class App:
     # Set by SIGTERM/SIGINT; every loop ends when it is set.
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
     started_monotonic: float = 0.0
-    # Re-read the config like SIGHUP does; returns a summary. Set by the supervisor; the
-    # control socket's config.reload calls it.
-    reload: Callable[[], Awaitable[dict[str, Any]]] | None = None
+    # Re-read the config like SIGHUP does, for whom (the event's "by"); returns a summary.
+    # Set by the supervisor; the control socket's config.reload calls it.
+    reload: Callable[[str], Awaitable[dict[str, Any]]] | None = None
     # The ids of instances whose provider launch call is in flight (the reconciler leaves
     # those intents alone).
     launching: set[str] = field(default_factory=set)

@@ -201,8 +201,15 @@ class Terminator:
             return False
         return await self.confirmed(inst)
 
-    async def confirmed(self, inst: Instance, details: Mapping[str, Any] | None = None) -> bool:
-        """The provider no longer has it: TERMINATED (writes the termination record)."""
+    async def confirmed(
+        self,
+        inst: Instance,
+        details: Mapping[str, Any] | None = None,
+        *,
+        reason: TerminationReason | None = None,
+    ) -> bool:
+        """The provider no longer has it: TERMINATED (writes the termination record), with
+        `reason` in place of the one it was ended for when given."""
         self._retry.pop(inst.id, None)
         pending = self._unwritten.get(inst.id)
         if pending is not None:
@@ -214,7 +221,7 @@ class Terminator:
             return True
         try:
             done = await self.store.transition_instance(
-                inst.id, InstanceState.TERMINATED, details=details
+                inst.id, InstanceState.TERMINATED, reason=reason, details=details
             )
         except IllegalTransition:  # someone else confirmed first
             return True

@@ -9,6 +9,7 @@ from gpuwarden.lifecycle.service import Service
 from gpuwarden.loops.guard import Guard
 from gpuwarden.loops.reconciler import Reconciler
 from gpuwarden.loops.watchdog import Watchdog
+from gpuwarden.notify.service import Notifier
 from gpuwarden.web.server import DashboardServer
 
 
@@ -20,6 +21,9 @@ def build_services(app: App) -> list[Service]:
     # the first daemon's instances for orphans and end them. Connections made now wait in
     # the listen backlog until the loops run, after every start().
     services.append(ControlServer(app))
+    # The notifier listens from its start(), so that what the reconciler's first pass finds
+    # (an instance that vanished or was ended by its dead-man switch) is told.
+    services.append(Notifier(app))
     # Then the cost guard: the reconciler's start() is its first full pass (finds what a
     # crash hid), then the guard, which ends every instance at its deadline.
     services.append(Reconciler(app))
