@@ -294,7 +294,7 @@ def lease_hours(text: str) -> float:
         hours = float(text)
     except ValueError:
         try:
-            from gpuwarden.config.settings import parse_duration  # pydantic: only when needed
+            from gpuwarden.config.durations import parse_duration  # pydantic: only when needed
 
             hours = parse_duration(text).total_seconds() / 3600
         except ValueError as exc:

@@ -37,12 +37,20 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--sandbox", metavar="DIR", help="directory for instance sandboxes (default: a temp dir)"
     )
+    p.add_argument(
+        "--outbid-rate",
+        type=float,
+        metavar="N",
+        help="outbid running spot instances at random, N per hour each (faults.outbid_rate);"
+        " POST /_sim/instances/ID/outbid outbids one now",
+    )
     p.add_argument("--json", action="store_true", help="print the URLs and the ledger as JSON")
     p.set_defaults(func=run)
 
 
 def _settings(args: argparse.Namespace) -> SimSettings:
-    from gpuwarden.config.settings import SimSettings, load, parse_duration
+    from gpuwarden.config.durations import parse_duration
+    from gpuwarden.config.settings import SimFaultSettings, SimSettings, load
 
     sim = SimSettings()
     if args.config:
@@ -54,6 +62,9 @@ def _settings(args: argparse.Namespace) -> SimSettings:
         updates["boot_delay"] = parse_duration(args.boot_delay)
     if args.sandbox:
         updates["sandbox_dir"] = Path(args.sandbox)
+    if args.outbid_rate is not None:
+        faults = {**sim.faults.model_dump(), "outbid_rate": args.outbid_rate}
+        updates["faults"] = SimFaultSettings.model_validate(faults)
     return sim.model_copy(update=updates) if updates else sim
 
 

@@ -2,7 +2,8 @@
 
 Each takes the App and keyword arguments (the control socket passes its params by name) and
 returns JSON-friendly data (dicts, lists, ISO 8601 strings, floats). A request that cannot be
-done raises an errors.DomainError subclass with a stable code.
+done raises an errors.DomainError subclass with a stable code. Each action takes `by`, who
+asked (the control socket's caller, as `Caller.by` gives it), and its event records it.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import asyncio
 from datetime import datetime, timedelta
 from typing import Any
 
+from gpuwarden.control.rows import deadline_fields, instance_dict
 from gpuwarden.core import errors, policy
 from gpuwarden.core.clock import format_ts
 from gpuwarden.core.model import (
@@ -25,6 +27,7 @@ from gpuwarden.core.model import (
 from gpuwarden.fleet import budget, launcher
 from gpuwarden.fleet.app import App
 from gpuwarden.fleet.busy import jobs_on_instances, observations
+from gpuwarden.jobs import spot
 from gpuwarden.providers.base import Offer, Requirements, gpu_matches
 from gpuwarden.store import NotFoundError
 
@@ -94,6 +97,7 @@ def _requirements(
         max_price=cap if price is None else price,
         min_reliability=jobs.min_reliability,
         limit=limit,
+        disk_gb=jobs.disk_gb,  # what launcher.launch asks for
     )
 
 
@@ -185,6 +189,7 @@ async def launch(
     gpu: str | None = None,
     gpu_ram_gb: float | None = None,
     max_price: float | None = None,
+    by: str,
 ) -> dict[str, Any]:
     """Rent `offer_id`, or the cheapest offer matching the requirements across the enabled
     providers. `dry_run`: only the estimate (gpu, rate, hours, estimated cost)."""
@@ -228,8 +233,8 @@ async def launch(
             "refused_code": refused.code if refused else None,
             "warnings": warnings,
         }
-    inst = await launcher.launch(app, offer, hours=hours)
-    return {**(await _instance_dict(app, inst, app.clock.now())), "warnings": warnings}
+    inst = await launcher.launch(app, offer, hours=hours, by=by)
+    return {**(instance_dict(inst, app.clock.now(), limits=app.limits())), "warnings": warnings}
 
 
 async def _budget_today(app: App, now: datetime) -> dict[str, Any]:
@@ -269,7 +274,7 @@ async def queue_pause(app: App) -> dict[str, Any]:
 # --- lease and activity ------------------------------------------------------------------
 
 
-async def extend(app: App, id: str, hours: float) -> dict[str, Any]:
+async def extend(app: App, id: str, hours: float, *, by: str) -> dict[str, Any]:
     """Extend the lease by `hours` (counts as activity). Refusals say how much is allowed."""
     inst = await resolve_instance(app, id)
     now = app.clock.now()
@@ -280,7 +285,12 @@ async def extend(app: App, id: str, hours: float) -> dict[str, Any]:
         EntityKind.INSTANCE,
         inst.id,
         "extended",
-        {"hours": hours, "from": format_ts(inst.lease_until), "to": format_ts(new_lease)},
+        {
+            "hours": hours,
+            "from": format_ts(inst.lease_until),
+            "to": format_ts(new_lease),
+            "by": by,
+        },
         updates={"lease_until": new_lease, "last_activity": now},
     )
     after = await app.store.get_instance(inst.id)
@@ -289,11 +299,11 @@ async def extend(app: App, id: str, hours: float) -> dict[str, Any]:
         "lease_until": format_ts(after.lease_until),
         "extended_by_h": hours,
         "still_allowed_h": round(policy.lease_room(after, limits) / policy.HOUR, 6),
-        **_deadline_fields(after, policy.Observations(), limits, now),
+        **deadline_fields(after, policy.Observations(), limits, now),
     }
 
 
-async def activity(app: App, id: str) -> dict[str, Any]:
+async def activity(app: App, id: str, *, by: str) -> dict[str, Any]:
     """Mark the instance active now (resets its idle deadline)."""
     inst = await resolve_instance(app, id)
     if inst.state not in (
@@ -309,31 +319,31 @@ async def activity(app: App, id: str) -> dict[str, Any]:
     if policy.decide(inst, policy.Observations(), limits, now).terminate is not None:
         raise errors.InvalidState(f"instance {inst.id} is past its deadline; it is being ended")
     await app.store.record(
-        EntityKind.INSTANCE, inst.id, "activity", {"by": "user"}, updates={"last_activity": now}
+        EntityKind.INSTANCE, inst.id, "activity", {"by": by}, updates={"last_activity": now}
     )
     after = await app.store.get_instance(inst.id)
-    return {"id": after.id, **_deadline_fields(after, policy.Observations(), limits, now)}
+    return {"id": after.id, **deadline_fields(after, policy.Observations(), limits, now)}
 
 
 # --- destroy -----------------------------------------------------------------------------
 
 
-async def destroy(app: App, id: str) -> dict[str, Any]:
+async def destroy(app: App, id: str, *, by: str) -> dict[str, Any]:
     """End the instance (reason manual; an instance already ending keeps its reason)."""
     inst = await resolve_instance(app, id)
     if not inst.state.live:
         raise errors.InvalidState(
             f"instance {inst.id} is already {inst.state.value}", state=inst.state.value
         )
-    after = await app.terminator.end(inst.id, TerminationReason.MANUAL, {"by": "user"})
+    after = await app.terminator.end(inst.id, TerminationReason.MANUAL, {"by": by})
     return _ended_dict(after)
 
 
-async def destroy_all(app: App) -> dict[str, Any]:
+async def destroy_all(app: App, *, by: str) -> dict[str, Any]:
     term = app.terminator
     live = await app.store.live_instances()
     begun = [
-        await term.begin(i.id, TerminationReason.MANUAL, {"by": "user", "all": True}) for i in live
+        await term.begin(i.id, TerminationReason.MANUAL, {"by": by, "all": True}) for i in live
     ]
     await asyncio.gather(*(term.drive(i) for i in begun if i.provider_id is not None))
     after = [await app.store.get_instance(i.id) for i in begun]
@@ -352,59 +362,6 @@ def _ended_dict(inst: Instance) -> dict[str, Any]:
 
 
 # --- status, history, costs --------------------------------------------------------------
-
-
-def _deadline_fields(
-    inst: Instance, obs: policy.Observations, limits: policy.Limits, now: datetime
-) -> dict[str, Any]:
-    when, reason = policy.earliest_deadline(inst, obs, limits, now)
-    live = inst.state.live and inst.state is not InstanceState.TERMINATING
-    return {
-        "deadline": format_ts(when),
-        "deadline_reason": reason.value,
-        "time_left_s": round((when - now).total_seconds(), 3),
-        "expired": live and now >= when,
-    }
-
-
-async def _instance_dict(
-    app: App,
-    inst: Instance,
-    now: datetime,
-    busy: set[str] | None = None,
-    limits: policy.Limits | None = None,
-) -> dict[str, Any]:
-    limits = limits or app.limits()  # status passes them once for all its rows
-    obs = observations(inst, busy or set())
-    start = policy.billing_start(inst)
-    end = inst.terminated_at or now
-    return {
-        "id": inst.id,
-        "provider": inst.provider,
-        "provider_id": inst.provider_id,
-        "label": inst.label,
-        "gpu": inst.gpu,
-        "num_gpus": inst.num_gpus,
-        "region": inst.region,
-        "state": inst.state.value,
-        "reason": inst.reason.value if inst.reason else None,
-        "created_at": format_ts(inst.created_at),
-        "uptime_s": round((end - start).total_seconds(), 3) if start else 0.0,
-        "lease_until": format_ts(inst.lease_until),
-        "last_activity": format_ts(inst.last_activity),
-        "busy": obs.busy,
-        **_deadline_fields(inst, obs, limits, now),
-        "price_per_hour": inst.price_per_hour,
-        "billing": inst.billing.value,
-        "cost_now": round(policy.cost_so_far(inst, now), 6),
-        "est_total": round(policy.est_total(inst, obs, limits, now), 6),
-        "strikes": inst.strikes,
-        "last_probe_at": format_ts(inst.last_probe_at),
-        "last_probe_ok": inst.last_probe_ok,
-        "deadman": inst.extra.get("deadman"),  # the switch as the last probe saw it
-        "ssh": f"{inst.ssh_user}@{inst.ssh_host}:{inst.ssh_port}" if inst.ssh_host else None,
-        "job_id": inst.job_id,
-    }
 
 
 async def status(
@@ -430,9 +387,7 @@ async def status(
     limits = app.limits()
     shown = live if limit is None else live[:limit]
     # "job": the job running on it now (job_id is the job it was rented for).
-    rows = [
-        {**(await _instance_dict(app, i, now, busy, limits)), "job": on.get(i.id)} for i in shown
-    ]
+    rows = [{**instance_dict(i, now, busy, limits=limits), "job": on.get(i.id)} for i in shown]
     cost_now = sum(policy.cost_so_far(i, now) for i in live)
     est = sum(policy.est_total(i, observations(i, busy), limits, now) for i in live)
     return {
@@ -464,9 +419,23 @@ def termination_dict(t: Termination) -> dict[str, Any]:
 
 
 async def history(app: App, hours: float = 24.0) -> list[dict[str, Any]]:
-    """Termination records of the last `hours`, oldest first."""
+    """Termination records of the last `hours`, oldest first, each with `by`: who asked for
+    a manual end (from its event), else None (the daemon decided)."""
     since = app.clock.now() - timedelta(hours=hours)
-    return [termination_dict(t) for t in await app.store.terminations(since)]
+    out = []
+    for t in await app.store.terminations(since):
+        by = await _ended_by(app, t.instance_id) if t.reason is TerminationReason.MANUAL else None
+        out.append({**termination_dict(t), "by": by})
+    return out
+
+
+async def _ended_by(app: App, instance_id: str) -> str | None:
+    """The `by` of the event that began the instance's end."""
+    for ev in reversed(await app.store.events(entity_id=instance_id)):
+        if ev.to_state == InstanceState.TERMINATING.value:
+            by = ev.details.get("by")
+            return by if isinstance(by, str) else None
+    return None
 
 
 async def costs(app: App, days: int = 7) -> dict[str, Any]:
@@ -487,6 +456,8 @@ async def costs(app: App, days: int = 7) -> dict[str, Any]:
         "total": round(spent.total, 6),
         "idle": round(spent.idle, 6),
         "live": round(spent.live, 6),
+        # What spot saved against the on-demand price, and what preemptions cost.
+        "spot": spot.summary(await app.store.spot_terminations(since)),
         "budget": await budget_json(app, now),
         **(await queue_pause(app)),
     }

@@ -211,6 +211,7 @@ class Guard:
     ) -> None:
         assert verdict.terminate is not None
         lag = round(max(0.0, (now - verdict.deadline).total_seconds()), 3)
+        self.app.metrics.guard_lag.observe(lag)
         ended = await self.terminator.begin(
             inst.id,
             verdict.terminate,

@@ -411,11 +411,13 @@ class Store(StoreReads):
 
     # --- jobs ------------------------------------------------------------------------
 
-    async def insert_job(self, job: Job) -> None:
+    async def insert_job(self, job: Job, details: Mapping[str, Any] | None = None) -> None:
         cols = rows.columns(job)
         async with self.transaction() as conn:
             await sql.insert(conn, "jobs", cols)
-            await self._event(conn, EntityKind.JOB, job.id, "state", to_state=job.state.value)
+            await self._event(
+                conn, EntityKind.JOB, job.id, "state", to_state=job.state.value, details=details
+            )
 
     async def transition_job(
         self,
@@ -466,7 +468,14 @@ class Store(StoreReads):
 
     # --- events and flags ------------------------------------------------------------
 
-    async def set_flag(self, key: str, value: Any, *, reason: str | None = None) -> None:
+    async def set_flag(
+        self,
+        key: str,
+        value: Any,
+        *,
+        reason: str | None = None,
+        details: Mapping[str, Any] | None = None,
+    ) -> None:
         """Daemon-wide state (queue paused, ...), with an event so it is on record."""
         async with self.transaction() as conn:
             await conn.execute(
@@ -475,7 +484,12 @@ class Store(StoreReads):
                 (key, json.dumps(value)),
             )
             await self._event(
-                conn, EntityKind.DAEMON, key, "flag", reason=reason, details={"value": value}
+                conn,
+                EntityKind.DAEMON,
+                key,
+                "flag",
+                reason=reason,
+                details={**(details or {}), "value": value},
             )
 
     async def vacuum_into(self, target: Path) -> None:

@@ -1,0 +1,61 @@
+"""Instances as the control socket shows them: plain dicts of JSON-friendly values, built
+from a record, the limits and `now` (pure: `status` builds one per row it shows)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from gpuwarden.core import policy
+from gpuwarden.core.clock import format_ts
+from gpuwarden.core.model import Instance, InstanceState
+from gpuwarden.fleet.busy import observations
+
+
+def deadline_fields(
+    inst: Instance, obs: policy.Observations, limits: policy.Limits, now: datetime
+) -> dict[str, Any]:
+    when, reason = policy.earliest_deadline(inst, obs, limits, now)
+    live = inst.state.live and inst.state is not InstanceState.TERMINATING
+    return {
+        "deadline": format_ts(when),
+        "deadline_reason": reason.value,
+        "time_left_s": round((when - now).total_seconds(), 3),
+        "expired": live and now >= when,
+    }
+
+
+def instance_dict(
+    inst: Instance, now: datetime, busy: set[str] | None = None, *, limits: policy.Limits
+) -> dict[str, Any]:
+    """An instance as the socket shows it (`status`, `launch`) at `now`."""
+    obs = observations(inst, busy or set())
+    start = policy.billing_start(inst)
+    end = inst.terminated_at or now
+    return {
+        "id": inst.id,
+        "provider": inst.provider,
+        "provider_id": inst.provider_id,
+        "label": inst.label,
+        "gpu": inst.gpu,
+        "num_gpus": inst.num_gpus,
+        "region": inst.region,
+        "state": inst.state.value,
+        "reason": inst.reason.value if inst.reason else None,
+        "created_at": format_ts(inst.created_at),
+        "uptime_s": round((end - start).total_seconds(), 3) if start else 0.0,
+        "lease_until": format_ts(inst.lease_until),
+        "last_activity": format_ts(inst.last_activity),
+        "busy": obs.busy,
+        **deadline_fields(inst, obs, limits, now),
+        "price_per_hour": inst.price_per_hour,
+        "billing": inst.billing.value,
+        "cost_now": round(policy.cost_so_far(inst, now), 6),
+        "est_total": round(policy.est_total(inst, obs, limits, now), 6),
+        "strikes": inst.strikes,
+        "last_probe_at": format_ts(inst.last_probe_at),
+        "last_probe_ok": inst.last_probe_ok,
+        "deadman": inst.extra.get("deadman"),  # the switch as the last probe saw it
+        "ssh": f"{inst.ssh_user}@{inst.ssh_host}:{inst.ssh_port}" if inst.ssh_host else None,
+        "job_id": inst.job_id,
+    }
