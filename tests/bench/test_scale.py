@@ -184,7 +184,7 @@ async def _run(count: int, planted: int, window: timedelta, *, full: bool) -> di
         db = base / "state" / "gpuwarden.db"
         await migrate(db, clock)
         # Far enough ahead that start-up and the status figures are done before the first.
-        lead = timedelta(seconds=(45 + 6 * count / 1000) if full else 12 + count / 1000)
+        lead = timedelta(seconds=(70 + 8 * count / 1000) if full else 15 + count / 1000)
         first = clock.now() + lead
         deadlines = [first + window * (n / planted) for n in range(planted)]
         planted_at = seed(

@@ -364,6 +364,10 @@ def _ended_dict(inst: Instance) -> dict[str, Any]:
 # --- status, history, costs --------------------------------------------------------------
 
 
+STATUS_CHUNK = 250  # rows built between two yields to the event loop
+_STATUS_GATE = asyncio.Semaphore(1)
+
+
 async def status(
     app: App,
     *,
@@ -373,7 +377,15 @@ async def status(
     gpu: str | None = None,
 ) -> dict[str, Any]:
     """The live instances (those matching the filters; the first `limit` of them in
-    `instances`), with totals over every match. Read from the store's memory: no query."""
+    `instances`), with totals over every match. Read from the store's memory: no query.
+    One answer is built at a time: at 10,000 rows each holds tens of MB while it is built."""
+    async with _STATUS_GATE:
+        return await _status(app, limit=limit, provider=provider, state=state, gpu=gpu)
+
+
+async def _status(
+    app: App, *, limit: int | None, provider: str | None, state: str | None, gpu: str | None
+) -> dict[str, Any]:
     now = app.clock.now()
     live = [
         i
@@ -386,10 +398,16 @@ async def status(
     busy = set(on)
     limits = app.limits()
     shown = live if limit is None else live[:limit]
-    # "job": the job running on it now (job_id is the job it was rented for).
-    rows = [{**instance_dict(i, now, busy, limits=limits), "job": on.get(i.id)} for i in shown]
-    cost_now = sum(policy.cost_so_far(i, now) for i in live)
-    est = sum(policy.est_total(i, observations(i, busy), limits, now) for i in live)
+    rows: list[dict[str, Any]] = []
+    cost_now = est = 0.0
+    for n, inst in enumerate(live):
+        if n % STATUS_CHUNK == STATUS_CHUNK - 1:
+            await asyncio.sleep(0)  # thousands of rows: let a due deadline go first
+        cost_now += policy.cost_so_far(inst, now)
+        est += policy.est_total(inst, observations(inst, busy), limits, now)
+        if len(rows) < len(shown):
+            # "job": the job running on it now (job_id is the job it was rented for).
+            rows.append({**instance_dict(inst, now, busy, limits=limits), "job": on.get(inst.id)})
     return {
         "now": format_ts(now),
         "instances": rows,

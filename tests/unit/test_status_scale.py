@@ -1,0 +1,71 @@
+"""`status` at scale: --limit and the provider/state/GPU filters (totals over every match),
+and the plain layout of tables too long for rich."""
+
+from __future__ import annotations
+
+import io
+from datetime import timedelta
+
+from tests.conftest import T0, MakeApp
+
+from gpuwarden.cli.output import PLAIN_ROWS, Out
+from gpuwarden.control import instances as api
+from gpuwarden.core.clock import FakeClock
+from gpuwarden.core.model import Instance, InstanceState
+
+
+def _inst(n: int, provider: str, gpu: str, state: InstanceState, clock: FakeClock) -> Instance:
+    now = clock.now()
+    return Instance(
+        id=f"i{n:04d}",
+        provider=provider,
+        label=f"gpuwarden-main-i{n:04d}",
+        state=state,
+        created_at=now + timedelta(seconds=n),
+        lease_until=now + timedelta(hours=1),
+        last_activity=now,
+        price_per_hour=1.0,
+        gpu=gpu,
+        provider_id=f"p{n}",
+    )
+
+
+async def test_status_limits_and_filters_with_totals_over_every_match(
+    make_app: MakeApp,
+) -> None:
+    clock = FakeClock(T0)
+    app = await make_app(clock=clock)
+    kinds = [
+        ("vast", "RTX 4090", InstanceState.RUNNING),
+        ("lambda", "A100 80GB", InstanceState.PROVISIONING),
+        ("vast", "A10", InstanceState.RUNNING),
+    ]
+    for n in range(30):
+        provider, gpu, state = kinds[n % 3]
+        await app.store.insert_instance(_inst(n, provider, gpu, state, clock))
+    everything = await api.status(app)
+    assert everything["count"] == everything["shown"] == 30
+    page = await api.status(app, limit=4)
+    assert [r["id"] for r in page["instances"]] == ["i0000", "i0001", "i0002", "i0003"]
+    assert page["count"] == 30 and page["cost_per_hour"] == everything["cost_per_hour"]
+    vast = await api.status(app, provider="vast")
+    assert vast["count"] == 20 and {r["provider"] for r in vast["instances"]} == {"vast"}
+    a10 = await api.status(app, gpu="A10")  # whole words: not the A100s
+    assert a10["count"] == 10 and {r["gpu"] for r in a10["instances"]} == {"A10"}
+    booting = await api.status(app, state="provisioning", limit=3)
+    assert booting["count"] == 10 and booting["shown"] == 3
+    assert booting["cost_per_hour"] == 10.0
+
+
+def test_a_long_table_is_laid_out_plainly_with_the_same_columns() -> None:
+    buf = io.StringIO()
+    out = Out(stdout=buf, width=200)
+    rows = [[f"id{n}", f"{n * 1.5:.2f}"] for n in range(PLAIN_ROWS + 1)]
+    out.table(["ID", "COST"], rows, totals=["TOTAL", "9.99"], right=["COST"])
+    lines = buf.getvalue().splitlines()
+    assert lines[0].split() == ["ID", "COST"]
+    assert len(lines) == 1 + len(rows) + 2  # header, rows, the rule, the totals
+    assert lines[-1].split() == ["TOTAL", "9.99"]
+    width = len(lines[1])
+    assert all(len(line) == width for line in lines[1:-2])  # right-aligned to one edge
+    assert lines[-2].startswith("---")
