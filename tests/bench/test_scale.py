@@ -11,6 +11,7 @@ fake cloud in place of a provider) is started and measured:
 - CPU with nothing due (% of a core over IDLE_WINDOW, from /proc) and RSS at rest;
 - `status` over the socket (p50 / p99 of sequential calls), RSS after 8 concurrent calls;
 - `gpuwarden status` through the CLI, a whole process (plain and --json);
+- the first page, `status --limit 100`, over the socket (p99) and through the CLI;
 - deadline -> destroy call lag, p50 / p99 / max, over the planted deadlines;
 - whether any loop stalled (`loops_stalled`: systemd's watchdog would have been starved).
 
@@ -52,6 +53,7 @@ PLANTED = 200
 WINDOW = timedelta(seconds=20)  # the planted deadlines spread over this
 BURST = (1000, timedelta(seconds=10))  # instances, all of them due within this
 IDLE_WINDOW = 5.0
+PAGE = 100  # rows of `status --limit`
 STATUS_BUDGET = 8.0  # seconds of sequential status calls (at least 5 calls)
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -128,7 +130,12 @@ async def _status_figures(sock: Path, pid: int) -> dict[str, Any]:
             await c.call("status")
 
     await asyncio.gather(*(one(c) for c in clients))
+    paged: list[float] = []
+    async with ControlClient(sock) as client:
+        for _ in range(50):  # the first page, as `gpuwarden status --limit 100` asks for it
+            paged.append(await _timed(lambda: client.call("status", {"limit": PAGE})))
     return {
+        "page_p99": _q(paged, 0.99),
         "status_p50": statistics.median(lat),
         "status_p99": _q(lat, 0.99),
         "status_calls": len(lat),
@@ -275,6 +282,8 @@ COLUMNS = [
     ("status_p99", "status p99"),
     ("cli_status", "CLI status"),
     ("cli_json", "CLI --json"),
+    ("page_p99", "status --limit 100 p99"),
+    ("cli_page", "CLI --limit 100"),
     ("stalls", "stalls"),
 ]
 
