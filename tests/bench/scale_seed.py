@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from gpuwarden.core.clock import Clock
+from gpuwarden.core.clock import Clock, format_ts
 from gpuwarden.core.model import (
     Billing,
     Instance,
@@ -100,3 +100,16 @@ def seed(
     finally:
         conn.close()
     return planted
+
+
+def plant(db: Path, deadlines: dict[str, datetime]) -> None:
+    """Move the leases of the instances with these provider ids to the given times (after
+    seeding, so that the time seeding took does not eat into the lead)."""
+    conn = sqlite3.connect(db, isolation_level=None)
+    try:
+        conn.executemany(
+            "UPDATE instances SET lease_until = ? WHERE provider_id = ?",
+            [(format_ts(at), pid) for pid, at in deadlines.items()],
+        )
+    finally:
+        conn.close()
