@@ -16,7 +16,14 @@ from gpuwarden import __version__
 
 def build_parser() -> argparse.ArgumentParser:
     # Imported here so that `gpuwarden --help` stays fast and the modules stay independent.
-    from gpuwarden.cli import commands_control, commands_daemon, commands_jobs, commands_sim
+    from gpuwarden.cli import (
+        commands_control,
+        commands_daemon,
+        commands_docs,
+        commands_jobs,
+        commands_sim,
+        commands_ssh,
+    )
 
     parser = argparse.ArgumentParser(
         prog="gpuwarden",
@@ -28,7 +35,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"gpuwarden {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in (commands_daemon, commands_sim, commands_control, commands_jobs):
+    modules = (
+        commands_daemon,
+        commands_sim,
+        commands_control,
+        commands_ssh,
+        commands_jobs,
+        commands_docs,
+    )
+    for module in modules:
         module.register(sub)
     return parser
 

@@ -14,7 +14,7 @@ import tomllib
 from collections.abc import Mapping, Sequence
 from datetime import timedelta
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import (
     BaseModel,
@@ -104,6 +104,22 @@ def _at_least(v: timedelta, info: ValidationInfo) -> timedelta:
     if v < floor:
         raise ValueError(f"must be at least {format_duration(floor)}")
     return v
+
+
+_PUBLIC_KEY = re.compile(
+    r"^(ssh-ed25519|ssh-rsa|ecdsa-sha2-nistp(256|384|521)|sk-\S+) [A-Za-z0-9+/]+=*( .*)?$"
+)
+
+
+def _public_key(value: object) -> str:
+    if not isinstance(value, str) or not _PUBLIC_KEY.match(value.strip()):
+        raise ValueError(
+            "not an OpenSSH public key line ('ssh-ed25519 AAAA... comment', as in a .pub file)"
+        )
+    return value.strip()
+
+
+PublicKey = Annotated[str, BeforeValidator(_public_key)]
 
 
 class _Section(BaseModel):
@@ -284,6 +300,10 @@ class SshSettings(_Section):
     private_key_file: Path | None = None  # default: <state_dir>/ssh/id_ed25519, made if absent
     connect_timeout: Duration = timedelta(seconds=15)
     known_hosts: Path | None = None  # None: accept new host keys (rented hosts are new)
+    # Operators' OpenSSH public keys, put on every instance at launch through the provider's
+    # own key mechanism (Vast: account keys; Lambda: named keys), so that `gpuwarden ssh`
+    # works with your own key where the daemon's key is not readable.
+    authorized_keys: list[PublicKey] = Field(default_factory=list)
 
 
 class Settings(BaseSettings):
@@ -323,6 +343,12 @@ class Settings(BaseSettings):
     @property
     def db_path(self) -> Path:
         return self.daemon.state_dir / "gpuwarden.db"
+
+    @property
+    def known_hosts_path(self) -> Path:
+        """The host keys of live instances as first seen, for `gpuwarden ssh` (the daemon
+        writes it; remote/hostkeys.py)."""
+        return self.daemon.state_dir / "known_hosts"
 
     @property
     def lock_path(self) -> Path:
@@ -402,7 +428,7 @@ def load(path: str | os.PathLike[str] | None = None, *, require_file: bool = Tru
         raw = read_toml(cfg_path)
     elif require_file:
         raise ConfigError([("(file)", "no such file", str(cfg_path))])
-    data = _credentials(_deep_copy(raw), env)
+    data = _credentials(_against(_deep_copy(raw), Settings, cfg_path.parent), env)
     try:
         settings = Settings(**data)
     except SettingsError as exc:  # a complex value in the environment that is not JSON
@@ -482,6 +508,22 @@ def _env_problem(exc: SettingsError, env: Mapping[str, str]) -> tuple[str, str, 
     names = sorted(k for k in env if k == prefix or k.startswith(prefix + "__")) or [prefix]
     reason = "not valid JSON (lists and tables in the environment are written as JSON)"
     return field, reason, "environment variable " + ", ".join(names)
+
+
+def _against(data: dict[str, Any], model: type[BaseModel], base: Path) -> dict[str, Any]:
+    """`data` with every relative path the file gives made absolute against the file's own
+    directory: a config names paths beside itself, wherever the daemon or the CLI runs from.
+    (A path from the environment stays relative to the current directory.)"""
+    for name, field in model.model_fields.items():
+        key = field.alias or name
+        value = data.get(key)
+        sub = field.annotation
+        if isinstance(value, dict) and isinstance(sub, type) and issubclass(sub, BaseModel):
+            data[key] = _against(value, sub, base)
+        elif isinstance(value, str) and value and Path in (sub, *get_args(sub)):
+            path = Path(value).expanduser()
+            data[key] = str(path if path.is_absolute() else base.absolute() / path)
+    return data
 
 
 def _deep_copy(d: Mapping[str, Any]) -> dict[str, Any]:

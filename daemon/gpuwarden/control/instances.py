@@ -399,8 +399,23 @@ async def _instance_dict(
         "last_probe_ok": inst.last_probe_ok,
         "deadman": inst.extra.get("deadman"),  # the switch as the last probe saw it
         "ssh": f"{inst.ssh_user}@{inst.ssh_host}:{inst.ssh_port}" if inst.ssh_host else None,
+        # SSH has answered (the watchdog's first good probe pinned its host key): only then
+        # does `status` show a running instance as running rather than booting.
+        "ssh_ready": inst.extra.get("host_key") is not None,
+        "probe_stale": probe_stale(inst, app.settings.policy.watchdog_interval, now),
         "job_id": inst.job_id,
     }
+
+
+STALE_PROBES = 3  # a last probe older than this many watchdog intervals is shown as stale
+
+
+def probe_stale(inst: Instance, interval: timedelta, now: datetime) -> bool:
+    """The last probe of a running instance is older than STALE_PROBES intervals: the
+    watchdog is not getting through (or not running), so its last word is old news."""
+    if inst.state is not InstanceState.RUNNING or inst.last_probe_at is None:
+        return False
+    return now - inst.last_probe_at > STALE_PROBES * max(interval, timedelta(seconds=1))
 
 
 async def status(app: App) -> dict[str, Any]:

@@ -104,7 +104,11 @@ class SshConnector:
             raise ConnectionError(f"instance {inst.id} has no SSH endpoint yet")
         target = remote.SshTarget(inst.ssh_host, inst.ssh_port, inst.ssh_user)
         conn = await remote.connect(
-            target, self.key, timeout=self.connect_timeout, known_hosts=self.known_hosts
+            target,
+            self.key,
+            timeout=self.connect_timeout,
+            known_hosts=self.known_hosts,
+            host_key=inst.extra.get("host_key"),
         )
         return SshConn(conn, timeout=max(30.0, self.connect_timeout))
 
