@@ -18,6 +18,7 @@ from typing import Any
 from rich.text import Text
 
 from gpuwarden.cli.client import ControlClient
+from gpuwarden.cli.follow import follow
 from gpuwarden.cli.output import (
     EX_OK,
     Out,
@@ -391,22 +392,7 @@ def show_events(args: argparse.Namespace) -> int:
                 for ev in events:
                     show(out, ev)
             return EX_OK
-        # Subscribe first, then list the backlog, so that nothing falls between the two.
-        stream = await client.open_events()
-        try:
-            seen = 0
-            for ev in await client.call("events.list", params):
-                show(out, ev)
-                seen = max(seen, int(ev.get("id") or 0))
-            async for ev in stream:
-                # New events are matched here, by id or its start (a label is not known).
-                if args.entity and not str(ev.get("entity_id") or "").startswith(args.entity):
-                    continue
-                if ev.get("id") is not None and int(ev["id"]) <= seen:
-                    continue
-                show(out, ev)
-        finally:
-            await stream.aclose()
+        await follow(client, out, params, args.entity, show)
         return EX_OK
 
     # Ctrl-C is how a follower is meant to stop: not an error.
