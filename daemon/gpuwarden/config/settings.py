@@ -273,6 +273,9 @@ KeepWarm = Annotated[
 
 class JobsSettings(_Section):
     image: str = "pytorch/pytorch:2.4.0-cuda12.4-cudnn9-runtime"
+    # A Hugging Face access token, for gated models (credential file hf_token); sent only to
+    # diffusers jobs, as a file the runner reads and removes.
+    hf_token: SecretStr | None = None
     model: str = "stabilityai/sd-turbo"
     engine: Literal["auto", "diffusers", "preview"] = "auto"
     steps: int = Field(default=4, ge=1, le=500)
@@ -360,6 +363,7 @@ CREDENTIALS: dict[str, tuple[str, ...]] = {
     "vast_api_key": ("providers", "vast", "api_key"),
     "lambda_api_key": ("providers", "lambda", "api_key"),
     "ssh_private_key": ("ssh", "private_key"),
+    "hf_token": ("jobs", "hf_token"),
 }
 
 

@@ -39,6 +39,7 @@ from gpuwarden.store import IllegalTransition
 
 log = structlog.get_logger(__name__)
 
+HF_TOKEN_FILE = "hf_token"  # noqa: S105 - a file name; txt2img.py reads it, then removes it
 RUNNER_NAME = "txt2img.py"  # in gpuwarden/remote/assets/, read through deploy_file
 # Seconds after a start during which "absent" means "not started yet", never "died".
 START_GRACE = 30.0
@@ -286,6 +287,11 @@ class _Run:
         spec = runner_spec(self.job, engine, delay)
         await conn.write(f"{self.dir}/{RUNNER_NAME}", self.r.runner_source.encode())
         await conn.write(f"{self.dir}/spec.json", json.dumps(spec, ensure_ascii=False).encode())
+        token = self.app.settings.jobs.hf_token
+        if engine == "diffusers" and token is not None and token.get_secret_value():
+            # Beside the spec, not in it: the spec is kept and shown; the runner reads this
+            # file into HF_TOKEN and removes it.
+            await conn.write(f"{self.dir}/{HF_TOKEN_FILE}", token.get_secret_value().encode())
         runner_args = [f"{self.dir}/{RUNNER_NAME}", f"{self.dir}/spec.json"]
         await conn.start(self.dir, remote.python_argv(runner_args))
         self.started_at = self.app.clock.monotonic()
