@@ -208,13 +208,13 @@ def rig() -> Iterator[Rig]:
         assert sim.stdout is not None
         first = sim.stdout.readline()
         assert first.startswith("vast:"), first
-        d = Daemon(base, loop)
-        d.env["GPUWARDEN_PROVIDERS__SIM__BASE_URL"] = f"http://127.0.0.1:{port}"
+        daemon = Daemon(base, loop)
+        daemon.env["GPUWARDEN_PROVIDERS__SIM__BASE_URL"] = f"http://127.0.0.1:{port}"
         try:
-            d.start()
-            yield Rig(d, port, work, {**env, "GPUWARDEN_SOCKET": str(d.socket)})
+            daemon.start()
+            yield Rig(daemon, port, work, {**env, "GPUWARDEN_SOCKET": str(daemon.socket)})
         finally:
-            d.stop()
+            daemon.stop()
             sim.send_signal(signal.SIGINT)
             try:
                 sim.communicate(timeout=30)
