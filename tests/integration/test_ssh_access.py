@@ -44,7 +44,7 @@ async def test_an_operators_key_logs_in_against_the_pinned_host_key(
         assert got.extra["host_key"] == sim_key
         assert got.extra["keys"] == hostkeys.keys_digest([operator_pub])
         assert "ssh_ready" in await rig.event_names(inst.id)
-        known = settings.known_hosts_path
+        known = hostkeys.known_hosts_path(settings)
         line = f"[{got.ssh_host}]:{got.ssh_port} {sim_key}"
         assert line in known.read_text().splitlines()
         assert known.stat().st_mode & 0o777 == 0o644

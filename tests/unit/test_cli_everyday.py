@@ -25,9 +25,9 @@ from gpuwarden.cli.commands_docs import man_page
 from gpuwarden.cli.commands_ssh import host_block, ssh_argv
 from gpuwarden.cli.output import Out
 from gpuwarden.config import settings as config
-from gpuwarden.control.instances import probe_stale
 from gpuwarden.core.clock import FakeClock
 from gpuwarden.core.model import InstanceState
+from gpuwarden.core.policy import probe_stale
 from gpuwarden.fleet import launcher
 from gpuwarden.loops.reconciler import BOOT_POLL, Reconciler
 from gpuwarden.providers.fake import FakeProvider

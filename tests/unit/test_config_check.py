@@ -11,6 +11,7 @@ import pytest
 
 from gpuwarden.cli import main
 from gpuwarden.config import settings as config
+from gpuwarden.config.durations import parse_duration
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "config.example.toml"
 
@@ -170,6 +171,7 @@ def test_credentials_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     (creds / "lambda_api_key").write_text("lambda-key-from-credentials")
     pem = "-----BEGIN OPENSSH PRIVATE KEY-----\nabc\n-----END OPENSSH PRIVATE KEY-----\n"
     (creds / "ssh_private_key").write_text(pem)
+    (creds / "hf_token").write_text("hf_from_credentials\n")
     monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(creds))
     settings = config.load(EXAMPLE)
     vast, lam = settings.providers.vast.api_key, settings.providers.lambda_.api_key
@@ -177,7 +179,14 @@ def test_credentials_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     assert lam is not None and lam.get_secret_value() == "lambda-key-from-credentials"
     key = settings.ssh.private_key
     assert key is not None and key.get_secret_value() == pem  # PEM keeps its newlines
-    assert set(config.CREDENTIALS) == {"vast_api_key", "lambda_api_key", "ssh_private_key"}
+    hf = settings.jobs.hf_token
+    assert hf is not None and hf.get_secret_value() == "hf_from_credentials"
+    assert set(config.CREDENTIALS) == {
+        "vast_api_key",
+        "lambda_api_key",
+        "ssh_private_key",
+        "hf_token",
+    }
 
 
 def test_environment_beats_credentials(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -254,13 +263,13 @@ def test_run_refuses_a_file_that_is_not_text_with_78_before_touching_anything(
     ],
 )
 def test_durations_may_be_compound(text: str, seconds: float) -> None:
-    assert config.parse_duration(text).total_seconds() == seconds
+    assert parse_duration(text).total_seconds() == seconds
 
 
 @pytest.mark.parametrize("text", ["", "30", "h", "1h-30m", "m30", "1x"])
 def test_what_is_not_a_duration_is_refused(text: str) -> None:
     with pytest.raises(ValueError, match="1h30m"):
-        config.parse_duration(text)
+        parse_duration(text)
 
 
 def test_a_provider_without_a_key_is_refused_by_check_config_and_run_alike(

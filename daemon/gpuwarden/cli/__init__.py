@@ -19,6 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     from gpuwarden.cli import (
         commands_control,
         commands_daemon,
+        commands_dashboard,
         commands_docs,
         commands_jobs,
         commands_sim,
@@ -41,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
         commands_control,
         commands_ssh,
         commands_jobs,
+        commands_dashboard,
         commands_docs,
     )
     for module in modules:

@@ -13,6 +13,7 @@ from typing import Any
 from gpuwarden.core import errors
 from gpuwarden.core.model import Instance, InstanceState
 from gpuwarden.fleet.app import App
+from gpuwarden.remote import hostkeys
 from gpuwarden.remote import ssh as remote
 
 
@@ -63,6 +64,6 @@ async def ssh_hosts(app: App) -> dict[str, Any]:
 
 def _files(app: App) -> dict[str, Any]:
     return {
-        "known_hosts": str(app.settings.known_hosts_path.absolute()),
+        "known_hosts": str(hostkeys.known_hosts_path(app.settings).absolute()),
         "identity_file": _identity_file(app),
     }

@@ -14,12 +14,22 @@ import hashlib
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import asyncssh
 
 from gpuwarden.remote.ssh import read_file, write_file
 
+if TYPE_CHECKING:
+    from gpuwarden.config.settings import Settings
+
 AUTHORIZED_KEYS = ".ssh/authorized_keys"  # relative to the login home, as SFTP sees it
+
+
+def known_hosts_path(settings: Settings) -> Path:
+    """<state_dir>/known_hosts: the host keys of live instances as first seen, which the
+    daemon writes and `gpuwarden ssh` checks against."""
+    return settings.daemon.state_dir / "known_hosts"
 
 
 def key_material(line: str) -> str:
