@@ -16,8 +16,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from cli_support import Daemon, daemon, gw, gw_json, launch_one, own_terminal, until
-from tests.conftest import LoopThread, short_tmp
+from cli_support import (
+    Daemon,
+    daemon,
+    gw,
+    gw_json,
+    launch_one,
+    own_terminal,
+    running_daemon,
+    until,
+)
 
 pytestmark = pytest.mark.slow
 __all__ = ["daemon"]  # the fixture, imported for pytest to find
@@ -190,13 +198,9 @@ def test_status_watch_ends_cleanly_on_ctrl_c(daemon: Daemon) -> None:
 
 @pytest.fixture
 def own_daemon() -> Iterator[Daemon]:
-    with short_tmp() as base, LoopThread() as loop:
-        d = Daemon(base, loop)
-        try:
-            d.start()
-            yield d
-        finally:
-            d.stop()
+    """A daemon of this test's own: it is stopped and started again."""
+    with running_daemon() as d:
+        yield d
 
 
 def test_events_follow_resumes_after_a_daemon_restart(own_daemon: Daemon, tmp_path: Path) -> None:
