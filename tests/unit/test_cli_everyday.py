@@ -307,3 +307,15 @@ def test_completion_scripts(capsys: pytest.CaptureFixture[str]) -> None:
         text = capsys.readouterr().out
         assert marker in text and "ssh-config" in text
     assert os.environ.get("GPUWARDEN_NEVER_SET") is None
+
+
+async def test_keys_that_cannot_be_copied_are_tried_again_not_a_failed_probe() -> None:
+    class NoSftp:
+        def start_sftp_client(self) -> Any:
+            raise OSError("subsystem request failed")
+
+    conn: Any = NoSftp()
+    assert await hostkeys.ensure_authorized_keys(conn, [PUB], None) is None  # try again later
+    assert await hostkeys.ensure_authorized_keys(conn, [], None) is None  # nothing to put
+    have = hostkeys.keys_digest([PUB])
+    assert await hostkeys.ensure_authorized_keys(conn, [PUB], have) == have  # not touched

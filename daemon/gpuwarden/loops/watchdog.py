@@ -208,10 +208,9 @@ class SshProber:
                 )
                 async with conn:
                     res = await remote.run(conn, ["sh", "-c", probe_script()], timeout)
-                    keys = list(self._authorized_keys())
-                    digest = hostkeys.keys_digest(keys) if keys else None
-                    if digest is not None and digest != inst.extra.get("keys"):
-                        await hostkeys.install_authorized_keys(conn, keys)
+                    digest = await hostkeys.ensure_authorized_keys(
+                        conn, list(self._authorized_keys()), inst.extra.get("keys")
+                    )
                     host_key = hostkeys.server_host_key(conn)
         except TimeoutError as exc:  # also asyncssh's command timeout
             raise ProbeFailed("timeout", f"no answer within {timeout:g}s") from exc

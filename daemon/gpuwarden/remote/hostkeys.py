@@ -17,11 +17,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import asyncssh
+import structlog
 
 from gpuwarden.remote.ssh import read_file, write_file
 
 if TYPE_CHECKING:
     from gpuwarden.config.settings import Settings
+
+log = structlog.get_logger(__name__)
 
 AUTHORIZED_KEYS = ".ssh/authorized_keys"  # relative to the login home, as SFTP sees it
 
@@ -97,3 +100,20 @@ async def install_authorized_keys(conn: asyncssh.SSHClientConnection, keys: Sequ
     await write_file(conn, AUTHORIZED_KEYS, merged.encode())
     before = {key_material(line) for line in current.splitlines() if line.strip()}
     return len({key_material(k) for k in keys} - before)
+
+
+async def ensure_authorized_keys(
+    conn: asyncssh.SSHClientConnection, keys: Sequence[str], have: str | None
+) -> str | None:
+    """Put `keys` on the instance unless `have` (the digest of what it was given last) says it
+    has them; returns the digest of what it has now, or None when there are no keys or the
+    copy failed (tried again at the next probe: a host that refuses SFTP is not unhealthy)."""
+    digest = keys_digest(keys) if keys else None
+    if digest is None or digest == have:
+        return digest
+    try:
+        await install_authorized_keys(conn, keys)
+    except (OSError, asyncssh.Error) as exc:
+        log.warning("authorized_keys_not_installed", error=str(exc))
+        return None
+    return digest
