@@ -25,7 +25,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from cli_support import ROOT, Daemon, gw, gw_json
+from cli_support import EXAMPLE, ROOT, Daemon, gw, gw_json
 from tests.conftest import LoopThread, short_tmp
 
 pytestmark = pytest.mark.slow
@@ -210,6 +210,10 @@ def rig() -> Iterator[Rig]:
         assert first.startswith("vast:"), first
         daemon = Daemon(base, loop)
         daemon.env["GPUWARDEN_PROVIDERS__SIM__BASE_URL"] = f"http://127.0.0.1:{port}"
+        daemon.env["GPUWARDEN_DASHBOARD__LISTEN"] = f"127.0.0.1:{free_port()}"
+        # What `gpuwarden dashboard` reads (the daemon's config, not its socket).
+        same = ("GPUWARDEN_DAEMON__STATE_DIR", "GPUWARDEN_DASHBOARD__LISTEN")
+        env |= {"GPUWARDEN_CONFIG": str(EXAMPLE)} | {k: daemon.env[k] for k in same}
         try:
             daemon.start()
             yield Rig(daemon, port, work, {**env, "GPUWARDEN_SOCKET": str(daemon.socket)})
