@@ -19,9 +19,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from gpuwarden.cli.client import ControlClient
+from gpuwarden.cli.commands_control import ID_HELP
 from gpuwarden.cli.output import EX_DOMAIN, EX_OK, Out, command, run_command
-
-ID_HELP = "instance id, a unique start of it (4+ characters), or label"
 
 
 def register(sub: Any) -> None:
