@@ -248,3 +248,47 @@ def test_events_follow_resumes_after_a_daemon_restart(own_daemon: Daemon, tmp_pa
     assert ids == sorted(set(ids)), "a duplicate or out of order"
     assert ids == list(range(ids[0], ids[-1] + 1)), "a gap"
     assert ids[-1] >= last
+
+
+# --- the socket of a daemon started from a checkout -----------------------------------------
+
+
+def test_the_cli_finds_the_socket_of_a_daemon_run_from_a_checkout() -> None:
+    """`make run` in a checkout, `gpuwarden status` in another shell inside it: the example
+    config's relative socket is beside the config (not in the daemon's current directory),
+    and the command finds it without --socket or any variable."""
+    from cli_support import EXAMPLE
+    from tests.conftest import LoopThread, daemon_env, short_tmp
+
+    from gpuwarden.cli.client import DEFAULT_SOCKET
+    from gpuwarden.config.settings import DEFAULT_CONFIG_PATH
+    from gpuwarden.system.childproc import DaemonProcess
+
+    if DEFAULT_CONFIG_PATH.exists() or DEFAULT_SOCKET.exists():
+        pytest.skip("a system gpuwarden is installed here: the command rightly looks there")
+    with short_tmp() as checkout, LoopThread() as loop:
+        config = checkout / "config.example.toml"
+        config.write_text(EXAMPLE.read_text())
+        elsewhere = checkout / "elsewhere"
+        elsewhere.mkdir()
+        env = daemon_env(GPUWARDEN_PROVIDERS__SIM__BOOT_DELAY="0.2s")
+        proc = loop.run(DaemonProcess.start(config, env, cwd=elsewhere))
+        try:
+            loop.run(proc.wait_for("daemon_ready", 30))
+            assert (checkout / ".gpuwarden" / "control.sock").exists()
+            assert not (elsewhere / ".gpuwarden").exists()
+            inside = checkout / "daemon" / "gpuwarden"
+            inside.mkdir(parents=True)
+            status = subprocess.run(
+                [sys.executable, "-m", "gpuwarden", "status", "--json"],
+                cwd=inside,
+                env=daemon_env(),
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=False,
+            )
+            assert status.returncode == 0, status.stderr
+            assert json.loads(status.stdout) == []
+        finally:
+            loop.run(proc.stop(20))
