@@ -2,7 +2,8 @@
 itself here; `main` only parses and dispatches.
 
 Exit codes: 0 ok, 1 a domain error, 2 usage, 69 daemon unreachable (EX_UNAVAILABLE),
-78 bad configuration (EX_CONFIG).
+75 `launch --wait` timed out with the instance still booting (EX_TEMPFAIL), 78 bad
+configuration (EX_CONFIG); `gpuwarden ssh`, once it runs ssh, exits as ssh does.
 """
 
 from __future__ import annotations
