@@ -10,7 +10,15 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gpuwarden.core.model import Job, JobSpec, JobState, Termination, TerminationReason
+from gpuwarden.core.model import (
+    Instance,
+    InstanceState,
+    Job,
+    JobSpec,
+    JobState,
+    Termination,
+    TerminationReason,
+)
 from gpuwarden.jobs import decisions as queue
 from gpuwarden.jobs import spot
 from gpuwarden.providers.base import Offer
@@ -145,3 +153,22 @@ def test_the_summary_shows_what_spot_saved_and_what_preemptions_cost() -> None:
     assert out["on_demand"] == pytest.approx(0.5 + 0.5 / 60, abs=1e-6)
     assert out["saved"] == pytest.approx(0.3 + 0.3 / 60, abs=1e-6)
     assert out["rerun_s"] == 60 and out["rerun_cost"] == pytest.approx(0.2 / 60, abs=1e-6)
+
+
+def test_a_job_kept_off_spot_does_not_take_a_warm_spot_instance() -> None:
+    warm = Instance(
+        id="i1",
+        provider="sim-vast",
+        label="l",
+        state=InstanceState.RUNNING,
+        created_at=T0,
+        lease_until=T0 + timedelta(hours=1),
+        last_activity=T0,
+        price_per_hour=0.1,
+        extra={"spot": {"bid": 0.09}},
+    )
+    cap = queue.Capability(24.0, 0.1)
+    assert queue.fits(JobSpec(prompt="p"), warm, cap, 8.0)
+    assert not queue.fits(JobSpec(prompt="p"), warm, cap, 8.0, spot_ok=False)
+    on_demand = replace(warm, extra={})
+    assert queue.fits(JobSpec(prompt="p"), on_demand, cap, 8.0, spot_ok=False)
