@@ -5,11 +5,14 @@ from __future__ import annotations
 
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from pydantic import ValidationError
 
+from gpuwarden.config.settings import Settings
 from gpuwarden.core.model import (
     Instance,
     InstanceState,
@@ -21,6 +24,7 @@ from gpuwarden.core.model import (
 )
 from gpuwarden.jobs import decisions as queue
 from gpuwarden.jobs import spot
+from gpuwarden.jobs.spec import build_spec
 from gpuwarden.providers.base import Offer
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
@@ -172,3 +176,30 @@ def test_a_job_kept_off_spot_does_not_take_a_warm_spot_instance() -> None:
     assert not queue.fits(JobSpec(prompt="p"), warm, cap, 8.0, spot_ok=False)
     on_demand = replace(warm, extra={})
     assert queue.fits(JobSpec(prompt="p"), on_demand, cap, 8.0, spot_ok=False)
+
+
+@pytest.mark.parametrize(
+    ("flags", "sent"), [([], None), (["--spot"], True), (["--no-spot"], False)]
+)
+def test_submit_spot_flags_reach_the_request(flags: list[str], sent: bool | None) -> None:
+    from gpuwarden.cli import build_parser
+    from gpuwarden.cli.commands_jobs import _submit_params
+
+    args = build_parser().parse_args(["submit", "--prompt", "a fox", *flags])
+    assert _submit_params(args).get("spot") is sent
+
+
+@pytest.mark.parametrize(("interruptible", "asked", "spot_of"), [
+    (True, None, True), (False, None, False), (False, True, True), (True, False, False),
+])  # fmt: skip
+def test_a_jobs_market_is_decided_at_submit(
+    tmp_path: Path, interruptible: bool, asked: bool | None, spot_of: bool
+) -> None:
+    s = Settings(daemon={"state_dir": str(tmp_path)}, jobs={"interruptible": interruptible})
+    assert build_spec(s.jobs, prompt="a fox", spot=asked).spot is spot_of
+
+
+def test_bad_spot_settings_name_the_field(tmp_path: Path) -> None:
+    with pytest.raises(ValidationError) as info:
+        Settings(jobs={"bid_factor": 0.5})
+    assert "bid_factor" in str(info.value)
