@@ -12,6 +12,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from gpuwarden.config.durations import parse_duration
 from gpuwarden.config.settings import (
     EX_CONFIG,
     SIM_DEFAULT_KEY,
@@ -19,7 +20,6 @@ from gpuwarden.config.settings import (
     SimFaultSettings,
     SimSettings,
     load,
-    parse_duration,
 )
 
 

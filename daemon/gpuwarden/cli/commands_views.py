@@ -200,7 +200,7 @@ def show_history(args: argparse.Namespace) -> int:
                         t.get("instance_id", ""),
                         t.get("provider", ""),
                         t.get("gpu", "") or "-",
-                        t.get("reason", ""),
+                        _reason_by(t),
                         duration(t.get("uptime_s")),
                         rate(t.get("price_per_hour")),
                         money(t.get("cost")),
@@ -222,6 +222,12 @@ def show_history(args: argparse.Namespace) -> int:
         return EX_OK
 
     return run_command(args, body)
+
+
+def _reason_by(t: Mapping[str, Any]) -> str:
+    """The reason, and who asked for a manual end ("manual by alice (uid:1000)")."""
+    reason = str(t.get("reason", ""))
+    return f"{reason} by {t['by']}" if t.get("by") else reason
 
 
 def show_costs(args: argparse.Namespace) -> int:

@@ -104,9 +104,11 @@ async def launch(
     hours: float | None = None,
     job_id: str | None = None,
     onstart: str = "",
+    by: str | None = None,
 ) -> Instance:
     """Rent `offer`. Returns the instance row (PROVISIONING on success). Raises a DomainError
-    (PriceTooHigh, BudgetExceeded, LeaseRefused, ProviderUnavailable, NoOffer)."""
+    (PriceTooHigh, BudgetExceeded, LeaseRefused, ProviderUnavailable, NoOffer). `by`: who
+    asked, recorded on the intent's event (the control socket's caller)."""
     provider = app.providers.get(offer.provider)
     if provider is None:
         raise errors.ProviderUnavailable(f"provider {offer.provider!r} is not enabled")
@@ -136,7 +138,12 @@ async def launch(
     app.launching.add(iid)
     try:
         await app.store.insert_instance(
-            inst, details={"offer_id": offer.offer_id, "lease_s": lease.total_seconds()}
+            inst,
+            details={
+                "offer_id": offer.offer_id,
+                "lease_s": lease.total_seconds(),
+                **({"by": by} if by else {}),
+            },
         )
         crashpoints.hit("after_intent")
         return await _call(app, provider, offer, inst, onstart)

@@ -222,6 +222,7 @@ class Renting:
                 inst = await self.app.store.get_instance(inst.id)
         if fresh:
             seconds = (self.app.clock.now() - inst.created_at).total_seconds()
+            self.app.metrics.observe_cold_start(inst.provider, inst.gpu, seconds)
             await self._remember_cold_start(inst, seconds)
         return inst
 

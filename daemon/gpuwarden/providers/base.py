@@ -40,7 +40,9 @@ class Requirements:
     interruptible: bool = False
     region: str | None = None
     limit: int = 50
-    disk_gb: float | None = None  # the disk to be rented: Vast prices its storage in dph_total
+    # The disk a rental will ask for (GB): Vast prices storage per GB, so the price an offer
+    # quotes (and we record and budget with) must be for this disk, not the search default.
+    disk_gb: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -94,6 +94,7 @@ def search_query(want: Requirements) -> dict[str, Any]:
     if want.verified:
         q["verified"] = {"eq": True}
     if want.disk_gb is not None:
+        # dph_total then includes the storage for this disk (without it, Vast quotes 8 GB).
         q["allocated_storage"] = want.disk_gb
     if want.min_gpu_ram_gb is not None:
         # Vast's own CLI converts GB with x1000: a "24 GB" RTX 4090 reports 24564 MB, which a
