@@ -29,9 +29,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
 
-import httpx
-
 from gpuwarden.cli.client import ControlClient
+from gpuwarden.cli.demo_spot import TERMINAL, outbid_when_running
 from gpuwarden.core.clock import SystemClock
 from gpuwarden.system.childproc import ChildFailed, DaemonProcess
 
@@ -215,61 +214,54 @@ async def stop_daemon(demo: Demo) -> str:
 
 
 # --- the job steps: submit three jobs (on spot instances: jobs.interruptible), watch them
-# (the second cancelled midway; the third one's instance outbid midway through the sim's
-# admin API, so the job runs again elsewhere), show the images, then `status`, `history` and
-# `costs` (what spot saved, what the preemption cost) once every instance has been given back.
+# (the first one's instance outbid a few steps in through the sim's admin API, so that the
+# job runs again elsewhere; the third cancelled midway), show the images, then `status`,
+# `history` and `costs` (what spot saved, what the preemption cost) once every instance has
+# been given back.
 
-TERMINAL = ("succeeded", "failed", "cancelled")
 JOBS = [
-    # (prompt, steps, seed): the second runs long enough to be cancelled midway; the third,
-    # queued behind the first two (jobs.max_instances = 2), is outbid midway
+    # (prompt, steps, seed): the first is outbid a few steps in and runs again elsewhere;
+    # the third runs long enough to be cancelled midway
+    ("a lighthouse on a cliff at dusk, oil painting", 8, 1),
     ("a red fox in fresh snow, '; touch pwned; ' $(touch pwned)", 8, 2),
     ("a very slow watercolour of a harbour", 60, 3),
-    ("a lighthouse on a cliff at dusk, oil painting", 8, 1),
 ]
-SUCCEED, CANCEL, OUTBID = 0, 1, 2  # the jobs' parts in the story
+OUTBID, SUCCEED, CANCEL = 0, 1, 2  # the jobs' parts in the story
 WATCH_TIMEOUT = 40.0
 
 
 async def submit_jobs(demo: Demo) -> str:
     ids = []
-    for prompt, steps, seed in JOBS:
+    for n, (prompt, steps, seed) in enumerate(JOBS):
         _, out, _ = await demo.gpuwarden(
             "submit", "--prompt", prompt, "--steps", str(steps), "--seed", str(seed), "--json"
         )
         job = json.loads(out)
         ids.append(job["id"])
         demo.say(f"gpuwarden submit --prompt {prompt[:30]!r}... -> {job['id']} ({job['state']})")
+        if n == OUTBID:  # watched from now on: the next submits may outlast its first steps
+            outbid = outbid_when_running(
+                demo.socket, _sim_url(demo), job["id"], say=demo.say, timeout=WATCH_TIMEOUT
+            )
+            demo.notes["outbid"] = asyncio.create_task(outbid)
     demo.notes["jobs"] = ids
     return f"three jobs queued: {', '.join(ids)}"
 
 
-async def outbid_spot(demo: Demo, client: ControlClient, instance_id: str) -> bool:
-    """Outbid the job's spot instance on the sim (its admin API): False if it is not spot."""
-    status = await client.call("status")
-    rows = status if isinstance(status, list) else status.get("instances", [])
-    row = next((r for r in rows if r.get("id") == instance_id), None)
-    if row is None or not row.get("spot") or demo.daemon is None:
-        return False
-    started = next(iter(demo.daemon.named("sim_started")), {})
-    url = str(started.get("url") or "")
-    if not url:
+def _sim_url(demo: Demo) -> str:
+    """Where the daemon's in-process sim cloud listens (its sim_started log event)."""
+    started = next(iter(demo.daemon.named("sim_started")), {}) if demo.daemon else {}
+    if not started.get("url"):
         raise DemoFailed("the daemon did not log where its sim cloud listens")
-    async with httpx.AsyncClient(base_url=url, timeout=10) as http:
-        reply = await http.post(f"/_sim/instances/{row['provider_id']}/outbid")
-        reply.raise_for_status()
-    bid = row["spot"].get("bid")
-    demo.say(f"sim: someone outbid spot instance {instance_id} (our bid ${bid}/h): it stops")
-    return True
+    return str(started["url"])
 
 
 async def watch_jobs(demo: Demo) -> str:
-    """Follow the jobs through their states; cancel one a few steps in; outbid another's spot
-    instance a few steps in (the job runs again elsewhere)."""
+    """Follow the jobs through their states (the first one's spot instance is outbid a few
+    steps in, and the job runs again elsewhere); cancel the third once it is a few steps in."""
     ids: list[str] = demo.notes["jobs"]
     victim = ids[CANCEL]
     cancelled = False
-    outbid = False
     seen: dict[str, tuple[str, int]] = {}
     loop = asyncio.get_running_loop()
     deadline = loop.time() + WATCH_TIMEOUT
@@ -285,11 +277,6 @@ async def watch_jobs(demo: Demo) -> str:
                     where = f" step {now[1]} of {total}" if job["state"] == "running" else ""
                     inst = f" on {job['instance_id']}" if job["instance_id"] else ""
                     demo.say(f"job {jid}: {job['state']}{where}{inst}")
-            target = jobs[ids[OUTBID]]
-            if not outbid and target["state"] == "running" and target["progress"]["step"] >= 2:
-                outbid = True
-                if not await outbid_spot(demo, client, target["instance_id"]):
-                    raise DemoFailed(f"job {ids[OUTBID]} is not on a spot instance")
             if not cancelled and jobs[victim]["progress"]["step"] >= 5:
                 _, out, _ = await demo.gpuwarden("cancel", victim)
                 demo.say(f"gpuwarden cancel {victim} -> {out.strip()}")
@@ -300,14 +287,16 @@ async def watch_jobs(demo: Demo) -> str:
                 raise DemoFailed(f"the jobs did not finish within {WATCH_TIMEOUT:.0f} s")
             await asyncio.sleep(0.25)
     states = [seen[j][0] for j in ids]
-    if states != ["succeeded", "cancelled", "succeeded"]:
-        raise DemoFailed(f"expected succeeded, cancelled, succeeded; got {', '.join(states)}")
+    if states != ["succeeded", "succeeded", "cancelled"]:
+        raise DemoFailed(f"expected succeeded, succeeded, cancelled; got {', '.join(states)}")
+    if not await demo.notes["outbid"]:
+        raise DemoFailed(f"job {ids[OUTBID]} was not running on a spot instance to outbid")
     preempted = jobs[ids[OUTBID]].get("preemptions", 0)
     if preempted != 1:
-        raise DemoFailed(f"expected the third job to recover from one preemption, not {preempted}")
+        raise DemoFailed(f"expected the first job to recover from one preemption, not {preempted}")
     return (
-        "two succeeded (the third after its spot instance was outbid: run again elsewhere),"
-        " the second was cancelled midway (its remote process killed)"
+        "two succeeded (the first after its spot instance was outbid: run again elsewhere),"
+        " the third was cancelled midway (its remote process killed)"
     )
 
 
@@ -319,7 +308,7 @@ def _describe(path: Path) -> str:
 
 async def show_images(demo: Demo) -> str:
     lines = []
-    for jid in (demo.notes["jobs"][SUCCEED], demo.notes["jobs"][OUTBID]):
+    for jid in (demo.notes["jobs"][OUTBID], demo.notes["jobs"][SUCCEED]):
         _, out, _ = await demo.gpuwarden("job", jid, "--json")
         job: dict[str, Any] = json.loads(out)
         for name in job["outputs"]:
@@ -382,11 +371,11 @@ STEPS: list[Step] = [
     ("Wait until it reports ready", wait_ready),
     ("Ask it how it is (gpuwarden info)", ask_info),
     ("Open the dashboard (gpuwarden dashboard)", open_dashboard),
-    # Three jobs on the sim cloud's spot instances: one cancelled midway, one outbid midway
-    # and run again elsewhere.
+    # Three jobs on the sim cloud's spot instances: the first outbid a few steps in and run
+    # again elsewhere, the third cancelled midway.
     ("Submit three jobs (gpuwarden submit)", submit_jobs),
     ("The dashboard shows them live", dashboard_live),
-    ("Watch them run; cancel one; one outbid and run again (gpuwarden cancel)", watch_jobs),
+    ("Watch them run; the first outbid, the third cancelled (gpuwarden cancel)", watch_jobs),
     ("The images (gpuwarden job)", show_images),
     ("Wait for the instances to be given back (gpuwarden status)", wait_instances_ended),
     ("What ended and why (gpuwarden history)", show_history),
