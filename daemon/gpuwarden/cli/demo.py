@@ -214,15 +214,16 @@ async def stop_daemon(demo: Demo) -> str:
 
 
 # --- the job steps: submit three jobs (on spot instances: jobs.interruptible), watch them
-# (the first one's instance outbid a few steps in through the sim's admin API, so that the
+# (the first one's instance outbid as soon as it runs, through the sim's admin API, so that the
 # job runs again elsewhere; the third cancelled midway), show the images, then `status`,
 # `history` and `costs` (what spot saved, what the preemption cost) once every instance has
 # been given back.
 
 JOBS = [
-    # (prompt, steps, seed): the first is outbid a few steps in and runs again elsewhere;
-    # the third runs long enough to be cancelled midway
-    ("a lighthouse on a cliff at dusk, oil painting", 8, 1),
+    # (prompt, steps, seed): the first is outbid as soon as it runs (its progress is read
+    # every second: it needs steps enough to be still running then) and runs again
+    # elsewhere; the third runs long enough to be cancelled midway
+    ("a lighthouse on a cliff at dusk, oil painting", 16, 1),
     ("a red fox in fresh snow, '; touch pwned; ' $(touch pwned)", 8, 2),
     ("a very slow watercolour of a harbour", 60, 3),
 ]
@@ -257,8 +258,8 @@ def _sim_url(demo: Demo) -> str:
 
 
 async def watch_jobs(demo: Demo) -> str:
-    """Follow the jobs through their states (the first one's spot instance is outbid a few
-    steps in, and the job runs again elsewhere); cancel the third once it is a few steps in."""
+    """Follow the jobs through their states (the first one's spot instance is outbid as soon
+    as it runs, and the job runs again elsewhere); cancel the third once it is a few steps in."""
     ids: list[str] = demo.notes["jobs"]
     victim = ids[CANCEL]
     cancelled = False
@@ -371,8 +372,8 @@ STEPS: list[Step] = [
     ("Wait until it reports ready", wait_ready),
     ("Ask it how it is (gpuwarden info)", ask_info),
     ("Open the dashboard (gpuwarden dashboard)", open_dashboard),
-    # Three jobs on the sim cloud's spot instances: the first outbid a few steps in and run
-    # again elsewhere, the third cancelled midway.
+    # Three jobs on the sim cloud's spot instances: the first outbid as soon as it runs and
+    # run again elsewhere, the third cancelled midway.
     ("Submit three jobs (gpuwarden submit)", submit_jobs),
     ("The dashboard shows them live", dashboard_live),
     ("Watch them run; the first outbid, the third cancelled (gpuwarden cancel)", watch_jobs),

@@ -1,6 +1,6 @@
-"""The demo's preemption (cli/demo.py): once a job is a few steps into its run on a spot
-instance, someone outbids that instance on the sim cloud (its admin API), so that the
-demo shows the daemon end it as `preempted` and run the job again elsewhere."""
+"""The demo's preemption (cli/demo.py): once a job is running on a spot instance, someone
+outbids that instance on the sim cloud (its admin API), so that the demo shows the daemon
+end it as `preempted` and run the job again elsewhere."""
 
 from __future__ import annotations
 
@@ -22,10 +22,10 @@ async def outbid_when_running(
     *,
     say: Callable[[str], None],
     timeout: float,
-    after_step: int = 2,
+    after_step: int = 1,
 ) -> bool:
-    """Outbid the job's spot instance once the job is `after_step` steps in. False if it
-    ended first, ran on demand, or did not get that far within `timeout` s."""
+    """Outbid the job's spot instance once the job reports `after_step` steps done. False if
+    it ended first, ran on demand, or did not get that far within `timeout` s."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     async with ControlClient(socket) as client:
