@@ -203,3 +203,20 @@ def test_bad_spot_settings_name_the_field(tmp_path: Path) -> None:
     with pytest.raises(ValidationError) as info:
         Settings(jobs={"bid_factor": 0.5})
     assert "bid_factor" in str(info.value)
+
+
+def test_costs_text_shows_what_spot_saved_and_what_preemptions_cost() -> None:
+    import io
+
+    from gpuwarden.cli.commands_views import _show_spot
+    from gpuwarden.cli.output import Out
+
+    buf = io.StringIO()
+    out = Out(stdout=buf, stderr=io.StringIO())
+    _show_spot(out, {"instances": 0})
+    assert buf.getvalue() == ""  # no spot instance ended: nothing to say
+    summary = {"instances": 3, "paid": 0.0006, "on_demand": 0.0011, "saved": 0.0005}
+    _show_spot(out, {**summary, "preemptions": 1, "rerun_s": 5.2, "rerun_cost": 0.0001})
+    text = buf.getvalue()
+    assert "Spot: 3 instance(s) paid $0.0006; on demand $0.0011: saved $0.0005." in text
+    assert "Preemptions: 1; re-run 5s of work, costing $0.0001." in text
