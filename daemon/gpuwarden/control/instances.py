@@ -400,6 +400,7 @@ async def _instance_dict(
         "busy": obs.busy,
         **_deadline_fields(inst, obs, limits, now),
         "price_per_hour": inst.price_per_hour,
+        "spot": inst.extra.get("spot"),  # the bid, min bid and on-demand price; None: on demand
         "billing": inst.billing.value,
         "cost_now": round(policy.cost_so_far(inst, now), 6),
         "est_total": round(policy.est_total(inst, obs, limits, now), 6),
