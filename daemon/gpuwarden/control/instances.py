@@ -234,7 +234,17 @@ async def launch(
             "warnings": warnings,
         }
     inst = await launcher.launch(app, offer, hours=hours, by=by)
-    return {**(instance_dict(inst, app.clock.now(), limits=app.limits())), "warnings": warnings}
+    return {
+        **(
+            instance_dict(
+                inst,
+                app.clock.now(),
+                limits=app.limits(),
+                watchdog_interval=app.settings.policy.watchdog_interval,
+            )
+        ),
+        "warnings": warnings,
+    }
 
 
 async def _budget_today(app: App, now: datetime) -> dict[str, Any]:
@@ -397,6 +407,7 @@ async def _status(
     on = await jobs_on_instances(app)
     busy = set(on)
     limits = app.limits()
+    interval = app.settings.policy.watchdog_interval
     shown = live if limit is None else live[:limit]
     rows: list[dict[str, Any]] = []
     cost_now = est = 0.0
@@ -407,7 +418,8 @@ async def _status(
         est += policy.est_total(inst, observations(inst, busy), limits, now)
         if len(rows) < len(shown):
             # "job": the job running on it now (job_id is the job it was rented for).
-            rows.append({**instance_dict(inst, now, busy, limits=limits), "job": on.get(inst.id)})
+            row = instance_dict(inst, now, busy, limits=limits, watchdog_interval=interval)
+            rows.append({**row, "job": on.get(inst.id)})
     return {
         "now": format_ts(now),
         "instances": rows,

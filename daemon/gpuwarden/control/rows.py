@@ -3,7 +3,7 @@ from a record, the limits and `now` (pure: `status` builds one per row it shows)
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from gpuwarden.core import policy
@@ -26,7 +26,12 @@ def deadline_fields(
 
 
 def instance_dict(
-    inst: Instance, now: datetime, busy: set[str] | None = None, *, limits: policy.Limits
+    inst: Instance,
+    now: datetime,
+    busy: set[str] | None = None,
+    *,
+    limits: policy.Limits,
+    watchdog_interval: timedelta,
 ) -> dict[str, Any]:
     """An instance as the socket shows it (`status`, `launch`) at `now`."""
     obs = observations(inst, busy or set())
@@ -49,6 +54,7 @@ def instance_dict(
         "busy": obs.busy,
         **deadline_fields(inst, obs, limits, now),
         "price_per_hour": inst.price_per_hour,
+        "spot": inst.extra.get("spot"),  # the bid, min bid and on-demand price; None: on demand
         "billing": inst.billing.value,
         "cost_now": round(policy.cost_so_far(inst, now), 6),
         "est_total": round(policy.est_total(inst, obs, limits, now), 6),
@@ -57,5 +63,9 @@ def instance_dict(
         "last_probe_ok": inst.last_probe_ok,
         "deadman": inst.extra.get("deadman"),  # the switch as the last probe saw it
         "ssh": f"{inst.ssh_user}@{inst.ssh_host}:{inst.ssh_port}" if inst.ssh_host else None,
+        # SSH has answered (the watchdog's first good probe pinned its host key): only then
+        # does `status` show a running instance as running rather than booting.
+        "ssh_ready": inst.extra.get("host_key") is not None,
+        "probe_stale": policy.probe_stale(inst, watchdog_interval, now),
         "job_id": inst.job_id,
     }

@@ -22,12 +22,10 @@ switch's heartbeat file and reports interactive sessions, GPU utilisation and ou
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import heapq
-import json
-from collections.abc import Callable
-from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from datetime import datetime, timedelta
 from functools import cache
 from pathlib import Path
 from typing import Any, Protocol
@@ -42,124 +40,39 @@ from gpuwarden.fleet import preemption
 from gpuwarden.fleet.app import App
 from gpuwarden.fleet.ended import provider_ended
 from gpuwarden.fleet.terminator import gone as provider_gone
+from gpuwarden.loops.probes import (
+    ACTIVITY_STEP,
+    ONE_US,
+    ProbeFailed,
+    ProbeResult,
+    activity_step,
+    next_probe_at,
+    parse_probe,
+    probe_offset,
+)
+from gpuwarden.remote import hostkeys
 from gpuwarden.remote import ssh as remote
 from gpuwarden.remote.deadman import switch_can_end
 from gpuwarden.remote.deploy import deploy_file
 from gpuwarden.store import NotFoundError
 
+__all__ = [  # the probe's pure parts live in probes.py; callers and tests import them here
+    "ACTIVITY_STEP",
+    "ProbeFailed",
+    "ProbeResult",
+    "Prober",
+    "SshProber",
+    "Watchdog",
+    "activity_step",
+    "next_probe_at",
+    "parse_probe",
+    "probe_offset",
+    "probe_script",
+]
+
 log = structlog.get_logger(__name__)
 
-ACTIVITY_STEP = timedelta(minutes=1)  # smaller moves of last_activity are not written
 PROBE_CONCURRENCY = 64  # probes in flight at once
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-
-
-# --- pure parts ------------------------------------------------------------------------------
-
-
-_US = timedelta(microseconds=1)
-
-
-def _offset_us(instance_id: str, interval_us: int) -> int:
-    digest = hashlib.sha256(instance_id.encode()).digest()
-    return interval_us * int.from_bytes(digest[:8], "big") >> 64
-
-
-def probe_offset(instance_id: str, interval: float) -> float:
-    """Seconds into each interval at which this instance is probed: a stable hash of its id
-    (not Python's hash(), which changes per process)."""
-    return _offset_us(instance_id, round(interval * 1e6)) / 1e6
-
-
-def next_probe_at(instance_id: str, interval: float, after: datetime) -> datetime:
-    """The first probe slot strictly after `after`. Slots sit at offset + k * interval from
-    the epoch (integer microseconds, so a slot compares exactly with the clock)."""
-    interval_us = max(1, round(interval * 1e6))
-    offset_us = _offset_us(instance_id, interval_us)
-    elapsed_us = (after - _EPOCH) // _US - offset_us
-    k = elapsed_us // interval_us + 1
-    return _EPOCH + timedelta(microseconds=offset_us + k * interval_us)
-
-
-def activity_step(idle_timeout: timedelta) -> timedelta:
-    """The smallest move of last_activity worth an event: a minute, or a quarter of the idle
-    timeout when that is shorter (so activity always lands well before the idle deadline)."""
-    return min(ACTIVITY_STEP, idle_timeout / 4)
-
-
-@dataclass(frozen=True, slots=True)
-class ProbeResult:
-    """What a good probe saw on the instance."""
-
-    sessions: int = 0  # interactive sessions other than ours
-    gpu_util: float | None = None  # the busiest GPU, percent; None without nvidia-smi
-    runners: int = 0  # our job runners alive
-    heartbeat: bool = True  # the dead-man heartbeat file was refreshed
-    deadman: bool | None = None  # the dead-man switch is running
-    deadman_state: str | None = None  # "armed" | "unable": whether it can end the instance
-
-    def switch(self) -> str | None:
-        """The dead-man switch as the daemon shows it: armed (running, able to end the
-        instance), unable (running, but it cannot: no key, no HTTP client), running (a
-        switch that does not say), absent (not running), or None (not known)."""
-        if self.deadman is None:
-            return None
-        if not self.deadman:
-            return "absent"
-        return self.deadman_state or "running"
-
-    def activity(self, gpu_busy_percent: float) -> list[str]:
-        """Why this probe counts as activity (empty: idle)."""
-        why = []
-        if self.gpu_util is not None and self.gpu_util > gpu_busy_percent:
-            why.append("gpu")
-        if self.sessions > 0:
-            why.append("session")
-        if self.runners > 0:
-            why.append("runner")
-        return why
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "sessions": self.sessions,
-            "gpu_util": self.gpu_util,
-            "runners": self.runners,
-            "heartbeat": self.heartbeat,
-            "deadman": self.deadman,
-            "deadman_state": self.deadman_state,
-        }
-
-
-class ProbeFailed(Exception):
-    """No good answer from the instance. `kind`: timeout, refused, auth, no_endpoint, error,
-    bad_answer."""
-
-    def __init__(self, kind: str, message: str = "") -> None:
-        super().__init__(f"{kind}: {message}" if message else kind)
-        self.kind = kind
-        self.message = message
-
-
-def parse_probe(stdout: str) -> ProbeResult:
-    """The probe's JSON line (the last non-empty line: a login banner may come first)."""
-    lines = [ln for ln in stdout.splitlines() if ln.strip()]
-    if not lines:
-        raise ProbeFailed("bad_answer", "no output")
-    try:
-        data = json.loads(lines[-1])
-        gpu = data.get("gpu_util")
-        deadman = data.get("deadman")
-        state = data.get("deadman_state")
-        return ProbeResult(
-            sessions=max(0, int(data.get("sessions", 0))),
-            gpu_util=None if gpu is None else float(gpu),
-            runners=max(0, int(data.get("runners", 0))),
-            heartbeat=bool(data.get("heartbeat", False)),
-            deadman=None if deadman is None else bool(deadman),
-            deadman_state=state if state in ("armed", "unable") else None,
-        )
-    except (ValueError, TypeError, AttributeError) as exc:
-        raise ProbeFailed("bad_answer", lines[-1][:200]) from exc
 
 
 @cache
@@ -178,11 +91,19 @@ class Prober(Protocol):
 
 
 class SshProber:
-    """Probes over SSH with the daemon's key: one connection, one fixed command."""
+    """Probes over SSH with the daemon's key: one connection, one fixed command. The host key
+    is pinned to the one the instance showed first; the operators' keys (ssh.authorized_keys)
+    are put on it over the same connection whenever it does not have them yet."""
 
-    def __init__(self, key: Callable[[], asyncssh.SSHKey], known_hosts: Path | None = None) -> None:
+    def __init__(
+        self,
+        key: Callable[[], asyncssh.SSHKey],
+        known_hosts: Path | None = None,
+        authorized_keys: Callable[[], Sequence[str]] = tuple,
+    ) -> None:
         self._key = key
         self._known_hosts = known_hosts
+        self._authorized_keys = authorized_keys
 
     async def probe(self, inst: Instance, timeout: float) -> ProbeResult:
         if not inst.ssh_host or not inst.ssh_port:
@@ -191,10 +112,18 @@ class SshProber:
         try:
             async with asyncio.timeout(timeout):
                 conn = await remote.connect(
-                    target, self._key(), timeout=timeout, known_hosts=self._known_hosts
+                    target,
+                    self._key(),
+                    timeout=timeout,
+                    known_hosts=self._known_hosts,
+                    host_key=inst.extra.get("host_key"),
                 )
                 async with conn:
                     res = await remote.run(conn, ["sh", "-c", probe_script()], timeout)
+                    digest = await hostkeys.ensure_authorized_keys(
+                        conn, list(self._authorized_keys()), inst.extra.get("keys")
+                    )
+                    host_key = hostkeys.server_host_key(conn)
         except TimeoutError as exc:  # also asyncssh's command timeout
             raise ProbeFailed("timeout", f"no answer within {timeout:g}s") from exc
         except asyncssh.PermissionDenied as exc:
@@ -205,7 +134,7 @@ class SshProber:
             raise ProbeFailed("error", f"{type(exc).__name__}: {exc}") from exc
         if res.exit_status not in (0, None):
             raise ProbeFailed("bad_answer", f"exit {res.exit_status}: {res.stderr.strip()[:200]}")
-        return parse_probe(res.stdout)
+        return replace(parse_probe(res.stdout), host_key=host_key, keys=digest)
 
 
 def _app_key(app: App) -> Callable[[], asyncssh.SSHKey]:
@@ -230,7 +159,9 @@ class Watchdog:
 
     def __init__(self, app: App, prober: Prober | None = None) -> None:
         self.app = app
-        self.prober = prober or SshProber(_app_key(app), app.settings.ssh.known_hosts)
+        self.prober = prober or SshProber(
+            _app_key(app), app.settings.ssh.known_hosts, lambda: app.settings.ssh.authorized_keys
+        )
         # Each running instance's next probe, and a heap of (time, id) over it (an entry
         # whose time is no longer the plan's is stale).
         self._due: dict[str, datetime] = {}
@@ -294,7 +225,7 @@ class Watchdog:
             # Never probed (it just came up): at once, to confirm it and start its
             # heartbeat. Probed before (a daemon restart): its own slot, so that a
             # restart does not probe the whole fleet in one burst.
-            first = next_probe_at(iid, self.interval, now - _US)
+            first = next_probe_at(iid, self.interval, now - ONE_US)
             self._plan(iid, now if inst.last_probe_at is None else first)
         while self._heap and self._heap[0][0] <= now:
             at, iid = heapq.heappop(self._heap)
@@ -435,6 +366,41 @@ class Watchdog:
                 "deadman_not_armed", instance_id=inst.id, provider=inst.provider, switch=switch
             )
 
+    async def _note_ssh(self, inst: Instance, result: ProbeResult) -> Instance:
+        """On the first good probe, keep the host key the instance showed (trust on first
+        use: later connections must see the same one) with an `ssh_ready` event, and rewrite
+        the known_hosts file `gpuwarden ssh` checks against; keep which operators' keys are
+        on it. Returns the instance as updated."""
+        extra = dict(inst.extra)
+        if result.keys is not None:
+            extra["keys"] = result.keys
+        first = result.host_key is not None and "host_key" not in extra
+        if first:
+            extra["host_key"] = result.host_key
+        if extra == inst.extra:
+            return inst
+        if first and result.host_key is not None:
+            details = {"host_key": hostkeys.fingerprint(result.host_key)}
+            await self.app.store.record(
+                EntityKind.INSTANCE, inst.id, "ssh_ready", details, updates={"extra": extra}
+            )
+            await self.write_known_hosts()
+        else:
+            await self.app.store.update_instance(inst.id, extra=extra)
+        return await self.app.store.get_instance(inst.id)
+
+    async def write_known_hosts(self) -> None:
+        """<state_dir>/known_hosts from the live instances whose host key is known."""
+        entries = [
+            (i.ssh_host, i.ssh_port, str(i.extra["host_key"]))
+            for i in await self.app.store.live_instances()
+            if i.ssh_host and i.ssh_port and i.extra.get("host_key")
+        ]
+        try:
+            hostkeys.write_known_hosts(hostkeys.known_hosts_path(self.app.settings), entries)
+        except OSError as exc:  # `gpuwarden ssh` cannot check this host; the probe still counts
+            log.warning("known_hosts_not_written", error=str(exc))
+
     async def _passed(self, instance_id: str, result: ProbeResult) -> None:
         inst = await self._fresh(instance_id)
         if inst is None:
@@ -460,6 +426,7 @@ class Watchdog:
             updates = {}
         if not result.heartbeat:
             log.warning("heartbeat_not_refreshed", instance_id=instance_id)
+        inst = await self._note_ssh(inst, result)
         await self._note_switch(inst, result.switch())
         policy = self.app.settings.policy
         why = result.activity(policy.gpu_busy_percent)

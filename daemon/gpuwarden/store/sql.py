@@ -70,3 +70,11 @@ async def instance(conn: aiosqlite.Connection, instance_id: str) -> Instance:
     if not got:
         raise NotFoundError(f"no instance {instance_id}")
     return rows.instance_from_row(got[0])
+
+
+# Termination records of spot instances (those whose row has extra["spot"]) since a time.
+SPOT_TERMINATIONS = (
+    "SELECT t.*, json_extract(i.extra, '$.spot') AS spot FROM terminations t"
+    " JOIN instances i ON i.id = t.instance_id"
+    " WHERE t.at >= ? AND json_extract(i.extra, '$.spot') IS NOT NULL ORDER BY t.at"
+)
