@@ -20,28 +20,17 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NoReturn
 
 import asyncssh
 import pytest
+from tests.conftest import unavailable
 
-SSHD = Path("/usr/sbin/sshd")
-PRIVSEP_DIR = Path("/run/sshd")  # sshd refuses to start without it
-READY_TIMEOUT = 10.0
-
-
-def unavailable(reason: str) -> NoReturn:
-    """Skip with `reason`, or fail under CI, where everything these tests need is installed."""
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"{reason} (CI must run these tests)")
-    pytest.skip(reason)
+from gpuwarden.sim.openssh import PRIVSEP_DIR, READY_TIMEOUT, SSHD, free_port, unavailable_reason
 
 
 def require_root_sshd() -> None:
-    if not SSHD.is_file():
-        unavailable("openssh-server is not installed here (apt-get install openssh-server)")
-    if os.geteuid() != 0:
-        unavailable("a real sshd logging in test users needs root (useradd, privilege separation)")
+    if (reason := unavailable_reason()) is not None:
+        unavailable(reason)
 
 
 @dataclass(frozen=True)
@@ -77,13 +66,6 @@ def login_user(base: Path, shell: str, *, root: bool) -> Iterator[Login]:
     finally:
         # -f: a uid-0 alias shares its uid with every root process, which userdel would refuse.
         subprocess.run(["userdel", "-f", name], check=False, capture_output=True, timeout=30)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 @dataclass

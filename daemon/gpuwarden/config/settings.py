@@ -219,6 +219,9 @@ class SimSettings(ProviderSettings):
     credit: Price = 100.0
     sandbox_dir: Path | None = None  # default: <state_dir>/sim
     faults: SimFaultSettings = SimFaultSettings()
+    # What serves each instance's SSH: "asyncssh" (in-process, needs nothing) or "openssh"
+    # (a real sshd per instance; needs openssh-server and root).
+    ssh: Literal["asyncssh", "openssh"] = "asyncssh"
 
     def effective_api_key(self) -> str:
         """The key the sim accepts and its clients send: api_key, else SIM_DEFAULT_KEY."""
