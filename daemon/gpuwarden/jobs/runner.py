@@ -410,6 +410,7 @@ class _Run:
         gpu_seconds = max(0.0, (now - started).total_seconds())
         cost = queue.job_cost(self.inst.price_per_hour, (now - assigned).total_seconds())
         setup_s = setup_seconds(result)
+        download_s = setup_seconds(result, "download_s")
         try:
             await self.app.store.transition_job(
                 job.id,
@@ -419,7 +420,7 @@ class _Run:
                 error=None,
                 gpu_seconds=gpu_seconds,
                 cost=cost,
-                extra={**job.extra, "result": result, "setup_s": setup_s},
+                extra={**job.extra, "result": result, "setup_s": setup_s, "download_s": download_s},
             )
         except IllegalTransition:
             return Outcome.CANCELLED  # cancelled while fetching: the files stay, unrecorded
@@ -430,15 +431,17 @@ class _Run:
             cost=cost,
             gpu_seconds=round(gpu_seconds, 3),
             setup_s=setup_s,
+            download_s=download_s,
         )
         return Outcome.SUCCEEDED
 
 
-def setup_seconds(result: Mapping[str, Any]) -> float:
-    """The seconds the runner spent installing its engine (result.json's `setup_s`); 0.0 when
-    it installed nothing, or from a runner too old to say, or from a value that is not a
-    number of seconds (the instance's answer is not trusted to be well formed)."""
-    value = result.get("setup_s")
+def setup_seconds(result: Mapping[str, Any], key: str = "setup_s") -> float:
+    """The seconds the runner spent installing its engine (result.json's `setup_s`) or, with
+    key="download_s", downloading the model; 0.0 when it did nothing of the kind, or from a
+    runner too old to say, or from a value that is not a number of seconds (the instance's
+    answer is not trusted to be well formed)."""
+    value = result.get(key)
     if isinstance(value, bool) or not isinstance(value, int | float):
         return 0.0
     return float(value) if math.isfinite(value) and value > 0 else 0.0

@@ -280,7 +280,9 @@ class JobService(Renting):
         outcome = await self.runner.execute(current, inst)
         if outcome is Outcome.SUCCEEDED:
             done = await self.app.store.get_job(job.id)
-            await self._remember_setup(inst, float(done.extra.get("setup_s") or 0.0))
+            # Installing the engine and downloading the model: the machine's first use.
+            first_use = sum(float(done.extra.get(k) or 0.0) for k in ("setup_s", "download_s"))
+            await self._remember_setup(inst, first_use)
         elif outcome is Outcome.DIED:
             await self._requeue(job.id, "the runner died on the instance")
         elif outcome is Outcome.LOST:
