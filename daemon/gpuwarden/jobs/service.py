@@ -177,7 +177,7 @@ class JobService(Renting):
     async def _dispatch(self, jobs: list[Job]) -> None:
         waiting = 0  # jobs of this pass left queued for a live instance
         for job in jobs:
-            self._warm.note_arrival(job)
+            await self._warm.note_arrival(job)
             inst = await self._warm.fit(job, self.settings.gpu_ram_gb)
             if inst is not None:
                 if await self._assign(job, inst):
@@ -369,6 +369,7 @@ class JobService(Renting):
                 )
             log.info("job_recovered", job_id=job.id, instance_id=inst.id, state=job.state.value)
         await self._recover_warm(live, resumed)
+        await self._warm.restore()
 
     async def _recover_warm(self, live: list[Instance], resumed: set[str]) -> None:
         """Instances our jobs rented that are idle now: warm again, from their last activity."""
