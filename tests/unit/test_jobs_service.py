@@ -14,6 +14,7 @@ import pytest
 from jobs_fakes import FakeConnector, add_instance, add_job, settings
 from tests.conftest import MakeApp
 
+from gpuwarden.control import instances as views
 from gpuwarden.control import jobs as api
 from gpuwarden.core import policy
 from gpuwarden.core.clock import FakeClock
@@ -420,3 +421,37 @@ async def test_the_first_jobs_setup_counts_in_the_cold_start(make_env: Any) -> N
     assert stats["n"] == 1 and 190 <= stats["mean"] <= 205
     events = await env.app.store.events(kind=EntityKind.INSTANCE, entity_id="i1")
     assert [e.details["setup_s"] for e in events if e.name == "cold_start_setup"] == [130.0]
+
+
+async def test_costs_show_what_keep_warm_billed_and_the_waiting_it_saved(make_env: Any) -> None:
+    env: Env = await make_env(keep_warm="10m", max_instances=1)
+    first = await submit(env, "one")
+
+    async def done(job_id: str) -> bool:
+        return await env.state(job_id) is JobState.SUCCEEDED
+
+    await env.until(lambda: done(first))
+    await env.clock.advance(100)  # warm and idle for 100 s
+    second = await submit(env, "two")  # takes the warm instance: no cold start waited
+    await env.until(lambda: done(second))
+    assert env.cloud.launches == ["fake-offer-1"]
+
+    async def ended() -> bool:
+        return bool(env.cloud.ends)
+
+    await env.until(ended, limit=900)  # the window passes: it ends idle
+    events = await env.app.store.events(kind=EntityKind.INSTANCE, name="warm_idle")
+    reused, expired = (e.details for e in events)
+    cold = (await env.app.store.get_flag("jobs.cold_start:fake:RTX 4090"))["mean"]
+    assert reused["job_id"] == second and 100 <= reused["idle_s"] <= 110
+    assert reused["saved_wait_s"] == cold  # the cold start it would have waited through
+    assert expired["job_id"] is None and expired["saved_wait_s"] == 0.0
+    assert 600 <= expired["idle_s"] <= 610
+    price = (await env.app.store.get_instance("i1")).price_per_hour
+    assert reused["cost"] == pytest.approx(price * reused["idle_s"] / 3600, abs=1e-6)
+
+    shown = await views.costs(env.app)
+    [today] = shown["days"]
+    assert today["warm_idle"] == pytest.approx(reused["cost"] + expired["cost"], abs=1e-6)
+    assert today["wait_saved_s"] == cold and today["warm_reuses"] == 1
+    assert shown["warm_idle"] == today["warm_idle"] and shown["wait_saved_s"] == cold

@@ -449,12 +449,31 @@ async def costs(app: App, days: int = 7) -> dict[str, Any]:
     since = policy.days_start(days, now)
     ended = await app.store.terminations(since)
     spent = policy.spend(ended, await app.store.live_instances(), app.limits(), now)
+    warm = policy.warm_by_day(
+        (
+            e.at,
+            _num(e.details.get("cost")),
+            _num(e.details.get("saved_wait_s")),
+            bool(e.details.get("job_id")),
+        )
+        for e in await app.store.events(since=since, kind=EntityKind.INSTANCE, name="warm_idle")
+    )
+    nothing = policy.WarmDay(0.0, 0.0, 0)
     return {
         "since": format_ts(since),
         "days": [
-            {"day": k.isoformat(), "total": round(v.total, 6), "idle": round(v.idle, 6)}
-            for k, v in sorted(spent.days.items())
+            {
+                "day": k.isoformat(),
+                "total": round(spent.days[k].total if k in spent.days else 0.0, 6),
+                "idle": round(spent.days[k].idle if k in spent.days else 0.0, 6),
+                "warm_idle": round(warm.get(k, nothing).idle_cost, 6),
+                "wait_saved_s": round(warm.get(k, nothing).wait_saved_s, 3),
+                "warm_reuses": warm.get(k, nothing).reuses,
+            }
+            for k in sorted(set(spent.days) | set(warm))
         ],
+        "warm_idle": round(sum(w.idle_cost for w in warm.values()), 6),
+        "wait_saved_s": round(sum(w.wait_saved_s for w in warm.values()), 3),
         "by_provider": {k: round(v, 6) for k, v in sorted(spent.by_provider.items())},
         "by_reason": {k: round(v, 6) for k, v in sorted(spent.by_reason.items())},
         "total": round(spent.total, 6),
@@ -463,3 +482,10 @@ async def costs(app: App, days: int = 7) -> dict[str, Any]:
         "budget": await budget_json(app, now),
         **(await queue_pause(app)),
     }
+
+
+def _num(value: object) -> float:
+    """A number from an event's details (0.0 for anything else)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return 0.0
+    return float(value)

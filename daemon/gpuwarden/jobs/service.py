@@ -199,9 +199,11 @@ class JobService(Renting):
 
     async def _free_a_slot(self) -> bool:
         """At capacity with a warm instance no waiting job could use: end it for a new one."""
+        sinces = {iid: self._warm.since_of(iid) for iid in self._warm.ids()}
         iid = self._warm.evict_one()
         if iid is None:
             return False
+        await self._warm.record_idle(iid, sinces.get(iid), self.app.clock.now())
         await self._end(iid, TerminationReason.IDLE)
         return True
 
@@ -228,7 +230,12 @@ class JobService(Renting):
     async def _assign(self, job: Job, inst: Instance) -> bool:
         if not await self._claim(job, inst):
             return False
+        since = self._warm.since_of(inst.id)
         self._warm.take(inst.id)
+        saved = await self._cold_start_s(inst)  # what it would have waited for a new one
+        await self._warm.record_idle(
+            inst.id, since, self.app.clock.now(), job_id=job.id, saved_wait_s=saved
+        )
         self._busy[inst.id] = job.id
         await self.app.store.update_instance(inst.id, job_id=job.id)
         log.info("job_reuses_instance", job_id=job.id, instance_id=inst.id)
@@ -338,7 +345,9 @@ class JobService(Renting):
         return end
 
     async def _expire_warm(self, now: datetime, among: frozenset[str] | None = None) -> None:
+        sinces = {iid: self._warm.since_of(iid) for iid in self._warm.ids()}
         for iid, reason in self._warm.due(now, among):
+            await self._warm.record_idle(iid, sinces.get(iid), now)
             await self._end(iid, reason)
 
     # --- recovery ------------------------------------------------------------------------

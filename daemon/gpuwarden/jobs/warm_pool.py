@@ -113,6 +113,42 @@ class WarmPool:
         """The instance leaves the pool (a job took it)."""
         self._warm.pop(instance_id, None)
 
+    def since_of(self, instance_id: str) -> datetime | None:
+        """When a warm instance went idle (None if it is not in the pool)."""
+        warm = self._warm.get(instance_id)
+        return warm.since if warm is not None else None
+
+    async def record_idle(
+        self,
+        instance_id: str,
+        since: datetime | None,
+        now: datetime,
+        *,
+        job_id: str | None = None,
+        saved_wait_s: float = 0.0,
+    ) -> None:
+        """Put a warm period on record (a `warm_idle` event, which `costs` sums): the idle
+        seconds and what they billed, and, when job `job_id` took the instance, the cold start
+        that job did not wait through. A period of no length that no job ended is not one."""
+        idle_s = max(0.0, (now - since).total_seconds()) if since is not None else 0.0
+        if idle_s <= 0 and job_id is None:
+            return
+        try:
+            price = (await self._store.get_instance(instance_id)).price_per_hour
+        except NotFoundError:
+            return
+        await self._store.record(
+            EntityKind.INSTANCE,
+            instance_id,
+            "warm_idle",
+            {
+                "idle_s": round(idle_s, 3),
+                "cost": round(price * idle_s / 3600.0, 6),
+                "job_id": job_id,
+                "saved_wait_s": round(max(0.0, saved_wait_s), 3) if job_id else 0.0,
+            },
+        )
+
     def evict_one(self) -> str | None:
         """Any warm instance, out of the pool, to be ended for room (None if empty)."""
         for iid in list(self._warm):
