@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -455,3 +455,30 @@ async def test_costs_show_what_keep_warm_billed_and_the_waiting_it_saved(make_en
     assert today["warm_idle"] == pytest.approx(reused["cost"] + expired["cost"], abs=1e-6)
     assert today["wait_saved_s"] == cold and today["warm_reuses"] == 1
     assert shown["warm_idle"] == today["warm_idle"] and shown["wait_saved_s"] == cold
+
+
+async def test_a_warm_schedule_keeps_the_instance_until_its_window_closes(make_env: Any) -> None:
+    # The clock starts at 2026-01-01 00:00 UTC; the window is open until 06:00. With a
+    # keep-warm window of 0 the instance would end with its job; the schedule keeps it.
+    schedule = [{"days": "daily", "hours": "00:00-06:00", "timezone": "UTC", "min_warm": 1}]
+    env: Env = await make_env(keep_warm="0s", max_instances=1, warm_schedule=schedule)
+    first = await submit(env, "one")
+
+    async def done() -> bool:
+        return await env.state(first) is JobState.SUCCEEDED
+
+    await env.until(done)
+    await _settle(env)
+    assert env.cloud.ends == []
+
+    closes = datetime(2026, 1, 1, 6, 0, tzinfo=UTC)
+    await env.clock.advance((closes - env.clock.now()).total_seconds() - 1)
+    await _settle(env)
+    assert env.cloud.ends == []  # still warm a second before the window closes
+
+    async def ended() -> bool:
+        return bool(env.cloud.ends)
+
+    await env.until(ended, limit=120)
+    assert env.cloud.ends == [("i1", TerminationReason.IDLE)]
+    assert env.cloud.ended_when["i1"] >= closes

@@ -34,6 +34,8 @@ from pydantic_settings import (
     SettingsError,
 )
 
+from gpuwarden.config.schedule import WarmWindow
+
 DEFAULT_CONFIG_PATH = Path("/etc/gpuwarden/config.toml")
 EX_CONFIG = 78
 
@@ -269,6 +271,7 @@ class JobsSettings(_Section):
     min_reliability: float = Field(default=0.95, ge=0, le=1)
     max_instances: int = Field(default=2, ge=1)
     keep_warm: KeepWarm = "auto"
+    warm_schedule: list[WarmWindow] = Field(default_factory=list)  # see config/schedule.py
     # A second of a user's waiting, in GPU seconds: the dispatcher and keep-warm "auto" weigh
     # billed seconds + wait_weight * waiting seconds (0 = dollars only).
     wait_weight: float = Field(default=1.0, ge=0)

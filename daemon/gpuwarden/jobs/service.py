@@ -43,6 +43,7 @@ from gpuwarden.core.model import (
 )
 from gpuwarden.fleet.app import App
 from gpuwarden.jobs import decisions as queue
+from gpuwarden.jobs import weighing
 from gpuwarden.jobs.dispatcher import Dispatcher
 from gpuwarden.jobs.renting import EndFn, LaunchFn, Renting, default_end, default_launch
 from gpuwarden.jobs.runner import Connector, Outcome, Runner, SshConnector
@@ -314,13 +315,23 @@ class JobService(Renting):
 
     async def _keep_warm(self, inst: Instance, since: datetime) -> timedelta:
         """Hold `inst` warm for the keep-warm window from `since` (returned); then it is
-        ended with reason idle, or job_done when the window is 0."""
+        ended with reason idle, or job_done when the window is 0. Inside a `warm_schedule`
+        window that wants it, it stays at least until that window closes (the guard still
+        ends it at its lease, hard cap or budget)."""
+        now = self.app.clock.now()
         window = self._warm.window(
             self.settings.keep_warm,
-            self.app.clock.now(),
+            now,
             await self._cold_start_s(inst),
             self.settings.wait_weight,
         )
+        if self.settings.warm_schedule:
+            kept = (self._warm.ids() | self._busy.keys()) - {inst.id}
+            others = [i.gpu for i in await self.app.store.live_instances() if i.id in kept]
+            closes = weighing.scheduled_until(self.settings.warm_schedule, inst.gpu, others, now)
+            if closes is not None and closes - since > window:
+                window = closes - since
+                log.info("instance_kept_by_schedule", instance_id=inst.id, until=closes.isoformat())
         self._warm.hold(inst, since, window)
         return window
 

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
 
+from gpuwarden.config.schedule import WarmWindow
+
 GAP_HALF_LIFE_S = 6 * 3600.0  # an idle gap six hours old counts half as much as a fresh one
 GAP_HISTORY = 200  # idle gaps kept (the oldest go first)
 COLD_START_ALPHA = 0.3  # weight of a new cold-start measurement in the decaying mean
@@ -162,6 +164,24 @@ def adaptive_window(
         if cost < best - 1e-9:
             best_t, best = t, cost
     return best_t * margin
+
+
+def scheduled_until(
+    windows: Sequence[WarmWindow], gpu: str, others: Sequence[str], now: datetime
+) -> datetime | None:
+    """Until when `jobs.warm_schedule` keeps an instance of `gpu` going idle at `now` warm:
+    the latest close among the open windows of its class that still want more instances than
+    the `others` of the class already kept (busy or warm; their GPU names). None: the
+    schedule does not hold it, and the keep-warm window alone applies."""
+    until: datetime | None = None
+    for window in windows:
+        closes = window.end_if_open(now) if window.covers(gpu) else None
+        if closes is None:
+            continue
+        if sum(1 for g in others if window.covers(g)) >= window.min_warm:
+            continue
+        until = closes if until is None or closes > until else until
+    return until
 
 
 def note_gap(gaps: Sequence[Gap], gap: Gap, keep: int = GAP_HISTORY) -> list[Gap]:
