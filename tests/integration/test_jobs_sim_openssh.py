@@ -80,7 +80,7 @@ async def test_a_cancel_on_a_real_sshd_instance_leaves_nothing_of_the_job_alive(
         await eventually(running, timeout=60, what="the job to make progress")
         marker = f".gpuwarden/jobs/{job_id}/"
         assert processes_with(marker), "the job's processes should be alive before the cancel"
-        out = await api.cancel(env.app, job_id)
+        out = await api.cancel(env.app, job_id, by="test")
         assert out["cancel_requested"] is True
         job = await env.wait_job(job_id, DONE, timeout=30)
         assert job.state is JobState.CANCELLED

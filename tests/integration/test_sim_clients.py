@@ -135,3 +135,22 @@ async def test_a_running_instance_shows_as_a_leak_in_the_ledger(tmp_path: Path) 
     assert row["running"] is True and row["ended_by"] is None
     assert row["billed_seconds"] == 3600
     assert cloud.ledger()["running"] == 1
+
+
+async def test_a_vast_offer_is_priced_with_the_disk_the_rental_asks_for(tmp_path: Path) -> None:
+    """Vast bills storage per GB: the price an offer quotes, which the daemon records and
+    budgets with, is the price the ledger bills for the disk we rent (issue 17, item 10)."""
+    async with running_sim(tmp_path, FakeClock()) as cloud:
+        client = vast_client(cloud)
+        try:
+            _, pub = new_key()
+            default = await client.search_offers(Requirements(gpu_name="4090", limit=1))
+            [offer] = await client.search_offers(Requirements(gpu_name="4090", limit=1, disk_gb=60))
+            assert offer.offer_id == default[0].offer_id
+            assert offer.price_per_hour > default[0].price_per_hour  # 60 GB, not 8 GB
+            spec = LaunchSpec(label=LABEL + "disk", image="img", disk_gb=60, ssh_public_key=pub)
+            launched = await client.launch(offer, spec)
+            billed = ledger_row(cloud, launched.provider_id)["price_per_hour"]
+            assert billed == pytest.approx(offer.price_per_hour, abs=1e-6)
+        finally:
+            await client.aclose()

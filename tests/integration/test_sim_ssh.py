@@ -210,3 +210,29 @@ async def test_lambda_user_data_runs_at_boot(tmp_path: Path) -> None:
         data = (await http.get(f"{base}/instances/{iid}", auth=auth)).json()["data"]
         async with _connect(data["ssh_port"], key, user="ubuntu") as conn:
             assert (await conn.run("echo ok")).stdout == "ok\n"
+
+
+async def test_a_download_is_capped_and_takes_only_regular_files(tmp_path: Path) -> None:
+    """remote.download over real SFTP: a file over the cap is refused before any byte lands,
+    a FIFO (which could stream for ever) and a directory are refused, a small file lands."""
+    from gpuwarden.remote import ssh as remote
+
+    async with running_sim(tmp_path) as cloud, httpx.AsyncClient() as http:
+        key, pub = new_key()
+        inst = await _vast_instance(cloud, http, pub)
+        async with _connect(inst["ssh_port"], key) as conn:
+            r = await conn.run(
+                "head -c 5000 /dev/zero > big; printf ok > small; mkfifo pipe; mkdir d"
+            )
+            assert r.exit_status == 0
+            local = tmp_path / "got" / "x"
+            for name, why in (
+                ("big", "5000 bytes, over 1000"),
+                ("pipe", "not a regular"),
+                ("d", "not a regular"),
+            ):
+                with pytest.raises(remote.DownloadRefused, match=why):
+                    await remote.download(conn, name, local, max_bytes=1000)
+                assert list(local.parent.iterdir()) == []
+            await remote.download(conn, "small", local, max_bytes=1000)
+            assert local.read_bytes() == b"ok"

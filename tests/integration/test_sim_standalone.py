@@ -4,6 +4,7 @@ sim's ledger survives the daemon's crashes and restarts)."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -53,6 +54,9 @@ async def test_the_daemon_uses_the_standalone_sim_it_is_pointed_at(tmp_path: Pat
             assert await daemon.stop(15) == 0
         # The instance it rented (kept warm) lives on in the standalone sim after the daemon.
         [inst] = cloud.core.instances.values()
-        assert inst.label.startswith("gpuwarden-main-")
+        # Labelled with the installation generated for this state dir (issue 17, item 5).
+        [made] = daemon.named("installation_label")
+        assert inst.label.startswith(f"gpuwarden-{made['installation']}-")
+        assert re.fullmatch(r"[0-9a-f]{8}", made["installation"])
         assert inst.gone_at is None and inst.status == "running"
         assert not (tmp_path / "state" / "sim").exists()

@@ -13,12 +13,14 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
+import asyncssh
+
 from gpuwarden.config.settings import Settings
 from gpuwarden.core.clock import FakeClock
 from gpuwarden.core.model import EntityKind, Instance, InstanceState, Job, JobSpec, JobState
 from gpuwarden.fleet.app import App
 from gpuwarden.jobs.runner import Outcome, Runner
-from gpuwarden.remote.ssh import RemoteStatus
+from gpuwarden.remote.ssh import DownloadRefused, RemoteStatus
 
 T = TypeVar("T")
 
@@ -51,6 +53,7 @@ class FakeRemote:
     argvs: list[list[str]] = field(default_factory=list)  # what each start ran
     setup_s: float = 0.0  # the next result's setup_s: the first job installs, later ones not
     download_s: float = 0.0  # the same for downloading the model
+    result_json: bytes | None = None  # what the runner leaves as result.json instead of its own
 
     def _maybe_drop(self) -> None:
         if self.drop_next > 0:
@@ -90,7 +93,7 @@ class FakeRemote:
         }
         # Installed and downloaded: the next job on this machine finds both.
         self.setup_s = self.download_s = 0.0
-        self.files[f"{job_dir}/result.json"] = json.dumps(result).encode()
+        self.files[f"{job_dir}/result.json"] = self.result_json or json.dumps(result).encode()
         self._append(f"{job_dir}/progress.jsonl", {"event": "done"})
         job.state, job.exit_code = "exited", 0
 
@@ -146,10 +149,14 @@ class FakeConn:
             return [], offset
         return data[: end + 1].decode().splitlines(), offset + end + 1
 
-    async def get(self, rel: str, local: Path) -> None:
+    async def get(self, rel: str, local: Path, max_bytes: int) -> None:
         self.remote._maybe_drop()
         self.remote.downloads.append(rel)
+        if rel not in self.remote.files:
+            raise asyncssh.SFTPNoSuchFile("No such file")
         data = self.remote.files[rel]
+        if len(data) > max_bytes:
+            raise DownloadRefused(f"{rel} is {len(data)} bytes, over {max_bytes}")
         local.write_bytes(data + b"!" if self.remote.corrupt else data)
 
     async def close(self) -> None:

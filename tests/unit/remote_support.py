@@ -131,7 +131,9 @@ class LocalConn:
             return [], offset
         return data[: end + 1].decode().splitlines(), offset + end + 1
 
-    async def get(self, rel: str, local: Path) -> None:
+    async def get(self, rel: str, local: Path, max_bytes: int) -> None:
+        if self._path(rel).stat().st_size > max_bytes:
+            raise remote.DownloadRefused(f"{rel} is over {max_bytes} bytes")
         shutil.copyfile(self._path(rel), local)
 
     async def close(self) -> None:

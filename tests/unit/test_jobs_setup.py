@@ -21,7 +21,8 @@ from tests.conftest import MakeApp, load_runner
 
 from gpuwarden.core.clock import FakeClock
 from gpuwarden.core.model import JobState
-from gpuwarden.jobs.runner import Outcome, Runner, setup_seconds
+from gpuwarden.jobs.results import setup_seconds
+from gpuwarden.jobs.runner import Outcome, Runner
 
 ROOT = Path(__file__).resolve().parents[2]
 ENGINE_PACKAGES = ("diffusers", "transformers", "accelerate")

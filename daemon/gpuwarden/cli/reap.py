@@ -112,7 +112,7 @@ async def reap(settings: Settings, out: Out, *, yes: bool) -> int:
         out.error(exc.render())
         return EX_CONFIG
     try:
-        await _list(providers, label_prefix(settings.daemon.installation), report)
+        await _list(providers, label_prefix(_installation(settings)), report)
         _show(out, report)
         live = [p for p in report.found if p.state is not ProviderState.TERMINATED]
         if live and not yes:
@@ -186,6 +186,16 @@ async def _destroy(
             out.print(f"destroyed {pi.label} ({pi.provider} {pi.provider_id})")
 
     await asyncio.gather(*(one(pi) for pi in live))
+
+
+def _installation(settings: Settings) -> str:
+    """The label the daemon on this state dir uses: the config's, else the one its database
+    keeps (fleet/installation.py), else the config's default."""
+    from gpuwarden.fleet import installation
+
+    if installation.set_on_purpose(settings):
+        return settings.daemon.installation
+    return installation.stored(settings.db_path) or settings.daemon.installation
 
 
 async def record(settings: Settings, clock: SystemClock, done: list[ProviderInstance]) -> str:

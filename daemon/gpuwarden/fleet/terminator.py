@@ -79,6 +79,8 @@ class Terminator:
         # (a full disk), the ending goes ahead from memory and is written when it can be.
         self._unwritten: dict[str, _Unwritten] = {}
         self._inflight: set[str] = set()
+        # Failed destroy attempts since start, by provider (for /metrics).
+        self.retries: dict[str, int] = {}
 
     # --- the schedule ---------------------------------------------------------------
 
@@ -199,8 +201,15 @@ class Terminator:
             return False
         return await self.confirmed(inst)
 
-    async def confirmed(self, inst: Instance, details: Mapping[str, Any] | None = None) -> bool:
-        """The provider no longer has it: TERMINATED (writes the termination record)."""
+    async def confirmed(
+        self,
+        inst: Instance,
+        details: Mapping[str, Any] | None = None,
+        *,
+        reason: TerminationReason | None = None,
+    ) -> bool:
+        """The provider no longer has it: TERMINATED (writes the termination record), with
+        `reason` in place of the one it was ended for when given."""
         self._retry.pop(inst.id, None)
         pending = self._unwritten.get(inst.id)
         if pending is not None:
@@ -212,7 +221,7 @@ class Terminator:
             return True
         try:
             done = await self.store.transition_instance(
-                inst.id, InstanceState.TERMINATED, details=details
+                inst.id, InstanceState.TERMINATED, reason=reason, details=details
             )
         except IllegalTransition:  # someone else confirmed first
             return True
@@ -285,6 +294,7 @@ class Terminator:
             self._retry[inst.id] = r
         r.attempts += 1
         r.at = now + timedelta(seconds=backoff(r.attempts))
+        self.retries[inst.provider] = self.retries.get(inst.provider, 0) + 1
         since = inst.terminating_at or now
         level = _ERROR if r.attempts >= ESCALATE_AFTER or now - since >= ESCALATE_AGE else _WARNING
         extra = {**inst.extra, "destroy_attempts": r.attempts}

@@ -17,9 +17,6 @@ import contextlib
 import enum
 import hashlib
 import json
-import math
-import os
-from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -32,6 +29,14 @@ from gpuwarden.core.clock import parse_ts
 from gpuwarden.core.model import EntityKind, Instance, InstanceState, Job, JobState
 from gpuwarden.fleet.app import App
 from gpuwarden.jobs import decisions as queue
+from gpuwarden.jobs.results import (
+    BadResult,
+    ResultFile,
+    drop_backoff,
+    max_image_bytes,
+    parse_result,
+    setup_seconds,
+)
 from gpuwarden.jobs.spec import remote_dir, runner_spec
 from gpuwarden.remote import ssh as remote
 from gpuwarden.remote.deploy import deploy_file
@@ -44,6 +49,12 @@ RUNNER_NAME = "txt2img.py"  # in gpuwarden/remote/assets/, read through deploy_f
 START_GRACE = 30.0
 # What counts as the SSH connection going away (or never coming): reconnect and go on.
 SSH_ERRORS = (OSError, asyncssh.Error, TimeoutError, asyncssh.misc.ChannelOpenError)
+# SFTP answers that say the connection is gone (reconnect), unlike the instance refusing a
+# file (no such file, permission denied: asking again gets the same answer).
+SFTP_DROPS = (asyncssh.SFTPConnectionLost, asyncssh.SFTPNoConnection)
+# A connection that lasted this long (seconds) before it dropped was a good one: the
+# backoff and the give-up count start again.
+GOOD_CONNECTION = 60.0
 
 
 class RemoteConn(Protocol):
@@ -55,7 +66,7 @@ class RemoteConn(Protocol):
     async def status(self, job_dir: str) -> remote.RemoteStatus: ...
     async def kill(self, job_dir: str) -> None: ...
     async def tail(self, rel: str, offset: int) -> tuple[list[str], int]: ...
-    async def get(self, rel: str, local: Path) -> None: ...
+    async def get(self, rel: str, local: Path, max_bytes: int) -> None: ...
     async def close(self) -> None: ...
 
 
@@ -86,8 +97,8 @@ class SshConn:
     async def tail(self, rel: str, offset: int) -> tuple[list[str], int]:
         return await remote.tail_progress(self.conn, rel, offset)
 
-    async def get(self, rel: str, local: Path) -> None:
-        await remote.download(self.conn, rel, local)
+    async def get(self, rel: str, local: Path, max_bytes: int) -> None:
+        await remote.download(self.conn, rel, local, max_bytes=max_bytes)
 
     async def close(self) -> None:
         self.conn.close()
@@ -118,7 +129,8 @@ class Outcome(enum.StrEnum):
 
 
 class IntegrityError(Exception):
-    """A downloaded file does not match the checksum the runner reported."""
+    """A downloaded file does not match the checksum the runner reported, or the instance
+    refused it, or it is not one we take (see remote.download)."""
 
 
 async def cancel_requested(app: App, job_id: str, after_id: int = 0) -> tuple[bool, int]:
@@ -197,18 +209,34 @@ class _Run:
                 await _quietly_close(self.conn)
 
     async def _go(self) -> Outcome:
+        clock = self.app.clock
+        drops = 0
+        failing_since = 0.0
         while True:
             if not await self._ensure_conn():
                 return Outcome.LOST
             assert self.conn is not None
+            connected = clock.monotonic()
             try:
                 return await self._follow(self.conn)
             except SSH_ERRORS as exc:
-                log.warning(
-                    "job_ssh_dropped", job_id=self.job.id, instance_id=self.inst.id, error=str(exc)
-                )
                 await _quietly_close(self.conn)
                 self.conn = None
+                now = clock.monotonic()
+                if drops == 0 or now - connected >= GOOD_CONNECTION:
+                    drops, failing_since = 0, connected
+                drops += 1
+                log.warning(
+                    "job_ssh_dropped",
+                    job_id=self.job.id,
+                    instance_id=self.inst.id,
+                    error=str(exc),
+                    drops=drops,
+                )
+                if drops > 1 and now - failing_since >= self.r.reattach:
+                    log.warning("job_ssh_failing", job_id=self.job.id, instance_id=self.inst.id)
+                    return Outcome.LOST  # every call fails: the job goes elsewhere
+                await clock.sleep(drop_backoff(drops, self.r.poll))
 
     async def _ensure_conn(self) -> bool:
         """Connect, retrying for up to `reattach` seconds while the instance is live."""
@@ -300,6 +328,9 @@ class _Run:
                 started_at=self.app.clock.now(),
                 instance_id=self.inst.id,
             )
+            if self.job.started_at is not None:
+                waited = (self.job.started_at - self.job.created_at).total_seconds()
+                self.app.metrics.job_wait.observe(max(0.0, waited))
 
     async def _cancelled(self) -> bool:
         asked, self.event_cursor = await cancel_requested(self.app, self.job.id, self.event_cursor)
@@ -356,8 +387,10 @@ class _Run:
             updates={"last_activity": self.app.clock.now()},
         )
 
-    async def _fail(self, conn: RemoteConn, fallback: str) -> Outcome:
-        message = self.error_message
+    async def _fail(self, conn: RemoteConn, fallback: str, *, ours: bool = False) -> Outcome:
+        """Fail the job with the runner's error, else its log's tail, else `fallback`; with
+        `ours`, `fallback` is the reason (the daemon refused what the instance sent)."""
+        message = fallback if ours else self.error_message
         if message is None:
             tail = await conn.read(f"{self.dir}/log")
             message = (tail or b"").decode("utf-8", "replace")[-500:].strip() or fallback
@@ -366,7 +399,13 @@ class _Run:
                 self.job.id, JobState.FAILED, reason="runner_error", error=message
             )
         log.warning("job_failed", job_id=self.job.id, instance_id=self.inst.id, error=message)
+        self._observe_run("failed", self.app.clock.now())
         return Outcome.FAILED
+
+    def _observe_run(self, outcome: str, now: datetime) -> None:
+        if self.job.started_at is not None:
+            ran = (now - self.job.started_at).total_seconds()
+            self.app.metrics.job_run.labels(outcome).observe(max(0.0, ran))
 
     # --- fetching -----------------------------------------------------------------------
 
@@ -376,26 +415,37 @@ class _Run:
         raw = await conn.read(f"{self.dir}/result.json")
         if raw is None:
             return await self._fail(conn, "the runner left no result.json")
-        result = json.loads(raw)
+        max_bytes = max_image_bytes(self.app.settings.jobs.max_image_mb)
+        try:
+            result, files = parse_result(raw, max_files=self.job.spec.count, max_bytes=max_bytes)
+        except BadResult as exc:
+            return await self._fail(conn, str(exc), ours=True)
         out_dir = self.r.out_root / self.job.id
         out_dir.mkdir(parents=True, exist_ok=True)
         outputs = []
-        for entry in result.get("files", []):
-            name = os.path.basename(str(entry["name"]))  # never a path from the instance
+        for entry in files:
             try:
-                outputs.append(str(await self._fetch_file(conn, name, str(entry["sha256"]))))
+                outputs.append(str(await self._fetch_file(conn, entry, max_bytes)))
             except IntegrityError as exc:
-                return await self._fail(conn, str(exc))
+                return await self._fail(conn, str(exc), ours=True)
         _write_atomic(out_dir / "result.json", json.dumps(result, indent=2).encode())
         return await self._succeed(result, outputs)
 
-    async def _fetch_file(self, conn: RemoteConn, name: str, sha: str) -> Path:
+    async def _fetch_file(self, conn: RemoteConn, entry: ResultFile, max_bytes: int) -> Path:
+        name, sha = entry.name, entry.sha256  # a checked plain name: never a path
         final = self.r.out_root / self.job.id / name
         if final.exists() and sha256_of(final) == sha:
             return final  # landed before a restart: not twice
         part = final.with_name(f".{name}.part")
         for _ in range(2):
-            await conn.get(f"{self.dir}/{name}", part)
+            try:
+                await conn.get(f"{self.dir}/{name}", part, max_bytes)
+            except remote.DownloadRefused as exc:
+                raise IntegrityError(f"{name}: {exc}") from None
+            except SFTP_DROPS:
+                raise
+            except asyncssh.SFTPError as exc:  # no such file, permission denied, ...
+                raise IntegrityError(f"{name}: the instance refused it: {exc.reason}") from None
             if sha256_of(part) == sha:
                 part.replace(final)
                 return final
@@ -424,6 +474,7 @@ class _Run:
             )
         except IllegalTransition:
             return Outcome.CANCELLED  # cancelled while fetching: the files stay, unrecorded
+        self._observe_run("succeeded", now)
         log.info(
             "job_succeeded",
             job_id=job.id,
@@ -434,17 +485,6 @@ class _Run:
             download_s=download_s,
         )
         return Outcome.SUCCEEDED
-
-
-def setup_seconds(result: Mapping[str, Any], key: str = "setup_s") -> float:
-    """The seconds the runner spent installing its engine (result.json's `setup_s`) or, with
-    key="download_s", downloading the model; 0.0 when it did nothing of the kind, or from a
-    runner too old to say, or from a value that is not a number of seconds (the instance's
-    answer is not trusted to be well formed)."""
-    value = result.get(key)
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return 0.0
-    return float(value) if math.isfinite(value) and value > 0 else 0.0
 
 
 def _time(value: Any) -> datetime | None:

@@ -2,7 +2,8 @@
 
 Start-up, in this order, so that a refused start touches nothing:
 config (bad, or a provider without its key: exit 78) -> logging -> uvloop -> state dir ->
-lock (held: exit 75) -> store (open, integrity check, migrate) -> SSH key -> in-process sim
+lock (held: exit 75) -> store (open, integrity check, migrate) -> the installation label
+(fleet/installation.py) -> SSH key -> in-process sim
 cloud (if enabled, unless providers.sim.base_url names a standalone `gpuwarden sim`) ->
 providers -> App -> each service's start() -> READY=1.
 
@@ -44,6 +45,7 @@ from gpuwarden.config import settings as config
 from gpuwarden.config.settings import EX_CONFIG, ConfigError, Settings
 from gpuwarden.core.clock import Clock, SystemClock
 from gpuwarden.core.heartbeat import Heartbeats
+from gpuwarden.fleet import installation
 from gpuwarden.fleet.app import App
 from gpuwarden.fleet.terminator import Terminator
 from gpuwarden.lifecycle import runtime, wiring
@@ -169,14 +171,25 @@ class Supervisor:
     async def _start(self, stack: contextlib.AsyncExitStack) -> None:
         s = self.settings
         state_dir = s.daemon.state_dir
-        state_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
         lock = StateLock(s.lock_path)
         try:
+            state_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
             lock.acquire()
         except LockHeld as exc:
             print(f"gpuwarden: {exc}", file=sys.stderr)
             raise StartupFailed(
                 EX_TEMPFAIL, "daemon_already_running", lock=str(exc.path), pid=exc.pid
+            ) from None
+        except OSError as exc:  # read-only, not ours, not a directory, no space
+            why = exc.strerror or str(exc)
+            print(
+                f"gpuwarden: cannot use the state directory {state_dir}: {why}"
+                f" ({exc.filename or s.lock_path}); it must be a directory the daemon can"
+                " write (daemon.state_dir)",
+                file=sys.stderr,
+            )
+            raise StartupFailed(
+                EXIT_FAILED, "state_dir_unusable", path=str(state_dir), error=why
             ) from None
         stack.callback(lock.release)
         self.locked = True
@@ -194,6 +207,8 @@ class Supervisor:
                 EXIT_FAILED, "store_corrupt", path=str(s.db_path), error=str(exc)
             ) from exc
         stack.push_async_callback(_closing, "store", store.close)
+        label = await installation.resolve(store, s)
+        s = self.settings = installation.pinned(s, label)
         key, public = self._ssh_key()
         sim_urls = await self._start_sim(stack)
         providers = build_providers(s, self.clock, sim_urls=sim_urls)

@@ -13,11 +13,13 @@ At start-up (before READY) and then every policy.poll_interval, for each provide
   reason is `deadman` instead when the instance's dead-man switch had cause to end it by the
   time it was first missed (policy.vanish_reason: silent for deadman_timeout, or past
   hard_cap + deadman_margin), typically found by the first pass after a daemon restart;
-- mark a REQUESTED intent launch_failed after two misses past the grace period.
+- mark a REQUESTED intent launch_failed after two misses past the grace period;
+- end a spot instance the provider shows outbid at once (reason preempted, fleet/preemption.py).
 A provider whose listing fails is skipped for this pass (and logged), never read as
 "nothing exists". Then the account: credit under budget.credit_floor, or InsufficientCredit
 from any call, ends everything and pauses the queue; recorded spend past a budget limit
-ends everything with reason budget.
+ends everything with reason budget. Last, the state dir's free space (a warning while it is
+under daemon.low_disk_mb).
 """
 
 from __future__ import annotations
@@ -28,7 +30,6 @@ from typing import Any
 
 import structlog
 
-from gpuwarden.core import policy
 from gpuwarden.core.clock import format_ts
 from gpuwarden.core.heartbeat import BEAT_EVERY
 from gpuwarden.core.model import (
@@ -38,8 +39,9 @@ from gpuwarden.core.model import (
     TerminationReason,
     label_prefix,
 )
-from gpuwarden.fleet import budget
+from gpuwarden.fleet import budget, preemption
 from gpuwarden.fleet.app import App
+from gpuwarden.fleet.ended import provider_ended
 from gpuwarden.fleet.launcher import record_provider_id, running_fields
 from gpuwarden.fleet.terminator import gone
 from gpuwarden.providers.base import (
@@ -48,8 +50,8 @@ from gpuwarden.providers.base import (
     ProviderInstance,
     ProviderState,
 )
-from gpuwarden.remote import deadman
 from gpuwarden.store import IllegalTransition, NotFoundError
+from gpuwarden.system.disk import LowDiskWarning
 
 log = structlog.get_logger(__name__)
 
@@ -68,6 +70,7 @@ class Reconciler:
         self._misses: dict[str, int] = {}  # instance id -> consecutive misses past grace
         self._first_missed: dict[str, datetime] = {}  # instance id -> first of those misses
         self._list_failing: set[str] = set()  # providers whose last listing failed
+        self.disk = LowDiskWarning()  # checked once a pass: the state dir's free space
 
     async def start(self) -> None:
         """One full pass before READY, so a restart finds what a crash hid at once."""
@@ -111,6 +114,8 @@ class Reconciler:
             await self._reconcile(name, provider, listed, prefix)
             await self._account(name, provider)
         await self._budget()
+        daemon = self.app.settings.daemon
+        self.disk.check(daemon.state_dir, int(daemon.low_disk_mb * 1e6), self.app.clock.monotonic())
         self.passes += 1
 
     def _list_failed(self, name: str, exc: Exception) -> None:
@@ -223,6 +228,8 @@ class Reconciler:
             if gone(seen) or seen.state is ProviderState.TERMINATING:
                 await self._vanished(inst, f"provider lists it as {seen.state.value}")
                 return
+            if await preemption.end_if_preempted(self.app, inst, seen, noticed_by="reconciler"):
+                return
             fields: dict[str, Any] = {}
             if seen.started_at is not None and inst.provider_started_at != seen.started_at:
                 fields["provider_started_at"] = seen.started_at
@@ -307,48 +314,21 @@ class Reconciler:
                     reason=TerminationReason.LAUNCH_FAILED.value,
                 )
             elif inst.state is InstanceState.TERMINATING:  # ended before it was found
-                await self.terminator.confirmed(inst, {"why": "the provider never listed it"})
+                # Nothing was created (the daemon died before the provider call, say): the
+                # record says so, not the reason it was being ended for, and costs $0.
+                await self.terminator.confirmed(
+                    inst,
+                    {"why": "the provider never listed it", "ending": inst.reason},
+                    reason=TerminationReason.LAUNCH_FAILED,
+                )
         except (IllegalTransition, NotFoundError):
             return
 
     async def _vanished(self, inst: Instance, why: str) -> None:
-        """The provider no longer runs it and we did not end it: `deadman` when its switch
-        had cause to end it by the time we first missed it, else `vanished`."""
-        now = self.app.clock.now()
-        first_missed = self._first_missed.get(inst.id, now)
+        """The provider no longer runs it and we did not end it (fleet/ended.py)."""
+        first_missed = self._first_missed.get(inst.id, self.app.clock.now())
         self._forget_misses(inst.id)
-        try:  # the row as it is now: a probe may have landed since the pass began
-            inst = await self.app.store.get_instance(inst.id)
-        except NotFoundError:
-            return
-        settings = self.app.settings
-        reason = policy.vanish_reason(
-            inst,
-            self.app.limits(),
-            first_missed,
-            switch=deadman.switch_can_end(settings, inst.provider),
-        )
-        details = {
-            "why": why,
-            "first_missed": format_ts(first_missed),
-            "last_contact": format_ts(policy.last_contact(inst)),
-        }
-        try:
-            await self.app.store.transition_instance(
-                inst.id, InstanceState.TERMINATED, reason=reason, details=details
-            )
-        except (IllegalTransition, NotFoundError):
-            return
-        log.warning(
-            "instance_vanished",
-            instance_id=inst.id,
-            provider=inst.provider,
-            provider_id=inst.provider_id,
-            reason=reason.value,
-            why=why,
-            last_contact=details["last_contact"],
-        )
-        self.app.jobs_wake.set()
+        await provider_ended(self.app, inst.id, why, first_missed)
 
     # --- money ----------------------------------------------------------------------
 
@@ -362,6 +342,8 @@ class Reconciler:
         except Exception as exc:
             log.debug("account_read_failed", provider=name, error=str(exc))
             return
+        if account.credit is not None:
+            self.app.credit[name] = account.credit
         if account.credit is not None and account.credit < floor:
             await budget.credit_stop(
                 self.app,

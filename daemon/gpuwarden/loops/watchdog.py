@@ -37,7 +37,10 @@ import structlog
 from gpuwarden.core.heartbeat import BEAT_EVERY
 from gpuwarden.core.model import EntityKind, Event, Instance, InstanceState, TerminationReason
 from gpuwarden.core.policy import strikes_after, struck_out
+from gpuwarden.fleet import preemption
 from gpuwarden.fleet.app import App
+from gpuwarden.fleet.ended import provider_ended
+from gpuwarden.fleet.terminator import gone as provider_gone
 from gpuwarden.remote import ssh as remote
 from gpuwarden.remote.deadman import switch_can_end
 from gpuwarden.remote.deploy import deploy_file
@@ -317,6 +320,12 @@ class Watchdog:
         inst = await self._fresh(instance_id)
         if inst is None:
             return
+        # A spot instance that stopped answering may have been outbid: then it is ended
+        # as preempted (the same call the reconciler makes), not struck.
+        if preemption.is_spot(inst) and await preemption.check(
+            self.app, inst, noticed_by="watchdog"
+        ):
+            return
         limits = self.app.limits()
         limit = limits.watchdog_failures
         strikes = strikes_after(inst, probe_ok=False)
@@ -342,6 +351,8 @@ class Watchdog:
             await self._terminate(inst, strikes, exc)
 
     async def _terminate(self, inst: Instance, strikes: int, exc: ProbeFailed) -> None:
+        if await self._provider_ended_it(inst, strikes):
+            return
         reason = TerminationReason.WATCHDOG
         details = {"strikes": strikes, "error": exc.kind}
         log.warning(
@@ -353,6 +364,22 @@ class Watchdog:
         )
         # The intent is committed first; an instance already ending keeps its first reason.
         await self.app.terminator.end(inst.id, reason, details)
+
+    async def _provider_ended_it(self, inst: Instance, strikes: int) -> bool:
+        """Probes fail when the machine is gone: if the provider says it ended it, that is
+        the record (vanished, or deadman), not a watchdog verdict. An unclear answer leaves
+        the verdict to the watchdog (it ends what may still bill)."""
+        provider = self.app.providers.get(inst.provider)
+        if provider is None or inst.provider_id is None:
+            return False
+        try:
+            seen = await provider.get(inst.provider_id)
+        except Exception:
+            return False
+        if not provider_gone(seen):
+            return False
+        why = f"the provider no longer has it ({strikes} failed probes)"
+        return await provider_ended(self.app, inst.id, why, self.app.clock.now())
 
     async def _note_switch(self, inst: Instance, switch: str | None) -> None:
         """Keep what the probe says of the dead-man switch on the instance (extra["deadman"],

@@ -109,13 +109,37 @@ async def read_file(
     return data
 
 
-async def download(conn: asyncssh.SSHClientConnection, remote_rel: str, local: Path) -> None:
-    """Copy a remote file to `local` through `<local>.part` and an atomic rename, so a crash
-    mid-download never leaves a truncated file under the final name."""
+class DownloadRefused(Exception):
+    """The remote file is not one we take: not a regular file, or over the size cap."""
+
+
+async def download(
+    conn: asyncssh.SSHClientConnection, remote_rel: str, local: Path, *, max_bytes: int
+) -> None:
+    """Copy a remote regular file of at most `max_bytes` to `local` through `<local>.part`
+    and an atomic rename, so a crash mid-download never leaves a truncated file under the
+    final name. The cap is checked before and during the copy (the file may grow), so an
+    instance cannot fill our disk; a device or FIFO (endless) is refused."""
     local.parent.mkdir(parents=True, exist_ok=True)
     part = local.with_name(local.name + ".part")
     async with conn.start_sftp_client() as sftp:
-        await sftp.get(remote_rel, str(part))
+        attrs = await sftp.stat(remote_rel)
+        if attrs.type != asyncssh.FILEXFER_TYPE_REGULAR:
+            raise DownloadRefused(f"{remote_rel} is not a regular file")
+        if attrs.size is not None and attrs.size > max_bytes:
+            raise DownloadRefused(f"{remote_rel} is {attrs.size} bytes, over {max_bytes}")
+        copied = 0
+        try:
+            async with sftp.open(remote_rel, "rb", encoding=None) as src:
+                with part.open("wb") as dst:
+                    while chunk := _as_bytes(await src.read(1 << 20)):
+                        copied += len(chunk)
+                        if copied > max_bytes:
+                            raise DownloadRefused(f"{remote_rel} grew over {max_bytes} bytes")
+                        dst.write(chunk)
+        except BaseException:
+            part.unlink(missing_ok=True)
+            raise
     os.replace(part, local)
 
 
