@@ -12,7 +12,9 @@ and the job waits through it, so one cold start costs `cold * (1 + wait_weight)`
 - `expected_wait` / `remaining_run_s`: when a live instance will be free for the job;
 - `adaptive_window`: how long an idle instance stays warm under `keep_warm = "auto"`, chosen by
   replaying the recent idle gaps (time from an instance going idle to the next arrival)
-  against every candidate window, older gaps counting less (exponential decay);
+  against every candidate window, older gaps counting less (exponential decay), with gaps
+  longer than any seen priced in and a young history drawn towards a first window;
+- `scheduled_until`: how long `jobs.warm_schedule` keeps an instance going idle warm;
 - `cold_start_update` / `cold_start_add_setup` / `cold_start_mean`: the decaying cold-start
   estimate per provider and GPU, which charges failed launches to the next successful one and
   counts the setup a new instance's first job did (installing the runner's engine).
@@ -38,7 +40,7 @@ DEFAULT_JOB_S = 60.0  # a job's length before any job was measured
 # on the trace suite in tests/bench (50 seeds each; see adaptive_window for what they do).
 WINDOW_MARGIN = 1.25
 FIRST_WINDOW_SHARE = 0.5  # the window before any gap, as a share of a cold start's cost
-UNSEEN_PER_COLD_S = 1 / 110  # pseudo-gaps longer than any seen, per second of cold cost
+UNSEEN_PER_COLD_S = 1 / 100  # pseudo-gaps longer than any seen, per second of cold cost
 PRIOR_WEIGHT = 3.0  # pseudo-gaps drawing a young history's window towards the first one
 PRIOR_SHARE_POWER = 2.0  # ... scaled by the share of the gaps it covers to this power
 
