@@ -25,7 +25,14 @@ import asyncssh
 import pytest
 from tests.conftest import unavailable
 
-from gpuwarden.sim.openssh import PRIVSEP_DIR, READY_TIMEOUT, SSHD, free_port, unavailable_reason
+from gpuwarden.sim.openssh import (
+    PRIVSEP_DIR,
+    READY_TIMEOUT,
+    SSHD,
+    base_config,
+    free_port,
+    unavailable_reason,
+)
 
 
 def require_root_sshd() -> None:
@@ -97,21 +104,14 @@ def running_sshd(base: Path) -> Iterator[Sshd]:
     authorized.chmod(0o644)
     port = free_port()
     config = etc / "sshd_config"
-    config.write_text(
-        f"Port {port}\n"
-        "ListenAddress 127.0.0.1\n"
-        f"HostKey {etc / 'host_ed25519'}\n"
-        f"PidFile {etc / 'sshd.pid'}\n"
-        f"AuthorizedKeysFile {authorized}\n"
-        "UsePAM no\n"
-        "StrictModes no\n"
-        "PermitRootLogin prohibit-password\n"
-        "PasswordAuthentication no\n"
-        "KbdInteractiveAuthentication no\n"
-        "PubkeyAuthentication yes\n"
-        "Subsystem sftp internal-sftp\n"
-        "LogLevel VERBOSE\n"
+    lines = base_config(
+        port=port,
+        host="127.0.0.1",
+        host_key=etc / "host_ed25519",
+        pid_file=etc / "sshd.pid",
+        authorized=authorized,
     )
+    config.write_text(lines + "Subsystem sftp internal-sftp\nLogLevel VERBOSE\n")
     log = etc / "sshd.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(

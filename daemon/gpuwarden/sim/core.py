@@ -213,25 +213,18 @@ class SimCore:
             delay *= 1 - sum(share for _, share in VAST_BOOT_STEPS)
         await asyncio.sleep(delay)
         env = self.process_env(inst)
+        common: dict[str, Any] = {
+            "instance_id": inst.id,
+            "sandbox": inst.sandbox,
+            "env": env,
+            "host_key": self.host_key,
+            "authorized": inst.authorized,
+        }
         host: SshHost | OpensshHost
         if self.settings.ssh == "openssh":
-            host = OpensshHost(
-                instance_id=inst.id,
-                sandbox=inst.sandbox,
-                env=env,
-                host_key=self.host_key,
-                authorized=inst.authorized,
-                user=LOGIN_USER[inst.kind],
-            )
+            host = OpensshHost(**common, user=LOGIN_USER[inst.kind])
         else:
-            host = SshHost(
-                instance_id=inst.id,
-                sandbox=inst.sandbox,
-                env=env,
-                host_key=self.host_key,
-                authorized=inst.authorized,
-                now=self.now,
-            )
+            host = SshHost(**common, now=self.now)
         inst.ssh = host
         inst.ssh_port = await host.start()
         if inst.onstart.strip():

@@ -58,6 +58,26 @@ def free_port(host: str = "127.0.0.1") -> int:
         return port
 
 
+def base_config(*, port: int, host: str, host_key: Path, pid_file: Path, authorized: Path) -> str:
+    """The sshd_config lines every sshd of ours starts from: one loopback port, its own host
+    key, pid file and authorized_keys (absolute paths), key logins only, no PAM (no system
+    login stack to depend on), and no StrictModes (the files sit in a sandbox or a test's
+    temporary directory, not in a home sshd would check)."""
+    return (
+        f"Port {port}\n"
+        f"ListenAddress {host}\n"
+        f"HostKey {host_key}\n"
+        f"PidFile {pid_file}\n"
+        f"AuthorizedKeysFile {authorized}\n"
+        "UsePAM no\n"
+        "StrictModes no\n"
+        "PermitRootLogin prohibit-password\n"
+        "PasswordAuthentication no\n"
+        "KbdInteractiveAuthentication no\n"
+        "PubkeyAuthentication yes\n"
+    )
+
+
 def _quote(value: str) -> str:
     # sshd_config splits on whitespace outside double quotes and has no escape for them.
     if '"' in value or "\n" in value:
@@ -170,20 +190,16 @@ class OpensshHost:
         return config
 
     def _config(self, host_key: Path, authorized: Path, pid_file: Path) -> str:
+        assert self.port is not None
         env = " ".join(_quote(f"{k}={v}") for k, v in self.env.items())
-        return (
-            f"Port {self.port}\n"
-            f"ListenAddress {self._host}\n"
-            f"HostKey {host_key}\n"
-            f"PidFile {pid_file}\n"
-            f"AuthorizedKeysFile {authorized}\n"
+        return base_config(
+            port=self.port,
+            host=self._host,
+            host_key=host_key,
+            pid_file=pid_file,
+            authorized=authorized,
+        ) + (
             f"AllowUsers {self.user}\n"
-            "UsePAM no\n"
-            "StrictModes no\n"
-            "PermitRootLogin prohibit-password\n"
-            "PasswordAuthentication no\n"
-            "KbdInteractiveAuthentication no\n"
-            "PubkeyAuthentication yes\n"
             "PrintMotd no\n"
             f"Subsystem sftp internal-sftp -d {_quote(str(self.sandbox))}\n"
             f"SetEnv {env}\n"
