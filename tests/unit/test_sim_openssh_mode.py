@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -24,7 +25,7 @@ def test_without_root_the_reason_says_so(monkeypatch: pytest.MonkeyPatch, tmp_pa
     sshd = tmp_path / "sshd"
     sshd.write_text("")
     monkeypatch.setattr(openssh, "SSHD", sshd)
-    monkeypatch.setattr(openssh.os, "geteuid", lambda: 1000)
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
     reason = openssh.unavailable_reason()
     assert reason is not None and "root" in reason
 
