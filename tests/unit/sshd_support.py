@@ -109,7 +109,8 @@ def running_sshd(base: Path) -> Iterator[Sshd]:
         host="127.0.0.1",
         host_key=etc / "host_ed25519",
         pid_file=etc / "sshd.pid",
-        authorized=authorized,
+        # The test's key, and (as on a rented host) the login's own ~/.ssh/authorized_keys.
+        authorized=f"{authorized} .ssh/authorized_keys",
     )
     config.write_text(lines + "Subsystem sftp internal-sftp\nLogLevel VERBOSE\n")
     log = etc / "sshd.log"

@@ -401,6 +401,7 @@ async def _instance_dict(
         "busy": obs.busy,
         **_deadline_fields(inst, obs, limits, now),
         "price_per_hour": inst.price_per_hour,
+        "spot": inst.extra.get("spot"),  # the bid, min bid and on-demand price; None: on demand
         "billing": inst.billing.value,
         "cost_now": round(policy.cost_so_far(inst, now), 6),
         "est_total": round(policy.est_total(inst, obs, limits, now), 6),
@@ -409,6 +410,10 @@ async def _instance_dict(
         "last_probe_ok": inst.last_probe_ok,
         "deadman": inst.extra.get("deadman"),  # the switch as the last probe saw it
         "ssh": f"{inst.ssh_user}@{inst.ssh_host}:{inst.ssh_port}" if inst.ssh_host else None,
+        # SSH has answered (the watchdog's first good probe pinned its host key): only then
+        # does `status` show a running instance as running rather than booting.
+        "ssh_ready": inst.extra.get("host_key") is not None,
+        "probe_stale": policy.probe_stale(inst, app.settings.policy.watchdog_interval, now),
         "job_id": inst.job_id,
     }
 
@@ -476,15 +481,7 @@ async def costs(app: App, days: int = 7) -> dict[str, Any]:
     warm = await warm_spend.by_day(app, since)
     return {
         "since": format_ts(since),
-        "days": [
-            {
-                "day": k.isoformat(),
-                "total": round(spent.days[k].total if k in spent.days else 0.0, 6),
-                "idle": round(spent.days[k].idle if k in spent.days else 0.0, 6),
-                **warm_spend.day_fields(warm.get(k)),
-            }
-            for k in sorted(set(spent.days) | set(warm))
-        ],
+        "days": warm_spend.days(spent, warm),
         **warm_spend.totals(warm),
         "by_provider": {k: round(v, 6) for k, v in sorted(spent.by_provider.items())},
         "by_reason": {k: round(v, 6) for k, v in sorted(spent.by_reason.items())},

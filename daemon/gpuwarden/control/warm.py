@@ -26,6 +26,22 @@ async def by_day(app: App, since: datetime) -> dict[date, policy.WarmDay]:
     )
 
 
+def days(spent: policy.Spend, warm: dict[date, policy.WarmDay]) -> list[dict[str, Any]]:
+    """One row per UTC day with spend or keep-warm: the spend and idle tails, and keep-warm."""
+    rows = []
+    for k in sorted(set(spent.days) | set(warm)):
+        day = spent.days.get(k, policy.DaySpend(0.0, 0.0))
+        rows.append(
+            {
+                "day": k.isoformat(),
+                "total": round(day.total, 6),
+                "idle": round(day.idle, 6),
+                **day_fields(warm.get(k)),
+            }
+        )
+    return rows
+
+
 def day_fields(warm: policy.WarmDay | None) -> dict[str, Any]:
     w = warm or NOTHING
     return {

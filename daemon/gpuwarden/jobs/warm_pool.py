@@ -19,7 +19,7 @@ from typing import Literal
 from gpuwarden.core.clock import parse_ts
 from gpuwarden.core.model import EntityKind, Event, Instance, Job, TerminationReason
 from gpuwarden.jobs import decisions as queue
-from gpuwarden.jobs import weighing
+from gpuwarden.jobs import spot, weighing
 from gpuwarden.store import NotFoundError, Store
 
 GAPS_ENTITY = "jobs.idle_gaps"  # the daemon entity whose idle_gap events hold the gaps
@@ -105,7 +105,9 @@ class WarmPool:
                 self._warm.pop(iid, None)
                 continue
             cap = self._caps.get(iid, queue.Capability(None, inst.price_per_hour))
-            if queue.fits(job.spec, inst, cap, default_gpu_ram_gb):
+            if queue.fits(
+                job.spec, inst, cap, default_gpu_ram_gb, spot_ok=spot.wants_spot(job, True)
+            ):
                 return inst
         return None
 

@@ -58,9 +58,12 @@ def free_port(host: str = "127.0.0.1") -> int:
         return port
 
 
-def base_config(*, port: int, host: str, host_key: Path, pid_file: Path, authorized: Path) -> str:
+def base_config(
+    *, port: int, host: str, host_key: Path, pid_file: Path, authorized: str | Path
+) -> str:
     """The sshd_config lines every sshd of ours starts from: one loopback port, its own host
-    key, pid file and authorized_keys (absolute paths), key logins only, no PAM (no system
+    key, pid file and authorized_keys (absolute paths; `authorized` may list several, as
+    sshd's AuthorizedKeysFile does), key logins only, no PAM (no system
     login stack to depend on), and no StrictModes (the files sit in a sandbox or a test's
     temporary directory, not in a home sshd would check)."""
     return (
