@@ -17,7 +17,9 @@ import asyncio
 import contextlib
 import json
 import random
+import shutil
 import sqlite3
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -131,6 +133,45 @@ class FaultProxy:
         return web.Response(status=500)
 
 
+# What a lying instance leaves as result.json instead of the runner's (issue 17, item 4).
+HOSTILE_RESULTS: list[Any] = [
+    {"files": [{"name": "..", "sha256": "0" * 64}]},
+    {"files": [{"name": "", "sha256": "0" * 64}]},
+    {"files": [{"name": "../../../../outside.png", "sha256": "0" * 64}]},
+    {"files": [{"name": 7, "sha256": "0" * 64}]},
+    {"files": [{"name": "a\x00b.png", "sha256": "0" * 64}]},
+    {"files": [{"name": f"i{n}.png", "sha256": "0" * 64} for n in range(5000)]},
+    {"files": [{"name": "missing.png", "sha256": "0" * 64}]},
+]
+
+
+class Liar:
+    """Makes every third instance of the sim lie: each result.json its runner writes is
+    replaced at once by one of HOSTILE_RESULTS (a race with the daemon's read that the
+    watcher, polling every 20 ms against the daemon's 300 ms, mostly wins)."""
+
+    def __init__(self, sim: SimCloud) -> None:
+        self.sim = sim
+        self.replaced = 0
+        self._done: set[Path] = set()
+
+    async def run(self) -> None:
+        while True:
+            for n, inst in enumerate(sorted(self.sim.core.instances.values(), key=lambda i: i.id)):
+                if n % 3 == 0:
+                    self._lie(inst.sandbox)
+            await asyncio.sleep(0.02)
+
+    def _lie(self, sandbox: Path) -> None:
+        for result in sandbox.glob(".gpuwarden/jobs/*/result.json"):
+            if result in self._done:
+                continue
+            self._done.add(result)
+            lie = HOSTILE_RESULTS[self.replaced % len(HOSTILE_RESULTS)]
+            result.write_text(json.dumps(lie))
+            self.replaced += 1
+
+
 @dataclass
 class Figures:
     kills: int = 0
@@ -141,13 +182,16 @@ class Figures:
     violations: list[str] = field(default_factory=list)
     proxy_faults: dict[str, int] = field(default_factory=dict)
     sim_faults: list[str] = field(default_factory=list)
+    lies: int = 0  # result.json files a lying instance replaced
+    refused_results: int = 0  # jobs failed because their result.json was refused
 
     def line(self, seed: int) -> str:
         faults = ", ".join(f"{k} {v}" for k, v in sorted(self.proxy_faults.items()))
         return (
             f"chaos seed {seed}: {self.kills} kills, {self.instances} instances, {self.jobs} jobs, "
             f"worst overrun {self.worst_overrun_s:.1f} s (bound {BOUND:g} s), "
-            f"{len(self.violations)} violations; proxy faults: {faults or 'none'}; "
+            f"{len(self.violations)} violations; {self.lies} lying results "
+            f"({self.refused_results} jobs failed for them); proxy faults: {faults or 'none'}; "
             f"sim faults: {', '.join(self.sim_faults) or 'none'}"
         )
 
@@ -193,6 +237,14 @@ class World:
     env: dict[str, str]
     daemon: DaemonProcess | None = None
     alive: list[tuple[datetime, datetime | None]] = field(default_factory=list)
+    # Run each daemon under this command (e.g. nsenter into a mount namespace), and read what
+    # it wrote through `root` (the namespace's view of the file system, /proc/PID/root).
+    prefix: list[str] = field(default_factory=list)
+    root: Path = Path("/")
+
+    def seen(self, path: Path | str) -> Path:
+        """`path` as the daemon sees it, from here."""
+        return self.root / Path(path).relative_to("/")
 
     @property
     def sock(self) -> Path:
@@ -201,7 +253,18 @@ class World:
     async def start(self) -> None:
         self.sock.unlink(missing_ok=True)  # a killed daemon leaves it
         self.alive.append((datetime.now(UTC), None))
-        self.daemon = await DaemonProcess.start(self.home / "config.toml", self.env)
+        argv = [*self.prefix, sys.executable, "-m", "gpuwarden", "run"]
+        proc = await asyncio.create_subprocess_exec(
+            *argv,
+            "--config",
+            str(self.home / "config.toml"),
+            env=self.env,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            start_new_session=True,
+        )
+        self.daemon = DaemonProcess(proc)
         await self.daemon.wait_for("daemon_ready", 60)
 
     async def kill(self) -> None:
@@ -248,7 +311,12 @@ def check(world: World, figures: Figures) -> None:
     now = datetime.now(UTC)
     entries = world.sim.core.ledger.entries()
     figures.instances = len(entries)
-    with database(world.home / "state" / "gpuwarden.db") as db:
+    # A copy (the daemon has stopped): SQLite cannot open a file through /proc/PID/root.
+    copy = world.home / "db-copy"
+    copy.mkdir(exist_ok=True)
+    for part in world.seen(world.home / "state").glob("gpuwarden.db*"):
+        shutil.copyfile(part, copy / part.name)
+    with database(copy / "gpuwarden.db") as db:
         rows = {r["provider_id"]: r for r in db.execute("SELECT * FROM instances")}
         jobs = list(db.execute("SELECT * FROM jobs"))
         ends = [
@@ -288,11 +356,16 @@ def check(world: World, figures: Figures) -> None:
                 f"job {job['id']} is {job['state']} with {count} terminal events"
             )
         if job["state"] == "succeeded":
-            figures.violations += images_once(job)
+            figures.violations += images_once(world, job)
+        if job["state"] == "failed" and "result.json" in (job["error"] or ""):
+            figures.refused_results += 1
+    outside = world.home.parent / "outside.png"
+    if outside.exists() or any(world.seen(world.home).rglob("outside.png")):
+        figures.violations.append("a lying instance's path was written")
 
 
-def images_once(job: sqlite3.Row) -> list[str]:
-    outputs = [Path(p) for p in json.loads(job["outputs"] or "[]")]
+def images_once(world: World, job: sqlite3.Row) -> list[str]:
+    outputs = [world.seen(p) for p in json.loads(job["outputs"] or "[]")]
     spec = json.loads(job["spec"])
     if len(outputs) != int(spec.get("count", 1)) or len(set(outputs)) != len(outputs):
         return [f"job {job['id']} has outputs {outputs}"]
