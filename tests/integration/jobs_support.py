@@ -95,7 +95,7 @@ class JobEnv:
         return self.app.store
 
     async def submit(self, prompt: str = "a lighthouse at dusk", **kw: Any) -> str:
-        job = await api.submit(self.app, prompt=prompt, **kw)
+        job = await api.submit(self.app, prompt=prompt, by="test", **kw)
         return str(job["id"])
 
     async def job(self, job_id: str) -> Job:

@@ -45,7 +45,7 @@ async def test_a_launch_the_dry_run_refuses_is_not_attempted() -> None:
     why, and the CLI stops there with exit 1, without asking and without launching."""
     asked: list[bool] = []
 
-    async def launch(app: Any, p: LaunchParams) -> dict[str, Any]:
+    async def launch(app: Any, caller: Any, p: LaunchParams) -> dict[str, Any]:
         asked.append(p.dry_run)
         assert p.dry_run, "a refused launch was attempted"
         return {
@@ -112,10 +112,10 @@ async def test_a_provider_that_failed_is_a_warning_and_yes_still_shows_the_estim
         "warnings": [WARNING],
     }
 
-    async def offers(app: Any, p: OffersParams) -> dict[str, Any]:
+    async def offers(app: Any, caller: Any, p: OffersParams) -> dict[str, Any]:
         return {"offers": [], "warnings": [WARNING]}
 
-    async def launch(app: Any, p: LaunchParams) -> dict[str, Any]:
+    async def launch(app: Any, caller: Any, p: LaunchParams) -> dict[str, Any]:
         if p.dry_run:
             return estimate
         return {"id": "abcd1234", "provider": "sim-vast", "gpu": "A10", "state": "requested"}
@@ -145,7 +145,7 @@ async def test_a_provider_that_failed_is_a_warning_and_yes_still_shows_the_estim
 async def test_a_refused_reload_says_so_and_exits_1() -> None:
     problem = "policy.idle_timeout: not a duration (from /etc/gpuwarden/config.toml)"
 
-    async def reload(app: Any, p: NoParams) -> dict[str, Any]:
+    async def reload(app: Any, caller: Any, p: NoParams) -> dict[str, Any]:
         return {"reloaded": False, "problems": [problem]}
 
     methods: dict[str, Method[Any]] = {"config.reload": Method(NoParams, reload)}

@@ -26,23 +26,23 @@ from gpuwarden.core.heartbeat import BEAT_EVERY
 from gpuwarden.core.model import EntityKind, Event
 
 
-async def _hang(app: Any, params: Any) -> Any:
+async def _hang(app: Any, caller: Any, params: Any) -> Any:
     await asyncio.Event().wait()
 
 
-async def _boom(app: Any, params: Any) -> Any:
+async def _boom(app: Any, caller: Any, params: Any) -> Any:
     raise RuntimeError("secret internals")
 
 
-async def _domain(app: Any, params: Any) -> Any:
+async def _domain(app: Any, caller: Any, params: Any) -> Any:
     raise LeaseMaxExceeded("only 2 more hours are allowed", allowed_hours=2.0)
 
 
-async def _store_missing(app: Any, params: Any) -> Any:
+async def _store_missing(app: Any, caller: Any, params: Any) -> Any:
     return await app.store.get_instance("nope")
 
 
-async def _now(app: Any, params: Any) -> Any:
+async def _now(app: Any, caller: Any, params: Any) -> Any:
     return {"at": datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC), "kind": EntityKind.JOB}
 
 
@@ -50,7 +50,7 @@ class EchoParams(NoParams):
     text: str
 
 
-async def _echo(app: Any, params: EchoParams) -> Any:
+async def _echo(app: Any, caller: Any, params: EchoParams) -> Any:
     return {"text": params.text}
 
 

@@ -277,17 +277,17 @@ async def test_hostile_prompts_reach_the_runner_unchanged_and_run_nothing(
 
 async def test_cancel_while_queued_launches_nothing(tmp_path: Path) -> None:
     async with job_env(tmp_path) as env:
-        await api.pause(env.app)
+        await api.pause(env.app, by="test")
         job_id = await env.submit("never")
         assert (await env.job(job_id)).state is JobState.QUEUED
-        out = await api.cancel(env.app, job_id)
+        out = await api.cancel(env.app, job_id, by="test")
         assert out["state"] == "cancelled"
-        await api.resume(env.app)
+        await api.resume(env.app, by="test")
         job = await env.job(job_id)
         assert job.state is JobState.CANCELLED
         assert env.sim.ledger()["instances"] == []
         with pytest.raises(errors.InvalidState):
-            await api.cancel(env.app, job_id)
+            await api.cancel(env.app, job_id, by="test")
 
 
 async def test_cancel_while_running_kills_the_remote_process(tmp_path: Path) -> None:
@@ -303,7 +303,7 @@ async def test_cancel_while_running_kills_the_remote_process(tmp_path: Path) -> 
         inst = await env.store.get_instance(job.instance_id or "")
         box = env.sandbox(inst.provider_id or "") / ".gpuwarden" / "jobs" / job_id
         pid = int((box / "pid").read_text())
-        out = await api.cancel(env.app, job_id)
+        out = await api.cancel(env.app, job_id, by="test")
         assert out["cancel_requested"] is True
         job = await env.wait_job(job_id, DONE)
         assert job.state is JobState.CANCELLED

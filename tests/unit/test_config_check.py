@@ -11,6 +11,7 @@ import pytest
 
 from gpuwarden.cli import main
 from gpuwarden.config import settings as config
+from gpuwarden.config.durations import parse_duration
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "config.example.toml"
 
@@ -254,13 +255,13 @@ def test_run_refuses_a_file_that_is_not_text_with_78_before_touching_anything(
     ],
 )
 def test_durations_may_be_compound(text: str, seconds: float) -> None:
-    assert config.parse_duration(text).total_seconds() == seconds
+    assert parse_duration(text).total_seconds() == seconds
 
 
 @pytest.mark.parametrize("text", ["", "30", "h", "1h-30m", "m30", "1x"])
 def test_what_is_not_a_duration_is_refused(text: str) -> None:
     with pytest.raises(ValueError, match="1h30m"):
-        config.parse_duration(text)
+        parse_duration(text)
 
 
 def test_a_provider_without_a_key_is_refused_by_check_config_and_run_alike(

@@ -44,7 +44,7 @@ async def test_a_job_is_named_by_a_unique_prefix(
         await api.get(app, "jcd")
     with pytest.raises(errors.NotFound):
         await api.get(app, "j%%%")  # text, not a LIKE pattern
-    cancelled = await api.cancel(app, "jcd34")
+    cancelled = await api.cancel(app, "jcd34", by="test")
     assert cancelled["id"] == "jcd34cc" and cancelled["state"] == "cancelled"
 
 

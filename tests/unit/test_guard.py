@@ -94,10 +94,10 @@ async def test_activity_and_extension_move_the_deadline(
     async with running_guard(app) as run:
         inst = await launcher.launch(app, fake.offers[0], hours=1)
         await run.step(clock, 9 * 60)
-        await api.activity(app, id=inst.id)
+        await api.activity(app, id=inst.id, by="test")
         await run.step(clock, 9 * 60)  # 18 min: the original idle deadline has passed
         assert (await app.store.get_instance(inst.id)).state.live
-        await api.extend(app, id=inst.id, hours=1)  # extension is activity too
+        await api.extend(app, id=inst.id, hours=1, by="test")  # extension is activity too
         await run.quiet()
         await run.step(clock, 9 * 60)
         assert (await app.store.get_instance(inst.id)).state is InstanceState.PROVISIONING
@@ -124,14 +124,14 @@ async def test_hard_cap_wins_over_a_busy_extended_instance(
     async with running_guard(app) as run:
         inst = await launcher.launch(app, fake.offers[0])
         await run.step(clock, 4)
-        await api.extend(app, id=inst.id, hours=10 / 3600)  # lease to 20 s: the maximum
+        await api.extend(app, id=inst.id, hours=10 / 3600, by="test")  # lease to 20 s: the maximum
         with pytest.raises(errors.LeaseMaxExceeded):
-            await api.extend(app, id=inst.id, hours=1 / 3600)
+            await api.extend(app, id=inst.id, hours=1 / 3600, by="test")
         for _ in range(3):  # kept busy: activity every 4 s
             await run.step(clock, 4)
-            await api.activity(app, id=inst.id)
+            await api.activity(app, id=inst.id, by="test")
         await run.step(clock, 3)
-        await api.activity(app, id=inst.id)  # busy at 19 s
+        await api.activity(app, id=inst.id, by="test")  # busy at 19 s
         assert (await app.store.get_instance(inst.id)).state.live
         await run.step(clock, 1)  # 20 s: the cap, also the lease end; the cap wins
         await rec.terminated(inst.id)
@@ -181,7 +181,7 @@ async def test_a_destroy_that_does_nothing_is_noticed_and_repeated(
     async with running_guard(app) as run:
         inst = await launcher.launch(app, fake.offers[0])
         fake.faults.destroy_noop_next = 1
-        out = await api.destroy(app, id=inst.id)
+        out = await api.destroy(app, id=inst.id, by="test")
         assert out["confirmed"] is False  # get() still saw it
         await run.step(clock, 1)
         await rec.terminated(inst.id)

@@ -53,8 +53,8 @@ async def test_a_provider_that_failed_is_a_warning_not_a_silent_gap(
     assert found["offers"] == []
     assert len(found["warnings"]) == 1 and "lambda" in found["warnings"][0]
     with pytest.raises(errors.NoOffer, match="no offers from lambda"):
-        await api.launch(app, gpu="A10", dry_run=True)
-    est = await api.launch(app, gpu="a100", dry_run=True)
+        await api.launch(app, gpu="A10", dry_run=True, by="test")
+    est = await api.launch(app, gpu="a100", dry_run=True, by="test")
     assert est["gpu"] == "A100 SXM4"
     assert [w for w in est["warnings"] if "lambda" in w] == est["warnings"] != []
     assert a100.calls_to("launch") == []
@@ -77,7 +77,7 @@ async def test_launch_dry_run_estimates_without_renting(
 ) -> None:
     fake = FakeProvider(clock, "lambda", billing=Billing.PER_MINUTE)
     app = await make_app(settings(tmp_path, budget={"daily_limit": 1.0}), clock, [fake])
-    est = await api.launch(app, gpu="a10", hours=2, dry_run=True)
+    est = await api.launch(app, gpu="a10", hours=2, dry_run=True, by="test")
     assert est["gpu"] == "A10" and est["hours"] == 2
     assert est["estimated_cost"] == pytest.approx(1.5)
     assert est["refused"] is not None and "daily limit" in est["refused"]
@@ -86,11 +86,11 @@ async def test_launch_dry_run_estimates_without_renting(
     assert est["idle_timeout_s"] == 30 * 60 and est["hard_cap_h"] == 8
     assert (est["daily_limit"], est["daily_left"], est["daily_committed"]) == (1.0, 1.0, 0.0)
     assert est["warnings"] == []
-    ok = await api.launch(app, gpu="a10", hours=1, dry_run=True)
+    ok = await api.launch(app, gpu="a10", hours=1, dry_run=True, by="test")
     assert (ok["refused"], ok["refused_code"]) == (None, None)
     assert fake.calls_to("launch") == []
     with pytest.raises(errors.NoOffer):
-        await api.launch(app, offer_id="no-such-offer")
+        await api.launch(app, offer_id="no-such-offer", by="test")
     await app.store.close()
 
 
@@ -99,7 +99,7 @@ async def test_status_reports_deadline_cost_and_estimate(
 ) -> None:
     fake = FakeProvider(clock, "fake")
     app = await make_app(settings(tmp_path, idle_timeout="30m"), clock, [fake])
-    out = await api.launch(app, offer_id=fake.offers[1].offer_id, hours=2)  # $1.20/h
+    out = await api.launch(app, offer_id=fake.offers[1].offer_id, hours=2, by="test")  # $1.20/h
     clock.set(T0 + timedelta(minutes=10))
     st = await api.status(app)
     json.dumps(st)  # JSON-friendly
@@ -125,12 +125,12 @@ async def test_extend_refusal_says_how_much_is_allowed(
     app = await make_app(clock=clock, providers=[fake])
     inst = await launcher.launch(app, fake.offers[0], hours=6)
     with pytest.raises(errors.LeaseMaxExceeded) as got:
-        await api.extend(app, id=inst.id, hours=3)
+        await api.extend(app, id=inst.id, hours=3, by="test")
     assert "at most 2 h more" in got.value.message
-    out = await api.extend(app, id=inst.id, hours=2)
+    out = await api.extend(app, id=inst.id, hours=2, by="test")
     assert out["still_allowed_h"] == 0
     with pytest.raises(errors.NotFound):
-        await api.extend(app, id="nope", hours=1)
+        await api.extend(app, id="nope", hours=1, by="test")
     await app.store.close()
 
 
@@ -143,10 +143,10 @@ async def test_destroy_history_and_costs(
     b = await launcher.launch(app, fake.offers[0])  # $0.40/h
     clock.set(T0 + timedelta(hours=1))
     await app.terminator.end(a.id, TerminationReason.IDLE)
-    done = await api.destroy(app, id=b.label)  # by label works too
+    done = await api.destroy(app, id=b.label, by="test")  # by label works too
     assert done["confirmed"] is True and done["reason"] == "manual"
     with pytest.raises(errors.InvalidState):
-        await api.destroy(app, id=b.id)
+        await api.destroy(app, id=b.id, by="test")
     hist = await api.history(app, hours=2)
     assert [(h["instance_id"], h["reason"]) for h in hist] == [(a.id, "idle"), (b.id, "manual")]
     assert hist[0]["cost"] == pytest.approx(1.2) and hist[0]["uptime_s"] == 3600
@@ -155,7 +155,7 @@ async def test_destroy_history_and_costs(
     assert costs["idle"] == pytest.approx(0.6)  # the idle tail: 30 min at $1.20/h
     assert costs["by_reason"] == {"idle": pytest.approx(1.2), "manual": pytest.approx(0.4)}
     assert costs["days"] == [{"day": "2026-03-01", "total": 1.6, "idle": 0.6}]
-    assert (await api.destroy_all(app))["count"] == 0
+    assert (await api.destroy_all(app, by="test"))["count"] == 0
     await app.store.close()
 
 
@@ -187,12 +187,12 @@ async def test_an_instance_is_named_by_a_unique_id_prefix_or_its_label(
     with pytest.raises(errors.NotFound):
         await named(c.label[:-1])  # a label is only ever whole
     # Of several matches, the only live one is meant: the others are history.
-    await api.destroy(app, id="abcd1")
+    await api.destroy(app, id="abcd1", by="test")
     assert await named("abcd") == b.id
     # The service functions resolve the same way.
-    assert (await api.activity(app, id="f00d"))["id"] == d.id
-    assert (await api.extend(app, id="abcd", hours=1))["id"] == b.id
-    assert (await api.destroy(app, id="abce"))["id"] == c.id
+    assert (await api.activity(app, id="f00d", by="test"))["id"] == d.id
+    assert (await api.extend(app, id="abcd", hours=1, by="test"))["id"] == b.id
+    assert (await api.destroy(app, id="abce", by="test"))["id"] == c.id
     await app.store.close()
 
 

@@ -190,14 +190,14 @@ class GuardMachine(RuleBasedStateMachine):
     def extend(self, data: st.DataObject, hours: float) -> None:
         iid = data.draw(st.sampled_from(self._live_ids()))
         with contextlib.suppress(errors.DomainError):
-            self.run(api.extend(self.app, id=iid, hours=hours))
+            self.run(api.extend(self.app, id=iid, hours=hours, by="test"))
 
     @precondition(lambda self: bool(self._live_ids()))
     @rule(data=st.data())
     def activity(self, data: st.DataObject) -> None:
         iid = data.draw(st.sampled_from(self._live_ids()))
         with contextlib.suppress(errors.DomainError):
-            self.run(api.activity(self.app, id=iid))
+            self.run(api.activity(self.app, id=iid, by="test"))
 
     @precondition(lambda self: bool(self._live_ids()))
     @rule(data=st.data())
@@ -207,7 +207,7 @@ class GuardMachine(RuleBasedStateMachine):
         if row.state is InstanceState.TERMINATING or not row.state.live:
             return
         self.expect[iid] = {R.MANUAL}
-        self.run(api.destroy(self.app, id=iid))
+        self.run(api.destroy(self.app, id=iid, by="test"))
 
     # --- rules: time and faults -----------------------------------------------------
 

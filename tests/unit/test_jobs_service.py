@@ -154,7 +154,7 @@ async def make_env(
 
 
 async def submit(env: Env, prompt: str = "a fox", **kw: Any) -> str:
-    return str((await api.submit(env.app, prompt=prompt, steps=2, **kw))["id"])
+    return str((await api.submit(env.app, prompt=prompt, steps=2, by="test", **kw))["id"])
 
 
 async def test_auto_keep_warm_without_history_is_the_ski_rental_window_then_idle(
@@ -222,12 +222,12 @@ async def test_at_most_max_instances_are_rented(make_env: Any) -> None:
 
 async def test_a_paused_queue_accepts_but_does_not_dispatch(make_env: Any) -> None:
     env: Env = await make_env()
-    await api.pause(env.app)
-    out = await api.submit(env.app, prompt="later")
+    await api.pause(env.app, by="test")
+    out = await api.submit(env.app, prompt="later", by="test")
     assert out["queue_paused"] is True and out["state"] == "queued"
     await env.clock.advance(60)
     assert env.cloud.launches == []
-    await api.resume(env.app)
+    await api.resume(env.app, by="test")
 
     async def launched() -> bool:
         return bool(env.cloud.launches)
@@ -290,7 +290,7 @@ async def test_the_idle_timer_counts_from_the_end_of_the_job(make_env: Any) -> N
     touch. The job's end, not that touch (nor the launch), is where the idle deadline counts
     from."""
     env: Env = await make_env(keep_warm="1h")
-    job_id = str((await api.submit(env.app, prompt="slow", steps=40))["id"])
+    job_id = str((await api.submit(env.app, prompt="slow", steps=40, by="test"))["id"])
 
     async def done() -> bool:
         return (await env.state(job_id)) is JobState.SUCCEEDED
@@ -324,7 +324,7 @@ async def test_a_job_cancelled_while_its_instance_booted_counts_from_the_cancel(
 
     await env.until(launched, limit=10)
     await env.clock.advance(20)  # the instance boots for 60 s
-    await api.cancel(env.app, id=job_id)
+    await api.cancel(env.app, id=job_id, by="test")
     job = await env.app.store.get_job(job_id)
     assert job.state is JobState.CANCELLED and job.finished_at is not None
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -145,14 +146,26 @@ async def test_search_matches_gpu_region_client_side(
     assert unknown == []
 
 
-async def test_search_for_interruptible_uses_bids(client: VastClient, router: respx.Router) -> None:
+async def test_search_for_interruptible_adds_spot_variants_from_min_bid(
+    client: VastClient, router: respx.Router
+) -> None:
     route = router.post("/api/v0/bundles/").mock(
         return_value=httpx.Response(200, json=load("search-offers.response.json"))
     )
-    offers = await client.search_offers(Requirements(interruptible=True))
-    assert json.loads(route.calls.last.request.content)["type"] == "bid"
-    assert offers[0].raw[vast_wire.BID_PRICE_KEY] == pytest.approx(0.164167)
-    assert "gpu_name" not in json.loads(route.calls.last.request.content)
+    offers = await client.search_offers(Requirements(interruptible=True, max_price=0.2))
+    sent = json.loads(route.calls.last.request.content)
+    # One on-demand search: its rows carry min_bid; the price cap applies per variant here.
+    assert sent["type"] == "on-demand" and "dph_total" not in sent and "gpu_name" not in sent
+    spot = [o for o in offers if o.interruptible]
+    on_demand = [o for o in offers if not o.interruptible]
+    assert [o.price_per_hour for o in on_demand] == [pytest.approx(0.164167)]
+    first = next(o for o in spot if o.offer_id == on_demand[0].offer_id)
+    assert first.min_bid == pytest.approx(0.0889)
+    assert first.on_demand_price == pytest.approx(0.164167)
+    assert first.price_per_hour == pytest.approx(0.0889 + first.storage_per_hour)
+    # The RTX 4090 is too dear on demand (0.35) but fits the cap as spot (min bid 0.1667).
+    assert {o.gpu_name for o in spot} == {"RTX 3090", "RTX 4090"}
+    assert all(o.price_per_hour <= 0.2 for o in offers)
 
 
 async def test_searches_are_paced_at_ten_a_minute(
@@ -219,8 +232,13 @@ async def test_a_bid_offer_sends_its_price(client: VastClient, router: respx.Rou
     rent = router.put("/api/v0/asks/9/").mock(
         return_value=httpx.Response(200, json={"success": True, "new_contract": 5})
     )
-    await client.launch(offer("9", **{vast_wire.BID_PRICE_KEY: 0.2}), SPEC)
+    spot = replace(offer("9"), interruptible=True, min_bid=0.15, bid=0.2)
+    await client.launch(spot, SPEC)
     assert json.loads(rent.calls.last.request.content)["price"] == 0.2
+    await client.launch(replace(spot, bid=None), SPEC)  # no bid chosen: the minimum
+    assert json.loads(rent.calls.last.request.content)["price"] == 0.15
+    with pytest.raises(InvalidRequest):
+        await client.launch(replace(spot, bid=None, min_bid=None), SPEC)
 
 
 async def test_an_error_that_created_an_instance_returns_its_id(
@@ -585,3 +603,23 @@ async def test_no_secret_in_logs_or_errors(client: VastClient, router: respx.Rou
         await client.account()
     assert logs and all(e["provider"] == "vast" for e in logs)
     assert KEY not in repr(logs) and KEY not in str(exc.value)
+
+
+@pytest.mark.parametrize(
+    ("fields", "preempted"),
+    [
+        ({"is_bid": True, "cur_state": "stopped", "intended_status": "stopped",
+          "next_state": "stopped", "actual_status": "stopped"}, True),
+        ({"is_bid": True, "cur_state": "stopped", "intended_status": "running",
+          "next_state": "stopped", "actual_status": "stopped"}, False),  # being stopped by us
+        ({"is_bid": False, "cur_state": "stopped", "intended_status": "stopped",
+          "next_state": "stopped", "actual_status": "stopped"}, False),  # on-demand: not a bid
+        ({"is_bid": True, "cur_state": "running", "intended_status": "running",
+          "next_state": "running", "actual_status": "running"}, False),
+    ],
+)  # fmt: skip
+def test_an_outbid_spot_instance_reads_as_preempted(
+    fields: dict[str, Any], preempted: bool
+) -> None:
+    seen = vast_wire.to_instance({"id": 7, "label": "gpuwarden-main-1", **fields}, "vast")
+    assert seen.preempted is preempted

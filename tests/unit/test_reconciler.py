@@ -243,10 +243,10 @@ async def test_budget_refuses_new_rentals_and_stops_spend_past_the_limit(
     assert refused.value.data["window"] == "daily"
     await launcher.launch(app, fake.offers[0], hours=1)  # 4.80 + 0.40 fits
     with pytest.raises(errors.BudgetExceeded):
-        await api.extend(app, id=inst.id, hours=1)
+        await api.extend(app, id=inst.id, hours=1, by="test")
     rec = Reconciler(app)
     clock.set(T0 + timedelta(minutes=20))
-    await api.activity(app, id=inst.id)
+    await api.activity(app, id=inst.id, by="test")
     await rec.pass_once()
     assert (await app.store.get_instance(inst.id)).state.live
     app.settings = settings(tmp_path, budget={"daily_limit": 0.5})

@@ -16,7 +16,13 @@ from gpuwarden import __version__
 
 def build_parser() -> argparse.ArgumentParser:
     # Imported here so that `gpuwarden --help` stays fast and the modules stay independent.
-    from gpuwarden.cli import commands_control, commands_daemon, commands_jobs, commands_sim
+    from gpuwarden.cli import (
+        commands_control,
+        commands_daemon,
+        commands_dashboard,
+        commands_jobs,
+        commands_sim,
+    )
 
     parser = argparse.ArgumentParser(
         prog="gpuwarden",
@@ -28,7 +34,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"gpuwarden {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in (commands_daemon, commands_sim, commands_control, commands_jobs):
+    for module in (
+        commands_daemon,
+        commands_sim,
+        commands_control,
+        commands_jobs,
+        commands_dashboard,
+    ):
         module.register(sub)
     return parser
 

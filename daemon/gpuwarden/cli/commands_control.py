@@ -31,7 +31,7 @@ from gpuwarden.cli.output import (
     rate,
     run_command,
 )
-from gpuwarden.config.settings import parse_duration
+from gpuwarden.config.durations import parse_duration
 
 ID_HELP = "instance id, a unique start of it (4+ characters), or label (see 'gpuwarden status')"
 

@@ -97,6 +97,13 @@ def register(sub: Any) -> None:
     )
     p.add_argument("--max-price", type=positive(float), metavar="X", help="at most $X per hour")
     p.add_argument("--gpu-ram", type=positive(float), metavar="GB", help="at least GB of GPU RAM")
+    p.add_argument(
+        "--spot",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="rent an interruptible (bid) GPU where the provider has them; --no-spot: on-demand"
+        " only (default: jobs.interruptible)",
+    )
     p.add_argument("--priority", type=int, default=0, metavar="N", help="higher runs first")
     p.add_argument("--wait", action="store_true", help="follow the job and print the image paths")
 
@@ -143,6 +150,7 @@ def _submit_params(args: argparse.Namespace) -> dict[str, Any]:
         "engine": args.engine,
         "max_price": args.max_price,
         "gpu_ram_gb": args.gpu_ram,
+        "spot": args.spot,
     }
     params.update({k: v for k, v in optional.items() if v is not None})
     if args.priority:

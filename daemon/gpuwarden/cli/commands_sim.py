@@ -12,13 +12,14 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from gpuwarden.config.durations import parse_duration
 from gpuwarden.config.settings import (
     EX_CONFIG,
     SIM_DEFAULT_KEY,
     ConfigError,
+    SimFaultSettings,
     SimSettings,
     load,
-    parse_duration,
 )
 
 
@@ -43,6 +44,13 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--sandbox", metavar="DIR", help="directory for instance sandboxes (default: a temp dir)"
     )
+    p.add_argument(
+        "--outbid-rate",
+        type=float,
+        metavar="N",
+        help="outbid running spot instances at random, N per hour each (faults.outbid_rate);"
+        " POST /_sim/instances/ID/outbid outbids one now",
+    )
     p.add_argument("--json", action="store_true", help="print the URLs and the ledger as JSON")
     p.set_defaults(func=run)
 
@@ -58,6 +66,9 @@ def _settings(args: argparse.Namespace) -> SimSettings:
         updates["boot_delay"] = parse_duration(args.boot_delay)
     if args.sandbox:
         updates["sandbox_dir"] = Path(args.sandbox)
+    if args.outbid_rate is not None:
+        faults = {**sim.faults.model_dump(), "outbid_rate": args.outbid_rate}
+        updates["faults"] = SimFaultSettings.model_validate(faults)
     return sim.model_copy(update=updates) if updates else sim
 
 

@@ -200,7 +200,7 @@ def show_history(args: argparse.Namespace) -> int:
                         t.get("instance_id", ""),
                         t.get("provider", ""),
                         t.get("gpu", "") or "-",
-                        t.get("reason", ""),
+                        _reason_by(t),
                         duration(t.get("uptime_s")),
                         rate(t.get("price_per_hour")),
                         money(t.get("cost")),
@@ -222,6 +222,12 @@ def show_history(args: argparse.Namespace) -> int:
         return EX_OK
 
     return run_command(args, body)
+
+
+def _reason_by(t: Mapping[str, Any]) -> str:
+    """The reason, and who asked for a manual end ("manual by alice (uid:1000)")."""
+    reason = str(t.get("reason", ""))
+    return f"{reason} by {t['by']}" if t.get("by") else reason
 
 
 def show_costs(args: argparse.Namespace) -> int:
@@ -247,11 +253,26 @@ def show_costs(args: argparse.Namespace) -> int:
                 )
         if c.get("live"):
             out.print(f"\nIncludes {money(c.get('live'))} so far on live instances.")
+        _show_spot(out, c.get("spot") or {})
         out.print("")
         show_money_state(out, c)
         return EX_OK
 
     return run_command(args, body)
+
+
+def _show_spot(out: Out, s: dict[str, Any]) -> None:
+    """What spot saved and what preemptions cost (nothing when no spot instance ended)."""
+    if not s.get("instances"):
+        return
+    out.print(
+        f"\nSpot: {s.get('instances')} instance(s) paid {money(s.get('paid'))};"
+        f" on demand {money(s.get('on_demand'))}: saved {money(s.get('saved'))}."
+    )
+    out.print(
+        f"Preemptions: {s.get('preemptions', 0)}; re-run {duration(s.get('rerun_s'))}"
+        f" of work, costing {money(s.get('rerun_cost'))}."
+    )
 
 
 # --- daemon -------------------------------------------------------------------------------

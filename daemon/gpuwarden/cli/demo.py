@@ -19,13 +19,15 @@ import contextlib
 import json
 import os
 import shutil
+import socket
 import struct
 import sys
 import tempfile
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 from gpuwarden.cli.client import ControlClient
 from gpuwarden.core.clock import SystemClock
@@ -153,6 +155,53 @@ async def ask_info(demo: Demo) -> str:
     loops = info.get("heartbeats") or {}
     fresh = ", ".join(f"{name} {age:.1f}s ago" for name, age in sorted(loops.items()))
     return f"answers on its socket: pid {info.get('pid')}; loop heartbeats: {fresh or 'none'}"
+
+
+async def open_dashboard(demo: Demo) -> str:
+    """`gpuwarden dashboard` prints the URL (with its token); check that the page is served."""
+    _, out, _ = await demo.gpuwarden("dashboard", "--config", str(demo.config), "--json")
+    url = json.loads(out)["url"]
+    base, _, token = url.partition("/?token=")
+    demo.notes["dashboard"] = (base, unquote(token))
+    async with _dashboard_get(demo, "/api/state") as r:
+        if r.status != 200:
+            raise DemoFailed(f"the dashboard answered {r.status} to its own token")
+    print(f"\n  Dashboard: {url}\n  (open it now to watch the jobs live)\n", flush=True)
+    return f"serving at {base}/ (gpuwarden dashboard prints the URL with its token)"
+
+
+@contextlib.asynccontextmanager
+async def _dashboard_get(demo: Demo, path: str) -> AsyncIterator[Any]:
+    """GET a dashboard path with the token as a bearer (the response, open)."""
+    import aiohttp
+
+    base, token = demo.notes["dashboard"]
+    headers = {"Authorization": f"Bearer {token}"}
+    async with aiohttp.ClientSession() as http, http.get(base + path, headers=headers) as r:
+        yield r
+
+
+async def dashboard_live(demo: Demo) -> str:
+    """The page's live feed (its event stream) carries the jobs' events, and its state lists
+    every job the demo submitted."""
+    ids: list[str] = demo.notes["jobs"]
+    seen = None
+    async with _dashboard_get(demo, "/api/events") as r:
+        try:
+            async with asyncio.timeout(WATCH_TIMEOUT):
+                while seen is None:
+                    line = (await r.content.readline()).decode()
+                    if line.startswith("data: "):
+                        event = json.loads(line.removeprefix("data: "))
+                        if event.get("entity_id") in ids:
+                            seen = event
+        except TimeoutError:
+            raise DemoFailed("no job event reached the dashboard's stream") from None
+    async with _dashboard_get(demo, "/api/state") as r:
+        listed = {j["id"] for j in (await r.json())["jobs"]}
+    if not set(ids) <= listed:
+        raise DemoFailed(f"the dashboard lists {sorted(listed)}, not every job of {ids}")
+    return f"live: {seen['entity_id']} {seen['name']} arrived on its event stream; all jobs listed"
 
 
 async def stop_daemon(demo: Demo) -> str:
@@ -294,8 +343,10 @@ STEPS: list[Step] = [
     ("Start the daemon on it", start_daemon),
     ("Wait until it reports ready", wait_ready),
     ("Ask it how it is (gpuwarden info)", ask_info),
+    ("Open the dashboard (gpuwarden dashboard)", open_dashboard),
     # Three jobs on the sim cloud, one cancelled midway.
     ("Submit three jobs (gpuwarden submit)", submit_jobs),
+    ("The dashboard shows them live", dashboard_live),
     ("Watch them run; cancel the third midway (gpuwarden cancel)", watch_jobs),
     ("The images (gpuwarden job)", show_images),
     ("Wait for the instances to be given back (gpuwarden status)", wait_instances_ended),
@@ -324,9 +375,17 @@ def demo_env(workdir: Path) -> dict[str, str]:
         "GPUWARDEN_DAEMON__SHUTDOWN_TIMEOUT": "5s",
         "GPUWARDEN_POLICY__POLL_INTERVAL": "2s",
         "GPUWARDEN_PROVIDERS__SIM__BOOT_DELAY": "0.5s",
+        "GPUWARDEN_DASHBOARD__LISTEN": f"127.0.0.1:{free_port()}",
         "PYTHONUNBUFFERED": "1",
     }
     return env
+
+
+def free_port() -> int:
+    """A loopback port free now (the daemon binds it a moment later)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def find_config(explicit: str | None) -> Path:

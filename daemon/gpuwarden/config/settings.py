@@ -7,7 +7,6 @@ by its dotted path, with the reason and where the value came from; the CLI exits
 
 from __future__ import annotations
 
-import math
 import os
 import re
 import tomllib
@@ -17,6 +16,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -34,55 +34,13 @@ from pydantic_settings import (
     SettingsError,
 )
 
+from gpuwarden.config.durations import Duration, format_duration, parse_duration
+from gpuwarden.config.web import DashboardSettings, MetricsSettings
+from gpuwarden.core.model import NotifyKind
+
 DEFAULT_CONFIG_PATH = Path("/etc/gpuwarden/config.toml")
 EX_CONFIG = 78
 
-MAX_DURATION_S = 100 * 365 * 86400.0
-_PART = r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)"
-_DURATION = re.compile(rf"\s*(?:{_PART}\s*)+")  # one or more parts: "30m", "1h30m", "1h 30m"
-_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-
-
-def parse_duration(value: object) -> timedelta:
-    """Accept "90s", "30m", "4h", "1.5h", "2d", compounds such as "1h30m", a number of
-    seconds, or a timedelta."""
-    if isinstance(value, timedelta):
-        return value
-    if isinstance(value, bool):
-        raise ValueError("expected a duration such as '90s', '30m' or '4h'")
-    if isinstance(value, int | float):
-        return _seconds(float(value))
-    if isinstance(value, str) and _DURATION.fullmatch(value):
-        parts = re.findall(_PART, value)
-        return _seconds(sum(float(n) * _UNIT_SECONDS[u] for n, u in parts))
-    raise ValueError(f"{value!r} is not a duration; write it like '90s', '30m', '4h' or '1h30m'")
-
-
-def _seconds(secs: float) -> timedelta:
-    # ValueError, not OverflowError: pydantic turns only the former into a field error, and
-    # an uncaught OverflowError would end the daemon on a reload.
-    if not math.isfinite(secs):
-        raise ValueError("a duration must be a finite number")
-    if secs < 0:
-        raise ValueError("a duration cannot be negative")
-    if secs > MAX_DURATION_S:
-        raise ValueError("a duration longer than 100 years is not meant; check the unit")
-    return timedelta(seconds=secs)
-
-
-def format_duration(value: timedelta) -> str:
-    secs = value.total_seconds()
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if secs >= size and secs % size == 0:
-            return f"{int(secs // size)}{unit}"
-    return f"{secs:g}s"
-
-
-Duration = Annotated[
-    timedelta,
-    BeforeValidator(parse_duration),
-    PlainSerializer(format_duration, return_type=str, when_used="json"),
-]
 Price = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 Uid = Annotated[int, Field(ge=0, lt=2**32 - 1)]  # (uid_t)-1 means "no uid" to the kernel
 
@@ -206,6 +164,9 @@ class SimFaultSettings(_Section):
     list_lag: Duration = timedelta(0)  # listings show new ones late and ended ones still
     destroy_noop: int = Field(default=0, ge=0)  # next N destroys answer success, do nothing
     end_on_zero_credit: bool = False  # at zero credit also end the running instances
+    # Spot instances (rented with a bid) outbid at random: so many per hour of sim time a
+    # running one has (Vast only; POST /_sim/instances/{id}/outbid outbids one now).
+    outbid_rate: float = Field(default=0.0, ge=0, le=3600)
     seed: int = 0  # of the random draws for the rates
 
 
@@ -273,6 +234,10 @@ class JobsSettings(_Section):
     wait_weight: float = Field(default=1.0, ge=0)
     output_dir: Path | None = None  # default: <state_dir>/outputs
     max_attempts: int = Field(default=3, ge=1)
+    # Spot: jobs rent interruptible (bid) offers where the provider has them (Vast), bidding
+    # the offer's minimum bid times bid_factor (never above the job's or the budget's price).
+    interruptible: bool = True
+    bid_factor: float = Field(default=1.2, ge=1.0, le=10.0)
     ssh_wait: Duration = timedelta(minutes=10)
     disk_gb: float = Field(default=20.0, gt=0)
     # A file from an instance larger than this fails its job instead of filling our disk.
@@ -288,6 +253,33 @@ class SshSettings(_Section):
     private_key_file: Path | None = None  # default: <state_dir>/ssh/id_ed25519, made if absent
     connect_timeout: Duration = timedelta(seconds=15)
     known_hosts: Path | None = None  # None: accept new host keys (rented hosts are new)
+
+
+def _apprise_url(v: SecretStr) -> SecretStr:
+    url = v.get_secret_value().strip()
+    scheme = url.split("://", 1)[0] if "://" in url else ""
+    # The message never quotes the URL: it may carry a token or a password.
+    if not scheme:
+        raise ValueError("not a URL: write it as scheme://..., e.g. ntfy://my-topic")
+    import apprise  # only when URLs are set: the import costs half a second
+
+    if apprise.Apprise.instantiate(url) is None:
+        raise ValueError(f"apprise cannot use this {scheme}:// URL (an unknown or malformed one)")
+    return SecretStr(url)
+
+
+NotifyUrl = Annotated[SecretStr, AfterValidator(_apprise_url)]
+
+
+class NotifySettings(_Section):
+    """Notifications through apprise (notify/): where to, about what, and how often."""
+
+    urls: list[NotifyUrl] = Field(default_factory=list)  # secrets: they carry tokens
+    events: list[NotifyKind] = Field(default_factory=lambda: list(NotifyKind))
+    lease_warning: Duration = timedelta(minutes=15)  # tell this long before a lease ends
+    rate_per_minute: float = Field(default=6.0, gt=0, le=600)  # sustained sends
+    burst: int = Field(default=10, ge=1, le=1000)  # sends allowed at once after a quiet spell
+    queue_size: int = Field(default=100, ge=1, le=100_000)  # beyond it the oldest is dropped
 
 
 class Settings(BaseSettings):
@@ -307,6 +299,9 @@ class Settings(BaseSettings):
     providers: ProvidersSettings = ProvidersSettings()
     jobs: JobsSettings = JobsSettings()
     ssh: SshSettings = SshSettings()
+    notify: NotifySettings = NotifySettings()
+    dashboard: DashboardSettings = DashboardSettings()
+    metrics: MetricsSettings = MetricsSettings()
 
     @classmethod
     def settings_customise_sources(

@@ -2,7 +2,8 @@
 
 Each takes the App and keyword arguments (the control socket passes its params by name) and
 returns JSON-friendly data (dicts, lists, ISO 8601 strings, floats). A request that cannot be
-done raises an errors.DomainError subclass with a stable code.
+done raises an errors.DomainError subclass with a stable code. Each action takes `by`, who
+asked (the control socket's caller, as `Caller.by` gives it), and its event records it.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from gpuwarden.core.model import (
 from gpuwarden.fleet import budget, launcher
 from gpuwarden.fleet.app import App
 from gpuwarden.fleet.busy import jobs_on_instances, observations
+from gpuwarden.jobs import spot
 from gpuwarden.providers.base import Offer, Requirements
 from gpuwarden.store import NotFoundError
 
@@ -186,6 +188,7 @@ async def launch(
     gpu: str | None = None,
     gpu_ram_gb: float | None = None,
     max_price: float | None = None,
+    by: str,
 ) -> dict[str, Any]:
     """Rent `offer_id`, or the cheapest offer matching the requirements across the enabled
     providers. `dry_run`: only the estimate (gpu, rate, hours, estimated cost)."""
@@ -229,7 +232,7 @@ async def launch(
             "refused_code": refused.code if refused else None,
             "warnings": warnings,
         }
-    inst = await launcher.launch(app, offer, hours=hours)
+    inst = await launcher.launch(app, offer, hours=hours, by=by)
     return {**(await _instance_dict(app, inst, app.clock.now())), "warnings": warnings}
 
 
@@ -270,7 +273,7 @@ async def queue_pause(app: App) -> dict[str, Any]:
 # --- lease and activity ------------------------------------------------------------------
 
 
-async def extend(app: App, id: str, hours: float) -> dict[str, Any]:
+async def extend(app: App, id: str, hours: float, *, by: str) -> dict[str, Any]:
     """Extend the lease by `hours` (counts as activity). Refusals say how much is allowed."""
     inst = await resolve_instance(app, id)
     now = app.clock.now()
@@ -281,7 +284,12 @@ async def extend(app: App, id: str, hours: float) -> dict[str, Any]:
         EntityKind.INSTANCE,
         inst.id,
         "extended",
-        {"hours": hours, "from": format_ts(inst.lease_until), "to": format_ts(new_lease)},
+        {
+            "hours": hours,
+            "from": format_ts(inst.lease_until),
+            "to": format_ts(new_lease),
+            "by": by,
+        },
         updates={"lease_until": new_lease, "last_activity": now},
     )
     after = await app.store.get_instance(inst.id)
@@ -294,7 +302,7 @@ async def extend(app: App, id: str, hours: float) -> dict[str, Any]:
     }
 
 
-async def activity(app: App, id: str) -> dict[str, Any]:
+async def activity(app: App, id: str, *, by: str) -> dict[str, Any]:
     """Mark the instance active now (resets its idle deadline)."""
     inst = await resolve_instance(app, id)
     if inst.state not in (
@@ -310,7 +318,7 @@ async def activity(app: App, id: str) -> dict[str, Any]:
     if policy.decide(inst, policy.Observations(), limits, now).terminate is not None:
         raise errors.InvalidState(f"instance {inst.id} is past its deadline; it is being ended")
     await app.store.record(
-        EntityKind.INSTANCE, inst.id, "activity", {"by": "user"}, updates={"last_activity": now}
+        EntityKind.INSTANCE, inst.id, "activity", {"by": by}, updates={"last_activity": now}
     )
     after = await app.store.get_instance(inst.id)
     return {"id": after.id, **_deadline_fields(after, policy.Observations(), limits, now)}
@@ -319,22 +327,22 @@ async def activity(app: App, id: str) -> dict[str, Any]:
 # --- destroy -----------------------------------------------------------------------------
 
 
-async def destroy(app: App, id: str) -> dict[str, Any]:
+async def destroy(app: App, id: str, *, by: str) -> dict[str, Any]:
     """End the instance (reason manual; an instance already ending keeps its reason)."""
     inst = await resolve_instance(app, id)
     if not inst.state.live:
         raise errors.InvalidState(
             f"instance {inst.id} is already {inst.state.value}", state=inst.state.value
         )
-    after = await app.terminator.end(inst.id, TerminationReason.MANUAL, {"by": "user"})
+    after = await app.terminator.end(inst.id, TerminationReason.MANUAL, {"by": by})
     return _ended_dict(after)
 
 
-async def destroy_all(app: App) -> dict[str, Any]:
+async def destroy_all(app: App, *, by: str) -> dict[str, Any]:
     term = app.terminator
     live = await app.store.live_instances()
     begun = [
-        await term.begin(i.id, TerminationReason.MANUAL, {"by": "user", "all": True}) for i in live
+        await term.begin(i.id, TerminationReason.MANUAL, {"by": by, "all": True}) for i in live
     ]
     await asyncio.gather(*(term.drive(i) for i in begun if i.provider_id is not None))
     after = [await app.store.get_instance(i.id) for i in begun]
@@ -438,9 +446,23 @@ def termination_dict(t: Termination) -> dict[str, Any]:
 
 
 async def history(app: App, hours: float = 24.0) -> list[dict[str, Any]]:
-    """Termination records of the last `hours`, oldest first."""
+    """Termination records of the last `hours`, oldest first, each with `by`: who asked for
+    a manual end (from its event), else None (the daemon decided)."""
     since = app.clock.now() - timedelta(hours=hours)
-    return [termination_dict(t) for t in await app.store.terminations(since)]
+    out = []
+    for t in await app.store.terminations(since):
+        by = await _ended_by(app, t.instance_id) if t.reason is TerminationReason.MANUAL else None
+        out.append({**termination_dict(t), "by": by})
+    return out
+
+
+async def _ended_by(app: App, instance_id: str) -> str | None:
+    """The `by` of the event that began the instance's end."""
+    for ev in reversed(await app.store.events(entity_id=instance_id)):
+        if ev.to_state == InstanceState.TERMINATING.value:
+            by = ev.details.get("by")
+            return by if isinstance(by, str) else None
+    return None
 
 
 async def costs(app: App, days: int = 7) -> dict[str, Any]:
@@ -461,6 +483,8 @@ async def costs(app: App, days: int = 7) -> dict[str, Any]:
         "total": round(spent.total, 6),
         "idle": round(spent.idle, 6),
         "live": round(spent.live, 6),
+        # What spot saved against the on-demand price, and what preemptions cost.
+        "spot": spot.summary(await app.store.spot_terminations(since)),
         "budget": await budget_json(app, now),
         **(await queue_pause(app)),
     }

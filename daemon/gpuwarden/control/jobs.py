@@ -30,9 +30,10 @@ def new_job_id() -> str:
     return "j" + secrets.token_hex(5)
 
 
-async def submit(app: App, *, priority: int = 0, **fields: Any) -> dict[str, Any]:
+async def submit(app: App, *, by: str, priority: int = 0, **fields: Any) -> dict[str, Any]:
     """Validate `fields` (the job spec: prompt, negative_prompt, steps, seed, ...; see
-    jobs.spec.build_spec), store as QUEUED, wake the dispatcher. Raises InvalidSpec."""
+    jobs.spec.build_spec), store as QUEUED, wake the dispatcher. Raises InvalidSpec. `by`:
+    who asked (recorded on the event)."""
     spec = build_spec(app.settings.jobs, **fields)
     now = app.clock.now()
     job = Job(
@@ -43,7 +44,7 @@ async def submit(app: App, *, priority: int = 0, **fields: Any) -> dict[str, Any
         updated_at=now,
         priority=priority,
     )
-    await app.store.insert_job(job)
+    await app.store.insert_job(job, {"by": by})
     log.info("job_submitted", job_id=job.id, priority=priority, steps=spec.steps)
     app.jobs_wake.set()
     out = job_dict(job)
@@ -64,7 +65,7 @@ async def get(app: App, id: str) -> dict[str, Any]:
     return job_dict(await resolve_job(app, id))
 
 
-async def cancel(app: App, id: str) -> dict[str, Any]:
+async def cancel(app: App, id: str, *, by: str) -> dict[str, Any]:
     """Cancel a job. Queued or provisioning: at once. Running or fetching: asked of its runner
     (the reply shows the job still running, with cancel_requested). Finished: an error."""
     job = await resolve_job(app, id)
@@ -73,7 +74,9 @@ async def cancel(app: App, id: str) -> dict[str, Any]:
         raise errors.InvalidState(f"job {jid} is already {job.state.value}", state=job.state.value)
     if job.state in (JobState.QUEUED, JobState.PROVISIONING):
         try:
-            job = await app.store.transition_job(jid, JobState.CANCELLED, reason="user")
+            job = await app.store.transition_job(
+                jid, JobState.CANCELLED, reason="user", details={"by": by}
+            )
             log.info("job_cancelled", job_id=jid)
             app.jobs_wake.set()
             return job_dict(job)
@@ -81,7 +84,9 @@ async def cancel(app: App, id: str) -> dict[str, Any]:
             job = await resolve_job(app, jid)  # it moved on meanwhile: ask its runner
             if job.state.terminal:
                 return job_dict(job)
-    await app.store.record(EntityKind.JOB, jid, "cancel_requested", {"state": job.state.value})
+    await app.store.record(
+        EntityKind.JOB, jid, "cancel_requested", {"state": job.state.value, "by": by}
+    )
     log.info("job_cancel_requested", job_id=jid)
     app.jobs_wake.set()
     out = job_dict(job)
@@ -89,14 +94,14 @@ async def cancel(app: App, id: str) -> dict[str, Any]:
     return out
 
 
-async def pause(app: App, reason: str | None = None) -> dict[str, Any]:
+async def pause(app: App, reason: str | None = None, *, by: str) -> dict[str, Any]:
     """Stop dispatching (running jobs go on; submits are still accepted)."""
-    await app.store.set_flag(QUEUE_PAUSED_FLAG, True, reason=reason or "user")
+    await app.store.set_flag(QUEUE_PAUSED_FLAG, True, reason=reason or "user", details={"by": by})
     return {"queue_paused": True}
 
 
-async def resume(app: App) -> dict[str, Any]:
-    await app.store.set_flag(QUEUE_PAUSED_FLAG, False, reason="user")
+async def resume(app: App, *, by: str) -> dict[str, Any]:
+    await app.store.set_flag(QUEUE_PAUSED_FLAG, False, reason="user", details={"by": by})
     app.jobs_wake.set()
     return {"queue_paused": False}
 

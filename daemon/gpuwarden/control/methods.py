@@ -2,12 +2,14 @@
 adapter onto the handlers (instances.py for instances, jobs.py for jobs).
 
 METHODS maps each method name to its params model and a real function, so mypy checks every
-call. Each adapter returns plain data; server.py turns it into JSON.
+call. Each adapter is given the App, the Caller (who sent the request: its actions' events
+record `caller.by`) and the params, and returns plain data; server.py turns it into JSON.
 """
 
 from __future__ import annotations
 
 import os
+import pwd
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
@@ -86,6 +88,7 @@ class SubmitParams(_Params):
     engine: str | None = Field(default=None, max_length=32)
     max_price: float | None = Field(default=None, ge=0, le=10_000)
     gpu_ram_gb: float | None = Field(default=None, ge=0, le=10_000)
+    spot: bool | None = None  # None: jobs.interruptible
     priority: int = Field(default=0, ge=-1000, le=1000)
 
 
@@ -107,17 +110,37 @@ class PauseParams(_Params):
 P = TypeVar("P", bound=_Params)
 
 
+def _user_name(uid: int) -> str:
+    return pwd.getpwuid(uid).pw_name
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """Who sent a request, as the events of its actions record it under "by": for the control
+    socket the peer's uid and, when it has one, its user name ("alice (uid:1000)")."""
+
+    by: str
+
+    @classmethod
+    def of_uid(cls, uid: int, name_of: Callable[[int], str] = _user_name) -> Caller:
+        try:
+            name = name_of(uid)
+        except KeyError:  # a uid without a passwd entry (a container's, a removed user's)
+            return cls(f"uid:{uid}")
+        return cls(f"{name} (uid:{uid})")
+
+
 @dataclass(frozen=True, slots=True)
 class Method(Generic[P]):
     params: type[P]
-    handler: Callable[[App, P], Awaitable[Any]]
+    handler: Callable[[App, Caller, P], Awaitable[Any]]
 
 
-async def _status(app: App, _: NoParams) -> Any:
+async def _status(app: App, c: Caller, _: NoParams) -> Any:
     return await instances.status(app)
 
 
-async def _offers(app: App, p: OffersParams) -> Any:
+async def _offers(app: App, c: Caller, p: OffersParams) -> Any:
     return await instances.offers(
         app,
         provider=p.provider,
@@ -128,7 +151,7 @@ async def _offers(app: App, p: OffersParams) -> Any:
     )
 
 
-async def _launch(app: App, p: LaunchParams) -> Any:
+async def _launch(app: App, c: Caller, p: LaunchParams) -> Any:
     return await instances.launch(
         app,
         offer_id=p.offer_id,
@@ -138,65 +161,66 @@ async def _launch(app: App, p: LaunchParams) -> Any:
         max_price=p.max_price,
         hours=p.hours,
         dry_run=p.dry_run,
+        by=c.by,
     )
 
 
-async def _extend(app: App, p: ExtendParams) -> Any:
-    return await instances.extend(app, p.id, p.hours)
+async def _extend(app: App, c: Caller, p: ExtendParams) -> Any:
+    return await instances.extend(app, p.id, p.hours, by=c.by)
 
 
-async def _activity(app: App, p: IdParams) -> Any:
-    return await instances.activity(app, p.id)
+async def _activity(app: App, c: Caller, p: IdParams) -> Any:
+    return await instances.activity(app, p.id, by=c.by)
 
 
-async def _destroy(app: App, p: IdParams) -> Any:
-    return await instances.destroy(app, p.id)
+async def _destroy(app: App, c: Caller, p: IdParams) -> Any:
+    return await instances.destroy(app, p.id, by=c.by)
 
 
-async def _destroy_all(app: App, _: NoParams) -> Any:
-    return await instances.destroy_all(app)
+async def _destroy_all(app: App, c: Caller, _: NoParams) -> Any:
+    return await instances.destroy_all(app, by=c.by)
 
 
-async def _history(app: App, p: HistoryParams) -> Any:
+async def _history(app: App, c: Caller, p: HistoryParams) -> Any:
     return await instances.history(app, p.hours)
 
 
-async def _costs(app: App, p: CostsParams) -> Any:
+async def _costs(app: App, c: Caller, p: CostsParams) -> Any:
     return await instances.costs(app, p.days)
 
 
-async def _submit(app: App, p: SubmitParams) -> Any:
+async def _submit(app: App, c: Caller, p: SubmitParams) -> Any:
     # The spec fields travel as one bag: jobs.spec.build_spec validates them together.
-    return await jobs.submit(app, **p.model_dump())
+    return await jobs.submit(app, by=c.by, **p.model_dump())
 
 
-async def _jobs_list(app: App, p: JobsListParams) -> Any:
+async def _jobs_list(app: App, c: Caller, p: JobsListParams) -> Any:
     return await jobs.list(app, p.states, p.limit)
 
 
-async def _jobs_get(app: App, p: IdParams) -> Any:
+async def _jobs_get(app: App, c: Caller, p: IdParams) -> Any:
     return await jobs.get(app, p.id)
 
 
-async def _jobs_cancel(app: App, p: IdParams) -> Any:
-    return await jobs.cancel(app, p.id)
+async def _jobs_cancel(app: App, c: Caller, p: IdParams) -> Any:
+    return await jobs.cancel(app, p.id, by=c.by)
 
 
-async def _pause(app: App, p: PauseParams) -> Any:
-    return await jobs.pause(app, p.reason)
+async def _pause(app: App, c: Caller, p: PauseParams) -> Any:
+    return await jobs.pause(app, p.reason, by=c.by)
 
 
-async def _resume(app: App, _: NoParams) -> Any:
-    return await jobs.resume(app)
+async def _resume(app: App, c: Caller, _: NoParams) -> Any:
+    return await jobs.resume(app, by=c.by)
 
 
-async def _reload(app: App, _: NoParams) -> Any:
+async def _reload(app: App, c: Caller, _: NoParams) -> Any:
     if app.reload is None:  # a context built without a supervisor (tests, tools)
         raise InvalidState("this daemon cannot reload its configuration")
-    return await app.reload()
+    return await app.reload(c.by)
 
 
-async def _info(app: App, _: NoParams) -> dict[str, Any]:
+async def _info(app: App, c: Caller, _: NoParams) -> dict[str, Any]:
 
     uptime = max(0.0, app.clock.monotonic() - app.started_monotonic)
     return {
@@ -213,7 +237,7 @@ async def _info(app: App, _: NoParams) -> dict[str, Any]:
     }
 
 
-async def _events(app: App, p: EventsListParams) -> list[dict[str, Any]]:
+async def _events(app: App, c: Caller, p: EventsListParams) -> list[dict[str, Any]]:
     """The last `limit` events of the last `hours`, oldest first (as events.subscribe sends
     them)."""
     since = app.clock.now() - timedelta(hours=p.hours)

@@ -38,7 +38,7 @@ from pydantic_core import to_jsonable_python
 from gpuwarden.config.settings import DaemonSettings
 from gpuwarden.control import rpc
 from gpuwarden.control.events import event_json, lagged_json
-from gpuwarden.control.methods import METHODS, Method, NoParams
+from gpuwarden.control.methods import METHODS, Caller, Method, NoParams
 from gpuwarden.control.throttle import LogThrottle
 from gpuwarden.core.errors import DomainError
 from gpuwarden.core.heartbeat import BEAT_EVERY
@@ -183,6 +183,7 @@ def _remove_stale(path: Path) -> None:
 @dataclass(eq=False)
 class _Conn:
     peer: Peer
+    caller: Caller  # resolved once per connection: a passwd lookup may read files
     writer: asyncio.StreamWriter
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     dropped: int = 0
@@ -351,7 +352,7 @@ class ControlServer:
         except OSError:
             conn.close()
             return
-        c = _Conn(peer, writer)
+        c = _Conn(peer, Caller.of_uid(peer.uid), writer)
         try:
             await self._serve(c, reader)
         except (ConnectionError, BrokenPipeError):
@@ -423,7 +424,7 @@ class ControlServer:
         timeout = self.app.settings.daemon.request_timeout.total_seconds()
         try:
             async with asyncio.timeout(timeout) as scope:
-                return await method.handler(self.app, params)
+                return await method.handler(self.app, c.caller, params)
         except TimeoutError:
             if not scope.expired():
                 raise _internal(req.method) from None

@@ -57,3 +57,9 @@ class InvalidState(DomainError):
 
 class ProviderUnavailable(DomainError):
     code = "provider_error"
+
+
+class InvalidInput(DomainError):
+    """A request whose values are malformed (the dashboard's JSON bodies)."""
+
+    code = "invalid_input"

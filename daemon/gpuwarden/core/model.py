@@ -100,10 +100,12 @@ class TerminationReason(enum.StrEnum):
     VANISHED = "vanished"  # the provider ended it, not us
     LAUNCH_FAILED = "launch_failed"
     DEADMAN = "deadman"  # the switch on the instance ended it while the daemon was silent
+    PREEMPTED = "preempted"  # a spot (bid) instance was outbid: stopped, so we destroyed it
 
 
-# Names shared by writers and readers of the store: the queue's pause flag, and the event a
-# config reload records (it wakes the guard, since new limits may move deadlines).
+# Names shared by writers and readers of the store: the queue's pause flag, the event a
+# config reload records (it wakes the guard, since new limits may move deadlines), and the
+# event a budget stop records (the notifier tells the operator).
 QUEUE_PAUSED_FLAG = "queue_paused"
 # The installation label this state dir's instances carry, unless the config sets one.
 INSTALLATION_FLAG = "installation"
@@ -111,6 +113,18 @@ INSTALLATION_FLAG = "installation"
 # database with instances keeps, so that they are recognised).
 LEGACY_INSTALLATION = "main"
 CONFIG_RELOADED = "config_reloaded"
+BUDGET_STOPPED = "budget_stop"
+
+
+class NotifyKind(enum.StrEnum):
+    """What the notifier tells the operator about (notify.events chooses among them)."""
+
+    INSTANCE_ENDED = "instance_ended"  # an instance ended, and why
+    BUDGET_STOP = "budget_stop"  # a budget or credit stop ended everything
+    LEASE_ENDING = "lease_ending"  # a lease ends within notify.lease_warning
+    DESTROY_FAILING = "destroy_failing"  # a destroy still failing after the escalation age
+    DEADMAN = "deadman"  # an instance's dead-man switch ended it while the daemon was silent
+    STOPPED_BILLING = "stopped_billing"  # the daemon stopped with instances still billing
 
 
 class EntityKind(enum.StrEnum):
@@ -175,6 +189,7 @@ class JobSpec:
     engine: str = ""  # "" = the provider's default (diffusers on real GPUs, preview on sim)
     max_price: float | None = None
     gpu_ram_gb: float | None = None
+    spot: bool | None = None  # None: jobs.interruptible decides
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,13 +21,16 @@ import structlog
 
 from gpuwarden.core import errors, policy
 from gpuwarden.core.model import (
+    BUDGET_STOPPED,
     QUEUE_PAUSED_FLAG,
     Billing,
+    EntityKind,
     Instance,
     InstanceState,
     TerminationReason,
 )
 from gpuwarden.fleet.app import App
+from gpuwarden.store import StoreWriteFailed
 
 log = structlog.get_logger(__name__)
 
@@ -173,8 +176,16 @@ async def budget_stop(app: App, window: Window) -> int:
         limit=window.limit,
         spent=round(window.spent, 4),
     )
-    return await end_all(
-        app,
-        TerminationReason.BUDGET,
-        {"window": window.name, "limit": window.limit, "spent": round(window.spent, 6)},
-    )
+    details: dict[str, object] = {
+        "window": window.name,
+        "limit": window.limit,
+        "spent": round(window.spent, 6),
+    }
+    # On record (and so heard by the notifier) once per stop, before the endings it causes.
+    try:
+        await app.store.record(
+            EntityKind.DAEMON, "daemon", BUDGET_STOPPED, {**details, "instances": len(live)}
+        )
+    except StoreWriteFailed as exc:  # a full disk must not stop the endings
+        log.warning("budget_stop_unrecorded", error=str(exc))
+    return await end_all(app, TerminationReason.BUDGET, details)

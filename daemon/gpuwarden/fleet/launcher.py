@@ -82,6 +82,21 @@ def app_onstart(app: App, provider: str, instance_id: str, onstart: str = "") ->
     return script + onstart if onstart else script
 
 
+def spot_extra(offer: Offer) -> dict[str, Any]:
+    """What a spot rental records on its row (extra["spot"]): the reconciler and watchdog
+    read it to tell an outbid instance, `costs` to show what spot saved."""
+    if not offer.interruptible:
+        return {}
+    bid = offer.bid if offer.bid is not None else offer.min_bid
+    return {
+        "spot": {
+            "bid": bid,
+            "min_bid": offer.min_bid,
+            "on_demand_price": offer.on_demand_price,
+        }
+    }
+
+
 async def launch(
     app: App,
     offer: Offer,
@@ -89,9 +104,11 @@ async def launch(
     hours: float | None = None,
     job_id: str | None = None,
     onstart: str = "",
+    by: str | None = None,
 ) -> Instance:
     """Rent `offer`. Returns the instance row (PROVISIONING on success). Raises a DomainError
-    (PriceTooHigh, BudgetExceeded, LeaseRefused, ProviderUnavailable, NoOffer)."""
+    (PriceTooHigh, BudgetExceeded, LeaseRefused, ProviderUnavailable, NoOffer). `by`: who
+    asked, recorded on the intent's event (the control socket's caller)."""
     provider = app.providers.get(offer.provider)
     if provider is None:
         raise errors.ProviderUnavailable(f"provider {offer.provider!r} is not enabled")
@@ -116,11 +133,17 @@ async def launch(
         offer_id=offer.offer_id,
         job_id=job_id,
         billing=offer.billing,
+        extra=spot_extra(offer),
     )
     app.launching.add(iid)
     try:
         await app.store.insert_instance(
-            inst, details={"offer_id": offer.offer_id, "lease_s": lease.total_seconds()}
+            inst,
+            details={
+                "offer_id": offer.offer_id,
+                "lease_s": lease.total_seconds(),
+                **({"by": by} if by else {}),
+            },
         )
         crashpoints.hit("after_intent")
         return await _call(app, provider, offer, inst, onstart)

@@ -79,6 +79,8 @@ class Terminator:
         # (a full disk), the ending goes ahead from memory and is written when it can be.
         self._unwritten: dict[str, _Unwritten] = {}
         self._inflight: set[str] = set()
+        # Failed destroy attempts since start, by provider (for /metrics).
+        self.retries: dict[str, int] = {}
 
     # --- the schedule ---------------------------------------------------------------
 
@@ -292,6 +294,7 @@ class Terminator:
             self._retry[inst.id] = r
         r.attempts += 1
         r.at = now + timedelta(seconds=backoff(r.attempts))
+        self.retries[inst.provider] = self.retries.get(inst.provider, 0) + 1
         since = inst.terminating_at or now
         level = _ERROR if r.attempts >= ESCALATE_AFTER or now - since >= ESCALATE_AGE else _WARNING
         extra = {**inst.extra, "destroy_attempts": r.attempts}

@@ -25,8 +25,9 @@ DEFAULT_COLD_START_S = 180.0
 
 
 def queue_order(jobs: Iterable[Job]) -> list[Job]:
-    """Higher priority first, then older first (ids break ties so the order is total)."""
-    return sorted(jobs, key=lambda j: (-j.priority, j.created_at, j.id))
+    """Higher priority first, then a job put back at the front (its spot instance was
+    outbid), then older first (ids break ties so the order is total)."""
+    return sorted(jobs, key=lambda j: (-j.priority, not j.extra.get("front"), j.created_at, j.id))
 
 
 def not_before(job: Job) -> datetime | None:
@@ -83,6 +84,7 @@ def requirements(
     default_gpu_ram_gb: float,
     min_reliability: float,
     budget_max_price: float | None,
+    interruptible: bool = False,
     disk_gb: float | None = None,
 ) -> Requirements:
     """The offer search for a job: its own limits, else the configured ones."""
@@ -92,12 +94,18 @@ def requirements(
         max_price=min(prices) if prices else None,
         min_reliability=min_reliability,
         verified=True,
+        interruptible=interruptible,
         disk_gb=disk_gb,
     )
 
 
 def offer_key(offer: Offer) -> str:
     return f"{offer.provider}:{offer.offer_id}"
+
+
+def instance_key(inst: Instance) -> str:
+    """The offer key of the offer an instance was rented from."""
+    return f"{inst.provider}:{inst.offer_id}"
 
 
 def rank_offers(

@@ -54,6 +54,9 @@ class Dispatcher:
         if job.state is JobState.SUCCEEDED and job.started_at and job.finished_at:
             self._durations.append((job.finished_at - job.started_at).total_seconds())
 
+    def typical_job_s(self) -> float:
+        return weighing.typical_job_s(list(self._durations))
+
     async def choose(
         self, job: Job, now: datetime, *, ahead: int, can_rent: bool
     ) -> weighing.Choice:

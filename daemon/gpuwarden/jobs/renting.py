@@ -25,7 +25,7 @@ from gpuwarden.core.model import (
 )
 from gpuwarden.fleet.app import App
 from gpuwarden.jobs import decisions as queue
-from gpuwarden.jobs import weighing
+from gpuwarden.jobs import spot, weighing
 from gpuwarden.jobs.runner import Runner
 from gpuwarden.providers.base import InsufficientCredit, Offer, ProviderError, ProviderState
 from gpuwarden.store import IllegalTransition
@@ -33,6 +33,7 @@ from gpuwarden.store import IllegalTransition
 log = structlog.get_logger(__name__)
 
 BACKOFF = timedelta(seconds=30)  # before a job whose launch could not happen is tried again
+SPOT_HISTORY = timedelta(days=30)  # the spot terminations the observed preemption rate uses
 
 LaunchFn = Callable[[App, Offer, str], Awaitable[Instance]]
 EndFn = Callable[[App, str, TerminationReason], Awaitable[None]]
@@ -58,6 +59,9 @@ class Renting:
         self._caps: dict[str, queue.Capability] = {}
         self._cold_starts: dict[str, float] = {}  # cold_start_key -> the estimate last stored
         self.runner: Runner | None = None
+        # The length of a job to expect, for the expected cost of an offer (the jobs loop
+        # passes its dispatcher's, learned from recent jobs).
+        self.typical_job_s: Callable[[], float] = lambda: weighing.DEFAULT_JOB_S
 
     async def _launch(self, job: Job) -> Instance | None:
         offers = await self._offers(job)
@@ -92,11 +96,15 @@ class Renting:
         return None
 
     async def _offers(self, job: Job) -> list[Offer] | None:
+        """The offers to try for the job, by expected cost (spot ones with their bid placed,
+        when the job may use spot), or None when no provider answered."""
+        use_spot = spot.wants_spot(job, self.settings.interruptible)
         want = queue.requirements(
             job.spec,
             default_gpu_ram_gb=self.settings.gpu_ram_gb,
             min_reliability=self.settings.min_reliability,
             budget_max_price=self.app.settings.budget.max_hourly_price,
+            interruptible=use_spot,
             disk_gb=self.settings.disk_gb,
         )
         providers = list(self.app.providers.values())
@@ -115,8 +123,16 @@ class Renting:
             found += answer
         if not answered:
             return None
+        found = spot.with_bids(
+            found, spot=use_spot, factor=self.settings.bid_factor, cap=want.max_price
+        )
         avoid = job.extra.get("avoid", [])
-        return queue.rank_offers(found, want, avoid if isinstance(avoid, list) else [])
+        ok = queue.rank_offers(found, want, avoid if isinstance(avoid, list) else [])
+        if not any(o.interruptible for o in ok):
+            return ok
+        since = self.app.clock.now() - SPOT_HISTORY
+        seen = spot.exposures(t for t, _ in await self.app.store.spot_terminations(since))
+        return spot.by_expected_cost(ok, self._cold_start_guess() + self.typical_job_s(), seen)
 
     async def _adopt(self, job: Job, inst: Instance, offer: Offer) -> None:
         self._caps[inst.id] = queue.Capability(offer.gpu_ram_gb, offer.price_per_hour)
@@ -127,7 +143,10 @@ class Renting:
             "gpu": offer.gpu_name,
             "gpu_ram_gb": offer.gpu_ram_gb,
             "price_per_hour": offer.price_per_hour,
+            "spot": offer.interruptible,
         }
+        if offer.interruptible:
+            offer_info["bid"] = offer.bid
         await self.app.store.update_job(
             job.id, instance_id=inst.id, extra={**current.extra, "offer": offer_info}
         )
@@ -143,7 +162,7 @@ class Renting:
         while True:
             inst = await self.app.store.get_instance(inst.id)
             if not inst.state.live or inst.state is InstanceState.TERMINATING:
-                await self._requeue(job.id, f"instance {inst.id} ended before the job ran")
+                await self._requeue_lost(job.id, inst, "it ended before the job ran")
                 return None
             inst = await self._refresh_endpoint(inst)
             if inst.ssh_host and inst.ssh_port and await self._ssh_answers(inst):
@@ -156,7 +175,7 @@ class Renting:
             wasted = (clock.now() - inst.created_at).total_seconds()
             await self._remember_cold_start(inst, wasted, failed=True)
         await self._end(inst.id, TerminationReason.LAUNCH_FAILED)
-        avoid = [f"{inst.provider}:{inst.offer_id}"]
+        avoid = [queue.instance_key(inst)]
         await self._requeue(job.id, f"no SSH on {inst.id} within jobs.ssh_wait", avoid=avoid)
         return None
 
@@ -203,6 +222,7 @@ class Renting:
                 inst = await self.app.store.get_instance(inst.id)
         if fresh:
             seconds = (self.app.clock.now() - inst.created_at).total_seconds()
+            self.app.metrics.observe_cold_start(inst.provider, inst.gpu, seconds)
             await self._remember_cold_start(inst, seconds)
         return inst
 
@@ -260,19 +280,46 @@ class Renting:
 
     # --- requeue / fail ------------------------------------------------------------------
 
+    async def _requeue_lost(self, job_id: str, inst: Instance, why: str) -> None:
+        """The job's instance is gone: queue the job again, at the front of the queue when
+        the instance was preempted (a spot instance outbid)."""
+        try:
+            inst = await self.app.store.get_instance(inst.id)
+        except Exception:  # the row is the store's; a failed read is an ordinary loss
+            log.debug("job_instance_read_failed", instance_id=inst.id)
+        if inst.reason is TerminationReason.PREEMPTED:
+            why = f"its spot instance {inst.id} was outbid (preempted)"
+            await self._requeue(job_id, why, preempted=True, avoid=[queue.instance_key(inst)])
+        else:
+            await self._requeue(job_id, f"instance {inst.id}: {why}")
+
     async def _requeue(
-        self, job_id: str, why: str, *, bump: bool = True, avoid: list[str] | None = None
+        self,
+        job_id: str,
+        why: str,
+        *,
+        bump: bool = True,
+        avoid: list[str] | None = None,
+        preempted: bool = False,
     ) -> None:
         """Queue the job again (attempt + 1, unless the launch never got to happen), or fail
-        it once jobs.max_attempts attempts were made. A terminal job is left alone."""
+        it once jobs.max_attempts attempts were made. A terminal job is left alone.
+
+        A preemption counts as an attempt but not towards jobs.max_attempts (it is no fault
+        of the job); the job goes to the front of the queue, and after spot.FALLBACK_AFTER
+        preemptions it runs on demand, so that preemptions cannot go on for ever."""
         job = await self.app.store.get_job(job_id)
         if job.state.terminal:
             return
         attempt = job.attempt + (1 if bump else 0)
-        if attempt >= self.settings.max_attempts:
+        preemptions = spot.preemptions(job) + (1 if preempted else 0)
+        if attempt - preemptions >= self.settings.max_attempts:
             await self._fail(job_id, f"{why} (after {attempt} attempts)")
             return
-        extra = {k: v for k, v in job.extra.items() if k not in ("assigned_at", "offer")}
+        drop = ("assigned_at", "offer", "front")
+        extra = {k: v for k, v in job.extra.items() if k not in drop}
+        if preempted:
+            extra |= {"preemptions": preemptions, "front": True}
         if avoid:
             extra["avoid"] = sorted({*extra.get("avoid", []), *avoid})
         if not bump:
@@ -282,7 +329,7 @@ class Renting:
                 job_id,
                 JobState.QUEUED,
                 reason="retry",
-                details={"why": why, "attempt": attempt},
+                details={"why": why, "attempt": attempt, "preempted": preempted},
                 attempt=attempt,
                 instance_id=None,
                 error=why,

@@ -328,6 +328,9 @@ class _Run:
                 started_at=self.app.clock.now(),
                 instance_id=self.inst.id,
             )
+            if self.job.started_at is not None:
+                waited = (self.job.started_at - self.job.created_at).total_seconds()
+                self.app.metrics.job_wait.observe(max(0.0, waited))
 
     async def _cancelled(self) -> bool:
         asked, self.event_cursor = await cancel_requested(self.app, self.job.id, self.event_cursor)
@@ -396,7 +399,13 @@ class _Run:
                 self.job.id, JobState.FAILED, reason="runner_error", error=message
             )
         log.warning("job_failed", job_id=self.job.id, instance_id=self.inst.id, error=message)
+        self._observe_run("failed", self.app.clock.now())
         return Outcome.FAILED
+
+    def _observe_run(self, outcome: str, now: datetime) -> None:
+        if self.job.started_at is not None:
+            ran = (now - self.job.started_at).total_seconds()
+            self.app.metrics.job_run.labels(outcome).observe(max(0.0, ran))
 
     # --- fetching -----------------------------------------------------------------------
 
@@ -464,6 +473,7 @@ class _Run:
             )
         except IllegalTransition:
             return Outcome.CANCELLED  # cancelled while fetching: the files stay, unrecorded
+        self._observe_run("succeeded", now)
         log.info(
             "job_succeeded",
             job_id=job.id,

@@ -73,6 +73,7 @@ class JobService(Renting):
         self._dispatcher = Dispatcher(
             app.store, lambda: self.settings, self._busy, self._caps, self._cold_start_guess
         )
+        self.typical_job_s = self._dispatcher.typical_job_s
         self._recovered: list[tuple[Job, Instance]] = []
         self._tasks: set[asyncio.Task[None]] = set()
         self._tg: asyncio.TaskGroup | None = None
@@ -284,7 +285,7 @@ class JobService(Renting):
         elif outcome is Outcome.DIED:
             await self._requeue(job.id, "the runner died on the instance")
         elif outcome is Outcome.LOST:
-            await self._requeue(job.id, "the instance went away or stopped answering")
+            await self._requeue_lost(job.id, inst, "it went away or stopped answering")
 
     async def _after_job(self, inst: Instance, job_id: str) -> None:
         inst = await self.app.store.get_instance(inst.id)
@@ -355,8 +356,11 @@ class JobService(Renting):
                     inst = None
             else:
                 inst = by_job.get(job.id)
-            if inst is None or not inst.state.live or inst.state is InstanceState.TERMINATING:
+            if inst is None:
                 await self._requeue(job.id, "its instance is gone (found after a restart)")
+                continue
+            if not inst.state.live or inst.state is InstanceState.TERMINATING:
+                await self._requeue_lost(job.id, inst, "gone (found after a restart)")
                 continue
             self._recovered.append((job, inst))
             resumed.add(inst.id)

@@ -41,6 +41,7 @@ def build_spec(
     engine: str | None = None,
     max_price: float | None = None,
     gpu_ram_gb: float | None = None,
+    spot: bool | None = None,
 ) -> JobSpec:
     """A validated JobSpec with defaults filled in from the settings. Raises InvalidSpec."""
     problems = prompt_problems(prompt, negative_prompt)
@@ -70,6 +71,8 @@ def build_spec(
         engine="" if engine in (None, "auto") else str(engine),
         max_price=max_price,
         gpu_ram_gb=gpu_ram_gb,
+        # Decided at submit, so that a config reload does not change a queued job's market.
+        spot=settings.interruptible if spot is None else spot,
     )
 
 
@@ -134,4 +137,5 @@ def job_dict(job: Job) -> dict[str, Any]:
         "spec": dataclasses.asdict(job.spec),
         "engine": job.extra.get("engine"),
         "result": job.extra.get("result"),
+        "preemptions": job.extra.get("preemptions", 0),
     }

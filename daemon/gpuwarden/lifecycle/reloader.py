@@ -31,7 +31,15 @@ from gpuwarden.system.systemd import Notifier
 log = structlog.get_logger(__name__)
 
 # Read once at start-up; a reload that changes them only takes effect after a restart.
-RESTART_ONLY = ("daemon.state_dir", "daemon.socket", "daemon.installation", "providers.", "ssh.")
+RESTART_ONLY = (
+    "daemon.state_dir",
+    "daemon.socket",
+    "daemon.installation",
+    "providers.",
+    "ssh.",
+    "dashboard.listen",
+    "dashboard.allow_remote",
+)
 
 
 class ConfigReloader:
@@ -69,8 +77,9 @@ class ConfigReloader:
         self.notifier.ready(self.status())
         return {"reloaded": False, "problems": problems}
 
-    async def reload(self) -> dict[str, Any]:
-        """Re-read the file; returns what happened (for the control socket's answer)."""
+    async def reload(self, by: str = "SIGHUP") -> dict[str, Any]:
+        """Re-read the file; returns what happened (for the control socket's answer). `by`:
+        who asked (the event's "by": a signal, or the control socket's caller)."""
         app = self.app
         self.notifier.reloading(int(app.clock.monotonic() * 1_000_000))
         try:
@@ -97,7 +106,7 @@ class ConfigReloader:
             EntityKind.DAEMON,
             "daemon",
             CONFIG_RELOADED,
-            {"changed": changed, "needs_restart": needs_restart},
+            {"changed": changed, "needs_restart": needs_restart, "by": by},
         )
         app.jobs_wake.set()
         log.info("config_reloaded", changed=changed, needs_restart=needs_restart)

@@ -9,6 +9,8 @@ from gpuwarden.lifecycle.service import Service
 from gpuwarden.loops.guard import Guard
 from gpuwarden.loops.reconciler import Reconciler
 from gpuwarden.loops.watchdog import Watchdog
+from gpuwarden.notify.service import Notifier
+from gpuwarden.web.server import DashboardServer
 
 
 def build_services(app: App) -> list[Service]:
@@ -19,6 +21,9 @@ def build_services(app: App) -> list[Service]:
     # the first daemon's instances for orphans and end them. Connections made now wait in
     # the listen backlog until the loops run, after every start().
     services.append(ControlServer(app))
+    # The notifier listens from its start(), so that what the reconciler's first pass finds
+    # (an instance that vanished or was ended by its dead-man switch) is told.
+    services.append(Notifier(app))
     # Then the cost guard: the reconciler's start() is its first full pass (finds what a
     # crash hid), then the guard, which ends every instance at its deadline.
     services.append(Reconciler(app))
@@ -26,4 +31,8 @@ def build_services(app: App) -> list[Service]:
     services.append(Watchdog(app))  # SSH probes of running instances
     # Jobs last: its start() recovers jobs in flight against the reconciled store.
     services.append(JobService(app))
+    # The dashboard (and /metrics), only when configured: it serves from a store that the
+    # reconciler has already checked and jobs that have been recovered.
+    if app.settings.dashboard.listen:
+        services.append(DashboardServer(app))
     return services

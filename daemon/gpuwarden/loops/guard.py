@@ -115,6 +115,7 @@ class Guard:
                 wake = min(wake, verdict.next_check)
                 continue
             lag = round(max(0.0, (now - verdict.deadline).total_seconds()), 3)
+            app.metrics.guard_lag.observe(lag)
             ended = await self.terminator.begin(
                 inst.id,
                 verdict.terminate,

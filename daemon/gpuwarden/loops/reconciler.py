@@ -13,7 +13,8 @@ At start-up (before READY) and then every policy.poll_interval, for each provide
   reason is `deadman` instead when the instance's dead-man switch had cause to end it by the
   time it was first missed (policy.vanish_reason: silent for deadman_timeout, or past
   hard_cap + deadman_margin), typically found by the first pass after a daemon restart;
-- mark a REQUESTED intent launch_failed after two misses past the grace period.
+- mark a REQUESTED intent launch_failed after two misses past the grace period;
+- end a spot instance the provider shows outbid at once (reason preempted, fleet/preemption.py).
 A provider whose listing fails is skipped for this pass (and logged), never read as
 "nothing exists". Then the account: credit under budget.credit_floor, or InsufficientCredit
 from any call, ends everything and pauses the queue; recorded spend past a budget limit
@@ -38,7 +39,7 @@ from gpuwarden.core.model import (
     TerminationReason,
     label_prefix,
 )
-from gpuwarden.fleet import budget
+from gpuwarden.fleet import budget, preemption
 from gpuwarden.fleet.app import App
 from gpuwarden.fleet.ended import provider_ended
 from gpuwarden.fleet.launcher import record_provider_id, running_fields
@@ -227,6 +228,8 @@ class Reconciler:
             if gone(seen) or seen.state is ProviderState.TERMINATING:
                 await self._vanished(inst, f"provider lists it as {seen.state.value}")
                 return
+            if await preemption.end_if_preempted(self.app, inst, seen, noticed_by="reconciler"):
+                return
             fields: dict[str, Any] = {}
             if seen.started_at is not None and inst.provider_started_at != seen.started_at:
                 fields["provider_started_at"] = seen.started_at
@@ -339,6 +342,8 @@ class Reconciler:
         except Exception as exc:
             log.debug("account_read_failed", provider=name, error=str(exc))
             return
+        if account.credit is not None:
+            self.app.credit[name] = account.credit
         if account.credit is not None and account.credit < floor:
             await budget.credit_stop(
                 self.app,

@@ -37,6 +37,7 @@ import structlog
 from gpuwarden.core.heartbeat import BEAT_EVERY
 from gpuwarden.core.model import EntityKind, Event, Instance, InstanceState, TerminationReason
 from gpuwarden.core.policy import strikes_after, struck_out
+from gpuwarden.fleet import preemption
 from gpuwarden.fleet.app import App
 from gpuwarden.fleet.ended import provider_ended
 from gpuwarden.fleet.terminator import gone as provider_gone
@@ -318,6 +319,12 @@ class Watchdog:
     async def _failed(self, instance_id: str, exc: ProbeFailed) -> None:
         inst = await self._fresh(instance_id)
         if inst is None:
+            return
+        # A spot instance that stopped answering may have been outbid: then it is ended
+        # as preempted (the same call the reconciler makes), not struck.
+        if preemption.is_spot(inst) and await preemption.check(
+            self.app, inst, noticed_by="watchdog"
+        ):
             return
         limits = self.app.limits()
         limit = limits.watchdog_failures

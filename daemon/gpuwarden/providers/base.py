@@ -57,6 +57,14 @@ class Offer:
     reliability: float = 1.0
     verified: bool = True
     billing: Billing = Billing.PER_SECOND
+    # Spot (Vast "interruptible"): rented with a bid, ended when outbid. price_per_hour is
+    # then bid + storage_per_hour (storage bills whatever the bid), on_demand_price what the
+    # same machine costs on demand, min_bid the host's lowest accepted bid (GPU part only).
+    interruptible: bool = False
+    bid: float | None = None  # USD/h for the GPUs; None: min_bid
+    min_bid: float | None = None
+    storage_per_hour: float = 0.0
+    on_demand_price: float | None = None
     raw: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
 
@@ -91,6 +99,8 @@ class ProviderInstance:
     ssh_host: str | None = None
     ssh_port: int | None = None
     ssh_user: str = "root"
+    # A spot instance the provider stopped because it was outbid (it still bills storage).
+    preempted: bool = False
     raw: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
 

@@ -54,6 +54,7 @@ class _Machine:
     launched_at: datetime
     spec: LaunchSpec
     destroyed_at: datetime | None = None
+    preempted: bool = False  # a spot machine that was outbid: stopped, not gone
 
 
 @dataclass
@@ -128,6 +129,11 @@ class FakeProvider:
     def calls_to(self, method: str) -> list[tuple[Any, ...]]:
         return [args for m, args in self.calls if m == method]
 
+    def outbid(self, provider_id: str) -> None:
+        """A spot machine loses its bid: the provider stops it (it still bills)."""
+        m = self.machines[provider_id]
+        self.machines[provider_id] = replace(m, preempted=True)
+
     def spawn(self, label: str, offer: Offer | None = None) -> str:
         """An instance that exists without a launch call (e.g. from a crashed daemon)."""
         return self._create(offer or self.offers[0], LaunchSpec(label=label, image="x"))
@@ -152,6 +158,8 @@ class FakeProvider:
         now = self.clock.now()
         if m.destroyed_at is not None:
             state = ProviderState.TERMINATED
+        elif m.preempted:
+            state = ProviderState.STOPPED
         elif now - m.launched_at >= self.boot_delay:
             state = ProviderState.RUNNING
         else:
@@ -169,6 +177,7 @@ class FakeProvider:
             started_at=m.launched_at,
             ssh_host="127.0.0.1" if running else None,
             ssh_port=22000 + int(m.provider_id) % 1000 if running else None,
+            preempted=m.preempted,
         )
 
     # --- the Provider port ----------------------------------------------------------
@@ -183,6 +192,7 @@ class FakeProvider:
             and (want.min_gpu_ram_gb is None or o.gpu_ram_gb >= want.min_gpu_ram_gb)
             and (want.max_price is None or o.price_per_hour <= want.max_price)
             and o.num_gpus >= want.num_gpus
+            and (want.interruptible or not o.interruptible)
         ]
         return sorted(out, key=lambda o: o.price_per_hour)[: want.limit]
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -70,7 +71,6 @@ KNOWN_GPUS = (
 )
 
 ONSTART_LIMIT = 4048  # characters Vast accepts in `onstart`
-BID_PRICE_KEY = "_gpuwarden_bid_price"  # added to Offer.raw for interruptible (bid) offers
 LIST_ORDER = json.dumps([{"col": "id", "dir": "asc"}], separators=(",", ":"))
 
 _PENDING = {None, "created", "loading", "scheduling", "rebooting"}
@@ -86,7 +86,9 @@ def search_query(want: Requirements) -> dict[str, Any]:
         "num_gpus": {"eq": want.num_gpus},
         "reliability": {"gte": want.min_reliability},
         "order": [["dph_total", "asc"]],
-        "type": "bid" if want.interruptible else "on-demand",
+        # On-demand rows carry min_bid too, and renting an ask with a `price` makes it
+        # interruptible (the SDK's create --price): one search yields both markets.
+        "type": "on-demand",
         "limit": want.limit,
     }
     if want.verified:
@@ -98,7 +100,8 @@ def search_query(want: Requirements) -> dict[str, Any]:
         # Vast's own CLI converts GB with x1000: a "24 GB" RTX 4090 reports 24564 MB, which a
         # x1024 bound would exclude.
         q["gpu_ram"] = {"gte": round(want.min_gpu_ram_gb * 1000)}
-    if want.max_price is not None:
+    if want.max_price is not None and not want.interruptible:
+        # (a spot price is lower than dph_total: those rows are filtered in to_offers)
         q["dph_total"] = {"lte": want.max_price}
     names = gpu_candidates(want.gpu_name)
     if names:
@@ -122,12 +125,9 @@ def _region_ok(geo: str, region: str | None) -> bool:
     return region.lower() in geo.lower()
 
 
-def to_offer(raw: Mapping[str, Any], provider: str, *, interruptible: bool) -> Offer:
+def to_offer(raw: Mapping[str, Any], provider: str) -> Offer:
+    """An on-demand offer (its raw row keeps min_bid for `spot_variant`)."""
     price = float(raw.get("dph_total") or 0.0)
-    data = dict(raw)
-    if interruptible:
-        # Renting a bid offer needs a price; bid at least the host's minimum.
-        data[BID_PRICE_KEY] = max(price, float(raw.get("min_bid") or 0.0))
     rel = raw.get("reliability2", raw.get("reliability"))
     return Offer(
         provider=provider,
@@ -140,7 +140,34 @@ def to_offer(raw: Mapping[str, Any], provider: str, *, interruptible: bool) -> O
         reliability=float(rel) if rel is not None else 1.0,
         verified=raw.get("verification", "verified") == "verified",
         billing=Billing.PER_SECOND,
-        raw=data,
+        storage_per_hour=_storage(raw, price),
+        raw=dict(raw),
+    )
+
+
+def _storage(raw: Mapping[str, Any], total: float) -> float:
+    """The storage part of dph_total (billed also while a spot instance is stopped)."""
+    value = raw.get("storage_total_cost")
+    if isinstance(value, int | float) and not isinstance(value, bool) and value >= 0:
+        return float(value)
+    base = raw.get("dph_base")
+    if isinstance(base, int | float) and not isinstance(base, bool):
+        return max(0.0, round(total - float(base), 6))
+    return 0.0
+
+
+def spot_variant(offer: Offer) -> Offer | None:
+    """The same ask rented as spot at its minimum bid, or None without a usable min_bid."""
+    min_bid = offer.raw.get("min_bid")
+    if not isinstance(min_bid, int | float) or isinstance(min_bid, bool) or min_bid <= 0:
+        return None
+    return replace(
+        offer,
+        interruptible=True,
+        min_bid=float(min_bid),
+        bid=None,
+        price_per_hour=round(float(min_bid) + offer.storage_per_hour, 6),
+        on_demand_price=offer.price_per_hour,
     )
 
 
@@ -151,14 +178,16 @@ def to_offers(body: Any, provider: str, want: Requirements) -> list[Offer]:
     for raw in rows or []:
         if not isinstance(raw, Mapping) or raw.get("id") is None:
             continue
-        o = to_offer(raw, provider, interruptible=want.interruptible)
-        if not gpu_matches(want.gpu_name, o.gpu_name):
+        o = to_offer(raw, provider)
+        if not gpu_matches(want.gpu_name, o.gpu_name) or not _region_ok(o.region, want.region):
             continue
-        if not _region_ok(o.region, want.region):
-            continue
-        if want.max_price is not None and o.price_per_hour > want.max_price:
-            continue
-        offers.append(o)
+        spot = spot_variant(o) if want.interruptible else None
+        for variant in (o, spot):
+            if variant is None:
+                continue
+            if want.max_price is not None and variant.price_per_hour > want.max_price:
+                continue
+            offers.append(variant)
     offers.sort(key=lambda o: o.price_per_hour)
     return offers[: want.limit]
 
@@ -180,9 +209,11 @@ def launch_body(offer: Offer, spec: LaunchSpec) -> dict[str, Any]:
     }
     if spec.onstart:
         body["onstart"] = spec.onstart
-    bid = offer.raw.get(BID_PRICE_KEY)
-    if bid is not None:
-        body["price"] = bid
+    if offer.interruptible:
+        bid = offer.bid if offer.bid is not None else offer.min_bid
+        if bid is None or bid <= 0:
+            raise InvalidRequest(f"spot offer {offer.offer_id} has no bid price")
+        body["price"] = round(bid, 6)
     return body
 
 
@@ -236,6 +267,13 @@ def epoch(value: Any) -> datetime | None:
         return None
 
 
+def outbid(raw: Mapping[str, Any]) -> bool:
+    """An interruptible instance that lost its bid: Vast stops it, and shows cur_state,
+    intended_status and next_state all `stopped` (dstack's test for "interrupted")."""
+    stopped = all(raw.get(k) == "stopped" for k in ("cur_state", "intended_status", "next_state"))
+    return bool(raw.get("is_bid")) and stopped
+
+
 def to_instance(raw: Mapping[str, Any], provider: str) -> ProviderInstance:
     host, port = ssh_endpoint(raw)
     return ProviderInstance(
@@ -251,6 +289,7 @@ def to_instance(raw: Mapping[str, Any], provider: str) -> ProviderInstance:
         ssh_host=host,
         ssh_port=port,
         ssh_user="root",
+        preempted=outbid(raw),
         raw=dict(raw),
     )
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import secrets
 import shlex
 from collections.abc import Callable, Sequence
@@ -36,6 +37,7 @@ log = structlog.get_logger(__name__)
 
 # Vast actual_status steps while booting, as fractions of the boot delay.
 VAST_BOOT_STEPS = (("created", 0.25), ("loading", 0.25))
+OUTBID_TICK = 0.25  # seconds between the random outbid draws (physical time)
 
 
 @dataclass(eq=False)
@@ -174,6 +176,8 @@ class SimCore:
                 price_per_hour=price_per_hour,
                 launched_at=now,
                 gpu=str(details.get("gpu", "")),
+                spot=details.get("bid") is not None,
+                storage_per_hour=float(details.get("storage_per_hour") or 0.0),
             )
         )
         inst.boot_task = asyncio.create_task(self._boot(inst), name=f"sim-boot-{instance_id}")
@@ -268,6 +272,49 @@ class SimCore:
         if inst.ssh is not None:
             await inst.ssh.stop()
         await procs.kill_instance_processes(inst.id, self.token)
+
+    # --- spot ---------------------------------------------------------------------------
+
+    @staticmethod
+    def is_spot(inst: SimInstance) -> bool:
+        return inst.kind == "vast" and inst.details.get("bid") is not None
+
+    async def outbid(self, inst: SimInstance) -> bool:
+        """Someone bid more for the spot instance's machine: Vast stops it (cur_state,
+        intended_status and next_state `stopped`), its processes die with the container,
+        and from now on it bills only its storage, until it is destroyed. False for an
+        instance that is not spot, or already stopped or ended."""
+        if not self.is_spot(inst) or inst.ended or inst.status == "stopped":
+            return False
+        now = self.now()
+        inst.status = "stopped"
+        inst.details["outbid_at"] = now
+        self.ledger.stop(inst.kind, inst.id, now)
+        await self._power_off(inst)
+        log.info("sim_instance_outbid", provider=inst.kind, instance_id=inst.id)
+        return True
+
+    async def outbid_loop(self, every: float = OUTBID_TICK) -> None:
+        """Outbid running spot instances at random, at faults.outbid_rate per hour of sim
+        time (the rate is read on each tick, so a change through the admin API counts)."""
+        last: dict[str, datetime] = {}
+        while True:
+            now = self.now()
+            rate = self.faults.get("vast").outbid_rate
+            for inst in self.of_kind("vast"):
+                if not self.is_spot(inst) or not inst.running or inst.ended:
+                    last.pop(inst.id, None)
+                    continue
+                seen = last.setdefault(inst.id, now)
+                hours = max(0.0, (now - seen).total_seconds()) / 3600.0
+                last[inst.id] = now
+                if rate > 0 and self.faults.chance(1.0 - math.exp(-rate * hours)):
+                    self.faults.injected["vast:outbid"] += 1
+                    await self.outbid(inst)
+            await asyncio.sleep(every)
+
+    def start_background(self) -> None:
+        self._spawn(self.outbid_loop())
 
     async def kill_ssh(self, inst: SimInstance) -> None:
         if inst.ssh is not None:

@@ -78,6 +78,10 @@ class FaultState:
             self.injected[f"{kind}:{rolled}"] += 1
         return rolled
 
+    def chance(self, p: float) -> bool:
+        """True with probability `p` (from the seeded draws)."""
+        return p > 0 and self._rng.random() < p
+
     def choice(self, options: tuple[int, ...]) -> int:
         return self._rng.choice(options)
 

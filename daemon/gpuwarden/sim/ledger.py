@@ -2,7 +2,9 @@
 provider bills in. This is the ground truth that leak tests check.
 
 Billing runs from creation (the create/launch call) until the instance ended: destroyed or
-terminated through the API, ended from outside, or ended by the credit running out.
+terminated through the API, ended from outside, or ended by the credit running out. A Vast
+spot instance that was outbid is stopped: from then until it is destroyed it bills only its
+storage (`stopped_at`, `storage_per_hour`).
 Vast bills each started second, Lambda each started minute. The arithmetic is written out
 here on purpose instead of reusing gpuwarden.core.policy: the ground truth must not share code
 with the thing it checks.
@@ -37,17 +39,26 @@ class LedgerEntry:
     gpu: str = ""
     ended_at: datetime | None = None
     ended_by: str | None = None  # "api:account", "api:instance_key", "outside", "credit"
+    spot: bool = False  # rented with a bid
+    storage_per_hour: float = 0.0  # USD, the part of the price a stopped instance still bills
+    stopped_at: datetime | None = None  # outbid: GPU billing stopped, storage goes on
 
     def billed(self, now: datetime) -> int:
         return billed_seconds(self.provider, self.launched_at, self.ended_at or now)
 
     def cost(self, now: datetime) -> float:
-        return self.price_per_hour * self.billed(now) / 3600.0
+        end = self.ended_at or now
+        if self.stopped_at is None or self.stopped_at >= end:
+            return self.price_per_hour * self.billed(now) / 3600.0
+        running = billed_seconds(self.provider, self.launched_at, self.stopped_at)
+        stopped = billed_seconds(self.provider, self.stopped_at, end)
+        return (self.price_per_hour * running + self.storage_per_hour * stopped) / 3600.0
 
     def to_json(self, now: datetime) -> dict[str, Any]:
         out = asdict(self)
         out["launched_at"] = format_ts(self.launched_at)
         out["ended_at"] = format_ts(self.ended_at)
+        out["stopped_at"] = format_ts(self.stopped_at)
         out["billed_seconds"] = self.billed(now)
         out["cost"] = round(self.cost(now), 6)
         out["running"] = self.ended_at is None
@@ -70,6 +81,15 @@ class Ledger:
             return False
         entry.ended_at = at
         entry.ended_by = by
+        return True
+
+    def stop(self, kind: ProviderKind, instance_id: str, at: datetime) -> bool:
+        """A spot instance was outbid: only its storage bills from `at`. False if it had
+        already stopped or ended."""
+        entry = self._entries[(kind, instance_id)]
+        if entry.ended_at is not None or entry.stopped_at is not None:
+            return False
+        entry.stopped_at = at
         return True
 
     def get(self, kind: ProviderKind, instance_id: str) -> LedgerEntry | None:
@@ -105,6 +125,7 @@ def render(data: dict[str, Any]) -> str:
             f"{r['provider']:<8} {r['instance_id']:<34} {r['label'][:32]:<32} "
             f"{r['price_per_hour']:>8.4f} {r['billed_seconds']:>9} {r['cost']:>10.6f}  "
             f"{r['ended_by'] or 'STILL RUNNING'}"
+            + (f" (outbid {r['stopped_at']})" if r.get("stopped_at") else "")
         )
     lines.append(f"total ${data['total_cost']:.6f}; still running: {data['running']}")
     return "\n".join(lines)

@@ -7,6 +7,7 @@
     GET /_sim/instances                                      instances, ports, sessions
     POST /_sim/instances/{id}/kill-ssh                       its SSH server dies
     POST /_sim/instances/{id}/end                            ended from outside
+    POST /_sim/instances/{id}/outbid                         a spot instance is outbid now
 
 The admin paths under /_sim/ take no API key: the server listens on loopback only.
 """
@@ -74,6 +75,7 @@ class SimCloud:
         self.urls = SimUrls.at(base)
         self.core.api_urls["vast"] = self.urls.vast
         self.core.api_urls["lambda"] = self.urls.lambda_
+        self.core.start_background()
         log.info("sim_started", url=base, sandbox=str(self.core.sandbox_root))
         return self.urls
 
@@ -108,6 +110,7 @@ class SimCloud:
         app.router.add_get("/_sim/instances", self._instances)
         app.router.add_post("/_sim/instances/{id}/kill-ssh", self._kill_ssh)
         app.router.add_post("/_sim/instances/{id}/end", self._end)
+        app.router.add_post("/_sim/instances/{id}/outbid", self._outbid)
 
     async def _ledger(self, request: web.Request) -> web.Response:
         return web.json_response(self.ledger())
@@ -118,19 +121,36 @@ class SimCloud:
 
     async def _faults_post(self, request: web.Request) -> web.Response:
         """Body: knobs for both providers, or {"vast": {...}, "lambda": {...}}; `credit` sets
-        the account credit now (a number, or {"vast": n, "lambda": n})."""
+        the account credit now (a number, or {"vast": n, "lambda": n}); `outbid` names spot
+        instances (an id or a list of ids) that are outbid now."""
         try:
             body = await json_body(request)
             if not isinstance(body, dict):
                 raise FaultError("expected a JSON object")
             credit = body.pop("credit", None)
+            targets = self._outbid_targets(body.pop("outbid", None))
             self.core.faults.update(body)
             if credit is not None:
                 self._set_credit(credit)
+            for inst in targets:
+                await self.core.outbid(inst)
         except (FaultError, ValueError, TypeError) as exc:
             return web.json_response({"error": str(exc)}, status=400)
         log.info("sim_faults_set", faults=json.dumps(self.core.faults.to_json()))
         return await self._faults_get(request)
+
+    def _outbid_targets(self, value: Any) -> list[SimInstance]:
+        """The spot instances an `outbid` value names, all checked before any is touched."""
+        if value is None:
+            return []
+        ids = value if isinstance(value, list) else [value]
+        out = []
+        for raw in ids:
+            inst = self.core.find(str(raw))
+            if inst is None or not self.core.is_spot(inst) or inst.ended:
+                raise FaultError(f"outbid: {raw} is not a live spot instance")
+            out.append(inst)
+        return out
 
     def _set_credit(self, credit: Any) -> None:
         values = credit if isinstance(credit, dict) else dict.fromkeys(KINDS, credit)
@@ -170,6 +190,15 @@ class SimCloud:
         inst = self._target(request)
         await self.core.kill_ssh(inst)
         return web.json_response({"id": inst.id, "ssh_listening": False})
+
+    async def _outbid(self, request: web.Request) -> web.Response:
+        inst = self._target(request)
+        if not self.core.is_spot(inst) or inst.ended:
+            return web.json_response(
+                {"error": f"{inst.id} is not a live spot instance"}, status=409
+            )
+        await self.core.outbid(inst)
+        return web.json_response({"id": inst.id, "status": inst.status})
 
     async def _end(self, request: web.Request) -> web.Response:
         inst = self._target(request)

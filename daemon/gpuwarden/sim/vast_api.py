@@ -158,6 +158,9 @@ class VastApi:
             # UNCONFIRMED on the real API (reference vastai.md §6): our assumption.
             return error(400, "insufficient_credit", "Insufficient credit", ask_id=ask_id)
         inst = self._create(machine, ask_id, body)
+        if price is not None and price < inst.details["offer"]["min_bid"]:
+            # A bid under the host's minimum: Vast creates the instance stopped (outbid).
+            await self.core.outbid(inst)
         if self.core.faults.take("vast", "create_error_exists"):
             # dstack's quirk: an error answer that still created an instance (new_contract).
             msg = "error 400/3419: the instance could not be started as requested"
@@ -193,6 +196,8 @@ class VastApi:
             "attached_keys": attached,
             "jupyter_token": secrets.token_hex(32),
             "gpu": offer["gpu_name"],
+            "bid": float(body["price"]) if bid else None,
+            "storage_per_hour": offer["storage_total_cost"],
         }
 
         def authorized() -> list[str]:

@@ -38,11 +38,13 @@ def instance_payload(inst: SimInstance, now: datetime) -> dict[str, Any]:
     d = inst.details
     o = d["offer"]
     running = inst.status == "running"
+    wanted = "stopped" if inst.status == "stopped" else "running"  # stopped: outbid
     status_msg = {
         None: None,
         "created": "Creating container",
         "loading": f"Pulling image {d['image']} ... 43%",
         "running": f"success, running {d['image'].replace(':', '_')}/ssh",
+        "stopped": "Instance stopped: outbid",
     }.get(inst.status)
     out: dict[str, Any] = {
         "id": int(inst.id),
@@ -50,9 +52,9 @@ def instance_payload(inst: SimInstance, now: datetime) -> dict[str, Any]:
         "host_id": o["host_id"],
         "bundle_id": o["bundle_id"],
         "actual_status": inst.status,
-        "intended_status": "running",
-        "cur_state": "running",
-        "next_state": "running",
+        "intended_status": wanted,
+        "cur_state": wanted,
+        "next_state": wanted,
         "status_msg": status_msg,
         "label": inst.label or None,
         "image_uuid": d["image"],

@@ -332,13 +332,31 @@ class Store:
             got = await sql.fetch(self._conn, query + " ORDER BY at", args)
         return [rows.termination_from_row(r) for r in got]
 
+    async def spot_terminations(self, since: datetime) -> list[tuple[Termination, dict[str, Any]]]:
+        """Termination records of spot instances since `since`, each with its instance's
+        spot details (extra["spot"]: bid, min_bid, on_demand_price)."""
+        query = (
+            "SELECT t.*, json_extract(i.extra, '$.spot') AS spot FROM terminations t"
+            " JOIN instances i ON i.id = t.instance_id"
+            " WHERE t.at >= ? AND json_extract(i.extra, '$.spot') IS NOT NULL ORDER BY t.at"
+        )
+        async with self._lock:
+            got = await sql.fetch(self._conn, query, (format_ts(since),))
+        out: list[tuple[Termination, dict[str, Any]]] = []
+        for r in got:
+            spot = json.loads(r["spot"]) if r["spot"] else {}
+            out.append((rows.termination_from_row(r), spot if isinstance(spot, dict) else {}))
+        return out
+
     # --- jobs ------------------------------------------------------------------------
 
-    async def insert_job(self, job: Job) -> None:
+    async def insert_job(self, job: Job, details: Mapping[str, Any] | None = None) -> None:
         cols = rows.columns(job)
         async with self.transaction() as conn:
             await sql.insert(conn, "jobs", cols)
-            await self._event(conn, EntityKind.JOB, job.id, "state", to_state=job.state.value)
+            await self._event(
+                conn, EntityKind.JOB, job.id, "state", to_state=job.state.value, details=details
+            )
 
     async def transition_job(
         self,
@@ -452,7 +470,14 @@ class Store:
             got = await sql.fetch(self._conn, "SELECT value FROM flags WHERE key = ?", (key,))
         return json.loads(got[0]["value"]) if got else default
 
-    async def set_flag(self, key: str, value: Any, *, reason: str | None = None) -> None:
+    async def set_flag(
+        self,
+        key: str,
+        value: Any,
+        *,
+        reason: str | None = None,
+        details: Mapping[str, Any] | None = None,
+    ) -> None:
         """Daemon-wide state (queue paused, ...), with an event so it is on record."""
         async with self.transaction() as conn:
             await conn.execute(
@@ -461,7 +486,12 @@ class Store:
                 (key, json.dumps(value)),
             )
             await self._event(
-                conn, EntityKind.DAEMON, key, "flag", reason=reason, details={"value": value}
+                conn,
+                EntityKind.DAEMON,
+                key,
+                "flag",
+                reason=reason,
+                details={**(details or {}), "value": value},
             )
 
     async def vacuum_into(self, target: Path) -> None:

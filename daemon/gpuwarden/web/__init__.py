@@ -1,0 +1,1 @@
+"""The HTTP listener: the local dashboard, its live event stream and /metrics."""
