@@ -20,6 +20,7 @@ import random
 import shutil
 import sqlite3
 import sys
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -187,12 +188,13 @@ class Figures:
 
     def line(self, seed: int) -> str:
         faults = ", ".join(f"{k} {v}" for k, v in sorted(self.proxy_faults.items()))
+        knobs = ", ".join(f"{k} {v}" for k, v in Counter(self.sim_faults).items())
         return (
             f"chaos seed {seed}: {self.kills} kills, {self.instances} instances, {self.jobs} jobs, "
             f"worst overrun {self.worst_overrun_s:.1f} s (bound {BOUND:g} s), "
             f"{len(self.violations)} violations; {self.lies} lying results "
             f"({self.refused_results} jobs failed for them); proxy faults: {faults or 'none'}; "
-            f"sim faults: {', '.join(self.sim_faults) or 'none'}"
+            f"sim faults: {knobs or 'none'}"
         )
 
 
