@@ -47,6 +47,12 @@ async def test_the_page_lists_an_instance_extend_moves_its_lease_destroy_ends_it
         assert lease is not None
         await expect(row).to_have_attribute("data-lease-until", lease.isoformat())
 
+        await row.locator('button[data-action="activity"]').click()
+        await expect(page.locator("#message")).to_have_text("activity: done")
+        events = await d.env.app.store.events(entity_id=iid)
+        by = {e.name: e.details.get("by") for e in events}
+        assert by["extended"] == by["activity"] == "dashboard:operator"
+
         page.once("dialog", lambda dialog: dialog.accept())
         await row.locator('button[data-action="destroy"]').click()
         await expect(row).to_have_count(0)  # gone from the live list

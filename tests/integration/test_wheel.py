@@ -50,6 +50,7 @@ def test_the_wheel_carries_what_goes_onto_instances(wheel: Path) -> None:
     names = zipfile.ZipFile(wheel).namelist()
     for name in INSTANCE_FILES:
         assert f"gpuwarden/remote/assets/{name}" in names, (name, sorted(names))
+    assert "gpuwarden/web/assets/dashboard.html" in names  # the dashboard's page
 
 
 @pytest.mark.slow

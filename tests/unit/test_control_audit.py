@@ -7,24 +7,30 @@ import asyncio
 import json
 import os
 import pwd
-import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from peer_support import NOBODY, as_nobody
 from tests.conftest import MakeApp
 
-from gpuwarden.config.settings import DaemonSettings, Settings
+from gpuwarden.config import settings as config
 from gpuwarden.control.methods import Caller
 from gpuwarden.control.server import ControlServer
 from gpuwarden.core.clock import SystemClock
-from gpuwarden.core.model import QUEUE_PAUSED_FLAG, EntityKind, Event, TerminationReason
+from gpuwarden.core.model import (
+    CONFIG_RELOADED,
+    QUEUE_PAUSED_FLAG,
+    EntityKind,
+    Event,
+    TerminationReason,
+)
 from gpuwarden.fleet import launcher
 from gpuwarden.fleet.app import App
+from gpuwarden.lifecycle.reloader import ConfigReloader
 from gpuwarden.providers.fake import FakeProvider
-
-NOBODY = 65534
+from gpuwarden.system import systemd
 
 
 def test_a_caller_is_named_by_user_name_and_uid() -> None:
@@ -62,12 +68,13 @@ async def _call(path: Path, method: str, params: dict[str, Any] | None = None) -
 @pytest.fixture
 async def served(short_dir: Path, make_app: MakeApp) -> AsyncIterator[tuple[App, Path]]:
     clock = SystemClock()
-    settings = Settings(
-        daemon=DaemonSettings(
-            state_dir=short_dir, socket=short_dir / "control.sock", allowed_uids=[NOBODY]
-        )
+    conf = short_dir / "c.toml"
+    conf.write_text(
+        f'[daemon]\nstate_dir = "{short_dir}"\nsocket = "{short_dir / "control.sock"}"\n'
+        f"allowed_uids = [{NOBODY}]\n"
     )
-    app = await make_app(settings, clock, [FakeProvider(clock, "fake")])
+    app = await make_app(config.load(conf), clock, [FakeProvider(clock, "fake")])
+    app.reload = ConfigReloader(app, conf, systemd.Notifier(None), lambda: "running").reload
     server = ControlServer(app)
     await server.start()
     task = asyncio.create_task(server.run())
@@ -93,6 +100,7 @@ async def test_actions_over_the_socket_record_the_callers_uid(served: tuple[App,
     await _call(path, "extend", {"id": iid, "hours": 1})
     await _call(path, "activity", {"id": iid})
     await _call(path, "destroy", {"id": iid})
+    await _call(path, "config.reload")
 
     me = _me()
     assert f"uid:{os.getuid()}" in me
@@ -110,6 +118,8 @@ async def test_actions_over_the_socket_record_the_callers_uid(served: tuple[App,
     assert ("requested", me) in states
     assert ("terminating", me) in states
     assert "user" not in json.dumps([e.details for e in inst_events + job_events + flags])
+    [reloaded] = await app.store.events(entity_id="daemon", kind=EntityKind.DAEMON)
+    assert (reloaded.name, reloaded.details["by"]) == (CONFIG_RELOADED, me)
 
     # history and the events list show who ended it
     [record] = await _call(path, "history", {"hours": 1})
@@ -131,48 +141,14 @@ async def test_an_instance_the_daemon_ended_has_no_by_in_history(
     assert (record["reason"], record["by"]) == ("idle", None)
 
 
-def _fork_as_nobody_pausing(path: Path) -> tuple[int, int]:
-    """A child that drops to uid 65534 and pauses the queue over the socket; it writes what
-    it read back into a pipe. Returns (pid, read end)."""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: plain syscalls only, then _exit
-        try:
-            os.close(r)
-            os.setgroups([])
-            os.setgid(NOBODY)
-            os.setuid(NOBODY)
-            s = socket.socket(socket.AF_UNIX)
-            s.settimeout(5)
-            s.connect(str(path))
-            s.sendall(b'{"jsonrpc":"2.0","id":1,"method":"queue.pause","params":{}}\n')
-            os.write(w, s.recv(65536))
-        except BaseException as exc:
-            os.write(w, f"error {exc!r}".encode())
-        finally:
-            os._exit(0)
-    os.close(w)
-    return pid, r
-
-
-def _read_all(fd: int) -> bytes:
-    chunks = []
-    while chunk := os.read(fd, 4096):
-        chunks.append(chunk)
-    os.close(fd)
-    return b"".join(chunks)
-
-
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a client as uid 65534")
 async def test_another_uid_is_recorded_as_that_uid(served: tuple[App, Path]) -> None:
     app, path = served
     os.chmod(path.parent, 0o755)
     os.chmod(path, 0o666)
-    pid, r = _fork_as_nobody_pausing(path)
-    loop = asyncio.get_running_loop()
-    got = await asyncio.wait_for(loop.run_in_executor(None, _read_all, r), 20)
-    await loop.run_in_executor(None, os.waitpid, pid, 0)
-    assert b'"queue_paused":true' in got.replace(b" ", b""), got
+    request = b'{"jsonrpc":"2.0","id":1,"method":"queue.pause","params":{}}\n'
+    got = await as_nobody(path, request, keep=200)
+    assert got.startswith(f"uid={NOBODY} got=") and '"queue_paused":true' in got, got
     [ev] = await app.store.events(entity_id=QUEUE_PAUSED_FLAG, kind=EntityKind.DAEMON)
     try:
         name: str | None = pwd.getpwuid(NOBODY).pw_name

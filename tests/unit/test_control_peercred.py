@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 from pathlib import Path
 
 import pytest
+from peer_support import NOBODY, as_nobody
 from tests.conftest import MakeApp
 
 from gpuwarden.config.settings import DaemonSettings, Settings
@@ -63,52 +63,7 @@ def test_peer_groups_of_this_process_match_the_kernel() -> None:
 
 # --- a real refused peer ------------------------------------------------------------------
 
-NOBODY = 65534
 REQUEST = b'{"jsonrpc":"2.0","id":1,"method":"daemon.info"}\n'
-
-
-def _fork_as_nobody(path: Path) -> tuple[int, int]:
-    """Fork a child that drops to uid/gid 65534 and no groups, connects, sends a request and
-    writes what it read back into a pipe. Returns (pid, read end of the pipe)."""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: plain syscalls only, then _exit
-        try:
-            os.close(r)
-            os.setgroups([])
-            os.setgid(NOBODY)
-            os.setuid(NOBODY)
-            s = socket.socket(socket.AF_UNIX)
-            s.settimeout(5)
-            s.connect(str(path))
-            try:
-                s.sendall(REQUEST)
-                data = s.recv(65536)
-            except (ConnectionResetError, BrokenPipeError):
-                data = b""
-            os.write(w, f"uid={os.getuid()} got={data[:20]!r}".encode())
-        except BaseException as exc:
-            os.write(w, f"error {exc!r}".encode())
-        finally:
-            os._exit(0)
-    os.close(w)
-    return pid, r
-
-
-def _read_all(fd: int) -> str:
-    chunks = []
-    while chunk := os.read(fd, 4096):
-        chunks.append(chunk)
-    os.close(fd)
-    return b"".join(chunks).decode()
-
-
-async def _as_nobody(path: Path) -> str:
-    pid, r = _fork_as_nobody(path)
-    loop = asyncio.get_running_loop()
-    out = await asyncio.wait_for(loop.run_in_executor(None, _read_all, r), 20)
-    await loop.run_in_executor(None, os.waitpid, pid, 0)
-    return out
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a client as uid 65534")
@@ -131,7 +86,7 @@ async def test_a_peer_of_another_uid_is_refused_before_it_is_read(
         # check does), so that what refuses it here is the credential check itself.
         os.chmod(base, 0o755)
         os.chmod(server.path, 0o666)
-        got = await _as_nobody(server.path)
+        got = await as_nobody(server.path, REQUEST)
     finally:
         app.stopping.set()
         await asyncio.wait_for(task, 5)

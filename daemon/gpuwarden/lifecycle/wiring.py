@@ -29,7 +29,7 @@ def build_services(app: App) -> list[Service]:
     services.append(Reconciler(app))
     services.append(Guard(app))
     services.append(Watchdog(app))  # SSH probes of running instances
-    # Jobs last: its start() recovers jobs in flight against the reconciled store.
+    # Then jobs: its start() recovers jobs in flight against the reconciled store.
     services.append(JobService(app))
     # The dashboard (and /metrics), only when configured: it serves from a store that the
     # reconciler has already checked and jobs that have been recovered.

@@ -10,6 +10,7 @@ from urllib.parse import quote
 
 from gpuwarden.control import instances
 from gpuwarden.control import jobs as jobs_api
+from gpuwarden.control.events import event_json
 from gpuwarden.core import errors
 from gpuwarden.fleet.app import App
 
@@ -20,6 +21,7 @@ IMAGE_TYPES = {
     ".webp": "image/webp",
 }
 MAX_EXTEND_H = 24 * 365.0
+RECENT_EVENTS = 30
 
 
 def actor(app: App) -> str:
@@ -49,6 +51,8 @@ async def state(app: App) -> dict[str, Any]:
         "jobs": listed,
         "history": await instances.history(app, 24 * 7),
         "costs": await instances.costs(app, 30),
+        # The tail of the event log, oldest first; the page's stream adds to it.
+        "events": [event_json(e) for e in await app.store.events(limit=RECENT_EVENTS, newest=True)],
     }
 
 
