@@ -42,6 +42,17 @@ BOUND = 25.0
 IDLE_TIMEOUT = 12.0
 TERMINAL = ("succeeded", "failed", "cancelled")
 FAULTS = ("html200", "empty200", "garbled", "html404", "reset", "slow")
+# Daemon events that show a fault was met, counted in the figures.
+MET = (
+    "credit_stop",
+    "instance_vanished",
+    "orphan_found",
+    "instance_adopted",
+    "termination_intent_unwritten",
+    "job_failed",
+    "job_ssh_dropped",
+    "destroy_failed",
+)
 
 
 @dataclass
@@ -183,6 +194,7 @@ class Figures:
     violations: list[str] = field(default_factory=list)
     proxy_faults: dict[str, int] = field(default_factory=dict)
     sim_faults: list[str] = field(default_factory=list)
+    met: dict[str, int] = field(default_factory=dict)  # World.met
     lies: int = 0  # result.json files a lying instance replaced
     refused_results: int = 0  # jobs failed because their result.json was refused
 
@@ -194,7 +206,8 @@ class Figures:
             f"worst overrun {self.worst_overrun_s:.1f} s (bound {BOUND:g} s), "
             f"{len(self.violations)} violations; {self.lies} lying results "
             f"({self.refused_results} jobs failed for them); proxy faults: {faults or 'none'}; "
-            f"sim faults: {knobs or 'none'}"
+            f"sim faults: {knobs or 'none'}; daemon events: "
+            f"{', '.join(f'{k} {v}' for k, v in sorted(self.met.items())) or 'none'}"
         )
 
 
@@ -243,6 +256,8 @@ class World:
     # it wrote through `root` (the namespace's view of the file system, /proc/PID/root).
     prefix: list[str] = field(default_factory=list)
     root: Path = Path("/")
+    # How often the daemons logged the events that show a fault was met (over all lives).
+    met: Counter[str] = field(default_factory=Counter)
 
     def seen(self, path: Path | str) -> Path:
         """`path` as the daemon sees it, from here."""
@@ -269,10 +284,16 @@ class World:
         self.daemon = DaemonProcess(proc)
         await self.daemon.wait_for("daemon_ready", 60)
 
+    def _count(self, daemon: DaemonProcess) -> None:
+        for event in daemon.events:
+            if event.get("event") in MET:
+                self.met[str(event["event"])] += 1
+
     async def kill(self) -> None:
         assert self.daemon is not None
         self.daemon.kill()
         await self.daemon.wait(15)
+        self._count(self.daemon)
         start, _ = self.alive[-1]
         self.alive[-1] = (start, datetime.now(UTC))
         self.daemon = None
@@ -280,6 +301,7 @@ class World:
     async def stop(self) -> None:
         if self.daemon is not None:
             code = await self.daemon.stop(15)
+            self._count(self.daemon)
             start, _ = self.alive[-1]
             self.alive[-1] = (start, datetime.now(UTC))
             self.daemon = None
@@ -311,6 +333,7 @@ def database(path: Path) -> Iterator[sqlite3.Connection]:
 def check(world: World, figures: Figures) -> None:
     """The invariants against the sim's ledger and the daemon's database (read-only)."""
     now = datetime.now(UTC)
+    figures.met = dict(world.met)
     entries = world.sim.core.ledger.entries()
     figures.instances = len(entries)
     # A copy (the daemon has stopped): SQLite cannot open a file through /proc/PID/root.

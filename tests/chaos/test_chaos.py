@@ -54,6 +54,9 @@ SIM_KNOBS: list[tuple[str, dict[str, Any]]] = [
     ("create_error_exists", {"create_error_exists": 1}),
     ("list_lag", {"list_lag": "3s"}),
     ("destroy_noop", {"destroy_noop": 1}),
+    # The account runs dry (credit 0): creates are refused, running instances are ended by
+    # the provider, and the daemon's credit stop pauses the queue (resumed at the drain).
+    ("zero_credit", {"end_on_zero_credit": True}),
 ]
 CALM = {
     "rate_5xx": 0.0,
@@ -62,7 +65,16 @@ CALM = {
     "create_error_exists": 0,
     "list_lag": "0s",
     "destroy_noop": 0,
+    "end_on_zero_credit": False,
 }
+CREDIT = 100.0
+
+
+def set_knob(world: World, name: str, knob: dict[str, Any]) -> None:
+    world.sim.core.faults.update({**CALM, **knob})
+    for kind in ("vast", "lambda"):
+        world.sim.core.set_credit(kind, 0.0 if name == "zero_credit" else CREDIT)
+
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240 + 25 * KILLS)]
 
@@ -145,6 +157,7 @@ async def test_chaos(world: World) -> None:
     if KILLS >= 20:  # a full run meets every fault
         assert set(figures.proxy_faults) == set(FAULTS)
         assert figures.lies > 0 and figures.refused_results > 0
+        assert figures.met.get("credit_stop", 0) > 0  # the zero-credit life was met
 
 
 async def schedule(world: World, rng: random.Random, figures: Figures) -> None:
@@ -153,7 +166,7 @@ async def schedule(world: World, rng: random.Random, figures: Figures) -> None:
     prompts = 0
     for kill in range(KILLS):
         name, knob = SIM_KNOBS[kill % len(SIM_KNOBS)]
-        world.sim.core.faults.update({**CALM, **knob})
+        set_knob(world, name, knob)
         figures.sim_faults.append(name)
         await world.start()
         for _ in range(rng.randint(1, 2)):
@@ -173,9 +186,10 @@ async def schedule(world: World, rng: random.Random, figures: Figures) -> None:
 
 async def drain_and_check(world: World, figures: Figures) -> None:
     # The world recovers: no more faults; the daemon drains what is left.
-    world.sim.core.faults.update(CALM)
+    set_knob(world, "calm", {})
     world.proxy.rate = 0.0
     await world.start()
+    await world.call("queue.resume")  # after a credit stop, once the account is topped up
 
     async def drained() -> bool:
         jobs = await world.call("jobs.list", {"limit": 10_000})
