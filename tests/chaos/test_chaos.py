@@ -169,6 +169,8 @@ async def schedule(world: World, rng: random.Random, figures: Figures) -> None:
         set_knob(world, name, knob)
         figures.sim_faults.append(name)
         await world.start()
+        if name != "zero_credit":  # the account was topped up after a credit stop
+            await quietly(world, "queue.resume")
         for _ in range(rng.randint(1, 2)):
             prompts += 1
             await quietly(world, "jobs.submit", {"prompt": f"chaos {prompts}", "seed": prompts})
