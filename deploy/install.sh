@@ -20,6 +20,7 @@ Options:
   --vast-key-file FILE     Vast.ai API key   -> credential vast_api_key
   --lambda-key-file FILE   Lambda API key    -> credential lambda_api_key
   --ssh-key-file FILE      SSH private key (PEM/OpenSSH) for rented hosts -> ssh_private_key
+  --hf-token-file FILE     Hugging Face token, for gated models -> credential hf_token
                            (without one the daemon makes a key in /var/lib/gpuwarden/ssh)
   --no-encrypt             store credentials in plain files (0600, root) even when
                            systemd-creds is available
@@ -63,6 +64,7 @@ while [[ $# -gt 0 ]]; do
     --vast-key-file) need_arg "$@"; KEY_FILES[vast_api_key]=$2; shift 2 ;;
     --lambda-key-file) need_arg "$@"; KEY_FILES[lambda_api_key]=$2; shift 2 ;;
     --ssh-key-file) need_arg "$@"; KEY_FILES[ssh_private_key]=$2; shift 2 ;;
+    --hf-token-file) need_arg "$@"; KEY_FILES[hf_token]=$2; shift 2 ;;
     --wheel) need_arg "$@"; WHEEL=$2; shift 2 ;;
     --python) need_arg "$@"; PYTHON=$2; shift 2 ;;
     --root) need_arg "$@"; ROOT=$2; shift 2 ;;
@@ -90,7 +92,7 @@ if [[ -n $ROOT ]]; then
 fi
 
 # The credential names the daemon reads from $CREDENTIALS_DIRECTORY (gpuwarden.config.settings.CREDENTIALS).
-CRED_IDS=(vast_api_key lambda_api_key ssh_private_key)
+CRED_IDS=(vast_api_key lambda_api_key ssh_private_key hf_token)
 
 # Where things go on the target system (without the --root prefix).
 OPT=/opt/gpuwarden

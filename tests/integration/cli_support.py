@@ -53,8 +53,9 @@ class Daemon:
                 self.loop.run(self.proc.stop(20))
 
 
-@pytest.fixture(scope="module")
-def daemon() -> Iterator[Daemon]:
+@contextlib.contextmanager
+def running_daemon() -> Iterator[Daemon]:
+    """A started Daemon in a short temporary directory, stopped and removed afterwards."""
     with short_tmp() as base, LoopThread() as loop:
         d = Daemon(base, loop)
         try:
@@ -62,6 +63,12 @@ def daemon() -> Iterator[Daemon]:
             yield d
         finally:
             d.stop()
+
+
+@pytest.fixture(scope="module")
+def daemon() -> Iterator[Daemon]:
+    with running_daemon() as d:
+        yield d
 
 
 def gw(d: Daemon | None, *argv: str) -> tuple[int, str, str]:

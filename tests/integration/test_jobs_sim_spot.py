@@ -17,6 +17,7 @@ from jobs_support import JobEnv, job_env, job_settings
 from tests.conftest import eventually
 
 from gpuwarden.config.settings import Settings
+from gpuwarden.control import instances
 from gpuwarden.core.model import EntityKind, InstanceState, JobState, TerminationReason
 from gpuwarden.loops.reconciler import Reconciler
 
@@ -91,6 +92,11 @@ async def test_an_outbid_job_runs_again_elsewhere_and_makes_its_image_once(
         assert entry["ended_by"] == "api:account"
         second = await env.store.get_instance(job.instance_id or "")
         assert second.extra["spot"]["bid"] > 0  # still on spot: one preemption of three
+        # costs: the preemption's re-run time, and what spot saved on what has ended
+        spot = (await instances.costs(env.app))["spot"]
+        assert spot["preemptions"] == 1 and spot["instances"] >= 1
+        assert 0 < spot["rerun_s"] <= (ended.terminated_at - ended.created_at).total_seconds()  # type: ignore[operator]
+        assert spot["saved"] > 0 and spot["paid"] < spot["on_demand"]
 
 
 async def test_a_no_spot_job_never_bids(tmp_path: Path) -> None:

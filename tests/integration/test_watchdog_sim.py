@@ -174,8 +174,9 @@ async def test_fail_pass_fail_does_not_kill(tmp_path: Path) -> None:
 
         await eventually(four_probes, timeout=15, what="four probes")
         assert (await rig.get(inst.id)).state is InstanceState.RUNNING
-        # The first good probe also noted the dead-man switch (one `deadman` event).
-        names = [n for n in await rig.event_names(inst.id) if n != "deadman"]
+        # The first good probe also noted the dead-man switch (one `deadman` event) and the
+        # host key it pinned (one `ssh_ready` event).
+        names = [n for n in await rig.event_names(inst.id) if n not in ("deadman", "ssh_ready")]
         assert names[:4] == ["strike", "probe_recovered", "strike", "probe_recovered"]
         assert (await rig.get(inst.id)).extra["deadman"] == "armed"  # on sim-vast it can act
         assert rig.ledger_row(inst.provider_id or "")["ended_by"] is None

@@ -120,7 +120,8 @@ def running_sshd(base: Path) -> Iterator[Sshd]:
         "ListenAddress 127.0.0.1\n"
         f"HostKey {etc / 'host_ed25519'}\n"
         f"PidFile {etc / 'sshd.pid'}\n"
-        f"AuthorizedKeysFile {authorized}\n"
+        # The test's key, and (as on a rented host) the login's own ~/.ssh/authorized_keys.
+        f"AuthorizedKeysFile {authorized} .ssh/authorized_keys\n"
         "UsePAM no\n"
         "StrictModes no\n"
         "PermitRootLogin prohibit-password\n"

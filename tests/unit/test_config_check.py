@@ -171,6 +171,7 @@ def test_credentials_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     (creds / "lambda_api_key").write_text("lambda-key-from-credentials")
     pem = "-----BEGIN OPENSSH PRIVATE KEY-----\nabc\n-----END OPENSSH PRIVATE KEY-----\n"
     (creds / "ssh_private_key").write_text(pem)
+    (creds / "hf_token").write_text("hf_from_credentials\n")
     monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(creds))
     settings = config.load(EXAMPLE)
     vast, lam = settings.providers.vast.api_key, settings.providers.lambda_.api_key
@@ -178,7 +179,14 @@ def test_credentials_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     assert lam is not None and lam.get_secret_value() == "lambda-key-from-credentials"
     key = settings.ssh.private_key
     assert key is not None and key.get_secret_value() == pem  # PEM keeps its newlines
-    assert set(config.CREDENTIALS) == {"vast_api_key", "lambda_api_key", "ssh_private_key"}
+    hf = settings.jobs.hf_token
+    assert hf is not None and hf.get_secret_value() == "hf_from_credentials"
+    assert set(config.CREDENTIALS) == {
+        "vast_api_key",
+        "lambda_api_key",
+        "ssh_private_key",
+        "hf_token",
+    }
 
 
 def test_environment_beats_credentials(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -32,9 +32,11 @@ import signal
 import subprocess
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
+import asyncssh
 import pytest
 from jobs_fakes import add_instance, add_job, cancel_midway, drive, settings
 from remote_support import JOB_TOOLS, bare_path, kill_leftovers, wait_all_gone
@@ -57,7 +59,7 @@ from gpuwarden.core.model import Instance, JobState
 from gpuwarden.fleet.app import App
 from gpuwarden.jobs.runner import Outcome, Runner, SshConnector, sha256_of
 from gpuwarden.loops.watchdog import SshProber
-from gpuwarden.remote import deadman
+from gpuwarden.remote import deadman, hostkeys
 from gpuwarden.remote import ssh as remote
 from gpuwarden.remote.ssh import PYTHON_CANDIDATES
 
@@ -219,6 +221,44 @@ async def test_the_probe_answers_and_refreshes_the_heartbeat(
     assert result.runners == 0
     assert result.sessions == 0  # our exec channel has no terminal; nobody else is logged in
     assert result.deadman is False
+
+
+@pytest.mark.parametrize("host", ["root-bash", "user-dash"], indirect=True)
+async def test_the_probe_reports_the_host_key_and_puts_the_operators_key_in_the_home(
+    tmp_path: Path, make_app: MakeApp, host: Host
+) -> None:
+    """What `gpuwarden ssh` relies on, on a real sshd: the host key the probe reports is the
+    server's own, and an operator's key (ssh.authorized_keys) logs in after the probe."""
+    _, _, inst, _ = await _rig(tmp_path, make_app, host, "0s")
+    operator = asyncssh.generate_private_key("ssh-ed25519")
+    pub = operator.export_public_key().decode().strip()
+    with pytest.raises(asyncssh.PermissionDenied):  # not before the probe put it there
+        await asyncssh.connect(
+            "127.0.0.1",
+            host.sshd.port,
+            username=host.login.name,
+            client_keys=[operator],
+            known_hosts=None,
+        )
+    prober = SshProber(lambda: host.sshd.key, authorized_keys=lambda: [pub])
+    result = await prober.probe(inst, 20.0)
+    server_key = asyncssh.read_private_key(str(host.sshd.log.parent / "host_ed25519"))
+    assert result.host_key == hostkeys.key_material(server_key.export_public_key().decode())
+    assert result.keys == hostkeys.keys_digest([pub])
+    assert result.host_key is not None
+    pinned: Any = ([asyncssh.import_public_key(result.host_key)], [], [])
+    async with asyncssh.connect(
+        "127.0.0.1",
+        host.sshd.port,
+        username=host.login.name,
+        client_keys=[operator],
+        known_hosts=pinned,
+    ) as conn:
+        assert str((await conn.run("echo in", check=True)).stdout).strip() == "in"
+    keys_file = host.login.home / ".ssh" / "authorized_keys"
+    assert keys_file.read_text().count(hostkeys.key_material(pub)) == 1
+    await prober.probe(replace(inst, extra={"keys": result.keys}), 20.0)
+    assert keys_file.read_text().count(hostkeys.key_material(pub)) == 1  # not added twice
 
 
 @pytest.mark.parametrize("host", SSHD_VISIBLE, indirect=True)

@@ -12,7 +12,7 @@ from jobs_fakes import FakeConnector, add_instance, add_job, drive, settings
 from tests.conftest import MakeApp
 
 from gpuwarden.core.clock import FakeClock
-from gpuwarden.core.model import EntityKind, JobState
+from gpuwarden.core.model import EntityKind, JobSpec, JobState
 from gpuwarden.fleet.app import App
 from gpuwarden.jobs.runner import START_GRACE, Outcome, Runner
 
@@ -203,3 +203,25 @@ async def test_no_python_on_the_instance_fails_the_job_saying_so(app_clock: AppC
     assert argv[:2] == ["sh", "-c"] and "/opt/conda/bin/python3" in argv[2]
     box = f".gpuwarden/jobs/{job.id}"
     assert argv[-2:] == [f"{box}/txt2img.py", f"{box}/spec.json"]
+
+
+async def test_a_hugging_face_token_goes_beside_the_spec_of_a_diffusers_job_only(
+    tmp_path: Path, make_app: MakeApp
+) -> None:
+    clock = FakeClock()
+    app = await make_app(settings(tmp_path, hf_token="hf_secret_token_123"), clock)
+    connector = FakeConnector()
+    runner = Runner(app, connector, poll=1.0, reattach=60.0)
+    inst = await add_instance(app)
+    for engine, sent in (("diffusers", True), ("preview", False)):
+        spec = JobSpec(prompt="a fox", steps=3, seed=7, engine=engine)
+        job = await add_job(
+            app, f"j-{engine}", state=JobState.PROVISIONING, instance_id=inst.id, spec=spec
+        )
+        await drive(clock, runner.execute(job, inst))
+        files = connector.remote(inst.id).files
+        token_file = files.get(f".gpuwarden/jobs/{job.id}/hf_token")
+        assert (token_file == b"hf_secret_token_123") is sent, engine
+        assert b"hf_secret" not in files[f".gpuwarden/jobs/{job.id}/spec.json"]
+    stored = [e.details for e in await app.store.events()]
+    assert "hf_secret" not in json.dumps(stored, default=str)

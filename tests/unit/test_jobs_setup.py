@@ -90,6 +90,22 @@ def test_the_preview_engine_reports_no_setup_in_its_result(tmp_path: Path) -> No
     assert result["setup_s"] == 0.0 and result["timings"]["setup_s"] == 0.0
 
 
+def test_the_runner_takes_a_hugging_face_token_into_its_environment_and_removes_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    spec = tmp_path / "spec.json"
+    spec.write_text('{"prompt": "a fox", "engine": "preview", "steps": 1, "seed": 1}')
+    (tmp_path / "hf_token").write_text("hf_abc\n")
+    mod = load_runner()
+    assert mod.run(str(spec)) == 0
+    assert not (tmp_path / "hf_token").exists()  # not left for the machine's next renter
+    import os
+
+    assert os.environ["HF_TOKEN"] == "hf_abc"
+    assert "hf_abc" not in (tmp_path / "result.json").read_text()
+
+
 @pytest.mark.parametrize(
     ("value", "seconds"),
     [

@@ -5,14 +5,26 @@ from __future__ import annotations
 
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from pydantic import ValidationError
 
-from gpuwarden.core.model import Job, JobSpec, JobState, Termination, TerminationReason
+from gpuwarden.config.settings import Settings
+from gpuwarden.core.model import (
+    Instance,
+    InstanceState,
+    Job,
+    JobSpec,
+    JobState,
+    Termination,
+    TerminationReason,
+)
 from gpuwarden.jobs import decisions as queue
 from gpuwarden.jobs import spot
+from gpuwarden.jobs.spec import build_spec
 from gpuwarden.providers.base import Offer
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
@@ -145,3 +157,66 @@ def test_the_summary_shows_what_spot_saved_and_what_preemptions_cost() -> None:
     assert out["on_demand"] == pytest.approx(0.5 + 0.5 / 60, abs=1e-6)
     assert out["saved"] == pytest.approx(0.3 + 0.3 / 60, abs=1e-6)
     assert out["rerun_s"] == 60 and out["rerun_cost"] == pytest.approx(0.2 / 60, abs=1e-6)
+
+
+def test_a_job_kept_off_spot_does_not_take_a_warm_spot_instance() -> None:
+    warm = Instance(
+        id="i1",
+        provider="sim-vast",
+        label="l",
+        state=InstanceState.RUNNING,
+        created_at=T0,
+        lease_until=T0 + timedelta(hours=1),
+        last_activity=T0,
+        price_per_hour=0.1,
+        extra={"spot": {"bid": 0.09}},
+    )
+    cap = queue.Capability(24.0, 0.1)
+    assert queue.fits(JobSpec(prompt="p"), warm, cap, 8.0)
+    assert not queue.fits(JobSpec(prompt="p"), warm, cap, 8.0, spot_ok=False)
+    on_demand = replace(warm, extra={})
+    assert queue.fits(JobSpec(prompt="p"), on_demand, cap, 8.0, spot_ok=False)
+
+
+@pytest.mark.parametrize(
+    ("flags", "sent"), [([], None), (["--spot"], True), (["--no-spot"], False)]
+)
+def test_submit_spot_flags_reach_the_request(flags: list[str], sent: bool | None) -> None:
+    from gpuwarden.cli import build_parser
+    from gpuwarden.cli.commands_jobs import _submit_params
+
+    args = build_parser().parse_args(["submit", "--prompt", "a fox", *flags])
+    assert _submit_params(args).get("spot") is sent
+
+
+@pytest.mark.parametrize(("interruptible", "asked", "spot_of"), [
+    (True, None, True), (False, None, False), (False, True, True), (True, False, False),
+])  # fmt: skip
+def test_a_jobs_market_is_decided_at_submit(
+    tmp_path: Path, interruptible: bool, asked: bool | None, spot_of: bool
+) -> None:
+    s = Settings(daemon={"state_dir": str(tmp_path)}, jobs={"interruptible": interruptible})
+    assert build_spec(s.jobs, prompt="a fox", spot=asked).spot is spot_of
+
+
+def test_bad_spot_settings_name_the_field(tmp_path: Path) -> None:
+    with pytest.raises(ValidationError) as info:
+        Settings(jobs={"bid_factor": 0.5})
+    assert "bid_factor" in str(info.value)
+
+
+def test_costs_text_shows_what_spot_saved_and_what_preemptions_cost() -> None:
+    import io
+
+    from gpuwarden.cli.commands_views import _show_spot
+    from gpuwarden.cli.output import Out
+
+    buf = io.StringIO()
+    out = Out(stdout=buf, stderr=io.StringIO())
+    _show_spot(out, {"instances": 0})
+    assert buf.getvalue() == ""  # no spot instance ended: nothing to say
+    summary = {"instances": 3, "paid": 0.0006, "on_demand": 0.0011, "saved": 0.0005}
+    _show_spot(out, {**summary, "preemptions": 1, "rerun_s": 5.2, "rerun_cost": 0.0001})
+    text = buf.getvalue()
+    assert "Spot: 3 instance(s) paid $0.0006; on demand $0.0011: saved $0.0005." in text
+    assert "Preemptions: 1; re-run 5s of work, costing $0.0001." in text

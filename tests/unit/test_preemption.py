@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from jobs_fakes import add_instance, add_job, settings
+from jobs_fakes import FakeConnector, FakeRunnerJob, add_instance, add_job, drive, settings
 from test_watchdog import FAIL, START, Rig
 from tests.conftest import T0, MakeApp
 
@@ -20,6 +20,7 @@ from gpuwarden.core.model import EntityKind, InstanceState, JobState, Terminatio
 from gpuwarden.fleet import launcher
 from gpuwarden.fleet.app import App
 from gpuwarden.jobs.service import JobService
+from gpuwarden.jobs.spec import remote_dir
 from gpuwarden.loops.reconciler import Reconciler
 from gpuwarden.providers.base import Offer
 from gpuwarden.providers.fake import FakeProvider
@@ -121,3 +122,27 @@ async def test_a_preempted_job_goes_to_the_front_without_using_up_max_attempts(
     assert job.extra["avoid"] == ["fake:ask-1"]
     assert (await app.store.get_job(failed.id)).state is JobState.FAILED  # 1 attempt of 1
     await app.store.close()
+
+
+async def test_a_runner_that_dies_with_its_outbid_machine_is_requeued_as_preempted(
+    tmp_path: Path, make_app: MakeApp
+) -> None:
+    """The machine stopped and took the runner with it before SSH dropped: the jobs loop asks
+    the provider, ends the instance as preempted and queues the job at the front."""
+    clock = FakeClock()
+    fake = FakeProvider(clock, "fake")
+    app = await make_app(settings(tmp_path), clock, [fake])
+    pid = fake.spawn("gpuwarden-main-i1")
+    inst = await add_instance(app, "i1", provider_id=pid, extra={"spot": {"bid": 0.1}})
+    job = await add_job(app, "ja", JobState.RUNNING, instance_id="i1")
+    connector = FakeConnector()
+    connector.remote("i1").jobs[remote_dir(job.id)] = FakeRunnerJob(total=3, state="dead")
+    fake.outbid(pid)
+    service = JobService(app, connector=connector)
+    await service.start()
+    await drive(clock, service._run(job, inst))
+    got = await app.store.get_instance("i1")
+    assert got.reason is TerminationReason.PREEMPTED
+    assert (await _ended_by(app, "i1"))["noticed_by"] == "jobs"
+    requeued = await app.store.get_job(job.id)
+    assert requeued.state is JobState.QUEUED and requeued.extra["preemptions"] == 1

@@ -161,3 +161,26 @@ def test_catalog_matches_the_reference_units() -> None:
     assert all(r in catalog.LAMBDA_REGIONS for t in catalog.LAMBDA_TYPES for r in t.regions)
     ids = [m.ask_id for m in catalog.VAST_MACHINES]
     assert len(ids) == len(set(ids))
+
+
+def test_an_outbid_spot_entry_bills_only_storage_from_the_stop_to_the_destroy() -> None:
+    ledger = Ledger()
+    ledger.open(LedgerEntry("vast", "1", "gw-a", 0.36, T0, spot=True, storage_per_hour=0.036))
+    assert ledger.stop("vast", "1", T0 + timedelta(seconds=100))
+    assert not ledger.stop("vast", "1", T0 + timedelta(seconds=200))  # already stopped
+    ledger.close("vast", "1", T0 + timedelta(seconds=3700), "api:account")
+    [row] = ledger.to_json(T0)["instances"]
+    assert row["stopped_at"] is not None and row["billed_seconds"] == 3700
+    assert row["cost"] == pytest.approx((0.36 * 100 + 0.036 * 3600) / 3600)
+    assert "(outbid" in render(ledger.to_json(T0))
+
+
+def test_gpuwarden_sim_sets_the_outbid_rate_and_refuses_a_bad_one() -> None:
+    from gpuwarden.cli import build_parser
+    from gpuwarden.cli.commands_sim import _settings
+
+    args = build_parser().parse_args(["sim", "--outbid-rate", "6"])
+    assert _settings(args).faults.outbid_rate == 6
+    bad = build_parser().parse_args(["sim", "--outbid-rate", "-1"])
+    with pytest.raises(ValueError, match="outbid_rate"):
+        _settings(bad)

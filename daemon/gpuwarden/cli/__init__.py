@@ -2,7 +2,8 @@
 itself here; `main` only parses and dispatches.
 
 Exit codes: 0 ok, 1 a domain error, 2 usage, 69 daemon unreachable (EX_UNAVAILABLE),
-78 bad configuration (EX_CONFIG).
+75 `launch --wait` timed out with the instance still booting (EX_TEMPFAIL), 78 bad
+configuration (EX_CONFIG); `gpuwarden ssh`, once it runs ssh, exits as ssh does.
 """
 
 from __future__ import annotations
@@ -20,8 +21,10 @@ def build_parser() -> argparse.ArgumentParser:
         commands_control,
         commands_daemon,
         commands_dashboard,
+        commands_docs,
         commands_jobs,
         commands_sim,
+        commands_ssh,
     )
 
     parser = argparse.ArgumentParser(
@@ -34,13 +37,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"gpuwarden {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in (
+    modules = (
         commands_daemon,
         commands_sim,
         commands_control,
+        commands_ssh,
         commands_jobs,
         commands_dashboard,
-    ):
+        commands_docs,
+    )
+    for module in modules:
         module.register(sub)
     return parser
 

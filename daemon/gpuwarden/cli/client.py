@@ -63,9 +63,14 @@ def resolve_socket(
     explicit: str | os.PathLike[str] | None = None,
     config: str | os.PathLike[str] | None = None,
 ) -> Path:
-    """The socket path: --socket, else $GPUWARDEN_SOCKET, else the config's daemon.socket
-    (only when --config or $GPUWARDEN_CONFIG names a config; a broken config is ignored
-    here because the daemon, not the client, is the judge of it), else the default."""
+    """The socket path, found the way the daemon finds its config: --socket, else
+    $GPUWARDEN_SOCKET, else the daemon.socket of --config or $GPUWARDEN_CONFIG, else that of
+    /etc/gpuwarden/config.toml if it exists, else /run/gpuwarden/control.sock if it exists,
+    else that of the `config.example.toml` of the checkout the current directory is in
+    (`make run` starts the daemon on it), else /run/gpuwarden/control.sock.
+
+    A broken config is passed over here: the daemon, not the client, is the judge of it.
+    A relative daemon.socket in a file is relative to the file's directory (config.load)."""
     if explicit:
         return Path(explicit)
     env = os.environ.get("GPUWARDEN_SOCKET")
@@ -73,11 +78,38 @@ def resolve_socket(
         return Path(env)
     cfg = config or os.environ.get("GPUWARDEN_CONFIG")
     if cfg:
-        from gpuwarden.config import settings as config_mod
+        return _socket_of(Path(cfg)) or DEFAULT_SOCKET
+    return _found_socket()
 
-        with contextlib.suppress(config_mod.ConfigError, OSError):
-            return config_mod.load(cfg).daemon.socket
+
+def _found_socket() -> Path:
+    """No socket or config named: the system daemon's, else a checkout's (`make run`)."""
+    from gpuwarden.config.settings import DEFAULT_CONFIG_PATH
+
+    if DEFAULT_CONFIG_PATH.exists():
+        return _socket_of(DEFAULT_CONFIG_PATH) or DEFAULT_SOCKET
+    if DEFAULT_SOCKET.exists():
+        return DEFAULT_SOCKET
+    for folder in (Path.cwd(), *Path.cwd().parents):
+        example = folder / CHECKOUT_CONFIG
+        if example.is_file():
+            found = _socket_of(example)
+            if found is not None and found.exists():
+                return found
+            break
     return DEFAULT_SOCKET
+
+
+CHECKOUT_CONFIG = "config.example.toml"  # what `make run` starts the daemon on
+
+
+def _socket_of(config_path: Path) -> Path | None:
+    from gpuwarden.config import settings as config_mod
+
+    try:
+        return config_mod.load(config_path).daemon.socket
+    except (config_mod.ConfigError, OSError):
+        return None
 
 
 class ControlClient:

@@ -11,6 +11,7 @@ Every command takes --json, --socket and --config. Exit codes: see cli/output.py
 from __future__ import annotations
 
 import argparse
+import asyncio
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -37,8 +38,18 @@ ID_HELP = "instance id, a unique start of it (4+ characters), or label (see 'gpu
 
 
 def register(sub: Any) -> None:
-    command(
+    p = command(
         sub, "status", "show live instances: uptime, time left, last probe, cost", views.show_status
+    )
+    p.add_argument(
+        "--watch",
+        "-w",
+        metavar="SECONDS",
+        type=positive(float),
+        nargs="?",
+        const=2.0,
+        default=None,
+        help="refresh every SECONDS (default 2) until Ctrl-C",
     )
 
     p = command(sub, "offers", "search GPU offers at the enabled providers", _offers)
@@ -77,6 +88,20 @@ def register(sub: Any) -> None:
         "policy.lease_default, at most policy.lease_max)",
     )
     p.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
+    p.add_argument(
+        "--wait",
+        action="store_true",
+        help="then wait until the instance runs and its SSH answers (exit 0), has ended "
+        "(exit 1) or --wait-timeout passed (exit 75: it is still booting, and billing)",
+    )
+    p.add_argument(
+        "--wait-timeout",
+        metavar="DURATION",
+        type=seconds_arg,
+        default=WAIT_TIMEOUT_S,
+        help="how long --wait waits: a duration as config writes it (10m, the default; 90s; "
+        "1h) or a number of seconds",
+    )
 
     p = command(sub, "extend", "extend an instance's lease by DURATION", _extend)
     p.add_argument("id", metavar="ID", help=ID_HELP)
@@ -215,17 +240,61 @@ def _launch(args: argparse.Namespace) -> int:
                 out.error("not launched")
                 return EX_DOMAIN
         inst = await client.call("launch", {**params, "dry_run": False})
-        if out.json_mode:
-            out.json(inst)
+        if not out.json_mode:
+            out.print(
+                f"Launched {inst.get('id')} on {inst.get('provider')} ({inst.get('gpu') or '?'}, "
+                f"{rate(inst.get('price_per_hour'))}); state {inst.get('state')}; "
+                f"lease until {local_time(inst.get('lease_until'))}."
+            )
+        if not args.wait:
+            if out.json_mode:
+                out.json(inst)
             return EX_OK
-        out.print(
-            f"Launched {inst.get('id')} on {inst.get('provider')} ({inst.get('gpu') or '?'}, "
-            f"{rate(inst.get('price_per_hour'))}); state {inst.get('state')}; "
-            f"lease until {local_time(inst.get('lease_until'))}."
-        )
-        return EX_OK
+        return await _wait_ready(client, out, inst, args.wait_timeout)
 
     return run_command(args, body)
+
+
+WAIT_TIMEOUT_S = 600.0  # launch --wait: ten minutes
+EX_WAIT_TIMEOUT = 75  # sysexits EX_TEMPFAIL: not ready yet; it may still be
+
+
+async def _wait_ready(
+    client: ControlClient, out: Out, inst: Mapping[str, Any], timeout_s: float
+) -> int:
+    """Poll `status` until the instance runs with its SSH answering (0), is no longer live
+    (1: launch failed or ended), or `timeout_s` passes (75, the instance still billing)."""
+    iid = str(inst.get("id"))
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    last = dict(inst)
+    while True:
+        rows = {str(r.get("id")): r for r in status_rows(await client.call("status"))}
+        row = rows.get(iid)
+        if row is None:  # ended: the store says how
+            events = await client.call("events.list", {"entity_id": iid, "limit": 20})
+            ends = [e for e in events if e.get("name") == "state" and e.get("reason")]
+            why = f" ({ends[-1]['reason']})" if ends else ""
+            out.error(f"instance {iid} ended before its SSH answered{why}")
+            out.hint(f"'gpuwarden events --id {iid}' tells its story")
+            return EX_DOMAIN
+        last = row
+        if row.get("state") == "running" and row.get("ssh_ready"):
+            if out.json_mode:
+                out.json(row)
+            else:
+                out.print(f"{iid} is running and answers SSH: gpuwarden ssh {iid}")
+            return EX_OK
+        if loop.time() >= deadline:
+            out.error(
+                f"instance {iid} is still {views.shown_state(last)} after "
+                f"{duration(timeout_s)}; it bills until it ends"
+            )
+            out.hint(f"'gpuwarden status' to look again, 'gpuwarden destroy {iid}' to end it")
+            if out.json_mode:
+                out.json(last)
+            return EX_WAIT_TIMEOUT
+        await asyncio.sleep(min(1.0, max(0.0, deadline - loop.time())))
 
 
 def _show_estimate(out: Out, est: Mapping[str, Any], *, to_stderr: bool) -> None:
@@ -297,6 +366,17 @@ def lease_hours(text: str) -> float:
     if not (hours > 0 and math.isfinite(hours)):  # NaN fails the first test
         raise argparse.ArgumentTypeError("must be a finite time greater than 0")
     return hours
+
+
+def seconds_arg(text: str) -> float:
+    """An argparse type: a duration as config writes it, or a number of seconds, > 0."""
+    try:
+        seconds = parse_duration(text).total_seconds()
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if not seconds > 0:
+        raise argparse.ArgumentTypeError("must be a time greater than 0")
+    return seconds
 
 
 def _activity(args: argparse.Namespace) -> int:

@@ -10,6 +10,7 @@ Exit codes: see cli/output.py.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -17,6 +18,7 @@ from typing import Any
 from rich.text import Text
 
 from gpuwarden.cli.client import ControlClient
+from gpuwarden.cli.follow import follow
 from gpuwarden.cli.output import (
     EX_OK,
     Out,
@@ -32,6 +34,7 @@ LIVE = ("requested", "provisioning", "running", "terminating")
 STATE_STYLE = {
     "requested": "yellow",
     "provisioning": "yellow",
+    "booting": "yellow",
     "running": "green",
     "terminating": "magenta",
     "terminated": "dim",
@@ -93,35 +96,59 @@ def probe_cell(row: Mapping[str, Any], now: Any) -> Text:
     verdict = "ok" if row.get("last_probe_ok") else "failed"
     when = f" {ago((now_at - at).total_seconds())} ago" if now_at is not None else ""
     cell = Text(verdict + when, style="" if verdict == "ok" else "red")
+    if row.get("probe_stale"):  # the watchdog has not got through for several intervals
+        cell = Text(f"{verdict}{when} (stale)", style="yellow")
     switch = row.get("deadman")
     if switch:  # the dead-man switch: armed, or why it cannot protect this instance
         cell.append(f", switch {switch}", style="" if switch == "armed" else "yellow")
     return cell
 
 
+def shown_state(row: Mapping[str, Any]) -> str:
+    """The state as the table shows it: a running instance whose SSH has not answered yet is
+    `booting` (the provider says running; we cannot use it yet)."""
+    state = str(row.get("state"))
+    return "booting" if state == "running" and row.get("ssh_ready") is False else state
+
+
 def show_status(args: argparse.Namespace) -> int:
-    async def body(client: ControlClient, out: Out) -> int:
+    async def once(client: ControlClient, out: Out) -> None:
         result = await client.call("status")
         rows = status_rows(result)
         if out.json_mode:
-            out.json(rows)
-            return EX_OK
+            if args.watch:  # one document per line, a stream a script can read as it comes
+                print(json.dumps(rows, default=str), flush=True)
+            else:
+                out.json(rows)
+            return
         now = result.get("now") if isinstance(result, Mapping) else None
+        if args.watch:
+            out.console.clear()  # only on a terminal; a pipe gets one snapshot after another
+            out.print(Text(f"every {args.watch:g}s, Ctrl-C ends   {local_time(now)}", "dim"))
         if not rows:
             out.print("No live instances.")
         else:
             status_table(out, rows, now)
         if isinstance(result, Mapping) and result.get("queue_paused"):
             out.print(queue_line(result))
+
+    async def body(client: ControlClient, out: Out) -> int:
+        await once(client, out)
+        while args.watch:
+            await asyncio.sleep(args.watch)
+            if not out.json_mode and not out.console.is_terminal:
+                out.print("")
+            await once(client, out)
         return EX_OK
 
-    return run_command(args, body)
+    # Ctrl-C is how a watch is meant to end: not an error.
+    return run_command(args, body, interrupted=EX_OK if args.watch else 130)
 
 
-FULL_WIDTH = 140  # narrower terminals get the compact table
+FULL_WIDTH = 170  # narrower terminals get the compact table
 FULL_COLUMNS = (
     *("ID", "PROVIDER", "GPU", "STATE", "RATE", "UPTIME", "LEASE END", "TIME LEFT", "JOB"),
-    *("PROBE", "COST NOW", "EST. TOTAL"),
+    *("PROBE", "SSH", "COST NOW", "EST. TOTAL"),
 )
 COMPACT_COLUMNS = ("ID", "GPU", "STATE", "$/H", "LEFT", "JOB", "COST")
 
@@ -133,7 +160,8 @@ def status_table(out: Out, rows: list[dict[str, Any]], now: Any) -> None:
     columns = FULL_COLUMNS if full else COMPACT_COLUMNS
     cells = []
     for r in rows:
-        state = Text(str(r.get("state")), style=STATE_STYLE.get(str(r.get("state")), ""))
+        shown = shown_state(r)
+        state = Text(shown, style=STATE_STYLE.get(shown, ""))
         job = r.get("job") or "-"
         if full:
             cells.append(
@@ -148,6 +176,7 @@ def status_table(out: Out, rows: list[dict[str, Any]], now: Any) -> None:
                     _time_left(r),
                     job,
                     probe_cell(r, now),
+                    ssh_cell(r),
                     money(r.get("cost_now")),
                     money(r.get("est_total")),
                 ]
@@ -169,7 +198,7 @@ def status_table(out: Out, rows: list[dict[str, Any]], now: Any) -> None:
     rate_sum = f"{_sum(rows, 'price_per_hour'):.3f}"
     cost_now, est = money(_sum(rows, "cost_now")), money(_sum(rows, "est_total"))
     totals = (
-        ["TOTAL", count, "", "", rate(_sum(rows, "price_per_hour")), *[""] * 5, cost_now, est]
+        ["TOTAL", count, "", "", rate(_sum(rows, "price_per_hour")), *[""] * 6, cost_now, est]
         if full
         else ["TOTAL", count, "", rate_sum, "", "", cost_now]
     )
@@ -179,6 +208,16 @@ def status_table(out: Out, rows: list[dict[str, Any]], now: Any) -> None:
         totals=totals,
         right=["RATE", "UPTIME", "COST NOW", "EST. TOTAL", "$/H", "COST"],
     )
+
+
+def ssh_cell(row: Mapping[str, Any]) -> str:
+    """Where to log in, as ssh's own arguments (`gpuwarden ssh ID` does it with the pinned
+    host key), or '-' before the instance has an address."""
+    target = row.get("ssh")
+    if not target or "@" not in str(target):
+        return "-"
+    login, _, port = str(target).rpartition(":")
+    return f"{login} -p {port}"
 
 
 # --- history and costs --------------------------------------------------------------------
@@ -374,22 +413,7 @@ def show_events(args: argparse.Namespace) -> int:
                 for ev in events:
                     show(out, ev)
             return EX_OK
-        # Subscribe first, then list the backlog, so that nothing falls between the two.
-        stream = await client.open_events()
-        try:
-            seen = 0
-            for ev in await client.call("events.list", params):
-                show(out, ev)
-                seen = max(seen, int(ev.get("id") or 0))
-            async for ev in stream:
-                # New events are matched here, by id or its start (a label is not known).
-                if args.entity and not str(ev.get("entity_id") or "").startswith(args.entity):
-                    continue
-                if ev.get("id") is not None and int(ev["id"]) <= seen:
-                    continue
-                show(out, ev)
-        finally:
-            await stream.aclose()
+        await follow(client, out, params, args.entity, show)
         return EX_OK
 
     # Ctrl-C is how a follower is meant to stop: not an error.

@@ -30,6 +30,7 @@ from typing import Any
 from urllib.parse import unquote
 
 from gpuwarden.cli.client import ControlClient
+from gpuwarden.cli.demo_spot import TERMINAL, outbid_when_running
 from gpuwarden.core.clock import SystemClock
 from gpuwarden.system.childproc import ChildFailed, DaemonProcess
 
@@ -212,36 +213,55 @@ async def stop_daemon(demo: Demo) -> str:
     return f"stopped cleanly (exit {code}, {stopped.get('event')})"
 
 
-# --- the job steps: submit three jobs, watch them (cancelling the third midway), show the
-# images, then `status`, `history` and `costs` once every instance has been given back.
+# --- the job steps: submit three jobs (on spot instances: jobs.interruptible), watch them
+# (the first one's instance outbid as soon as it runs, through the sim's admin API, so that the
+# job runs again elsewhere; the third cancelled midway), show the images, then `status`,
+# `history` and `costs` (what spot saved, what the preemption cost) once every instance has
+# been given back.
 
-TERMINAL = ("succeeded", "failed", "cancelled")
 JOBS = [
-    # (prompt, steps, seed): the third runs long enough to be cancelled midway
-    ("a lighthouse on a cliff at dusk, oil painting", 8, 1),
+    # (prompt, steps, seed): the first is outbid as soon as it runs (its progress is read
+    # every second: it needs steps enough to be still running then) and runs again
+    # elsewhere; the third runs long enough to be cancelled midway
+    ("a lighthouse on a cliff at dusk, oil painting", 16, 1),
     ("a red fox in fresh snow, '; touch pwned; ' $(touch pwned)", 8, 2),
     ("a very slow watercolour of a harbour", 60, 3),
 ]
+OUTBID, SUCCEED, CANCEL = 0, 1, 2  # the jobs' parts in the story
 WATCH_TIMEOUT = 40.0
 
 
 async def submit_jobs(demo: Demo) -> str:
     ids = []
-    for prompt, steps, seed in JOBS:
+    for n, (prompt, steps, seed) in enumerate(JOBS):
         _, out, _ = await demo.gpuwarden(
             "submit", "--prompt", prompt, "--steps", str(steps), "--seed", str(seed), "--json"
         )
         job = json.loads(out)
         ids.append(job["id"])
         demo.say(f"gpuwarden submit --prompt {prompt[:30]!r}... -> {job['id']} ({job['state']})")
+        if n == OUTBID:  # watched from now on: the next submits may outlast its first steps
+            outbid = outbid_when_running(
+                demo.socket, _sim_url(demo), job["id"], say=demo.say, timeout=WATCH_TIMEOUT
+            )
+            demo.notes["outbid"] = asyncio.create_task(outbid)
     demo.notes["jobs"] = ids
     return f"three jobs queued: {', '.join(ids)}"
 
 
+def _sim_url(demo: Demo) -> str:
+    """Where the daemon's in-process sim cloud listens (its sim_started log event)."""
+    started = next(iter(demo.daemon.named("sim_started")), {}) if demo.daemon else {}
+    if not started.get("url"):
+        raise DemoFailed("the daemon did not log where its sim cloud listens")
+    return str(started["url"])
+
+
 async def watch_jobs(demo: Demo) -> str:
-    """Follow the jobs through their states; cancel the third once it is a few steps in."""
+    """Follow the jobs through their states (the first one's spot instance is outbid as soon
+    as it runs, and the job runs again elsewhere); cancel the third once it is a few steps in."""
     ids: list[str] = demo.notes["jobs"]
-    victim = ids[2]
+    victim = ids[CANCEL]
     cancelled = False
     seen: dict[str, tuple[str, int]] = {}
     loop = asyncio.get_running_loop()
@@ -270,7 +290,15 @@ async def watch_jobs(demo: Demo) -> str:
     states = [seen[j][0] for j in ids]
     if states != ["succeeded", "succeeded", "cancelled"]:
         raise DemoFailed(f"expected succeeded, succeeded, cancelled; got {', '.join(states)}")
-    return "two succeeded, the third was cancelled midway (its remote process killed)"
+    if not await demo.notes["outbid"]:
+        raise DemoFailed(f"job {ids[OUTBID]} was not running on a spot instance to outbid")
+    preempted = jobs[ids[OUTBID]].get("preemptions", 0)
+    if preempted != 1:
+        raise DemoFailed(f"expected the first job to recover from one preemption, not {preempted}")
+    return (
+        "two succeeded (the first after its spot instance was outbid: run again elsewhere),"
+        " the third was cancelled midway (its remote process killed)"
+    )
 
 
 def _describe(path: Path) -> str:
@@ -281,7 +309,7 @@ def _describe(path: Path) -> str:
 
 async def show_images(demo: Demo) -> str:
     lines = []
-    for jid in demo.notes["jobs"][:2]:
+    for jid in (demo.notes["jobs"][OUTBID], demo.notes["jobs"][SUCCEED]):
         _, out, _ = await demo.gpuwarden("job", jid, "--json")
         job: dict[str, Any] = json.loads(out)
         for name in job["outputs"]:
@@ -344,10 +372,11 @@ STEPS: list[Step] = [
     ("Wait until it reports ready", wait_ready),
     ("Ask it how it is (gpuwarden info)", ask_info),
     ("Open the dashboard (gpuwarden dashboard)", open_dashboard),
-    # Three jobs on the sim cloud, one cancelled midway.
+    # Three jobs on the sim cloud's spot instances: the first outbid as soon as it runs and
+    # run again elsewhere, the third cancelled midway.
     ("Submit three jobs (gpuwarden submit)", submit_jobs),
     ("The dashboard shows them live", dashboard_live),
-    ("Watch them run; cancel the third midway (gpuwarden cancel)", watch_jobs),
+    ("Watch them run; the first outbid, the third cancelled (gpuwarden cancel)", watch_jobs),
     ("The images (gpuwarden job)", show_images),
     ("Wait for the instances to be given back (gpuwarden status)", wait_instances_ended),
     ("What ended and why (gpuwarden history)", show_history),

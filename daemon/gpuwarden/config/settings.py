@@ -35,6 +35,7 @@ from pydantic_settings import (
 )
 
 from gpuwarden.config.durations import Duration, format_duration, parse_duration
+from gpuwarden.config.values import PublicKey, against_file
 from gpuwarden.config.web import DashboardSettings, MetricsSettings
 from gpuwarden.core.model import NotifyKind
 
@@ -220,6 +221,7 @@ KeepWarm = Annotated[
 
 class JobsSettings(_Section):
     image: str = "pytorch/pytorch:2.4.0-cuda12.4-cudnn9-runtime"
+    hf_token: SecretStr | None = None  # for gated models; only diffusers jobs get it (runner.py)
     model: str = "stabilityai/sd-turbo"
     engine: Literal["auto", "diffusers", "preview"] = "auto"
     steps: int = Field(default=4, ge=1, le=500)
@@ -252,7 +254,9 @@ class SshSettings(_Section):
     private_key: SecretStr | None = None  # PEM text; usually from the credentials directory
     private_key_file: Path | None = None  # default: <state_dir>/ssh/id_ed25519, made if absent
     connect_timeout: Duration = timedelta(seconds=15)
-    known_hosts: Path | None = None  # None: accept new host keys (rented hosts are new)
+    known_hosts: Path | None = None  # None: pin the key each instance shows first (hostkeys.py)
+    # Operators' public keys, put on every instance (Vast at launch; both once SSH answers).
+    authorized_keys: list[PublicKey] = Field(default_factory=list)
 
 
 def _apprise_url(v: SecretStr) -> SecretStr:
@@ -333,6 +337,7 @@ CREDENTIALS: dict[str, tuple[str, ...]] = {
     "vast_api_key": ("providers", "vast", "api_key"),
     "lambda_api_key": ("providers", "lambda", "api_key"),
     "ssh_private_key": ("ssh", "private_key"),
+    "hf_token": ("jobs", "hf_token"),
 }
 
 
@@ -401,7 +406,7 @@ def load(path: str | os.PathLike[str] | None = None, *, require_file: bool = Tru
         raw = read_toml(cfg_path)
     elif require_file:
         raise ConfigError([("(file)", "no such file", str(cfg_path))])
-    data = _credentials(_deep_copy(raw), env)
+    data = _credentials(against_file(_deep_copy(raw), Settings, cfg_path.parent), env)
     try:
         settings = Settings(**data)
     except SettingsError as exc:  # a complex value in the environment that is not JSON

@@ -400,6 +400,7 @@ async def _instance_dict(
         "busy": obs.busy,
         **_deadline_fields(inst, obs, limits, now),
         "price_per_hour": inst.price_per_hour,
+        "spot": inst.extra.get("spot"),  # the bid, min bid and on-demand price; None: on demand
         "billing": inst.billing.value,
         "cost_now": round(policy.cost_so_far(inst, now), 6),
         "est_total": round(policy.est_total(inst, obs, limits, now), 6),
@@ -408,6 +409,10 @@ async def _instance_dict(
         "last_probe_ok": inst.last_probe_ok,
         "deadman": inst.extra.get("deadman"),  # the switch as the last probe saw it
         "ssh": f"{inst.ssh_user}@{inst.ssh_host}:{inst.ssh_port}" if inst.ssh_host else None,
+        # SSH has answered (the watchdog's first good probe pinned its host key): only then
+        # does `status` show a running instance as running rather than booting.
+        "ssh_ready": inst.extra.get("host_key") is not None,
+        "probe_stale": policy.probe_stale(inst, app.settings.policy.watchdog_interval, now),
         "job_id": inst.job_id,
     }
 

@@ -18,7 +18,7 @@ from typing import Any, Generic, TypeVar
 from pydantic import BaseModel, ConfigDict, Field
 
 from gpuwarden import __version__
-from gpuwarden.control import instances, jobs
+from gpuwarden.control import access, instances, jobs
 from gpuwarden.control.events import event_json
 from gpuwarden.core.errors import InvalidState, NotFound
 from gpuwarden.core.model import JobState
@@ -101,6 +101,8 @@ class EventsListParams(_Params):
     hours: float = Field(default=24.0, gt=0, le=24 * 366 * 10)
     limit: int = Field(default=50, ge=1, le=10_000)
     entity_id: str | None = Field(default=None, max_length=128)
+    # Only events after this id, oldest first (a follower resuming after a reconnect).
+    after_id: int | None = Field(default=None, ge=0)
 
 
 class PauseParams(_Params):
@@ -177,6 +179,14 @@ async def _destroy(app: App, c: Caller, p: IdParams) -> Any:
     return await instances.destroy(app, p.id, by=c.by)
 
 
+async def _ssh(app: App, c: Caller, p: IdParams) -> Any:
+    return await access.ssh_info(app, await instances.resolve_instance(app, p.id))
+
+
+async def _ssh_hosts(app: App, c: Caller, _: NoParams) -> Any:
+    return await access.ssh_hosts(app)
+
+
 async def _destroy_all(app: App, c: Caller, _: NoParams) -> Any:
     return await instances.destroy_all(app, by=c.by)
 
@@ -240,8 +250,11 @@ async def _info(app: App, c: Caller, _: NoParams) -> dict[str, Any]:
 async def _events(app: App, c: Caller, p: EventsListParams) -> list[dict[str, Any]]:
     """The last `limit` events of the last `hours`, oldest first (as events.subscribe sends
     them)."""
-    since = app.clock.now() - timedelta(hours=p.hours)
     entity = None if p.entity_id is None else await _entity(app, p.entity_id)
+    if p.after_id is not None:
+        found = await app.store.events(entity_id=entity, after_id=p.after_id, limit=p.limit)
+        return [event_json(e) for e in found]
+    since = app.clock.now() - timedelta(hours=p.hours)
     found = await app.store.events(since=since, entity_id=entity, limit=p.limit, newest=True)
     return [event_json(e) for e in found]
 
@@ -265,6 +278,8 @@ METHODS: Mapping[str, Method[Any]] = {
     "activity": Method(IdParams, _activity),
     "destroy": Method(IdParams, _destroy),
     "destroy_all": Method(NoParams, _destroy_all),
+    "ssh": Method(IdParams, _ssh),
+    "ssh.hosts": Method(NoParams, _ssh_hosts),
     "history": Method(HistoryParams, _history),
     "costs": Method(CostsParams, _costs),
     "jobs.submit": Method(SubmitParams, _submit),

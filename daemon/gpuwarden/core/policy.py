@@ -441,3 +441,14 @@ def spend(
 
 def _utc_day(at: datetime) -> date:
     return at.astimezone(UTC).date()
+
+
+STALE_PROBES = 3  # a last probe older than this many watchdog intervals is shown as stale
+
+
+def probe_stale(inst: Instance, interval: timedelta, now: datetime) -> bool:
+    """The last probe of a running instance is older than STALE_PROBES intervals: the
+    watchdog is not getting through (or not running), so its last word is old news."""
+    if inst.state is not InstanceState.RUNNING or inst.last_probe_at is None:
+        return False
+    return now - inst.last_probe_at > STALE_PROBES * max(interval, timedelta(seconds=1))

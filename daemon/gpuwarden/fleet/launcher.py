@@ -160,6 +160,7 @@ async def _call(
         disk_gb=app.settings.jobs.disk_gb,
         onstart=app_onstart(app, offer.provider, inst.id, onstart),
         ssh_public_key=app.ssh_public_key,
+        authorized_keys=tuple(app.settings.ssh.authorized_keys),
     )
     fields: dict[str, Any] = {"instance_id": inst.id, "provider": inst.provider}
     try:

@@ -5,8 +5,9 @@ Vast stops an outbid interruptible instance (cur_state, intended_status and next
 bid is too low, so it is destroyed at once, with reason `preempted`. The reconciler notices
 it in its listing (every policy.poll_interval, 30 s by default); the watchdog, whose probe
 fails when the machine stops (every policy.watchdog_interval, 5 min), asks the provider
-before it counts a strike. The jobs runner only sees its SSH session drop: it waits for the
-instance to leave the live states and then queues the job again (jobs/renting.py).
+before it counts a strike. The jobs loop, whose runner dies or loses SSH with the machine,
+asks too before it takes that for a fault. All three make the same call (end_if_preempted);
+the job then goes back to the front of the queue (jobs/renting.py).
 """
 
 from __future__ import annotations

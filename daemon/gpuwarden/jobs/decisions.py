@@ -66,9 +66,19 @@ class Capability:
     price_per_hour: float
 
 
-def fits(spec: JobSpec, inst: Instance, cap: Capability, default_gpu_ram_gb: float) -> bool:
-    """May this job run on this (warm, idle) instance?"""
+def fits(
+    spec: JobSpec,
+    inst: Instance,
+    cap: Capability,
+    default_gpu_ram_gb: float,
+    *,
+    spot_ok: bool = True,
+) -> bool:
+    """May this job run on this (warm, idle) instance? A job that must not run on spot
+    (--no-spot, or preempted too often) does not take a spot instance."""
     if inst.state is not InstanceState.RUNNING:
+        return False
+    if not spot_ok and isinstance(inst.extra.get("spot"), dict):
         return False
     if spec.max_price is not None and cap.price_per_hour > spec.max_price:
         return False

@@ -15,7 +15,7 @@ from datetime import datetime
 from gpuwarden.config.settings import JobsSettings
 from gpuwarden.core.model import Job, JobState
 from gpuwarden.jobs import decisions as queue
-from gpuwarden.jobs import weighing
+from gpuwarden.jobs import spot, weighing
 from gpuwarden.store import NotFoundError, Store
 
 RECENT_JOBS = 20  # job lengths kept to estimate how long a running job has left
@@ -85,7 +85,8 @@ class Dispatcher:
             except NotFoundError:
                 continue
             cap = self._caps.get(iid, queue.Capability(None, inst.price_per_hour))
-            if not queue.fits(job.spec, inst, cap, self._settings().gpu_ram_gb):
+            spot_ok = spot.wants_spot(job, True)
+            if not queue.fits(job.spec, inst, cap, self._settings().gpu_ram_gb, spot_ok=spot_ok):
                 continue
             elapsed = (now - (running.started_at or now)).total_seconds()
             free_in.append(
@@ -97,8 +98,11 @@ class Dispatcher:
 
     def _covers(self, rented_for: Job, job: Job) -> bool:
         """Will the machine being rented for `rented_for` fit `job` too? Only when `job`
-        asks no more GPU RAM and sets no price limit of its own (the offer is not known yet)."""
+        asks no more GPU RAM, sets no price limit of its own (the offer is not known yet), and
+        may run on spot if that machine may be spot."""
         default = self._settings().gpu_ram_gb
         need = job.spec.gpu_ram_gb if job.spec.gpu_ram_gb is not None else default
         have = rented_for.spec.gpu_ram_gb if rented_for.spec.gpu_ram_gb is not None else default
-        return need <= have and job.spec.max_price is None
+        # A job kept off spot waits only for a machine rented off spot too.
+        market_ok = spot.wants_spot(job, True) or not spot.wants_spot(rented_for, True)
+        return need <= have and job.spec.max_price is None and market_ok

@@ -280,6 +280,10 @@ class Renting:
 
     # --- requeue / fail ------------------------------------------------------------------
 
+    async def _preempted(self, instance_id: str) -> bool:
+        inst = await self.app.store.get_instance(instance_id)
+        return inst.reason is TerminationReason.PREEMPTED
+
     async def _requeue_lost(self, job_id: str, inst: Instance, why: str) -> None:
         """The job's instance is gone: queue the job again, at the front of the queue when
         the instance was preempted (a spot instance outbid)."""

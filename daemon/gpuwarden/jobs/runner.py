@@ -1,8 +1,8 @@
 """Driving one job on one instance over SSH: upload the runner and the spec, start it
 detached, follow its progress, fetch the images and check them.
 
-The remote side is a port (`Connector` -> `RemoteConn`) so that unit tests drive the runner
-with a hand-written fake; `SshConnector` is the real one (remote/ssh.py, asyncssh).
+The remote side is a port (`Connector` -> `RemoteConn`, in remote_conn.py) so that unit tests
+drive the runner with a hand-written fake; `SshConnector` is the real one (asyncssh).
 
 Every step is safe to repeat, which is what makes restarts and SSH drops harmless:
 - the remote status (running / exited / dead / absent) decides whether to start or attach;
@@ -17,10 +17,9 @@ import contextlib
 import enum
 import hashlib
 import json
-from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import asyncssh
 import structlog
@@ -29,6 +28,7 @@ from gpuwarden.core.clock import parse_ts
 from gpuwarden.core.model import EntityKind, Instance, InstanceState, Job, JobState
 from gpuwarden.fleet.app import App
 from gpuwarden.jobs import decisions as queue
+from gpuwarden.jobs.remote_conn import Connector, RemoteConn, SshConn, SshConnector
 from gpuwarden.jobs.results import (
     BadResult,
     ResultFile,
@@ -44,6 +44,9 @@ from gpuwarden.store import IllegalTransition
 
 log = structlog.get_logger(__name__)
 
+__all__ = ["Connector", "Outcome", "RemoteConn", "Runner", "SshConn", "SshConnector"]
+
+HF_TOKEN_FILE = "hf_token"  # noqa: S105 - a file name; txt2img.py reads it, then removes it
 RUNNER_NAME = "txt2img.py"  # in gpuwarden/remote/assets/, read through deploy_file
 # Seconds after a start during which "absent" means "not started yet", never "died".
 START_GRACE = 30.0
@@ -55,69 +58,6 @@ SFTP_DROPS = (asyncssh.SFTPConnectionLost, asyncssh.SFTPNoConnection)
 # A connection that lasted this long (seconds) before it dropped was a good one: the
 # backoff and the give-up count start again.
 GOOD_CONNECTION = 60.0
-
-
-class RemoteConn(Protocol):
-    """One connection to an instance; paths are relative to the login home."""
-
-    async def write(self, rel: str, data: bytes) -> None: ...
-    async def read(self, rel: str) -> bytes | None: ...
-    async def start(self, job_dir: str, argv: list[str]) -> None: ...
-    async def status(self, job_dir: str) -> remote.RemoteStatus: ...
-    async def kill(self, job_dir: str) -> None: ...
-    async def tail(self, rel: str, offset: int) -> tuple[list[str], int]: ...
-    async def get(self, rel: str, local: Path, max_bytes: int) -> None: ...
-    async def close(self) -> None: ...
-
-
-class Connector(Protocol):
-    async def connect(self, inst: Instance) -> RemoteConn: ...
-
-
-@dataclass
-class SshConn:
-    conn: asyncssh.SSHClientConnection
-    timeout: float
-
-    async def write(self, rel: str, data: bytes) -> None:
-        await remote.write_file(self.conn, rel, data)
-
-    async def read(self, rel: str) -> bytes | None:
-        return await remote.read_file(self.conn, rel)
-
-    async def start(self, job_dir: str, argv: list[str]) -> None:
-        await remote.start_detached(self.conn, job_dir, argv, timeout=self.timeout)
-
-    async def status(self, job_dir: str) -> remote.RemoteStatus:
-        return await remote.job_status(self.conn, job_dir, timeout=self.timeout)
-
-    async def kill(self, job_dir: str) -> None:
-        await remote.kill(self.conn, f"{job_dir}/pid", timeout=self.timeout)
-
-    async def tail(self, rel: str, offset: int) -> tuple[list[str], int]:
-        return await remote.tail_progress(self.conn, rel, offset)
-
-    async def get(self, rel: str, local: Path, max_bytes: int) -> None:
-        await remote.download(self.conn, rel, local, max_bytes=max_bytes)
-
-    async def close(self) -> None:
-        self.conn.close()
-
-
-@dataclass
-class SshConnector:
-    key: asyncssh.SSHKey
-    connect_timeout: float
-    known_hosts: Path | None = None
-
-    async def connect(self, inst: Instance) -> RemoteConn:
-        if not inst.ssh_host or not inst.ssh_port:
-            raise ConnectionError(f"instance {inst.id} has no SSH endpoint yet")
-        target = remote.SshTarget(inst.ssh_host, inst.ssh_port, inst.ssh_user)
-        conn = await remote.connect(
-            target, self.key, timeout=self.connect_timeout, known_hosts=self.known_hosts
-        )
-        return SshConn(conn, timeout=max(30.0, self.connect_timeout))
 
 
 class Outcome(enum.StrEnum):
@@ -310,6 +250,11 @@ class _Run:
         spec = runner_spec(self.job, engine, delay)
         await conn.write(f"{self.dir}/{RUNNER_NAME}", self.r.runner_source.encode())
         await conn.write(f"{self.dir}/spec.json", json.dumps(spec, ensure_ascii=False).encode())
+        token = self.app.settings.jobs.hf_token
+        if engine == "diffusers" and token is not None and token.get_secret_value():
+            # Beside the spec, not in it: the spec is kept and shown; the runner reads this
+            # file into HF_TOKEN and removes it.
+            await conn.write(f"{self.dir}/{HF_TOKEN_FILE}", token.get_secret_value().encode())
         runner_args = [f"{self.dir}/{RUNNER_NAME}", f"{self.dir}/spec.json"]
         await conn.start(self.dir, remote.python_argv(runner_args))
         self.started_at = self.app.clock.monotonic()

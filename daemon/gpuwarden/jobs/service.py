@@ -41,6 +41,7 @@ from gpuwarden.core.model import (
     JobState,
     TerminationReason,
 )
+from gpuwarden.fleet import preemption
 from gpuwarden.fleet.app import App
 from gpuwarden.jobs import decisions as queue
 from gpuwarden.jobs.dispatcher import Dispatcher
@@ -282,10 +283,16 @@ class JobService(Renting):
         if outcome is Outcome.SUCCEEDED:
             done = await self.app.store.get_job(job.id)
             await self._remember_setup(inst, float(done.extra.get("setup_s") or 0.0))
-        elif outcome is Outcome.DIED:
-            await self._requeue(job.id, "the runner died on the instance")
-        elif outcome is Outcome.LOST:
-            await self._requeue_lost(job.id, inst, "it went away or stopped answering")
+        elif outcome in (Outcome.DIED, Outcome.LOST):
+            # A spot machine that was outbid kills the runner and drops SSH, in either order:
+            # ask before taking it for a fault (the same end the reconciler would make).
+            fresh = await self.app.store.get_instance(inst.id)
+            if preemption.is_spot(fresh):
+                await preemption.check(self.app, fresh, noticed_by="jobs")
+            if outcome is Outcome.DIED and not await self._preempted(inst.id):
+                await self._requeue(job.id, "the runner died on the instance")
+            else:
+                await self._requeue_lost(job.id, inst, "it went away or stopped answering")
 
     async def _after_job(self, inst: Instance, job_id: str) -> None:
         inst = await self.app.store.get_instance(inst.id)

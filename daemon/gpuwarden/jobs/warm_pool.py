@@ -15,7 +15,7 @@ from typing import Literal
 
 from gpuwarden.core.model import Instance, Job, TerminationReason
 from gpuwarden.jobs import decisions as queue
-from gpuwarden.jobs import weighing
+from gpuwarden.jobs import spot, weighing
 from gpuwarden.store import NotFoundError, Store
 
 
@@ -81,7 +81,9 @@ class WarmPool:
                 self._warm.pop(iid, None)
                 continue
             cap = self._caps.get(iid, queue.Capability(None, inst.price_per_hour))
-            if queue.fits(job.spec, inst, cap, default_gpu_ram_gb):
+            if queue.fits(
+                job.spec, inst, cap, default_gpu_ram_gb, spot_ok=spot.wants_spot(job, True)
+            ):
                 return inst
         return None
 

@@ -1,6 +1,7 @@
 """The reconciler: makes the database agree with what each provider is really running.
 
-At start-up (before READY) and then every policy.poll_interval, for each provider:
+At start-up (before READY) and then every policy.poll_interval (every BOOT_POLL while an
+instance is being launched, so that it is used soon after it boots), for each provider:
 - list the instances whose label starts with `gpuwarden-<installation>-`;
 - adopt what matches a REQUESTED intent (a crash or an unclear answer hid the provider id);
 - destroy what matches nothing live (reason orphan; a row is inserted so the orphan has a
@@ -34,6 +35,7 @@ from gpuwarden.core.clock import format_ts
 from gpuwarden.core.heartbeat import BEAT_EVERY
 from gpuwarden.core.model import (
     EntityKind,
+    Event,
     Instance,
     InstanceState,
     TerminationReason,
@@ -56,6 +58,7 @@ from gpuwarden.system.disk import LowDiskWarning
 log = structlog.get_logger(__name__)
 
 MISSES_TO_VANISH = 2
+BOOT_POLL = timedelta(seconds=3)  # the listing's pace while an instance is booting
 _STATE_OF = {ProviderState.PENDING: InstanceState.PROVISIONING}
 
 
@@ -70,6 +73,7 @@ class Reconciler:
         self._misses: dict[str, int] = {}  # instance id -> consecutive misses past grace
         self._first_missed: dict[str, datetime] = {}  # instance id -> first of those misses
         self._list_failing: set[str] = set()  # providers whose last listing failed
+        self._launched = asyncio.Event()  # a launch began: look sooner (BOOT_POLL)
         self.disk = LowDiskWarning()  # checked once a pass: the state dir's free space
 
     async def start(self) -> None:
@@ -79,17 +83,40 @@ class Reconciler:
     async def run(self) -> None:
         app = self.app
         app.heartbeats.register(self.name)
-        next_pass = app.clock.now() + app.settings.policy.poll_interval
-        while not app.stopping.is_set():
-            now = app.clock.now()
-            if now >= next_pass:
-                await self._safe_pass()
-                next_pass = app.clock.now() + app.settings.policy.poll_interval
-            app.heartbeats.beat(self.name)
-            beat = app.clock.now() + timedelta(seconds=BEAT_EVERY)
-            self.asleep.set()
-            await app.clock.sleep_until(min(next_pass, beat))
-            self.asleep.clear()
+        last_pass = app.clock.now()
+        unsubscribe = app.store.subscribe(self._on_event)
+        try:
+            while not app.stopping.is_set():
+                # Computed each time round: a launch since the last pass shortens the wait.
+                next_pass = last_pass + await self._interval()
+                if app.clock.now() >= next_pass:
+                    await self._safe_pass()
+                    last_pass = app.clock.now()
+                    next_pass = last_pass + await self._interval()
+                app.heartbeats.beat(self.name)
+                beat = app.clock.now() + timedelta(seconds=BEAT_EVERY)
+                self.asleep.set()
+                await app.clock.sleep_until(min(next_pass, beat), interrupt=self._launched)
+                self.asleep.clear()
+        finally:
+            unsubscribe()
+
+    def _on_event(self, event: Event) -> None:
+        if event.kind is EntityKind.INSTANCE and event.to_state == InstanceState.REQUESTED.value:
+            self._launched.set()
+
+    async def _interval(self) -> timedelta:
+        """policy.poll_interval, or BOOT_POLL while an instance is being launched: its SSH
+        address comes only from a listing, and an instance is not running (nor probed) before
+        that, so a booted instance would otherwise wait a whole poll to be used."""
+        interval = self.app.settings.policy.poll_interval
+        try:
+            booting = await self.app.store.instances(
+                [InstanceState.REQUESTED, InstanceState.PROVISIONING]
+            )
+        except Exception:  # the store's trouble is the pass's to report, not the pacing's
+            return interval
+        return min(interval, BOOT_POLL) if booting else interval
 
     async def _safe_pass(self) -> None:
         try:

@@ -24,8 +24,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from functools import cache
 from pathlib import Path
@@ -41,6 +41,7 @@ from gpuwarden.fleet import preemption
 from gpuwarden.fleet.app import App
 from gpuwarden.fleet.ended import provider_ended
 from gpuwarden.fleet.terminator import gone as provider_gone
+from gpuwarden.remote import hostkeys
 from gpuwarden.remote import ssh as remote
 from gpuwarden.remote.deadman import switch_can_end
 from gpuwarden.remote.deploy import deploy_file
@@ -95,6 +96,8 @@ class ProbeResult:
     heartbeat: bool = True  # the dead-man heartbeat file was refreshed
     deadman: bool | None = None  # the dead-man switch is running
     deadman_state: str | None = None  # "armed" | "unable": whether it can end the instance
+    host_key: str | None = None  # the host key the instance showed ('type base64')
+    keys: str | None = None  # the digest of the operators' keys now on it (hostkeys.keys_digest)
 
     def switch(self) -> str | None:
         """The dead-man switch as the daemon shows it: armed (running, able to end the
@@ -176,11 +179,19 @@ class Prober(Protocol):
 
 
 class SshProber:
-    """Probes over SSH with the daemon's key: one connection, one fixed command."""
+    """Probes over SSH with the daemon's key: one connection, one fixed command. The host key
+    is pinned to the one the instance showed first; the operators' keys (ssh.authorized_keys)
+    are put on it over the same connection whenever it does not have them yet."""
 
-    def __init__(self, key: Callable[[], asyncssh.SSHKey], known_hosts: Path | None = None) -> None:
+    def __init__(
+        self,
+        key: Callable[[], asyncssh.SSHKey],
+        known_hosts: Path | None = None,
+        authorized_keys: Callable[[], Sequence[str]] = tuple,
+    ) -> None:
         self._key = key
         self._known_hosts = known_hosts
+        self._authorized_keys = authorized_keys
 
     async def probe(self, inst: Instance, timeout: float) -> ProbeResult:
         if not inst.ssh_host or not inst.ssh_port:
@@ -189,10 +200,18 @@ class SshProber:
         try:
             async with asyncio.timeout(timeout):
                 conn = await remote.connect(
-                    target, self._key(), timeout=timeout, known_hosts=self._known_hosts
+                    target,
+                    self._key(),
+                    timeout=timeout,
+                    known_hosts=self._known_hosts,
+                    host_key=inst.extra.get("host_key"),
                 )
                 async with conn:
                     res = await remote.run(conn, ["sh", "-c", probe_script()], timeout)
+                    digest = await hostkeys.ensure_authorized_keys(
+                        conn, list(self._authorized_keys()), inst.extra.get("keys")
+                    )
+                    host_key = hostkeys.server_host_key(conn)
         except TimeoutError as exc:  # also asyncssh's command timeout
             raise ProbeFailed("timeout", f"no answer within {timeout:g}s") from exc
         except asyncssh.PermissionDenied as exc:
@@ -203,7 +222,7 @@ class SshProber:
             raise ProbeFailed("error", f"{type(exc).__name__}: {exc}") from exc
         if res.exit_status not in (0, None):
             raise ProbeFailed("bad_answer", f"exit {res.exit_status}: {res.stderr.strip()[:200]}")
-        return parse_probe(res.stdout)
+        return replace(parse_probe(res.stdout), host_key=host_key, keys=digest)
 
 
 def _app_key(app: App) -> Callable[[], asyncssh.SSHKey]:
@@ -228,7 +247,9 @@ class Watchdog:
 
     def __init__(self, app: App, prober: Prober | None = None) -> None:
         self.app = app
-        self.prober = prober or SshProber(_app_key(app), app.settings.ssh.known_hosts)
+        self.prober = prober or SshProber(
+            _app_key(app), app.settings.ssh.known_hosts, lambda: app.settings.ssh.authorized_keys
+        )
         self._due: dict[str, datetime] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
         # Set when an instance starts running, so its first probe does not wait for a beat.
@@ -399,6 +420,41 @@ class Watchdog:
                 "deadman_not_armed", instance_id=inst.id, provider=inst.provider, switch=switch
             )
 
+    async def _note_ssh(self, inst: Instance, result: ProbeResult) -> Instance:
+        """On the first good probe, keep the host key the instance showed (trust on first
+        use: later connections must see the same one) with an `ssh_ready` event, and rewrite
+        the known_hosts file `gpuwarden ssh` checks against; keep which operators' keys are
+        on it. Returns the instance as updated."""
+        extra = dict(inst.extra)
+        if result.keys is not None:
+            extra["keys"] = result.keys
+        first = result.host_key is not None and "host_key" not in extra
+        if first:
+            extra["host_key"] = result.host_key
+        if extra == inst.extra:
+            return inst
+        if first and result.host_key is not None:
+            details = {"host_key": hostkeys.fingerprint(result.host_key)}
+            await self.app.store.record(
+                EntityKind.INSTANCE, inst.id, "ssh_ready", details, updates={"extra": extra}
+            )
+            await self.write_known_hosts()
+        else:
+            await self.app.store.update_instance(inst.id, extra=extra)
+        return await self.app.store.get_instance(inst.id)
+
+    async def write_known_hosts(self) -> None:
+        """<state_dir>/known_hosts from the live instances whose host key is known."""
+        entries = [
+            (i.ssh_host, i.ssh_port, str(i.extra["host_key"]))
+            for i in await self.app.store.live_instances()
+            if i.ssh_host and i.ssh_port and i.extra.get("host_key")
+        ]
+        try:
+            hostkeys.write_known_hosts(hostkeys.known_hosts_path(self.app.settings), entries)
+        except OSError as exc:  # `gpuwarden ssh` cannot check this host; the probe still counts
+            log.warning("known_hosts_not_written", error=str(exc))
+
     async def _passed(self, instance_id: str, result: ProbeResult) -> None:
         inst = await self._fresh(instance_id)
         if inst is None:
@@ -424,6 +480,7 @@ class Watchdog:
             updates = {}
         if not result.heartbeat:
             log.warning("heartbeat_not_refreshed", instance_id=instance_id)
+        inst = await self._note_ssh(inst, result)
         await self._note_switch(inst, result.switch())
         policy = self.app.settings.policy
         why = result.activity(policy.gpu_busy_percent)

@@ -76,6 +76,9 @@ class LaunchSpec:
     onstart: str = ""  # a start-up script (Vast onstart, Lambda user_data)
     env: Mapping[str, str] = field(default_factory=dict)
     ssh_public_key: str = ""
+    # Operators' keys too, where the provider can put several on an instance at launch (Vast's
+    # account keys; Lambda takes exactly one, so the watchdog adds these once SSH answers).
+    authorized_keys: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -59,8 +59,9 @@ class VastClient(HttpProvider):
     async def launch(self, offer: Offer, spec: LaunchSpec) -> Launched:
         """Rent the offer. Not repeated after a send that may have taken effect (Transient)."""
         body = wire.launch_body(offer, spec)  # validate before touching the account
-        if spec.ssh_public_key:
-            await self._ensure_ssh_key(spec.ssh_public_key)
+        for public_key in (spec.ssh_public_key, *spec.authorized_keys):
+            if public_key:
+                await self._ensure_ssh_key(public_key)
         reply = await self._api.request(
             "PUT",
             f"/api/v0/asks/{offer.offer_id}/",

@@ -13,7 +13,7 @@ import shlex
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import asyncssh
 
@@ -62,15 +62,22 @@ async def connect(
     *,
     timeout: float,
     known_hosts: Path | None = None,
+    host_key: str | None = None,
 ) -> asyncssh.SSHClientConnection:
-    """Open a connection. Rented hosts are new to us, so host keys are accepted unless a
-    known_hosts file is configured."""
+    """Open a connection. The host key is checked against a configured known_hosts file, else
+    against `host_key` (the key this instance showed the first time: remote/hostkeys.py),
+    else (the first connection to a new rented host) accepted."""
+    trusted: Any = None
+    if known_hosts:
+        trusted = str(known_hosts)
+    elif host_key:
+        trusted = ([asyncssh.import_public_key(host_key)], [], [])
     return await asyncssh.connect(
         target.host,
         target.port,
         username=target.user,
         client_keys=[key],
-        known_hosts=str(known_hosts) if known_hosts else None,
+        known_hosts=trusted,
         connect_timeout=timeout,
         login_timeout=timeout,
         keepalive_interval=15,

@@ -170,14 +170,22 @@ class SshHost:
     # --- auth -----------------------------------------------------------------------------
 
     def key_allowed(self, key: asyncssh.SSHKey) -> bool:
+        """The provider's keys, and (as sshd reads it) the login's ~/.ssh/authorized_keys."""
         wanted = key.public_data
-        for line in self._authorized():
+        for line in [*self._authorized(), *self._home_keys()]:
             try:
                 if asyncssh.import_public_key(line).public_data == wanted:
                     return True
             except (asyncssh.KeyImportError, ValueError):
                 continue
         return False
+
+    def _home_keys(self) -> list[str]:
+        try:
+            text = (self.sandbox / ".ssh" / "authorized_keys").read_text(errors="replace")
+        except OSError:
+            return []
+        return [ln for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
 
     # --- sessions -------------------------------------------------------------------------
 

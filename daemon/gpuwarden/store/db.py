@@ -335,18 +335,9 @@ class Store:
     async def spot_terminations(self, since: datetime) -> list[tuple[Termination, dict[str, Any]]]:
         """Termination records of spot instances since `since`, each with its instance's
         spot details (extra["spot"]: bid, min_bid, on_demand_price)."""
-        query = (
-            "SELECT t.*, json_extract(i.extra, '$.spot') AS spot FROM terminations t"
-            " JOIN instances i ON i.id = t.instance_id"
-            " WHERE t.at >= ? AND json_extract(i.extra, '$.spot') IS NOT NULL ORDER BY t.at"
-        )
         async with self._lock:
-            got = await sql.fetch(self._conn, query, (format_ts(since),))
-        out: list[tuple[Termination, dict[str, Any]]] = []
-        for r in got:
-            spot = json.loads(r["spot"]) if r["spot"] else {}
-            out.append((rows.termination_from_row(r), spot if isinstance(spot, dict) else {}))
-        return out
+            got = await sql.fetch(self._conn, sql.SPOT_TERMINATIONS, (format_ts(since),))
+        return [rows.spot_termination_from_row(r) for r in got]
 
     # --- jobs ------------------------------------------------------------------------
 

@@ -121,6 +121,12 @@ def event_from_row(row: sqlite3.Row) -> Event:
     )
 
 
+def spot_termination_from_row(row: sqlite3.Row) -> tuple[Termination, dict[str, Any]]:
+    """A row of sql.SPOT_TERMINATIONS: the record and its instance's spot details."""
+    spot = json.loads(row["spot"]) if row["spot"] else {}
+    return termination_from_row(row), spot if isinstance(spot, dict) else {}
+
+
 def termination_from_row(row: sqlite3.Row) -> Termination:
     return Termination(
         at=_ts(row["at"]),

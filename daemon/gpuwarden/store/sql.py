@@ -58,3 +58,11 @@ async def update(
     )
     if cur.rowcount == 0:
         raise NotFoundError(f"no {table[:-1]} {entity_id}")
+
+
+# Termination records of spot instances (those whose row has extra["spot"]) since a time.
+SPOT_TERMINATIONS = (
+    "SELECT t.*, json_extract(i.extra, '$.spot') AS spot FROM terminations t"
+    " JOIN instances i ON i.id = t.instance_id"
+    " WHERE t.at >= ? AND json_extract(i.extra, '$.spot') IS NOT NULL ORDER BY t.at"
+)

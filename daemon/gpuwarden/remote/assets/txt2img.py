@@ -256,11 +256,27 @@ def normalise(spec):
     return out
 
 
+def take_hf_token(job_dir):
+    """A Hugging Face token the daemon put beside the spec (jobs.hf_token): into HF_TOKEN for
+    huggingface_hub to send when it fetches a gated model, and the file removed, so the token
+    does not stay on a machine someone else rents next."""
+    path = os.path.join(job_dir, "hf_token")
+    try:
+        with open(path, encoding="utf-8") as f:
+            token = f.read().strip()
+    except OSError:
+        return
+    os.remove(path)
+    if token:
+        os.environ["HF_TOKEN"] = token
+
+
 def run(spec_path):
     job_dir = os.path.dirname(os.path.abspath(spec_path))
     progress = Progress(os.path.join(job_dir, "progress.jsonl"))
     started = time.monotonic()
     try:
+        take_hf_token(job_dir)
         with open(spec_path, encoding="utf-8") as f:
             spec = normalise(json.load(f))
         total = spec["steps"] * spec["count"]
