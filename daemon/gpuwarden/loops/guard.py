@@ -96,6 +96,8 @@ class Guard:
         wake = now + timedelta(seconds=BEAT_EVERY)
         if self.terminator.unwritten:
             await self.terminator.flush()
+            if self.terminator.unwritten:  # the disk is still full: try again in a second,
+                wake = now + timedelta(seconds=1)  # so a restart is unlikely to lose them
         live = [self.terminator.overlay(i) for i in await app.store.live_instances()]
         busy = await busy_instances(app) if live else set()
         for inst in live:
