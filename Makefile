@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 # run in the pytest process (daemons started as subprocesses are not measured). 88.2% when set.
 COVERAGE_FLOOR := 88
 
-.PHONY: demo run test lint fast bench clean
+.PHONY: demo run test lint fast bench chaos clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -40,6 +40,13 @@ test: lint
 
 bench: $(STAMP)
 	$(BIN)/pytest -q -p no:cacheprovider tests/bench --timeout=600 -s
+
+# The chaos suite at full size: a real daemon SIGKILLed 50 times on a seeded schedule against
+# the sim behind a fault proxy, every fault on in turn, the invariants checked against the
+# sim's ledger (a few minutes). `make test` runs a bounded run of it (6 kills).
+# CHAOS_SEED=N picks another schedule.
+chaos: $(STAMP)
+	CHAOS_KILLS=$${CHAOS_KILLS:-50} $(BIN)/pytest -q -p no:cacheprovider tests/chaos -s $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info daemon/*.egg-info .pytest_cache .mypy_cache .ruff_cache \

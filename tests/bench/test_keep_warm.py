@@ -17,11 +17,10 @@ import statistics
 
 from tests.bench.keepwarm_replay import HINDSIGHT, TRACES, Policy, Result, replay
 
-SEEDS = 20
+SEEDS = 50
 JOB_S = 60.0
 WAIT_WEIGHT = 1.0
-GOAL = 1.10  # issue 14's goal for the worst ratio; not met everywhere yet (printed)
-CEILING = 1.16
+GOAL = 1.10  # issue 14's goal for the worst ratio over every trace and seed
 
 
 def _p95(values: list[float]) -> float:
@@ -76,8 +75,8 @@ def test_keep_warm_trace_suite() -> None:
             worst_before[(name, cold)] = max(r for _, r in rows["before"])
     over = {f"{k[0]}/{k[1]:.0f}": round(v, 3) for k, v in worst_auto.items() if v > GOAL}
     print(f"auto worst ratio above the goal of {GOAL}: {over or 'none'}")
-    # No trace worse than before this change, and none far off the goal (the figures this
-    # was tuned at: worst 1.151, bursty with a 180 s cold start).
+    # No trace worse than before this change, and every one within the goal (the figures
+    # this was tuned at: worst 1.092, diurnal with a 180 s cold start).
     for key, ratio in worst_auto.items():
         assert ratio <= worst_before[key], (key, ratio, worst_before[key])
-        assert ratio <= CEILING, (key, ratio)
+        assert ratio <= GOAL, (key, ratio)

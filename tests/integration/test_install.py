@@ -1,6 +1,7 @@
 """deploy/install.sh in --root mode: what it lays down, that a second run changes nothing and
 never overwrites the config, the modes of the credentials, and what --uninstall [--purge]
-keeps and removes. Offline and fast: --no-venv skips the pip step (checked by inspection).
+keeps and removes. Offline and fast: --no-venv skips the pip step, except in one slow test
+that runs it (a venv created under --root, the wheel installed there, its `check-config` run).
 
 Every command that would touch the live system (systemctl, systemd-sysusers, useradd,
 systemd-creds, chown) is shadowed on PATH by a recorder: in --root mode none may run.
@@ -16,6 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from wheel_support import build_wheel
 
 from gpuwarden.config import settings as config
 
@@ -68,14 +70,14 @@ def _clean_config_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def install(
-    root: Path, env: dict[str, str], *args: str | Path, ok: bool = True
+    root: Path, env: dict[str, str], *args: str | Path, ok: bool = True, timeout: float = 30
 ) -> subprocess.CompletedProcess[str]:
     result = subprocess.run(
         ["bash", str(SCRIPT), "--root", str(root), *map(str, args)],
         capture_output=True,
         text=True,
         env=env,
-        timeout=30,
+        timeout=timeout,
         check=False,
     )
     if ok:
@@ -289,3 +291,62 @@ def test_installed_unit_and_credentials_dropin_verify(
     )
     assert result.returncode == 0
     assert result.stdout + result.stderr == ""
+
+
+@pytest.mark.slow
+def test_install_with_the_venv_step_installs_the_wheel_and_its_gpuwarden_runs(
+    tmp_path: Path, env: dict[str, str], keys: dict[str, Path]
+) -> None:
+    """The venv step on: install.sh creates the venv under --root and installs the wheel into
+    it; then that install's own `gpuwarden check-config` accepts the installed config.
+    Offline: pip gets no index and installs the wheel alone (PIP_NO_INDEX, PIP_NO_DEPS); its
+    dependencies come from this venv, after the installed venv's own packages on sys.path."""
+    wheel = build_wheel(tmp_path / "build")
+    root = tmp_path / "root"
+    offline = {**env, "PIP_NO_INDEX": "1", "PIP_NO_DEPS": "1"}
+    python = shutil.which("python3", path="/usr/local/bin:/usr/bin:/bin") or sys.executable
+    result = install(
+        root,
+        offline,
+        "--python",
+        python,
+        "--wheel",
+        wheel,
+        "--vast-key-file",
+        keys["vast"],
+        timeout=300,
+    )
+    venv = root / "opt/gpuwarden/venv"
+    assert "created venv /opt/gpuwarden/venv" in result.stdout
+    installed = venv / "bin" / "gpuwarden"
+    assert installed.is_file()
+    [site] = venv.glob("lib/python3*/site-packages")
+    assert (site / "gpuwarden" / "remote" / "assets" / "probe.sh").is_file()
+    deps = [p for p in sys.path if p.endswith("site-packages")]
+    run_env = {
+        **{k: v for k, v in env.items() if not k.startswith("PYTHON")},
+        "PYTHONPATH": os.pathsep.join(deps),
+        # What systemd's LoadCredential= hands the service: the installed key files.
+        "CREDENTIALS_DIRECTORY": str(root / "etc/credstore"),
+    }
+    checked = subprocess.run(
+        [str(installed), "check-config", str(root / "etc/gpuwarden/config.toml")],
+        capture_output=True,
+        text=True,
+        env=run_env,
+        cwd=tmp_path,  # not the checkout
+        timeout=60,
+        check=False,
+    )
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    where = subprocess.run(
+        [str(venv / "bin" / "python"), "-c", "import gpuwarden; print(gpuwarden.__file__)"],
+        capture_output=True,
+        text=True,
+        env=run_env,
+        cwd=tmp_path,
+        timeout=60,
+        check=True,
+    )
+    assert Path(where.stdout.strip()).is_relative_to(site)  # the installed copy ran
+    assert live_calls(env) == ""

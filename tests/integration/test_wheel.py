@@ -6,44 +6,21 @@ it, or the installed daemon dies at start-up looking for them."""
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
 
 import pytest
+from wheel_support import build_wheel
 
-ROOT = Path(__file__).resolve().parents[2]
 INSTANCE_FILES = ("probe.sh", "deadman.sh", "txt2img.py")
 
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One wheel for the module, built from a copy of the tree: an in-tree build would leave
-    build/ and *.egg-info in the checkout."""
-    work = tmp_path_factory.mktemp("wheel")
-    src = work / "src"
-    src.mkdir()
-    for name in ("pyproject.toml", "README.md"):
-        shutil.copy2(ROOT / name, src / name)
-    shutil.copytree(
-        ROOT / "daemon",
-        src / "daemon",
-        ignore=shutil.ignore_patterns("*.egg-info", "__pycache__"),
-    )
-    out = work / "dist"
-    result = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "-w", str(out), str(src)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    if result.returncode != 0:
-        pytest.fail(f"pip wheel failed:\n{result.stdout}\n{result.stderr}")
-    [built] = out.glob("gpuwarden-*.whl")
-    return built
+    """One wheel for the module."""
+    return build_wheel(tmp_path_factory.mktemp("wheel"))
 
 
 def test_the_wheel_carries_what_goes_onto_instances(wheel: Path) -> None:

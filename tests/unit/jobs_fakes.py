@@ -52,6 +52,7 @@ class FakeRemote:
     start_exits: tuple[int, str] | None = None  # the started command exits at once (code, log)
     argvs: list[list[str]] = field(default_factory=list)  # what each start ran
     setup_s: float = 0.0  # the next result's setup_s: the first job installs, later ones not
+    download_s: float = 0.0  # the same for downloading the model
     result_json: bytes | None = None  # what the runner leaves as result.json instead of its own
 
     def _maybe_drop(self) -> None:
@@ -88,8 +89,10 @@ class FakeRemote:
             "seed": spec["seed"],
             "files": entries,
             "setup_s": self.setup_s,
+            "download_s": self.download_s,
         }
-        self.setup_s = 0.0  # installed: the next job on this machine finds it
+        # Installed and downloaded: the next job on this machine finds both.
+        self.setup_s = self.download_s = 0.0
         self.files[f"{job_dir}/result.json"] = self.result_json or json.dumps(result).encode()
         self._append(f"{job_dir}/progress.jsonl", {"event": "done"})
         job.state, job.exit_code = "exited", 0
@@ -164,9 +167,11 @@ class FakeConn:
 class FakeConnector:
     remotes: dict[str, FakeRemote] = field(default_factory=dict)  # by instance id
     setup_s: float = 0.0  # what a new machine's first job spends installing the engine
+    download_s: float = 0.0  # ... and downloading the model
 
     def remote(self, instance_id: str) -> FakeRemote:
-        return self.remotes.setdefault(instance_id, FakeRemote(setup_s=self.setup_s))
+        fresh = FakeRemote(setup_s=self.setup_s, download_s=self.download_s)
+        return self.remotes.setdefault(instance_id, fresh)
 
     async def connect(self, inst: Instance) -> FakeConn:
         remote = self.remote(inst.id)

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tests.conftest import processes_with
+
 from gpuwarden.core.model import Instance
 from gpuwarden.remote import ssh as remote
 
@@ -68,22 +70,6 @@ def bare_path(bin_dir: Path, *extra: str) -> str:
         if not (bin_dir / name).exists():
             (bin_dir / name).symlink_to(found)
     return str(bin_dir)
-
-
-def processes_with(marker: str) -> list[int]:
-    """Pids of live (not zombie) processes whose command line contains `marker`."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-            state = (entry / "stat").read_text().rsplit(") ", 1)[1][:1]
-        except (OSError, IndexError):
-            continue
-        if marker in cmdline and state != "Z":
-            found.append(int(entry.name))
-    return found
 
 
 async def wait_all_gone(marker: str, timeout: float = 5.0) -> None:

@@ -20,28 +20,24 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NoReturn
 
 import asyncssh
 import pytest
+from tests.conftest import unavailable
 
-SSHD = Path("/usr/sbin/sshd")
-PRIVSEP_DIR = Path("/run/sshd")  # sshd refuses to start without it
-READY_TIMEOUT = 10.0
-
-
-def unavailable(reason: str) -> NoReturn:
-    """Skip with `reason`, or fail under CI, where everything these tests need is installed."""
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"{reason} (CI must run these tests)")
-    pytest.skip(reason)
+from gpuwarden.sim.openssh import (
+    PRIVSEP_DIR,
+    READY_TIMEOUT,
+    SSHD,
+    base_config,
+    free_port,
+    unavailable_reason,
+)
 
 
 def require_root_sshd() -> None:
-    if not SSHD.is_file():
-        unavailable("openssh-server is not installed here (apt-get install openssh-server)")
-    if os.geteuid() != 0:
-        unavailable("a real sshd logging in test users needs root (useradd, privilege separation)")
+    if (reason := unavailable_reason()) is not None:
+        unavailable(reason)
 
 
 @dataclass(frozen=True)
@@ -79,13 +75,6 @@ def login_user(base: Path, shell: str, *, root: bool) -> Iterator[Login]:
         subprocess.run(["userdel", "-f", name], check=False, capture_output=True, timeout=30)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 @dataclass
 class Sshd:
     """One running sshd and the client key it accepts."""
@@ -115,22 +104,15 @@ def running_sshd(base: Path) -> Iterator[Sshd]:
     authorized.chmod(0o644)
     port = free_port()
     config = etc / "sshd_config"
-    config.write_text(
-        f"Port {port}\n"
-        "ListenAddress 127.0.0.1\n"
-        f"HostKey {etc / 'host_ed25519'}\n"
-        f"PidFile {etc / 'sshd.pid'}\n"
+    lines = base_config(
+        port=port,
+        host="127.0.0.1",
+        host_key=etc / "host_ed25519",
+        pid_file=etc / "sshd.pid",
         # The test's key, and (as on a rented host) the login's own ~/.ssh/authorized_keys.
-        f"AuthorizedKeysFile {authorized} .ssh/authorized_keys\n"
-        "UsePAM no\n"
-        "StrictModes no\n"
-        "PermitRootLogin prohibit-password\n"
-        "PasswordAuthentication no\n"
-        "KbdInteractiveAuthentication no\n"
-        "PubkeyAuthentication yes\n"
-        "Subsystem sftp internal-sftp\n"
-        "LogLevel VERBOSE\n"
+        authorized=f"{authorized} .ssh/authorized_keys",
     )
+    config.write_text(lines + "Subsystem sftp internal-sftp\nLogLevel VERBOSE\n")
     log = etc / "sshd.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(

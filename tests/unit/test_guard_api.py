@@ -154,7 +154,17 @@ async def test_destroy_history_and_costs(
     assert costs["total"] == pytest.approx(1.6)
     assert costs["idle"] == pytest.approx(0.6)  # the idle tail: 30 min at $1.20/h
     assert costs["by_reason"] == {"idle": pytest.approx(1.2), "manual": pytest.approx(0.4)}
-    assert costs["days"] == [{"day": "2026-03-01", "total": 1.6, "idle": 0.6}]
+    assert costs["days"] == [
+        {
+            "day": "2026-03-01",
+            "total": 1.6,
+            "idle": 0.6,
+            "warm_idle": 0.0,  # no job ever left an instance warm here
+            "wait_saved_s": 0.0,
+            "warm_reuses": 0,
+        }
+    ]
+    assert costs["warm_idle"] == 0.0 and costs["wait_saved_s"] == 0.0
     assert (await api.destroy_all(app, by="test"))["count"] == 0
     await app.store.close()
 

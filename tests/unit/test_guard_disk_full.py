@@ -65,7 +65,7 @@ async def test_a_full_disk_does_not_stop_the_destroy_and_the_record_follows(
         assert len(fake.calls_to("destroy")) == 1
 
         disk.full = False
-        await run.step(clock, 5)  # the next pass writes what it kept
+        await run.step(clock, 1)  # the next pass, a second later, writes what it kept
         done = await app.store.get_instance(inst.id)
         assert done.state is InstanceState.TERMINATED
         assert done.reason is TerminationReason.IDLE

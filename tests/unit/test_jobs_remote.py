@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from remote_support import LocalShell, bare_path, kill_leftovers, processes_with, wait_all_gone
+from remote_support import LocalShell, bare_path, kill_leftovers, wait_all_gone
+from tests.conftest import processes_with
 
 from gpuwarden.remote import ssh as remote
 

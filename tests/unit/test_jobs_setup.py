@@ -1,5 +1,6 @@
 """The runner's engine setup on an instance: the pinned packages it installs, the `setup_s` it
-reports, the job that records it, and the cold start that counts it."""
+reports, the model download it times (`download_s`), the job that records them, and the cold
+start that counts them."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import json
 import re
 import subprocess
 import sys
+import types
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +90,62 @@ def test_the_preview_engine_reports_no_setup_in_its_result(tmp_path: Path) -> No
     assert mod.run(str(spec)) == 0
     result = json.loads((tmp_path / "result.json").read_text())
     assert result["setup_s"] == 0.0 and result["timings"]["setup_s"] == 0.0
+    assert result["download_s"] == 0.0 and result["timings"]["download_s"] == 0.0
+
+
+class _Pipelines:
+    """Stands for diffusers.DiffusionPipeline: a cache holding the models in `cached`."""
+
+    def __init__(self, cached: set[str]) -> None:
+        self.cached = cached
+        self.fetched: list[str] = []
+
+    def download(self, model: str, local_files_only: bool = False) -> str:
+        if model not in self.cached:
+            if local_files_only:
+                raise OSError(f"{model} is not in the cache")
+            self.fetched.append(model)
+            self.cached.add(model)
+        return f"/cache/{model}"
+
+
+def _fake_diffusers(monkeypatch: pytest.MonkeyPatch, cached: set[str]) -> _Pipelines:
+    pipelines = _Pipelines(cached)
+    module = types.ModuleType("diffusers")
+    module.DiffusionPipeline = pipelines  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "diffusers", module)
+    return pipelines
+
+
+class _Emitted:
+    def __init__(self) -> None:
+        self.events: list[dict[str, Any]] = []
+
+    def emit(self, **event: Any) -> None:
+        self.events.append(event)
+
+
+def test_the_runner_times_the_models_first_download(monkeypatch: pytest.MonkeyPatch) -> None:
+    mod = load_runner()
+    pipelines = _fake_diffusers(monkeypatch, cached=set())
+    ticks = iter([200.0, 263.5])
+    monkeypatch.setattr(mod.time, "monotonic", lambda: next(ticks, 263.5))
+    progress = _Emitted()
+    assert mod.fetch_model("stabilityai/sd-turbo", progress) == pytest.approx(63.5)
+    assert pipelines.fetched == ["stabilityai/sd-turbo"]
+    assert progress.events == [{"event": "downloading", "model": "stabilityai/sd-turbo"}]
+    # The next job on this machine finds it in the cache: nothing fetched, nothing counted.
+    assert mod.fetch_model("stabilityai/sd-turbo", _Emitted()) == 0.0
+    assert pipelines.fetched == ["stabilityai/sd-turbo"]
+
+
+def test_a_local_model_directory_is_no_download(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    mod = load_runner()
+    pipelines = _fake_diffusers(monkeypatch, cached=set())
+    assert mod.fetch_model(str(tmp_path), _Emitted()) == 0.0
+    assert pipelines.fetched == []
 
 
 def test_the_runner_takes_a_hugging_face_token_into_its_environment_and_removes_it(
@@ -122,19 +180,21 @@ def test_the_runner_takes_a_hugging_face_token_into_its_environment_and_removes_
 )
 def test_setup_seconds_trusts_only_a_number_of_seconds(value: Any, seconds: float) -> None:
     assert setup_seconds({"setup_s": value}) == seconds
+    assert setup_seconds({"download_s": value}, "download_s") == seconds
     assert setup_seconds({}) == 0.0  # a runner too old to say
 
 
 async def test_a_results_setup_lands_in_the_job(tmp_path: Path, make_app: MakeApp) -> None:
     clock = FakeClock()
     app = await make_app(settings(tmp_path), clock)
-    connector = FakeConnector(setup_s=37.25)
+    connector = FakeConnector(setup_s=37.25, download_s=12.0)
     inst = await add_instance(app)
     job = await add_job(app, state=JobState.PROVISIONING, instance_id=inst.id)
     runner = Runner(app, connector, poll=1.0, reattach=60.0)
     assert await drive(clock, runner.execute(job, inst)) is Outcome.SUCCEEDED
     done = await app.store.get_job(job.id)
     assert done.extra["setup_s"] == 37.25 and done.extra["result"]["setup_s"] == 37.25
+    assert done.extra["download_s"] == 12.0
     # The next job on the same machine finds the engine installed.
     again = await add_job(app, "j2", state=JobState.PROVISIONING, instance_id=inst.id)
     assert await drive(clock, runner.execute(again, inst)) is Outcome.SUCCEEDED

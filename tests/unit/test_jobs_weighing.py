@@ -101,19 +101,22 @@ def _gaps(*seconds: float, every: float = 600.0) -> list[w.Gap]:
 @pytest.mark.parametrize(
     ("gaps", "cold", "weight", "window"),
     [
-        ([], 180.0, 1.0, 360.0),  # no history: ski rental (as long as a cold start costs)
-        ([], 60.0, 0.0, 60.0),
+        # No history: half the ski-rental window (half of what a cold start costs).
+        ([], 180.0, 1.0, 180.0),
+        ([], 60.0, 0.0, 30.0),
         (_gaps(7200.0, 5400.0, 9000.0), 60.0, 1.0, 0.0),  # sparse: end at once
-        # Bursty: cover every gap, stretched by the margin (120 * 1.25).
-        (_gaps(90.0, 120.0, 100.0, 80.0), 180.0, 1.0, 150.0),
-        # Mostly short gaps and one long one: cover the short ones only.
-        (_gaps(30.0, 40.0, 35.0, 3600.0), 60.0, 1.0, 50.0),
+        # Bursty: cover every gap, stretched by the margin (120 * 1.25 = 150), and with four
+        # gaps only, drawn towards the first window (180).
+        (_gaps(90.0, 120.0, 100.0, 80.0), 180.0, 1.0, pytest.approx(163.068, abs=1e-3)),
+        # Mostly short gaps and one long one: cover the short ones only (40 * 1.25 = 50,
+        # drawn a little towards 60).
+        (_gaps(30.0, 40.0, 35.0, 3600.0), 60.0, 1.0, pytest.approx(52.986, abs=1e-3)),
         # Short gaps that are still dearer to bridge than a cold start: end at once.
         (_gaps(500.0, 600.0, 550.0), 60.0, 1.0, 0.0),
     ],
 )
 def test_adaptive_window_table(
-    gaps: list[w.Gap], cold: float, weight: float, window: float
+    gaps: list[w.Gap], cold: float, weight: float, window: object
 ) -> None:
     assert w.adaptive_window(gaps, T0, cold, weight) == window
 
@@ -122,7 +125,8 @@ def test_adaptive_window_is_the_cheapest_candidate() -> None:
     gaps = _gaps(30.0, 400.0, 45.0, 1200.0, 200.0, 60.0, 5000.0, 90.0, every=900.0)
     cold_cost = w.cold_start_cost(120.0, 1.0)
     weighted = [(g.seconds, 0.5 ** ((T0 - g.at).total_seconds() / w.GAP_HALF_LIFE_S)) for g in gaps]
-    got = w.adaptive_window(gaps, T0, 120.0, 1.0, margin=1.0)
+    # The sweep alone: no stretch, no penalty for gaps unseen, no pull towards a first window.
+    got = w.adaptive_window(gaps, T0, 120.0, 1.0, margin=1.0, unseen_per_s=0, prior_weight=0)
     candidates = [0.0, *(g.seconds for g in gaps), 10.0, 100.0, 1000.0, 3000.0]
     best = min(w.window_cost(weighted, t, cold_cost) for t in candidates)
     assert w.window_cost(weighted, got, cold_cost) == pytest.approx(best)
@@ -187,3 +191,23 @@ def test_the_most_recently_used_warm_instance_goes_first() -> None:
     idle = {"a": T0, "b": T0 + timedelta(seconds=30), "c": T0 - timedelta(seconds=5)}
     assert w.most_recent_first(idle) == ["b", "a", "c"]
     assert w.most_recent_first({"y": T0, "x": T0}) == ["x", "y"]
+
+
+def test_a_gap_longer_than_any_seen_is_priced_in() -> None:
+    """Exponential gaps a little shorter than a cold start costs: covering even the longest
+    seen would pay on those gaps alone, but a window that long is stranded when the pattern
+    changes (the evening, a session's end). The penalty for gaps unseen keeps it shorter."""
+    gaps = _gaps(20.0, 150.0, 300.0, 45.0, 600.0, 90.0, 240.0, 1100.0, 60.0, 400.0, every=300)
+    bare = w.adaptive_window(gaps, T0, 300.0, 1.0, unseen_per_s=0, prior_weight=0)
+    priced = w.adaptive_window(gaps, T0, 300.0, 1.0, prior_weight=0)
+    assert bare == 1100.0 * w.WINDOW_MARGIN
+    assert priced == 90.0 * w.WINDOW_MARGIN
+
+
+def test_one_short_gap_among_long_ones_is_not_held_long() -> None:
+    # The pull towards the first window is weighted by the share of gaps the choice covers.
+    # A 10-minute cold start: covering the one 60 s gap pays (60 * 1.25 = 75 s), and the
+    # first window (600 s) pulls it only by (1/5)^2 of the prior weight.
+    few = _gaps(60.0, 7200.0, 9000.0, 5400.0, 8000.0)
+    window = w.adaptive_window(few, T0, 600.0, 1.0, unseen_per_s=0)
+    assert 75.0 < window < 90.0

@@ -267,3 +267,21 @@ async def test_stopping_with_instances_billing_warns_with_count_and_burn(
     warned = [e for e in logs if e["event"] == "stopping_with_instances_billing"]
     assert warned and warned[0]["log_level"] == "warning"
     assert (warned[0]["count"], warned[0]["burn_per_hour"]) == (2, 1.75)
+
+
+async def test_sim_on_openssh_it_cannot_serve_exits_78_before_any_sim_starts(
+    settings: config.Settings,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from gpuwarden.sim import openssh
+
+    monkeypatch.setattr(openssh, "SSHD", tmp_path / "no-sshd")
+    sim = settings.providers.sim.model_copy(update={"enabled": True, "ssh": "openssh"})
+    providers = settings.providers.model_copy(update={"sim": sim})
+    sup, _ = make(settings.model_copy(update={"providers": providers}), tmp_path, lambda app: [])
+    with structlog.testing.capture_logs() as logs:
+        assert await sup.run() == 78
+    [refused] = [e for e in logs if e.get("event") == "openssh_unavailable"]
+    assert refused["field"] == "providers.sim.ssh" and "openssh-server" in refused["error"]
+    assert not (settings.daemon.state_dir / "sim").exists()

@@ -38,6 +38,11 @@ def register(sub: Any) -> None:
         "--sandbox", metavar="DIR", help="directory for instance sandboxes (default: a temp dir)"
     )
     p.add_argument(
+        "--ssh",
+        choices=("asyncssh", "openssh"),
+        help="what serves the instances' SSH (openssh: a real sshd each; needs root)",
+    )
+    p.add_argument(
         "--outbid-rate",
         type=float,
         metavar="N",
@@ -62,6 +67,8 @@ def _settings(args: argparse.Namespace) -> SimSettings:
         updates["boot_delay"] = parse_duration(args.boot_delay)
     if args.sandbox:
         updates["sandbox_dir"] = Path(args.sandbox)
+    if args.ssh:
+        updates["ssh"] = args.ssh
     if args.outbid_rate is not None:
         faults = {**sim.faults.model_dump(), "outbid_rate": args.outbid_rate}
         updates["faults"] = SimFaultSettings.model_validate(faults)
@@ -79,6 +86,12 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"gpuwarden sim: {exc}", file=sys.stderr)
         return 2
+    if settings.ssh == "openssh":
+        from gpuwarden.sim.openssh import unavailable_reason
+
+        if (reason := unavailable_reason()) is not None:
+            print(f"gpuwarden sim: --ssh openssh: {reason}", file=sys.stderr)
+            return EX_CONFIG
     return asyncio.run(_serve(settings, as_json=args.json))
 
 

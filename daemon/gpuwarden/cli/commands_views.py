@@ -285,11 +285,29 @@ def show_costs(args: argparse.Namespace) -> int:
             out.json(c)
             return EX_OK
         days = c.get("days", [])
+        # Keep-warm: what instances billed standing warm between jobs, and the cold starts
+        # the jobs that took them did not wait through.
+        right = ["SPEND", "OF WHICH IDLE", "WARM", "WAIT SAVED"]
         out.table(
-            ["DAY (UTC)", "SPEND", "OF WHICH IDLE"],
-            [[d.get("day"), money(d.get("total")), money(d.get("idle"))] for d in days],
-            totals=["TOTAL", money(c.get("total")), money(c.get("idle"))],
-            right=["SPEND", "OF WHICH IDLE"],
+            ["DAY (UTC)", *right],
+            [
+                [
+                    d.get("day"),
+                    money(d.get("total")),
+                    money(d.get("idle")),
+                    money(d.get("warm_idle")),
+                    duration(d.get("wait_saved_s")),
+                ]
+                for d in days
+            ],
+            totals=[
+                "TOTAL",
+                money(c.get("total")),
+                money(c.get("idle")),
+                money(c.get("warm_idle")),
+                duration(c.get("wait_saved_s")),
+            ],
+            right=right,
             title=f"Spend over the last {args.days} day(s)",
         )
         for title, key in (("BY PROVIDER", "by_provider"), ("BY REASON", "by_reason")):

@@ -35,6 +35,7 @@ from pydantic_settings import (
 )
 
 from gpuwarden.config.durations import Duration, format_duration, parse_duration
+from gpuwarden.config.schedule import WarmWindow
 from gpuwarden.config.values import PublicKey, against_file
 from gpuwarden.config.web import DashboardSettings, MetricsSettings
 from gpuwarden.core.model import NotifyKind
@@ -183,6 +184,7 @@ class SimSettings(ProviderSettings):
     credit: Price = 100.0
     sandbox_dir: Path | None = None  # default: <state_dir>/sim
     faults: SimFaultSettings = SimFaultSettings()
+    ssh: Literal["asyncssh", "openssh"] = "asyncssh"  # openssh: an sshd each (sim/openssh.py)
 
     def effective_api_key(self) -> str:
         """The key the sim accepts and its clients send: api_key, else SIM_DEFAULT_KEY."""
@@ -231,6 +233,7 @@ class JobsSettings(_Section):
     min_reliability: float = Field(default=0.95, ge=0, le=1)
     max_instances: int = Field(default=2, ge=1)
     keep_warm: KeepWarm = "auto"
+    warm_schedule: list[WarmWindow] = Field(default_factory=list)  # see config/schedule.py
     # A second of a user's waiting, in GPU seconds: the dispatcher and keep-warm "auto" weigh
     # billed seconds + wait_weight * waiting seconds (0 = dollars only).
     wait_weight: float = Field(default=1.0, ge=0)

@@ -12,6 +12,7 @@ import asyncio
 from datetime import datetime, timedelta
 from typing import Any
 
+from gpuwarden.control import warm as warm_spend
 from gpuwarden.control.rows import deadline_fields, instance_dict
 from gpuwarden.core import errors, policy
 from gpuwarden.core.clock import format_ts
@@ -475,12 +476,11 @@ async def costs(app: App, days: int = 7) -> dict[str, Any]:
     since = policy.days_start(days, now)
     ended = await app.store.terminations(since)
     spent = policy.spend(ended, await app.store.live_instances(), app.limits(), now)
+    warm = await warm_spend.by_day(app, since)
     return {
         "since": format_ts(since),
-        "days": [
-            {"day": k.isoformat(), "total": round(v.total, 6), "idle": round(v.idle, 6)}
-            for k, v in sorted(spent.days.items())
-        ],
+        "days": warm_spend.days(spent, warm),
+        **warm_spend.totals(warm),
         "by_provider": {k: round(v, 6) for k, v in sorted(spent.by_provider.items())},
         "by_reason": {k: round(v, 6) for k, v in sorted(spent.by_reason.items())},
         "total": round(spent.total, 6),

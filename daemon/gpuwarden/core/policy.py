@@ -439,6 +439,30 @@ def spend(
     )
 
 
+@dataclass(frozen=True, slots=True)
+class WarmDay:
+    """What keep-warm cost and bought on a UTC day."""
+
+    idle_cost: float  # billed while instances stood warm between jobs
+    wait_saved_s: float  # the cold starts the jobs that took a warm instance did not wait
+    reuses: int  # jobs that took a warm instance
+
+
+def warm_by_day(periods: Iterable[tuple[datetime, float, float, bool]]) -> dict[date, WarmDay]:
+    """Sum warm periods (when it ended, its idle cost, the wait it saved, whether a job took
+    the instance) by the UTC day they ended, oldest day first."""
+    out: dict[date, WarmDay] = {}
+    for at, cost, saved, reused in sorted(periods, key=lambda p: p[0]):
+        day = _utc_day(at)
+        was = out.get(day, WarmDay(0.0, 0.0, 0))
+        out[day] = WarmDay(
+            was.idle_cost + max(0.0, cost),
+            was.wait_saved_s + max(0.0, saved),
+            was.reuses + int(reused),
+        )
+    return out
+
+
 def _utc_day(at: datetime) -> date:
     return at.astimezone(UTC).date()
 

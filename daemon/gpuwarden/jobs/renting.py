@@ -243,9 +243,10 @@ class Renting:
         self._cold_starts[key] = weighing.cold_start_mean(stats, queue.DEFAULT_COLD_START_S)
 
     async def _remember_setup(self, inst: Instance, setup_s: float) -> None:
-        """Count the setup a job did on `inst` (the runner installing its engine, which
-        happens once per machine) in the cold start of its provider and GPU: that time is
-        billed and waited through before the first image, like the boot."""
+        """Count the setup a job did on `inst` (the runner installing its engine and
+        downloading the model, which happens once per machine) in the cold start of its
+        provider and GPU: that time is billed and waited through before the first image, like
+        the boot."""
         if setup_s <= 0:
             return
         key = queue.cold_start_key(inst.provider, inst.gpu)

@@ -114,11 +114,18 @@ def max_image_bytes(mb: float) -> int:
     return int(mb * 1_000_000)
 
 
-def setup_seconds(result: Mapping[str, Any]) -> float:
-    """The seconds the runner spent installing its engine (result.json's `setup_s`); 0.0 when
-    it installed nothing, or from a runner too old to say, or from a value that is not a
-    number of seconds (the instance's answer is not trusted to be well formed)."""
-    value = result.get("setup_s")
+def first_use_seconds(result: Mapping[str, Any]) -> dict[str, float]:
+    """What the job spent on the machine's first use: installing the engine (`setup_s`) and
+    downloading the model (`download_s`), each as setup_seconds reads it."""
+    return {key: setup_seconds(result, key) for key in ("setup_s", "download_s")}
+
+
+def setup_seconds(result: Mapping[str, Any], key: str = "setup_s") -> float:
+    """The seconds the runner spent installing its engine (result.json's `setup_s`) or, with
+    key="download_s", downloading the model; 0.0 when it did nothing of the kind, or from a
+    runner too old to say, or from a value that is not a number of seconds (the instance's
+    answer is not trusted to be well formed)."""
+    value = result.get(key)
     if isinstance(value, bool) or not isinstance(value, int | float):
         return 0.0
     return float(value) if math.isfinite(value) and value > 0 else 0.0

@@ -33,9 +33,9 @@ from gpuwarden.jobs.results import (
     BadResult,
     ResultFile,
     drop_backoff,
+    first_use_seconds,
     max_image_bytes,
     parse_result,
-    setup_seconds,
 )
 from gpuwarden.jobs.spec import remote_dir, runner_spec
 from gpuwarden.remote import ssh as remote
@@ -404,7 +404,7 @@ class _Run:
         assigned = _time(job.extra.get("assigned_at")) or started
         gpu_seconds = max(0.0, (now - started).total_seconds())
         cost = queue.job_cost(self.inst.price_per_hour, (now - assigned).total_seconds())
-        setup_s = setup_seconds(result)
+        first_use = first_use_seconds(result)
         try:
             await self.app.store.transition_job(
                 job.id,
@@ -414,7 +414,7 @@ class _Run:
                 error=None,
                 gpu_seconds=gpu_seconds,
                 cost=cost,
-                extra={**job.extra, "result": result, "setup_s": setup_s},
+                extra={**job.extra, "result": result, **first_use},
             )
         except IllegalTransition:
             return Outcome.CANCELLED  # cancelled while fetching: the files stay, unrecorded
@@ -425,7 +425,7 @@ class _Run:
             instance_id=self.inst.id,
             cost=cost,
             gpu_seconds=round(gpu_seconds, 3),
-            setup_s=setup_s,
+            **first_use,
         )
         return Outcome.SUCCEEDED
 

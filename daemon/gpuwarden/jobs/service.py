@@ -44,6 +44,7 @@ from gpuwarden.core.model import (
 from gpuwarden.fleet import preemption
 from gpuwarden.fleet.app import App
 from gpuwarden.jobs import decisions as queue
+from gpuwarden.jobs import weighing
 from gpuwarden.jobs.dispatcher import Dispatcher
 from gpuwarden.jobs.renting import EndFn, LaunchFn, Renting, default_end, default_launch
 from gpuwarden.jobs.runner import Connector, Outcome, Runner, SshConnector
@@ -183,7 +184,7 @@ class JobService(Renting):
     async def _dispatch(self, jobs: list[Job]) -> None:
         waiting = 0  # jobs of this pass left queued for a live instance
         for job in jobs:
-            self._warm.note_arrival(job)
+            await self._warm.note_arrival(job)
             inst = await self._warm.fit(job, self.settings.gpu_ram_gb)
             if inst is not None:
                 if await self._assign(job, inst):
@@ -205,9 +206,11 @@ class JobService(Renting):
 
     async def _free_a_slot(self) -> bool:
         """At capacity with a warm instance no waiting job could use: end it for a new one."""
+        sinces = {iid: self._warm.since_of(iid) for iid in self._warm.ids()}
         iid = self._warm.evict_one()
         if iid is None:
             return False
+        await self._warm.record_idle(iid, sinces.get(iid), self.app.clock.now())
         await self._end(iid, TerminationReason.IDLE)
         return True
 
@@ -234,7 +237,12 @@ class JobService(Renting):
     async def _assign(self, job: Job, inst: Instance) -> bool:
         if not await self._claim(job, inst):
             return False
+        since = self._warm.since_of(inst.id)
         self._warm.take(inst.id)
+        saved = await self._cold_start_s(inst)  # what it would have waited for a new one
+        await self._warm.record_idle(
+            inst.id, since, self.app.clock.now(), job_id=job.id, saved_wait_s=saved
+        )
         self._busy[inst.id] = job.id
         await self.app.store.update_instance(inst.id, job_id=job.id)
         log.info("job_reuses_instance", job_id=job.id, instance_id=inst.id)
@@ -286,7 +294,9 @@ class JobService(Renting):
         outcome = await self.runner.execute(current, inst)
         if outcome is Outcome.SUCCEEDED:
             done = await self.app.store.get_job(job.id)
-            await self._remember_setup(inst, float(done.extra.get("setup_s") or 0.0))
+            # Installing the engine and downloading the model: the machine's first use.
+            first_use = sum(float(done.extra.get(k) or 0.0) for k in ("setup_s", "download_s"))
+            await self._remember_setup(inst, first_use)
         elif outcome in (Outcome.DIED, Outcome.LOST):
             # A spot machine that was outbid kills the runner and drops SSH, in either order:
             # ask before taking it for a fault (the same end the reconciler would make).
@@ -317,13 +327,23 @@ class JobService(Renting):
 
     async def _keep_warm(self, inst: Instance, since: datetime) -> timedelta:
         """Hold `inst` warm for the keep-warm window from `since` (returned); then it is
-        ended with reason idle, or job_done when the window is 0."""
+        ended with reason idle, or job_done when the window is 0. Inside a `warm_schedule`
+        window that wants it, it stays at least until that window closes (the guard still
+        ends it at its lease, hard cap or budget)."""
+        now = self.app.clock.now()
         window = self._warm.window(
             self.settings.keep_warm,
-            self.app.clock.now(),
+            now,
             await self._cold_start_s(inst),
             self.settings.wait_weight,
         )
+        if self.settings.warm_schedule:
+            kept = (self._warm.ids() | self._busy.keys()) - {inst.id}
+            others = [i.gpu for i in await self.app.store.live_instances() if i.id in kept]
+            closes = weighing.scheduled_until(self.settings.warm_schedule, inst.gpu, others, now)
+            if closes is not None and closes - since > window:
+                window = closes - since
+                log.info("instance_kept_by_schedule", instance_id=inst.id, until=closes.isoformat())
         self._warm.hold(inst, since, window)
         return window
 
@@ -348,7 +368,9 @@ class JobService(Renting):
         return end
 
     async def _expire_warm(self, now: datetime, among: frozenset[str] | None = None) -> None:
+        sinces = {iid: self._warm.since_of(iid) for iid in self._warm.ids()}
         for iid, reason in self._warm.due(now, among):
+            await self._warm.record_idle(iid, sinces.get(iid), now)
             await self._end(iid, reason)
 
     # --- recovery ------------------------------------------------------------------------
@@ -382,6 +404,7 @@ class JobService(Renting):
                 )
             log.info("job_recovered", job_id=job.id, instance_id=inst.id, state=job.state.value)
         await self._recover_warm(live, resumed)
+        await self._warm.restore()
 
     async def _recover_warm(self, live: list[Instance], resumed: set[str]) -> None:
         """Instances our jobs rented that are idle now: warm again, from their last activity."""

@@ -1,22 +1,28 @@
 """The warm pool of the jobs loop: idle instances kept for the next job, until when, and the
 idle gaps that keep_warm = "auto" learns its window from.
 
-In memory only (after a restart the jobs loop puts idle instances back from the store and
-the gaps are learned again). The choices are pure functions of `weighing`; this class holds
-their inputs and reads instance rows to check that a warm instance still lives.
+The pool itself is in memory (after a restart the jobs loop puts idle instances back from
+the store). Each idle gap is also an `idle_gap` event (entity `daemon`/`jobs.idle_gaps`), so
+that what "auto" learned survives a restart: `restore` reads the newest ones back. The choices
+are pure functions of `weighing`; this class holds their inputs and reads instance rows to
+check that a warm instance still lives.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Literal
 
-from gpuwarden.core.model import Instance, Job, TerminationReason
+from gpuwarden.core.clock import parse_ts
+from gpuwarden.core.model import EntityKind, Event, Instance, Job, TerminationReason
 from gpuwarden.jobs import decisions as queue
 from gpuwarden.jobs import spot, weighing
 from gpuwarden.store import NotFoundError, Store
+
+GAPS_ENTITY = "jobs.idle_gaps"  # the daemon entity whose idle_gap events hold the gaps
 
 
 @dataclass
@@ -37,12 +43,30 @@ class WarmPool:
     def __len__(self) -> int:
         return len(self._warm)
 
-    def note_arrival(self, job: Job) -> None:
-        """The first job submitted after an instance went idle closes an idle gap."""
+    async def restore(self) -> None:
+        """The gaps a previous run learned, from their events (the newest GAP_HISTORY)."""
+        events = await self._store.events(
+            kind=EntityKind.DAEMON, entity_id=GAPS_ENTITY, newest=True, limit=weighing.GAP_HISTORY
+        )
+        self._gaps = [gap for e in events if (gap := _gap_of(e)) is not None]
+
+    async def note_arrival(self, job: Job) -> None:
+        """The first job submitted after an instance went idle closes an idle gap (kept in
+        memory and recorded as an event)."""
         if self._idle_since is not None and job.created_at >= self._idle_since:
-            seconds = (job.created_at - self._idle_since).total_seconds()
-            self._gaps = weighing.note_gap(self._gaps, weighing.Gap(job.created_at, seconds))
+            gap = weighing.Gap(job.created_at, (job.created_at - self._idle_since).total_seconds())
+            self._gaps = weighing.note_gap(self._gaps, gap)
             self._idle_since = None
+            await self._store.record(
+                EntityKind.DAEMON,
+                GAPS_ENTITY,
+                "idle_gap",
+                {"at": gap.at.isoformat(), "seconds": round(gap.seconds, 3), "job_id": job.id},
+            )
+
+    @property
+    def gaps(self) -> tuple[weighing.Gap, ...]:
+        return tuple(self._gaps)
 
     def window(
         self,
@@ -91,6 +115,42 @@ class WarmPool:
         """The instance leaves the pool (a job took it)."""
         self._warm.pop(instance_id, None)
 
+    def since_of(self, instance_id: str) -> datetime | None:
+        """When a warm instance went idle (None if it is not in the pool)."""
+        warm = self._warm.get(instance_id)
+        return warm.since if warm is not None else None
+
+    async def record_idle(
+        self,
+        instance_id: str,
+        since: datetime | None,
+        now: datetime,
+        *,
+        job_id: str | None = None,
+        saved_wait_s: float = 0.0,
+    ) -> None:
+        """Put a warm period on record (a `warm_idle` event, which `costs` sums): the idle
+        seconds and what they billed, and, when job `job_id` took the instance, the cold start
+        that job did not wait through. A period of no length that no job ended is not one."""
+        idle_s = max(0.0, (now - since).total_seconds()) if since is not None else 0.0
+        if idle_s <= 0 and job_id is None:
+            return
+        try:
+            price = (await self._store.get_instance(instance_id)).price_per_hour
+        except NotFoundError:
+            return
+        await self._store.record(
+            EntityKind.INSTANCE,
+            instance_id,
+            "warm_idle",
+            {
+                "idle_s": round(idle_s, 3),
+                "cost": round(price * idle_s / 3600.0, 6),
+                "job_id": job_id,
+                "saved_wait_s": round(max(0.0, saved_wait_s), 3) if job_id else 0.0,
+            },
+        )
+
     def evict_one(self) -> str | None:
         """Any warm instance, out of the pool, to be ended for room (None if empty)."""
         for iid in list(self._warm):
@@ -117,3 +177,17 @@ class WarmPool:
 
     def next_expiry(self) -> datetime | None:
         return min((w.until for w in self._warm.values()), default=None)
+
+
+def _gap_of(event: Event) -> weighing.Gap | None:
+    """The gap an idle_gap event holds; None for one that does not parse (skipped)."""
+    at, seconds = event.details.get("at"), event.details.get("seconds")
+    if not isinstance(at, str) or isinstance(seconds, bool) or not isinstance(seconds, int | float):
+        return None
+    try:
+        when = parse_ts(at)
+    except ValueError:
+        return None
+    if when is None or not math.isfinite(seconds) or seconds < 0:
+        return None
+    return weighing.Gap(when, float(seconds))

@@ -12,7 +12,9 @@ and the job waits through it, so one cold start costs `cold * (1 + wait_weight)`
 - `expected_wait` / `remaining_run_s`: when a live instance will be free for the job;
 - `adaptive_window`: how long an idle instance stays warm under `keep_warm = "auto"`, chosen by
   replaying the recent idle gaps (time from an instance going idle to the next arrival)
-  against every candidate window, older gaps counting less (exponential decay);
+  against every candidate window, older gaps counting less (exponential decay), with gaps
+  longer than any seen priced in and a young history drawn towards a first window;
+- `scheduled_until`: how long `jobs.warm_schedule` keeps an instance going idle warm;
 - `cold_start_update` / `cold_start_add_setup` / `cold_start_mean`: the decaying cold-start
   estimate per provider and GPU, which charges failed launches to the next successful one and
   counts the setup a new instance's first job did (installing the runner's engine).
@@ -27,14 +29,20 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
 
+from gpuwarden.config.schedule import WarmWindow
+
 GAP_HALF_LIFE_S = 6 * 3600.0  # an idle gap six hours old counts half as much as a fresh one
 GAP_HISTORY = 200  # idle gaps kept (the oldest go first)
 COLD_START_ALPHA = 0.3  # weight of a new cold-start measurement in the decaying mean
 DEFAULT_JOB_S = 60.0  # a job's length before any job was measured
 # The best window is always exactly one of the gaps seen; the next gap is as likely to be a
-# little longer, so the window is stretched by this much (tuned on the trace suite in
-# tests/bench: 1.0 misses those gaps, 1.5 bills too much idle time).
+# little longer, so the window is stretched by this much. This and the three below were tuned
+# on the trace suite in tests/bench (50 seeds each; see adaptive_window for what they do).
 WINDOW_MARGIN = 1.25
+FIRST_WINDOW_SHARE = 0.5  # the window before any gap, as a share of a cold start's cost
+UNSEEN_PER_COLD_S = 1 / 100  # pseudo-gaps longer than any seen, per second of cold cost
+PRIOR_WEIGHT = 3.0  # pseudo-gaps drawing a young history's window towards the first one
+PRIOR_SHARE_POWER = 2.0  # ... scaled by the share of the gaps it covers to this power
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,26 +139,41 @@ def adaptive_window(
     *,
     half_life_s: float = GAP_HALF_LIFE_S,
     margin: float = WINDOW_MARGIN,
+    first_share: float = FIRST_WINDOW_SHARE,
+    unseen_per_s: float = UNSEEN_PER_COLD_S,
+    prior_weight: float = PRIOR_WEIGHT,
 ) -> float:
     """The keep-warm window (seconds) that would have cost least over the recent idle gaps.
 
-    Each gap is weighted by 0.5 ** (age / half_life). The cost of a window is piecewise linear
-    and rises between observed gaps, so the best is 0 or one of the gaps: the candidates are
-    those, checked in one sorted pass, and the winner is stretched by `margin`. With no
-    history it is the ski-rental window (as long as a cold start costs), whose worst case is
-    twice the best in hindsight.
+    Each gap is weighted by 0.5 ** (age / half_life). The cost of a window T over the gaps
+    is sum_{g <= T} w g + sum_{g > T} w (T + cold_cost), plus `unseen` x T: a gap longer than
+    any seen (the pattern changes: the evening comes, a session ends) would strand the
+    window, and the longer the cold start the longer the windows it strands, so `unseen` is
+    `unseen_per_s` x cold_cost pseudo-gaps. That cost is piecewise linear and rises between
+    observed gaps, so the best is 0 or one of the gaps: the candidates are those, checked in
+    one sorted pass, and the winner is stretched by `margin` (the next gap is as likely to be
+    a little longer than any seen).
+
+    Few gaps say little. Before any, the window is `first_share` of a cold start's cost
+    (half the ski-rental window: a first long wait is the cheaper mistake on sparse traffic).
+    Then a nonzero choice is drawn towards the longer of that and itself, with a weight of
+    `prior_weight` x (the share of the gaps it covers) pseudo-gaps: a first session of short
+    gaps does not cut the window to the shortest few it saw, while one short gap among long
+    ones does not hold an idle instance for long.
     """
     cold_cost = cold_start_cost(cold_start_s, wait_weight)
+    first = cold_cost * first_share
     weighted = sorted(
-        (max(0.0, g.seconds), 0.5 ** (max(0.0, (now - g.at).total_seconds()) / half_life_s))
+        (max(0.0, g.seconds), math.pow(0.5, max(0.0, (now - g.at).total_seconds()) / half_life_s))
         for g in gaps
     )
     if not weighted:
-        return cold_cost
-    # cost(T) = sum_{g <= T} w g + sum_{g > T} w (T + cold_cost), for T = 0 and each gap.
-    above = sum(w for _, w in weighted)  # weight of gaps longer than T
+        return first
+    unseen = unseen_per_s * cold_cost
+    total = sum(w for _, w in weighted)
+    above = total  # weight of gaps longer than T
     below_cost = 0.0
-    best_t, best = 0.0, above * cold_cost
+    best_t, best, best_covered = 0.0, above * cold_cost, 0.0
     i = 0
     while i < len(weighted):
         t = weighted[i][0]
@@ -158,10 +181,32 @@ def adaptive_window(
             below_cost += weighted[i][1] * t
             above -= weighted[i][1]
             i += 1
-        cost = below_cost + above * (t + cold_cost)
+        cost = below_cost + above * (t + cold_cost) + unseen * t
         if cost < best - 1e-9:
-            best_t, best = t, cost
-    return best_t * margin
+            best_t, best, best_covered = t, cost, total - above
+    if best_t <= 0:
+        return 0.0
+    window = best_t * margin
+    prior = prior_weight * math.pow(best_covered / total, PRIOR_SHARE_POWER)
+    return (total * window + prior * max(first, window)) / (total + prior)
+
+
+def scheduled_until(
+    windows: Sequence[WarmWindow], gpu: str, others: Sequence[str], now: datetime
+) -> datetime | None:
+    """Until when `jobs.warm_schedule` keeps an instance of `gpu` going idle at `now` warm:
+    the latest close among the open windows of its class that still want more instances than
+    the `others` of the class already kept (busy or warm; their GPU names). None: the
+    schedule does not hold it, and the keep-warm window alone applies."""
+    until: datetime | None = None
+    for window in windows:
+        closes = window.end_if_open(now) if window.covers(gpu) else None
+        if closes is None:
+            continue
+        if sum(1 for g in others if window.covers(g)) >= window.min_warm:
+            continue
+        until = closes if until is None or closes > until else until
+    return until
 
 
 def note_gap(gaps: Sequence[Gap], gap: Gap, keep: int = GAP_HISTORY) -> list[Gap]:

@@ -266,6 +266,12 @@ class Supervisor:
             log.info("sim_external", url=sim_settings.base_url)
             return SimUrls.at(sim_settings.base_url)
 
+        from gpuwarden.sim.openssh import unavailable_reason
+
+        if sim_settings.ssh == "openssh" and (reason := unavailable_reason()) is not None:
+            raise StartupFailed(
+                EX_CONFIG, "openssh_unavailable", field="providers.sim.ssh", error=reason
+            )
         sandbox = sim_settings.sandbox_dir or self.settings.daemon.state_dir / "sim"
         sim = SimCloud(sim_settings, self.clock, sandbox_root=sandbox)
         urls = await sim.start()

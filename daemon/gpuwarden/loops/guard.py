@@ -152,6 +152,8 @@ class Guard:
         if self.terminator.unwritten:
             await self.terminator.flush()
             self._everything = True  # the overlay of what it flushed is gone
+        # The disk is still full: try again in a second, so a restart is unlikely to lose them.
+        retry_soon = bool(self.terminator.unwritten)
         busy = await busy_instances(app) if len(app.store.live) else set()
         due: list[tuple[Instance, policy.Verdict]] = []
         for iid in self._to_judge(now, busy):
@@ -175,7 +177,7 @@ class Guard:
                 log.error("guard_end_failed", instance_id=inst.id, error=repr(outcome))
                 self._changed.add(inst.id)  # judged again on the next pass
         self.passes += 1
-        wake = now + timedelta(seconds=BEAT_EVERY)
+        wake = now + timedelta(seconds=1 if retry_soon else BEAT_EVERY)
         planned = self._next_planned()
         return wake if planned is None else min(wake, planned)
 

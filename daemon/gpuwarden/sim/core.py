@@ -31,10 +31,13 @@ from gpuwarden.core.clock import Clock
 from gpuwarden.sim import procs
 from gpuwarden.sim.faults import FaultState
 from gpuwarden.sim.ledger import Ledger, LedgerEntry, ProviderKind
+from gpuwarden.sim.openssh import OpensshHost
 from gpuwarden.sim.sshhost import SIM_DIR, SshHost, base_env, prepare_sandbox, run_detached
 
 log = structlog.get_logger(__name__)
 
+# Who the providers' clients log in as (sim.ssh = "openssh" serves that very user).
+LOGIN_USER: dict[ProviderKind, str] = {"vast": "root", "lambda": "ubuntu"}
 # Vast actual_status steps while booting, as fractions of the boot delay.
 VAST_BOOT_STEPS = (("created", 0.25), ("loading", 0.25))
 OUTBID_TICK = 0.25  # seconds between the random outbid draws (physical time)
@@ -54,7 +57,7 @@ class SimInstance:
     authorized: Callable[[], Sequence[str]] = tuple
     api_key: str | None = None  # Vast's instance-scoped key
     status: str | None = None  # Vast actual_status / Lambda status
-    ssh: SshHost | None = None
+    ssh: SshHost | OpensshHost | None = None
     ssh_port: int | None = None  # kept after kill-ssh: the API still says running
     gone_at: datetime | None = None  # when the provider stopped listing it (sim time)
     snapshot: dict[str, Any] | None = None  # its listing entry just before it went
@@ -191,7 +194,7 @@ class SimCore:
             "GPUWARDEN_SIM_API": self.api_urls[inst.kind],
         }
         extra.update(inst.env)
-        return base_env(inst.sandbox, extra)
+        return base_env(inst.sandbox, extra, shims=self.settings.ssh == "asyncssh")
 
     async def _boot(self, inst: SimInstance) -> None:
         try:
@@ -210,14 +213,18 @@ class SimCore:
             delay *= 1 - sum(share for _, share in VAST_BOOT_STEPS)
         await asyncio.sleep(delay)
         env = self.process_env(inst)
-        host = SshHost(
-            instance_id=inst.id,
-            sandbox=inst.sandbox,
-            env=env,
-            host_key=self.host_key,
-            authorized=inst.authorized,
-            now=self.now,
-        )
+        common: dict[str, Any] = {
+            "instance_id": inst.id,
+            "sandbox": inst.sandbox,
+            "env": env,
+            "host_key": self.host_key,
+            "authorized": inst.authorized,
+        }
+        host: SshHost | OpensshHost
+        if self.settings.ssh == "openssh":
+            host = OpensshHost(**common, user=LOGIN_USER[inst.kind])
+        else:
+            host = SshHost(**common, now=self.now)
         inst.ssh = host
         inst.ssh_port = await host.start()
         if inst.onstart.strip():

@@ -46,18 +46,16 @@ done < "$f"
 """
 
 
-def base_env(sandbox: Path, extra: Mapping[str, str]) -> dict[str, str]:
+def base_env(sandbox: Path, extra: Mapping[str, str], *, shims: bool = True) -> dict[str, str]:
     """The environment every process of a sim instance gets.
 
-    PATH starts with the sandbox's shim directory and the directory of the Python running the
-    sim, so `python3` on a sim instance is the sim's own interpreter (with its packages).
+    PATH starts with the sandbox's shim directory (unless `shims` is off: a real sshd's
+    sessions are seen by the real `who`) and the directory of the Python running the sim, so
+    `python3` on a sim instance is the sim's own interpreter (with its packages).
     """
+    dirs = [str(sandbox / SIM_DIR / "bin")] if shims else []
     path = os.pathsep.join(
-        [
-            str(sandbox / SIM_DIR / "bin"),
-            os.path.dirname(sys.executable),
-            os.environ.get("PATH", "/usr/bin:/bin"),
-        ]
+        [*dirs, os.path.dirname(sys.executable), os.environ.get("PATH", "/usr/bin:/bin")]
     )
     env = {k: os.environ[k] for k in _PASS_ENV if k in os.environ}
     env.update(

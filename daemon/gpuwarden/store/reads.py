@@ -86,6 +86,7 @@ class StoreReads:
         after_id: int = 0,
         limit: int = 10_000,
         newest: bool = False,
+        name: str | None = None,
     ) -> list[Event]:
         """Matching events, oldest first: the first `limit` of them, or with `newest` the
         last `limit` (the tail of a long log, without reading all of it)."""
@@ -99,6 +100,9 @@ class StoreReads:
         if entity_id is not None:
             clauses.append("entity_id = ?")
             args.append(entity_id)  # type: ignore[arg-type]
+        if name is not None:
+            clauses.append("name = ?")
+            args.append(name)  # type: ignore[arg-type]
         order = "DESC" if newest else "ASC"
         query = f"SELECT * FROM events WHERE {' AND '.join(clauses)} ORDER BY id {order} LIMIT ?"  # noqa: S608
         got = await sql.fetch(self._reader, query, (*args, limit))
