@@ -55,6 +55,9 @@ SKIPPED: dict[str, str] = {
         "socket is tested in tests/unit/test_cli_everyday.py"
     ),
     "make clean # remove .venv and caches": MAKE,
+    "make chaos # tests/chaos at full size: 50 SIGKILLs of a real daemon against the sim behind a": (
+        "minutes of SIGKILLs; make test runs the bounded chaos run (tests/chaos) itself"
+    ),
     "GPUWARDEN_POLICY__IDLE_TIMEOUT=10m": "an environment variable, shown as the form to write",
     "GPUWARDEN_PROVIDERS__SIM__ENABLED=false": "an environment variable, shown as the form to write",
     "GPUWARDEN_PROVIDERS__VAST__API_KEY=... # secrets work too": "an environment variable form",
