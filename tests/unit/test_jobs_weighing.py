@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import heapq
 import math
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from gpuwarden.jobs import weighing as w
 
@@ -74,6 +77,32 @@ def test_a_job_arriving_while_the_only_instance_boots_waits_when_the_boot_is_nea
 )
 def test_expected_wait(free_in: list[float], ahead: int, job_s: float, wait: float) -> None:
     assert w.expected_wait(free_in, ahead, job_s) == wait
+
+
+def _one_job_at_a_time(free_in: list[float], ahead: int, job_s: float) -> float:
+    heap = [max(0.0, f) for f in free_in]
+    heapq.heapify(heap)
+    for _ in range(ahead):
+        heapq.heapreplace(heap, heap[0] + max(0.0, job_s))
+    return heap[0]
+
+
+@given(
+    st.lists(st.floats(-100.0, 5000.0), min_size=1, max_size=12),
+    st.integers(0, 400),
+    st.floats(0.0, 900.0),
+)
+def test_expected_wait_counts_whole_rounds_as_one_job_at_a_time(
+    free_in: list[float], ahead: int, job_s: float
+) -> None:
+    """Skipping whole rounds gives what handing the jobs ahead out one by one gives."""
+    got = w.expected_wait(free_in, ahead, job_s)
+    assert got == pytest.approx(_one_job_at_a_time(free_in, ahead, job_s), rel=1e-9, abs=1e-6)
+
+
+def test_expected_wait_behind_a_long_queue_is_exact() -> None:
+    # 3 instances, 1,000 jobs ahead: 333 rounds and one more job.
+    assert w.expected_wait([10.0, 20.0, 30.0], 1000, 60.0) == 20.0 + 333 * 60.0
 
 
 @pytest.mark.parametrize(

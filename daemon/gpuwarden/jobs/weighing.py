@@ -86,13 +86,28 @@ def expected_wait(free_in: Iterable[float], ahead: int, job_s: float) -> float:
     the same instances: each of those takes the earliest free instance for `job_s`.
 
     `free_in` holds, per live instance that fits, the seconds until it is free (booting: its
-    remaining boot plus the job it was rented for; busy: the remaining run). inf if none."""
-    heap = [max(0.0, f) for f in free_in]
+    remaining boot plus the job it was rented for; busy: the remaining run). inf if none.
+
+    Linear in the live instances, not in `ahead`: once every instance is free within one job
+    of the earliest, the next len(heap) jobs take one each, in order, so whole rounds are
+    counted at once (a dispatch pass asks this for each of a thousand queued jobs)."""
+    heap = sorted(max(0.0, f) for f in free_in)  # sorted: a heap already
     if not heap:
         return math.inf
-    heapq.heapify(heap)
-    for _ in range(max(0, ahead)):
-        heapq.heapreplace(heap, heap[0] + max(0.0, job_s))
+    job_s, ahead = max(0.0, job_s), max(0, ahead)
+    if job_s == 0.0:
+        return heap[0]
+    top = heap[-1]
+    while ahead > 0:
+        if ahead >= len(heap) and top - heap[0] <= job_s:
+            rounds = ahead // len(heap)
+            heap = [f + rounds * job_s for f in heap]  # the order, so the heap, holds
+            top += rounds * job_s
+            ahead -= rounds * len(heap)
+            continue
+        top = max(top, heap[0] + job_s)
+        heapq.heapreplace(heap, heap[0] + job_s)
+        ahead -= 1
     return heap[0]
 
 
