@@ -10,6 +10,7 @@ import subprocess
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 import structlog.testing
@@ -177,8 +178,57 @@ async def test_one_event_per_strike_and_per_recovery(rig: Rig) -> None:
     assert await rig.names("i1") == ["state:running", "strike", "probe_recovered"]
     recovered = [e for e in await rig.app.store.events(entity_id="i1") if e.name != "state"][1]
     assert recovered.details == {"after_strikes": 1}
+    await rig.wd.write_probe_times(force=True)  # the routine probe time is held back
     inst = await rig.app.store.get_instance("i1")
     assert (inst.strikes, inst.last_probe_ok, inst.last_probe_at) == (0, True, rig.clock.now())
+
+
+async def test_routine_probe_times_are_written_together(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A good probe after a good one moves only the probe time: held back and written with
+    the others in one transaction, and never over a newer answer."""
+    ids = {"i1", "i2", "i3"}
+    for iid in ids:
+        await rig.add_running(iid)
+    store = rig.app.store
+    writes: list[set[str]] = []
+    batch = store.update_instances
+
+    async def counted(changes: Any) -> Any:
+        writes.append(set(changes))
+        return await batch(changes)
+
+    monkeypatch.setattr(store, "update_instances", counted)
+
+    async def one_round() -> dict[str, datetime]:
+        await rig.clock.advance(rig.wd.interval)  # every instance's slot, once
+        before = len(rig.prober.calls)
+        await rig.wd.tick()
+        await rig.wd.probes_done()
+        return dict(rig.prober.calls[before:])
+
+    async def stored() -> dict[str, tuple[datetime | None, bool | None]]:
+        return {i.id: (i.last_probe_at, i.last_probe_ok) for i in await store.instances()}
+
+    await rig.wd.tick()  # never probed: at once, and written at once
+    await rig.wd.probes_done()
+    firsts = await stored()
+    assert set(firsts) == ids and all(at is not None for at, _ in firsts.values())
+    probed = await one_round()
+    assert set(probed) == ids and await stored() == firsts  # held back
+    writes.clear()
+    await rig.wd.write_probe_times(force=True)
+    assert writes == [ids]
+    assert await stored() == {iid: (at, True) for iid, at in probed.items()}
+    assert {i.id: i.last_probe_at for i in store.live.select()} == probed
+    await one_round()  # held back again
+    rig.prober.default = FAIL
+    struck = await one_round()  # strikes: written at once, the held-back times dropped
+    writes.clear()
+    await rig.wd.write_probe_times(force=True)
+    assert writes == []
+    assert await stored() == {iid: (at, False) for iid, at in struck.items()}
 
 
 async def test_three_strikes_when_configured(rig: Rig) -> None:

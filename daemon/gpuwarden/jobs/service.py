@@ -80,6 +80,7 @@ class JobService(Renting):
         self._tasks: set[asyncio.Task[None]] = set()
         self._tg: asyncio.TaskGroup | None = None
         self._ran = False
+        self._queue: tuple[int, list[Job]] | None = None  # (store.jobs_version, the queue)
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -159,7 +160,7 @@ class JobService(Renting):
             # whose dispatch gives a waiting job the chance to take it first.
             seen = self._warm.ids()
             if not await self.app.store.get_flag(QUEUE_PAUSED_FLAG, False):
-                queued = await self.app.store.jobs([JobState.QUEUED])  # not read while paused
+                queued = await self._queued()  # not read while paused
                 await self._dispatch(queue.runnable(queued, now))
                 backoff_end = queue.next_wake(queued, now)
                 if backoff_end is not None:
@@ -169,6 +170,14 @@ class JobService(Renting):
             if expiry is not None:
                 wake = min(wake, expiry)
             await clock.sleep_until(wake, interrupt=self.app.jobs_wake)
+
+    async def _queued(self) -> list[Job]:
+        """The queue as last read, read again only after a write to the jobs table: a pass
+        every few seconds with nothing changed would parse a thousand rows each time."""
+        version = self.app.store.jobs_version
+        if self._queue is None or self._queue[0] != version:
+            self._queue = (version, await self.app.store.jobs([JobState.QUEUED]))
+        return self._queue[1]
 
     def _spawn(self, coro: Coroutine[Any, Any, None], job_id: str) -> None:
         assert self._tg is not None

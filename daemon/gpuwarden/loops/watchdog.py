@@ -73,6 +73,10 @@ __all__ = [  # the probe's pure parts live in probes.py; callers and tests impor
 log = structlog.get_logger(__name__)
 
 PROBE_CONCURRENCY = 64  # probes in flight at once
+# A good probe that changes nothing but the probe time is written with the others of this
+# span in one transaction: 10,000 instances probed every 5 minutes are 33 probes a second,
+# and a transaction (an fsync) each cost more CPU than the probes.
+PROBE_WRITE_EVERY = timedelta(seconds=BEAT_EVERY)
 
 
 @cache
@@ -169,6 +173,8 @@ class Watchdog:
         self._arrived: set[str] = set()  # started running since the last tick
         self._synced = False
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._probed: dict[str, datetime] = {}  # good probe times not yet written
+        self._written_at: datetime | None = None
         # At most this many probes at once: a restart or a clock jump that makes much of a
         # big fleet due together opens a bounded number of SSH connections.
         self._slots = asyncio.Semaphore(PROBE_CONCURRENCY)
@@ -198,8 +204,10 @@ class Watchdog:
             while not self.app.stopping.is_set():
                 self.app.heartbeats.beat(self.name)
                 wake = await self.tick()
+                await self.write_probe_times()
                 await self.app.clock.sleep_until(wake, interrupt=self._wake)
         finally:
+            await self.write_probe_times(force=True)
             self._unsubscribe()
             self._unsubscribe = None
             for task in list(self._tasks.values()):
@@ -245,6 +253,32 @@ class Watchdog:
         wake = now + timedelta(seconds=BEAT_EVERY)
         return min(wake, self._heap[0][0]) if self._heap else wake
 
+    async def write_probe_times(self, *, force: bool = False) -> None:
+        """Write the good probes' times held back (at most PROBE_WRITE_EVERY after the
+        probe), in one transaction; those of instances no longer running are dropped."""
+        now = self.app.clock.now()
+        if (
+            not force
+            and self._written_at is not None
+            and now - self._written_at < PROBE_WRITE_EVERY
+        ):
+            return
+        self._written_at = now
+        live = self.app.store.live
+        held, self._probed = self._probed, {}
+        changes = {
+            iid: {"last_probe_at": at}
+            for iid, at in held.items()
+            if (inst := live.get(iid)) is not None and inst.state is InstanceState.RUNNING
+        }
+        if not changes:
+            return
+        try:
+            await self.app.store.update_instances(changes)
+        except Exception:  # the disk: the next write tries again, unless newer news came
+            log.exception("probe_times_not_written", instances=len(changes))
+            self._probed = {**held, **self._probed}
+
     def _plan(self, instance_id: str, at: datetime) -> None:
         self._due[instance_id] = at
         heapq.heappush(self._heap, (at, instance_id))
@@ -284,6 +318,7 @@ class Watchdog:
         return inst if inst.state is InstanceState.RUNNING else None
 
     async def _failed(self, instance_id: str, exc: ProbeFailed) -> None:
+        self._probed.pop(instance_id, None)  # this answer is newer
         inst = await self._fresh(instance_id)
         if inst is None:
             return
@@ -438,5 +473,9 @@ class Watchdog:
                 {"source": "probe", "why": why, **result.to_json()},
                 updates={**updates, "last_activity": now},
             )
+        elif updates and inst.last_probe_ok and inst.strikes == 0:
+            self._probed[instance_id] = now  # only the probe time moved: written in a batch
+            return
         elif updates:
             await store.update_instance(instance_id, **updates)
+        self._probed.pop(instance_id, None)  # written just now, with newer news

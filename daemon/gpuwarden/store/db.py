@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import json
 import sqlite3
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from datetime import datetime
 from pathlib import Path
@@ -76,6 +76,8 @@ class Store(StoreReads):
         self._staged: list[Instance] = []
         self._committed: list[Event] = []  # events of the last commit, for the listeners
         self._queued: list[Transition] = []  # state changes waiting for the writer
+        # Moves after every committed write to the jobs table (readers cache the queue on it).
+        self.jobs_version = 0
 
     # --- lifecycle -------------------------------------------------------------------
 
@@ -162,6 +164,12 @@ class Store(StoreReads):
         async with self._lock, self._begin() as conn:
             yield conn
         self._notify()
+
+    @asynccontextmanager
+    async def _jobs_transaction(self) -> AsyncIterator[aiosqlite.Connection]:
+        async with self.transaction() as conn:
+            yield conn
+        self.jobs_version += 1
 
     @asynccontextmanager
     async def _begin(self) -> AsyncIterator[aiosqlite.Connection]:
@@ -255,8 +263,10 @@ class Store(StoreReads):
                 table = "instances" if kind is EntityKind.INSTANCE else "jobs"
                 await sql.update(conn, table, entity_id, updates)
                 if kind is EntityKind.INSTANCE:
-                    self._staged.append(await self._instance(conn, entity_id))
-            return await self._event(conn, kind, entity_id, name, reason=reason, details=details)
+                    self._staged.append(await sql.instance(conn, entity_id))
+            event = await self._event(conn, kind, entity_id, name, reason=reason, details=details)
+        self.jobs_version += kind is EntityKind.JOB and bool(updates)
+        return event
 
     # --- instances -------------------------------------------------------------------
 
@@ -267,7 +277,7 @@ class Store(StoreReads):
         cols = rows.columns(inst)
         async with self.transaction() as conn:
             await sql.insert(conn, "instances", cols)
-            self._staged.append(await self._instance(conn, inst.id))
+            self._staged.append(await sql.instance(conn, inst.id))
             await self._event(
                 conn,
                 EntityKind.INSTANCE,
@@ -374,46 +384,24 @@ class Store(StoreReads):
     async def update_instance(self, instance_id: str, **fields: Any) -> Instance:
         """Change fields that are not the state (probe results, SSH endpoint). No event:
         callers that want one use `record(..., updates=...)`."""
-        if "state" in fields:
+        return (await self.update_instances({instance_id: fields}))[0]
+
+    async def update_instances(self, changes: Mapping[str, Mapping[str, Any]]) -> list[Instance]:
+        """`update_instance` for many in one transaction (one fsync, however many rows: the
+        watchdog's routine probe times)."""
+        if any("state" in fields for fields in changes.values()):
             raise IllegalTransition("use transition_instance to change the state")
         async with self.transaction() as conn:
-            await sql.update(conn, "instances", instance_id, fields)
-            after = await self._instance(conn, instance_id)
-            self._staged.append(after)
-            return after
-
-    async def get_instance(self, instance_id: str) -> Instance:
-        """A live instance from memory; an ended one from the database."""
-        found = self.live.get(instance_id)
-        if found is not None:
-            return found
-        return await self._instance(self._reader, instance_id)
-
-    async def instances(self, states: Iterable[InstanceState] | None = None) -> list[Instance]:
-        """In creation order. Live states only: from memory; else read from the database."""
-        if states is not None:
-            wanted = frozenset(states)
-            if wanted <= LIVE_INSTANCE_STATES:
-                return self.live.select(wanted)
-        query, args = "SELECT * FROM instances", tuple[str, ...]()
-        if states is not None:
-            values = tuple(s.value for s in wanted)
-            query += f" WHERE state IN ({', '.join('?' * len(values))})"
-            args = values
-        got = await sql.fetch(self._reader, query + " ORDER BY created_at", args)
-        return [rows.instance_from_row(r) for r in got]
-
-    async def live_instances(self) -> list[Instance]:
-        return self.live.select()
-
-    async def _instance(self, conn: aiosqlite.Connection, instance_id: str) -> Instance:
-        return await sql.instance(conn, instance_id)
+            for instance_id, fields in changes.items():
+                await sql.update(conn, "instances", instance_id, fields)
+                self._staged.append(await sql.instance(conn, instance_id))
+            return self._staged[-len(changes) :] if changes else []
 
     # --- jobs ------------------------------------------------------------------------
 
     async def insert_job(self, job: Job, details: Mapping[str, Any] | None = None) -> None:
         cols = rows.columns(job)
-        async with self.transaction() as conn:
+        async with self._jobs_transaction() as conn:
             await sql.insert(conn, "jobs", cols)
             await self._event(
                 conn, EntityKind.JOB, job.id, "state", to_state=job.state.value, details=details
@@ -429,7 +417,7 @@ class Store(StoreReads):
         **fields: Any,
     ) -> Job:
         now = self._clock.now()
-        async with self.transaction() as conn:
+        async with self._jobs_transaction() as conn:
             current = await self._job(conn, job_id)
             if to not in JOB_TRANSITIONS[current.state]:
                 raise IllegalTransition(f"job {job_id}: {current.state} -> {to}")
@@ -453,7 +441,7 @@ class Store(StoreReads):
     async def update_job(self, job_id: str, **fields: Any) -> Job:
         if "state" in fields:
             raise IllegalTransition("use transition_job to change the state")
-        async with self.transaction() as conn:
+        async with self._jobs_transaction() as conn:
             await sql.update(conn, "jobs", job_id, {"updated_at": self._clock.now(), **fields})
             return await self._job(conn, job_id)
 

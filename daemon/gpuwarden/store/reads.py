@@ -16,14 +16,49 @@ from typing import Any
 import aiosqlite
 
 from gpuwarden.core.clock import format_ts
-from gpuwarden.core.model import EntityKind, Event, Instance, Job, JobState, Termination
+from gpuwarden.core.model import (
+    LIVE_INSTANCE_STATES,
+    EntityKind,
+    Event,
+    Instance,
+    InstanceState,
+    Job,
+    JobState,
+    Termination,
+)
 from gpuwarden.store import rows, sql
+from gpuwarden.store.live import LiveInstances
 
 
 class StoreReads:
     """Reads on `_reader` (the Store opens it beside its writer connection)."""
 
     _reader: aiosqlite.Connection
+    live: LiveInstances
+
+    async def get_instance(self, instance_id: str) -> Instance:
+        """A live instance from memory; an ended one from the database."""
+        found = self.live.get(instance_id)
+        if found is not None:
+            return found
+        return await sql.instance(self._reader, instance_id)
+
+    async def instances(self, states: Iterable[InstanceState] | None = None) -> list[Instance]:
+        """In creation order. Live states only: from memory; else read from the database."""
+        if states is not None:
+            wanted = frozenset(states)
+            if wanted <= LIVE_INSTANCE_STATES:
+                return self.live.select(wanted)
+        query, args = "SELECT * FROM instances", tuple[str, ...]()
+        if states is not None:
+            values = tuple(s.value for s in wanted)
+            query += f" WHERE state IN ({', '.join('?' * len(values))})"
+            args = values
+        got = await sql.fetch(self._reader, query + " ORDER BY created_at", args)
+        return [rows.instance_from_row(r) for r in got]
+
+    async def live_instances(self) -> list[Instance]:
+        return self.live.select()
 
     async def find_instance(self, provider: str, provider_id: str) -> Instance | None:
         got = await sql.fetch(
