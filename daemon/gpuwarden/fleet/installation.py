@@ -38,7 +38,7 @@ async def resolve(store: Store, settings: Settings) -> str:
     kept = await store.get_flag(INSTALLATION_FLAG)
     if isinstance(kept, str) and _VALID.fullmatch(kept):
         return kept
-    if await store.instances():
+    if await store.has_instances():  # one row, not the whole table
         label, why = LEGACY_INSTALLATION, "the database already has instances labelled with it"
     else:
         label, why = secrets.token_hex(4), "generated for this state dir"

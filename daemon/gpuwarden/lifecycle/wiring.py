@@ -10,7 +10,6 @@ from gpuwarden.loops.guard import Guard
 from gpuwarden.loops.reconciler import Reconciler
 from gpuwarden.loops.watchdog import Watchdog
 from gpuwarden.notify.service import Notifier
-from gpuwarden.web.server import DashboardServer
 
 
 def build_services(app: App) -> list[Service]:
@@ -34,5 +33,8 @@ def build_services(app: App) -> list[Service]:
     # The dashboard (and /metrics), only when configured: it serves from a store that the
     # reconciler has already checked and jobs that have been recovered.
     if app.settings.dashboard.listen:
+        # Imported only then: aiohttp costs a fifth of a second of every start without it.
+        from gpuwarden.web.server import DashboardServer
+
         services.append(DashboardServer(app))
     return services

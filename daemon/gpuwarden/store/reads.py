@@ -57,6 +57,10 @@ class StoreReads:
         got = await sql.fetch(self._reader, query + " ORDER BY created_at", args)
         return [rows.instance_from_row(r) for r in got]
 
+    async def has_instances(self) -> bool:
+        """Whether any instance, live or ended, is on record."""
+        return bool(await sql.fetch(self._reader, "SELECT 1 FROM instances LIMIT 1"))
+
     async def live_instances(self) -> list[Instance]:
         return self.live.select()
 
