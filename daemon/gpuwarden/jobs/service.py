@@ -54,6 +54,7 @@ from gpuwarden.store import IllegalTransition, NotFoundError
 log = structlog.get_logger(__name__)
 
 ACTIVE = (JobState.PROVISIONING, JobState.RUNNING, JobState.FETCHING)
+DISPATCH_CHUNK = 100  # queued jobs weighed between two yields to the event loop
 
 
 class JobService(Renting):
@@ -192,7 +193,9 @@ class JobService(Renting):
 
     async def _dispatch(self, jobs: list[Job]) -> None:
         waiting = 0  # jobs of this pass left queued for a live instance
-        for job in jobs:
+        for n, job in enumerate(jobs):
+            if n % DISPATCH_CHUNK == DISPATCH_CHUNK - 1:
+                await asyncio.sleep(0)  # a thousand queued jobs: let a due deadline go first
             await self._warm.note_arrival(job)
             inst = await self._warm.fit(job, self.settings.gpu_ram_gb)
             if inst is not None:
