@@ -59,6 +59,7 @@ log = structlog.get_logger(__name__)
 
 MISSES_TO_VANISH = 2
 BOOT_POLL = timedelta(seconds=3)  # the listing's pace while an instance is booting
+LISTED_CHUNK = 250  # listed instances reconciled between two yields to the event loop
 _STATE_OF = {ProviderState.PENDING: InstanceState.PROVISIONING}
 
 
@@ -159,7 +160,9 @@ class Reconciler:
         by_pid = {i.provider_id: i for i in ours if i.provider_id is not None}
         by_id = {i.id: i for i in ours}
         matched: set[str] = set()
-        for seen in listed:
+        for n, seen in enumerate(listed):
+            if n % LISTED_CHUNK == LISTED_CHUNK - 1:
+                await asyncio.sleep(0)  # thousands listed: let a due deadline go first
             inst = by_pid.get(seen.provider_id)
             if inst is None:
                 named = by_id.get(seen.label.removeprefix(prefix))
