@@ -8,7 +8,8 @@ fake cloud in place of a provider) is started and measured:
 - start to READY (spawn to the `daemon_ready` log line);
 - a guard pass's CPU time (in this process, on the same database, before the daemon starts:
   the first pass and one with nothing changed);
-- CPU with nothing due (% of a core over IDLE_WINDOW, from /proc) and RSS at rest;
+- CPU with nothing due (% of a core over IDLE_WINDOW, from /proc, once no instance is being
+  launched) and RSS at rest;
 - `status` over the socket (p50 / p99 of sequential calls), RSS after 8 concurrent calls;
 - `gpuwarden status` through the CLI, a whole process (plain and --json);
 - the first page, `status --limit 100`, over the socket (p99) and through the CLI;
@@ -144,6 +145,21 @@ async def _status_figures(sock: Path, pid: int) -> dict[str, Any]:
     }
 
 
+async def _settled(sock: Path, limit: float = 30.0) -> None:
+    """Until no instance is being launched: the jobs loop rents a few for the queued jobs at
+    start, and while one boots the reconciler lists every 3 s, which is not "nothing due"."""
+    give_up = time.perf_counter() + limit
+    async with ControlClient(sock) as client:
+        while time.perf_counter() < give_up:
+            booting = 0
+            for state in ("requested", "provisioning"):
+                got = await client.call("status", {"state": state, "limit": 1})
+                booting += int(got["count"])
+            if not booting:
+                return
+            await asyncio.sleep(0.5)
+
+
 async def _cli(sock: Path, *args: str) -> float:
     t0 = time.perf_counter()
     proc = await asyncio.create_subprocess_exec(
@@ -228,6 +244,7 @@ async def _run(count: int, planted: int, window: timedelta, *, full: bool) -> di
             sock = base / "control.sock"
             if full:
                 await asyncio.sleep(3)  # past start-up's first passes
+                await _settled(sock)
                 c0 = _cpu_s(proc.pid)
                 await asyncio.sleep(IDLE_WINDOW)
                 out["idle_cpu"] = (_cpu_s(proc.pid) - c0) / IDLE_WINDOW
