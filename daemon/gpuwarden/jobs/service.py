@@ -46,8 +46,9 @@ from gpuwarden.fleet.app import App
 from gpuwarden.jobs import decisions as queue
 from gpuwarden.jobs import weighing
 from gpuwarden.jobs.dispatcher import Dispatcher
-from gpuwarden.jobs.renting import EndFn, LaunchFn, Renting, default_end, default_launch
+from gpuwarden.jobs.renting import EndFn, LaunchFn, default_end, default_launch
 from gpuwarden.jobs.runner import Connector, Outcome, Runner, SshConnector
+from gpuwarden.jobs.warm_keeper import WarmKeeping
 from gpuwarden.jobs.warm_pool import WarmPool
 from gpuwarden.store import IllegalTransition, NotFoundError
 
@@ -56,7 +57,7 @@ log = structlog.get_logger(__name__)
 ACTIVE = (JobState.PROVISIONING, JobState.RUNNING, JobState.FETCHING)
 
 
-class JobService(Renting):
+class JobService(WarmKeeping):
     name = "jobs"
 
     def __init__(
@@ -80,6 +81,7 @@ class JobService(Renting):
         self._tasks: set[asyncio.Task[None]] = set()
         self._tg: asyncio.TaskGroup | None = None
         self._ran = False
+        self._init_keeping()
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -111,6 +113,7 @@ class JobService(Renting):
             self._busy.clear()
             self._dispatcher.reset()
             self._launching = 0
+            self._init_keeping()
             await self._recover()
         self._ran = True
         unsubscribe = self.app.store.subscribe(self._on_event)
@@ -165,6 +168,7 @@ class JobService(Renting):
                 if backoff_end is not None:
                     wake = min(wake, backoff_end)
             await self._expire_warm(clock.now(), seen)
+            await self._keep_schedule(clock.now())
             expiry = self._warm.next_expiry()
             if expiry is not None:
                 wake = min(wake, expiry)
@@ -338,7 +342,7 @@ class JobService(Renting):
             self.settings.wait_weight,
         )
         if self.settings.warm_schedule:
-            kept = (self._warm.ids() | self._busy.keys()) - {inst.id}
+            kept = (self._warm.ids() | self._busy.keys()) - {inst.id} - self._being_replaced()
             others = [i.gpu for i in await self.app.store.live_instances() if i.id in kept]
             closes = weighing.scheduled_until(self.settings.warm_schedule, inst.gpu, others, now)
             if closes is not None and closes - since > window:
