@@ -8,7 +8,7 @@ import asyncio
 from datetime import datetime, timedelta
 from typing import Any
 
-from tests.unit.test_jobs_service import Env, make_env, submit  # noqa: F401
+from test_jobs_service import Env, make_env, submit  # noqa: F401
 
 from gpuwarden.core import errors
 from gpuwarden.core.model import Instance, InstanceState, JobState, TerminationReason
