@@ -1,6 +1,7 @@
 """jobs.warm_schedule in the jobs loop, on the fake cloud and a FakeClock: rentals when a
 window opens and when a kept instance is lost, a budget refusal holding them, and a warm
-instance rolled over to a fresh one before its lease ends it."""
+instance rolled over to a fresh one before its lease ends it; after a restart, the
+schedule's warm instance is held again."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import asyncio
 from datetime import datetime, timedelta
 from typing import Any
 
+from jobs_fakes import add_instance
 from test_jobs_service import Env, make_env, submit  # noqa: F401
 
 from gpuwarden.core import errors
@@ -114,3 +116,22 @@ async def test_a_warm_instance_is_rolled_over_before_its_lease_ends(
     # after it was warm but before its lease would have ended it.
     assert ends - timedelta(minutes=10) <= fresh.created_at < ends
     assert fresh.running_at <= env.cloud.ended_when[old] < ends
+
+
+async def test_a_restart_keeps_the_schedules_warm_instance_and_rents_no_other(
+    make_env: Any,  # noqa: F811
+) -> None:
+    env: Env = await make_env(warm_schedule=[ALL_DAY], start=False)
+    kept = await add_instance(env.app, "i7", extra={"warm_schedule": {"replaces": None}})
+    await add_instance(env.app, "i8", extra={})  # launched by hand: not the schedule's
+    await env.service.start()
+    env.task = asyncio.create_task(env.service.run())
+    assert await warm_ids(env) == {kept.id}
+    # Passes go by and nothing is rented: the one kept meets min_warm 1.
+    start = env.clock.now()
+
+    async def a_minute_on() -> bool:
+        return env.clock.now() - start >= timedelta(minutes=1)
+
+    await env.until(a_minute_on)
+    assert env.cloud.launches == []

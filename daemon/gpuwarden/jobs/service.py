@@ -19,6 +19,9 @@ Instances per job, in order:
 4. after the job: a waiting job that fits takes the instance; else it stays warm for the
    keep-warm window (fixed, or weighing.adaptive_window for "auto") and is then ended
    (idle), or at once (job_done) when the window is 0.
+
+Each pass also lets `jobs.warm_schedule` rent with no job (warm_keeper.py): up to
+`min_warm` per open window, and a fresh instance for a warm one near its hard cap or lease.
 """
 
 from __future__ import annotations
@@ -408,6 +411,7 @@ class JobService(WarmKeeping):
                 )
             log.info("job_recovered", job_id=job.id, instance_id=inst.id, state=job.state.value)
         await self._recover_warm(live, resumed)
+        await self._recover_schedule(live)
         await self._warm.restore()
 
     async def _recover_warm(self, live: list[Instance], resumed: set[str]) -> None:

@@ -28,6 +28,7 @@ from gpuwarden.providers.base import InsufficientCredit, Offer, ProviderError
 
 log = structlog.get_logger(__name__)
 
+MARK = "warm_schedule"  # the key in a schedule-rented instance's extra
 HOLD = timedelta(minutes=5)  # no schedule rental after a refused one, for this long
 LEAD_COLD_STARTS = 2.0  # a rollover starts this many cold starts before the old one's end
 
@@ -53,6 +54,22 @@ class WarmKeeping(Renting):
 
     async def _keep_warm(self, inst: Instance, since: datetime) -> timedelta:
         raise NotImplementedError
+
+    async def _recover_schedule(self, live: list[Instance]) -> None:
+        """After a restart: the schedule's running instances with no job, warm again from
+        their last activity (one still booting is left to the guard's deadlines)."""
+        for inst in live:
+            mark = inst.extra.get(MARK)
+            if inst.job_id is not None or not isinstance(mark, dict):
+                continue
+            if inst.state is not InstanceState.RUNNING or inst.id in self._warm.ids():
+                continue
+            replaces = mark.get("replaces")
+            self._replaces[inst.id] = replaces if isinstance(replaces, str) else None
+            ram = mark.get("gpu_ram_gb")
+            ram_gb = float(ram) if isinstance(ram, int | float) else None
+            self._caps[inst.id] = queue.Capability(ram_gb, inst.price_per_hour)
+            await self._keep_warm(inst, inst.last_activity)
 
     def _being_replaced(self) -> set[str]:
         """Warm instances a fresh one was rented for: not counted as kept by the schedule."""
@@ -161,6 +178,9 @@ class WarmKeeping(Renting):
                 log.info("warm_offer_failed", offer_id=offer.offer_id, error=str(exc))
                 continue
             self._caps[inst.id] = queue.Capability(offer.gpu_ram_gb, offer.price_per_hour)
+            # Marked, so that a restarted daemon counts it again (see _recover_schedule).
+            mark = {MARK: {"replaces": rental.replaces, "gpu_ram_gb": offer.gpu_ram_gb}}
+            inst = await self.app.store.update_instance(inst.id, extra={**inst.extra, **mark})
             log.info("warm_schedule_rented", instance_id=inst.id, replaces=rental.replaces)
             return inst
         self._held_until = self.app.clock.now() + HOLD
