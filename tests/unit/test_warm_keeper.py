@@ -135,3 +135,31 @@ async def test_a_restart_keeps_the_schedules_warm_instance_and_rents_no_other(
 
     await env.until(a_minute_on)
     assert env.cloud.launches == []
+
+
+async def test_a_job_does_not_take_a_warm_instance_about_to_be_rolled_over(
+    make_env: Any,  # noqa: F811
+) -> None:
+    env: Env = await make_env(warm_schedule=[ALL_DAY], max_instances=3)
+
+    async def warm_one() -> bool:
+        return len(await warm_ids(env)) == 1
+
+    await env.until(warm_one, limit=600)
+    [old] = await warm_ids(env)
+    await env.app.store.update_instance(old, lease_until=env.clock.now() + timedelta(minutes=20))
+
+    async def replacing() -> bool:
+        return len(env.cloud.launches) == 2
+
+    await env.until(replacing, limit=1800)
+    # A minute of life left: less than two typical jobs (60 s each before any was measured).
+    await env.app.store.update_instance(old, lease_until=env.clock.now() + timedelta(minutes=1))
+    job_id = await submit(env)
+
+    async def done() -> bool:
+        return (await env.state(job_id)) is JobState.SUCCEEDED
+
+    await env.until(done)
+    job = await env.app.store.get_job(job_id)
+    assert job.instance_id is not None and job.instance_id != old

@@ -190,9 +190,10 @@ class JobService(WarmKeeping):
 
     async def _dispatch(self, jobs: list[Job]) -> None:
         waiting = 0  # jobs of this pass left queued for a live instance
+        ending = await self._ending_soon(self.app.clock.now()) if jobs else frozenset()
         for job in jobs:
             await self._warm.note_arrival(job)
-            inst = await self._warm.fit(job, self.settings.gpu_ram_gb)
+            inst = await self._warm.fit(job, self.settings.gpu_ram_gb, ending)
             if inst is not None:
                 if await self._assign(job, inst):
                     self._spawn(self._drive(job, inst), job.id)

@@ -25,6 +25,7 @@ from gpuwarden.jobs import warm_plan
 from gpuwarden.jobs.renting import Renting
 from gpuwarden.jobs.warm_pool import WarmPool
 from gpuwarden.providers.base import InsufficientCredit, Offer, ProviderError
+from gpuwarden.store import NotFoundError
 
 log = structlog.get_logger(__name__)
 
@@ -71,9 +72,26 @@ class WarmKeeping(Renting):
             self._caps[inst.id] = queue.Capability(ram_gb, inst.price_per_hour)
             await self._keep_warm(inst, inst.last_activity)
 
+    async def _ending_soon(self, now: datetime) -> frozenset[str]:
+        """Warm instances being rolled over whose end (hard cap or lease) comes before two
+        typical jobs could run: a job taking one would be cut off by the guard mid-job."""
+        limits = self.app.limits()
+        room = timedelta(seconds=2 * self.typical_job_s())
+        out: set[str] = set()
+        for old in self._being_replaced():
+            try:
+                inst = await self.app.store.get_instance(old)
+            except NotFoundError:
+                continue
+            if min(policy.hard_deadline(inst, limits), inst.lease_until) - now < room:
+                out.add(old)
+        return frozenset(out)
+
     def _being_replaced(self) -> set[str]:
-        """Warm instances a fresh one was rented for: not counted as kept by the schedule."""
-        return {old for old in self._replaces.values() if old is not None}
+        """Warm instances a fresh one is being rented or was rented for (not counted as kept
+        by the schedule)."""
+        olds = [*self._replaces.values(), *(r.replaces for r in self._pending)]
+        return {old for old in olds if old is not None}
 
     async def _keep_schedule(self, now: datetime) -> None:
         """End old instances whose replacement is warm, then start what the schedule lacks."""
