@@ -163,3 +163,38 @@ async def test_a_job_does_not_take_a_warm_instance_about_to_be_rolled_over(
     await env.until(done)
     job = await env.app.store.get_job(job_id)
     assert job.instance_id is not None and job.instance_id != old
+
+
+async def test_an_instance_the_schedule_keeps_is_not_left_to_the_idle_timeout(
+    make_env: Any,  # noqa: F811
+) -> None:
+    """Held warm by the schedule for hours, the instance stays active for the guard's idle
+    rule (else the guard ends it every idle_timeout and the schedule rents a fresh one), with
+    a handful of activity events rather than one per pass."""
+    env: Env = await make_env(warm_schedule=[ALL_DAY])
+
+    async def warm_one() -> bool:
+        return len(await warm_ids(env)) == 1
+
+    await env.until(warm_one, limit=600)
+    [kept] = await warm_ids(env)
+    idle = env.app.limits().idle_timeout
+    start = env.clock.now()
+    worst = timedelta(0)
+
+    async def three_idle_timeouts_on() -> bool:
+        nonlocal worst
+        inst = await env.app.store.get_instance(kept)
+        worst = max(worst, env.clock.now() - inst.last_activity)
+        return env.clock.now() - start >= 3 * idle
+
+    await env.until(three_idle_timeouts_on, limit=int(4 * idle.total_seconds()))
+    assert worst < idle  # the idle deadline never came
+    touches = [
+        e
+        for e in await env.app.store.events(entity_id=kept)
+        if e.name == "activity" and e.details.get("by") == "warm_schedule"
+    ]
+    assert 3 <= len(touches) <= 8
+    assert env.cloud.ends == []
+    assert len(env.cloud.launches) == 1

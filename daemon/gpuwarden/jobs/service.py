@@ -351,6 +351,7 @@ class JobService(WarmKeeping):
             closes = weighing.scheduled_until(self.settings.warm_schedule, inst.gpu, others, now)
             if closes is not None and closes - since > window:
                 window = closes - since
+                self._note_kept(inst.id, closes)
                 log.info("instance_kept_by_schedule", instance_id=inst.id, until=closes.isoformat())
         self._warm.hold(inst, since, window)
         return window

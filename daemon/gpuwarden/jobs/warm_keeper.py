@@ -19,7 +19,13 @@ from typing import Any
 import structlog
 
 from gpuwarden.core import errors, policy
-from gpuwarden.core.model import Instance, InstanceState, JobSpec, TerminationReason
+from gpuwarden.core.model import (
+    EntityKind,
+    Instance,
+    InstanceState,
+    JobSpec,
+    TerminationReason,
+)
 from gpuwarden.jobs import decisions as queue
 from gpuwarden.jobs import warm_plan
 from gpuwarden.jobs.renting import Renting
@@ -46,6 +52,7 @@ class WarmKeeping(Renting):
         self._replaces: dict[str, str | None] = {}  # schedule-rented id -> the one it replaces
         self._booting: set[str] = set()  # schedule-rented, SSH not answering yet
         self._held_until: datetime | None = None
+        self._kept_until: dict[str, datetime] = {}  # warm by the schedule, until its close
 
     def _in_use(self) -> int:
         raise NotImplementedError
@@ -93,10 +100,44 @@ class WarmKeeping(Renting):
         olds = [*self._replaces.values(), *(r.replaces for r in self._pending)]
         return {old for old in olds if old is not None}
 
+    def _note_kept(self, instance_id: str, closes: datetime) -> None:
+        """The schedule holds this warm instance until its window `closes`."""
+        self._kept_until[instance_id] = closes
+
+    async def _keep_awake(self, now: datetime) -> None:
+        """An instance the schedule holds warm is active for the idle timeout: the schedule is
+        the operator asking for it to wait. Without this the guard would end it after
+        `policy.idle_timeout` (30 min by default) and the schedule would rent a fresh one, a
+        cold start each half hour. Its lease, hard cap and the budget still apply. Written as
+        an `activity` event, shortly before the idle deadline, so a pass every BEAT_EVERY
+        seconds keeps it and the event log does not fill."""
+        idle = self.app.limits().idle_timeout
+        ahead = min(timedelta(minutes=5), idle / 2)
+        warm = self._warm.ids()
+        for iid, closes in list(self._kept_until.items()):
+            if iid not in warm or closes <= now:
+                del self._kept_until[iid]
+                continue
+            try:
+                inst = await self.app.store.get_instance(iid)
+            except NotFoundError:
+                del self._kept_until[iid]
+                continue
+            if inst.last_activity + idle - now > ahead:
+                continue
+            await self.app.store.record(
+                EntityKind.INSTANCE,
+                iid,
+                "activity",
+                {"by": "warm_schedule", "until": closes.isoformat()},
+                updates={"last_activity": now},
+            )
+
     async def _keep_schedule(self, now: datetime) -> None:
         """End old instances whose replacement is warm, then start what the schedule lacks."""
         if not self.settings.warm_schedule:
             return
+        await self._keep_awake(now)
         held = await self._held(now)
         for old in warm_plan.retire(held):
             since = self._warm.since_of(old)
