@@ -44,7 +44,7 @@ class Cloud:
     ended_when: dict[str, datetime] = field(default_factory=dict)
     peak: int = 0  # the most instances rented at once
 
-    async def launch(self, app: App, offer: Offer, job_id: str) -> Instance:
+    async def launch(self, app: App, offer: Offer, job_id: str | None) -> Instance:
         self.launches.append(offer.offer_id)
         self.peak = max(self.peak, len(self.launches) - len(self.ends))
         iid = f"i{len(self.launches)}"

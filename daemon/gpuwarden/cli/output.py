@@ -12,6 +12,8 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
+import select
 import signal
 import sys
 import threading
@@ -216,7 +218,8 @@ class Out:
         read itself."""
         with _interrupt_at_once():
             try:
-                answer = self.err.input(Text(f"{question} [y/N] "))
+                self.err.print(Text(f"{question} [y/N] "), end="")
+                answer = _read_answer(sys.stdin)
             except EOFError:
                 self.err.print()  # the cursor is still on the prompt's line
                 return False
@@ -224,6 +227,24 @@ class Out:
                 self.err.print()
                 raise
         return answer.strip().lower() in ("y", "yes")
+
+
+def _read_answer(stream: TextIO) -> str:
+    """One line typed at the terminal; EOFError on Ctrl-D.
+
+    input() blocks in read() and hears Ctrl-C only when the read fails with EINTR. A Ctrl-C
+    typed just after the prompt appears can land before that read starts (Python only sets a
+    flag then), and the answer would wait for Enter: seen under load, a prompt that ignored
+    Ctrl-C. Waiting in short select() calls returns to Python between them, so the pending
+    KeyboardInterrupt is raised within a tenth of a second either way."""
+    fd = stream.fileno()
+    while not select.select([fd], [], [], 0.1)[0]:
+        pass
+    # The terminal is in line mode: one read is one typed line, or b"" for Ctrl-D.
+    data = os.read(fd, 4096)
+    if not data:
+        raise EOFError
+    return data.decode(errors="replace")
 
 
 @contextlib.contextmanager

@@ -101,6 +101,7 @@ class TerminationReason(enum.StrEnum):
     LAUNCH_FAILED = "launch_failed"
     DEADMAN = "deadman"  # the switch on the instance ended it while the daemon was silent
     PREEMPTED = "preempted"  # a spot (bid) instance was outbid: stopped, so we destroyed it
+    ROLLED_OVER = "rolled_over"  # a schedule-kept warm instance replaced by a fresh one
 
 
 # Names shared by writers and readers of the store: the queue's pause flag, the event a

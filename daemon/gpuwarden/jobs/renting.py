@@ -35,11 +35,12 @@ log = structlog.get_logger(__name__)
 BACKOFF = timedelta(seconds=30)  # before a job whose launch could not happen is tried again
 SPOT_HISTORY = timedelta(days=30)  # the spot terminations the observed preemption rate uses
 
-LaunchFn = Callable[[App, Offer, str], Awaitable[Instance]]
+# The job the rental is for; None for one jobs.warm_schedule rents to keep warm.
+LaunchFn = Callable[[App, Offer, str | None], Awaitable[Instance]]
 EndFn = Callable[[App, str, TerminationReason], Awaitable[None]]
 
 
-async def default_launch(app: App, offer: Offer, job_id: str) -> Instance:
+async def default_launch(app: App, offer: Offer, job_id: str | None) -> Instance:
     from gpuwarden.fleet import launcher
 
     return await launcher.launch(app, offer, job_id=job_id)

@@ -19,6 +19,9 @@ Instances per job, in order:
 4. after the job: a waiting job that fits takes the instance; else it stays warm for the
    keep-warm window (fixed, or weighing.adaptive_window for "auto") and is then ended
    (idle), or at once (job_done) when the window is 0.
+
+Each pass also lets `jobs.warm_schedule` rent with no job (warm_keeper.py): up to
+`min_warm` per open window, and a fresh instance for a warm one near its hard cap or lease.
 """
 
 from __future__ import annotations
@@ -46,8 +49,9 @@ from gpuwarden.fleet.app import App
 from gpuwarden.jobs import decisions as queue
 from gpuwarden.jobs import weighing
 from gpuwarden.jobs.dispatcher import Dispatcher
-from gpuwarden.jobs.renting import EndFn, LaunchFn, Renting, default_end, default_launch
+from gpuwarden.jobs.renting import EndFn, LaunchFn, default_end, default_launch
 from gpuwarden.jobs.runner import Connector, Outcome, Runner, SshConnector
+from gpuwarden.jobs.warm_keeper import WarmKeeping
 from gpuwarden.jobs.warm_pool import WarmPool
 from gpuwarden.store import IllegalTransition, NotFoundError
 
@@ -57,7 +61,7 @@ ACTIVE = (JobState.PROVISIONING, JobState.RUNNING, JobState.FETCHING)
 DISPATCH_CHUNK = 100  # queued jobs weighed between two yields to the event loop
 
 
-class JobService(Renting):
+class JobService(WarmKeeping):
     name = "jobs"
 
     def __init__(
@@ -82,6 +86,7 @@ class JobService(Renting):
         self._tg: asyncio.TaskGroup | None = None
         self._ran = False
         self._queue: tuple[int, list[Job]] | None = None  # (store.jobs_version, the queue)
+        self._init_keeping()
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -113,6 +118,7 @@ class JobService(Renting):
             self._busy.clear()
             self._dispatcher.reset()
             self._launching = 0
+            self._init_keeping()
             await self._recover()
         self._ran = True
         unsubscribe = self.app.store.subscribe(self._on_event)
@@ -167,6 +173,7 @@ class JobService(Renting):
                 if backoff_end is not None:
                     wake = min(wake, backoff_end)
             await self._expire_warm(clock.now(), seen)
+            await self._keep_schedule(clock.now())
             expiry = self._warm.next_expiry()
             if expiry is not None:
                 wake = min(wake, expiry)
@@ -193,11 +200,12 @@ class JobService(Renting):
 
     async def _dispatch(self, jobs: list[Job]) -> None:
         waiting = 0  # jobs of this pass left queued for a live instance
+        ending = await self._ending_soon(self.app.clock.now()) if jobs else frozenset()
         for n, job in enumerate(jobs):
             if n % DISPATCH_CHUNK == DISPATCH_CHUNK - 1:
                 await asyncio.sleep(0)  # a thousand queued jobs: let a due deadline go first
             await self._warm.note_arrival(job)
-            inst = await self._warm.fit(job, self.settings.gpu_ram_gb)
+            inst = await self._warm.fit(job, self.settings.gpu_ram_gb, ending)
             if inst is not None:
                 if await self._assign(job, inst):
                     self._spawn(self._drive(job, inst), job.id)
@@ -350,11 +358,12 @@ class JobService(Renting):
             self.settings.wait_weight,
         )
         if self.settings.warm_schedule:
-            kept = (self._warm.ids() | self._busy.keys()) - {inst.id}
+            kept = (self._warm.ids() | self._busy.keys()) - {inst.id} - self._being_replaced()
             others = [i.gpu for i in await self.app.store.live_instances() if i.id in kept]
             closes = weighing.scheduled_until(self.settings.warm_schedule, inst.gpu, others, now)
             if closes is not None and closes - since > window:
                 window = closes - since
+                self._note_kept(inst.id, closes)
                 log.info("instance_kept_by_schedule", instance_id=inst.id, until=closes.isoformat())
         self._warm.hold(inst, since, window)
         return window
@@ -416,6 +425,7 @@ class JobService(Renting):
                 )
             log.info("job_recovered", job_id=job.id, instance_id=inst.id, state=job.state.value)
         await self._recover_warm(live, resumed)
+        await self._recover_schedule(live)
         await self._warm.restore()
 
     async def _recover_warm(self, live: list[Instance], resumed: set[str]) -> None:

@@ -92,10 +92,15 @@ class WarmPool:
         if self._idle_since is None or since > self._idle_since:
             self._idle_since = since
 
-    async def fit(self, job: Job, default_gpu_ram_gb: float) -> Instance | None:
+    async def fit(
+        self, job: Job, default_gpu_ram_gb: float, avoid: frozenset[str] = frozenset()
+    ) -> Instance | None:
         """A warm instance that fits the job, the most recently used first (so that the
-        others stay idle and expire); instances that ended meanwhile leave the pool."""
+        others stay idle and expire), none of `avoid`; instances that ended meanwhile leave
+        the pool."""
         for iid in weighing.most_recent_first({k: w.since for k, w in self._warm.items()}):
+            if iid in avoid:
+                continue
             try:
                 inst = await self._store.get_instance(iid)
             except NotFoundError:
