@@ -23,6 +23,7 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_wheel(tmp_path_factory.mktemp("wheel"))
 
 
+@pytest.mark.slow  # builds the wheel (about 6 s)
 def test_the_wheel_carries_what_goes_onto_instances(wheel: Path) -> None:
     names = zipfile.ZipFile(wheel).namelist()
     for name in INSTANCE_FILES:

@@ -28,6 +28,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import pytest
 from guard_support import settings
 from hypothesis import HealthCheck
 from hypothesis import settings as hsettings
@@ -347,4 +348,5 @@ GuardMachine.TestCase.settings = hsettings(
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
 )
-TestGuardMachine = GuardMachine.TestCase
+# About 20 s of hypothesis: in `make test`, kept out of `make fast` (under a minute).
+TestGuardMachine = pytest.mark.slow(GuardMachine.TestCase)

@@ -17,6 +17,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
@@ -133,6 +134,8 @@ async def _run(ops: list[tuple[str, str, Any]], db: Path) -> None:
         await store.close()
 
 
+# About 5 s of hypothesis: in `make test`, kept out of `make fast`.
+@pytest.mark.slow
 @hsettings(
     max_examples=60,
     deadline=None,
