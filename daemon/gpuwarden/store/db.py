@@ -146,10 +146,14 @@ class Store(StoreReads):
         await self._conn.close()
 
     async def writes_done(self) -> None:
-        """Return once every write queued before this call has committed (reads do not wait
-        for writes, so tests that step a fake clock wait on this instead)."""
+        """Return once every write queued before this call has committed, and every read
+        queued on the read-only connection has answered (its thread runs them in order).
+        Tests that step a fake clock wait on this: a read still in flight when the clock
+        stepped on made a loop see the time jump past a deadline it was polling for."""
         async with self._lock:
             pass
+        if self._reader is not self._conn:
+            await self._reader.execute("SELECT 1")
 
     def subscribe(self, listener: Listener) -> Callable[[], None]:
         """Call `listener(event)` after each commit, once per event written. Returns unsubscribe."""
