@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from gpuwarden.core.clock import FakeClock
-from gpuwarden.providers.base import Requirements, gpu_matches
+from gpuwarden.core.gpus import gpu_matches
+from gpuwarden.providers.base import Requirements
 from gpuwarden.providers.fake import FakeProvider
 from gpuwarden.providers.vast_wire import gpu_candidates
 

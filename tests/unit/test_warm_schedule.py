@@ -132,3 +132,12 @@ def test_the_schedule_keeps_up_to_min_warm_of_its_class() -> None:
     # Of two open windows, the later close wins.
     late = WarmWindow(days="mon", hours="10:00-23:00", timezone="UTC")
     assert scheduled_until([two_4090, late], "RTX 4090", [], noon) == noon.replace(hour=23)
+
+
+def test_a_window_counts_its_gpu_model_as_the_offer_search_rents_it() -> None:
+    """An "A10" window counts A10s only: an A100 kept warm does not fill it (the search that
+    rents for the window would never take an A100 for "A10" either)."""
+    window = WarmWindow(days="daily", hours="00:00-24:00", min_warm=1, gpu="A10")
+    assert window.covers("NVIDIA A10") and window.covers("A10 PCIe")
+    assert not window.covers("NVIDIA A100-SXM4-80GB") and not window.covers("A100X")
+    assert WarmWindow(days="daily", hours="00:00-24:00", min_warm=1).covers("A100X")

@@ -40,7 +40,7 @@ def register(sub: Any) -> None:
     p = command(
         sub, "status", "show live instances: uptime, time left, last probe, cost", views.show_status
     )
-    p.add_argument("--limit", type=int, metavar="N", help="show at most N instances")
+    p.add_argument("--limit", type=positive(int), metavar="N", help="show at most N instances")
     p.add_argument("--provider", metavar="P", help="only this provider (e.g. vast, sim-vast)")
     p.add_argument("--state", choices=sorted(LIVE), help="only instances in this state")
     p.add_argument("--gpu", metavar="NAME", help="only this GPU model (4090, A100)")
@@ -270,7 +270,6 @@ async def _wait_ready(
     iid = str(inst.get("id"))
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
-    last = dict(inst)
     while True:
         rows = {str(r.get("id")): r for r in status_rows(await client.call("status"))}
         row = rows.get(iid)
@@ -281,7 +280,6 @@ async def _wait_ready(
             out.error(f"instance {iid} ended before its SSH answered{why}")
             out.hint(f"'gpuwarden events --id {iid}' tells its story")
             return EX_DOMAIN
-        last = row
         if row.get("state") == "running" and row.get("ssh_ready"):
             if out.json_mode:
                 out.json(row)
@@ -290,12 +288,12 @@ async def _wait_ready(
             return EX_OK
         if loop.time() >= deadline:
             out.error(
-                f"instance {iid} is still {views.shown_state(last)} after "
+                f"instance {iid} is still {views.shown_state(row)} after "
                 f"{duration(timeout_s)}; it bills until it ends"
             )
             out.hint(f"'gpuwarden status' to look again, 'gpuwarden destroy {iid}' to end it")
             if out.json_mode:
-                out.json(last)
+                out.json(row)
             return EX_WAIT_TIMEOUT
         await asyncio.sleep(min(1.0, max(0.0, deadline - loop.time())))
 
@@ -356,34 +354,31 @@ def _extend(args: argparse.Namespace) -> int:
     return run_command(args, body)
 
 
-def lease_hours(text: str) -> float:
-    """An argparse type: a duration as config writes it ("30m", "1h30m"), or a bare number of
-    hours ("2", "0.5"), as hours greater than 0."""
+def _duration_arg(text: str, bare_unit_s: float) -> float:
+    """A duration as config writes it ("30m", "1h30m") or a bare number of `bare_unit_s`
+    units, in seconds, finite and greater than 0; else an argparse error naming why."""
     try:
-        hours = float(text)
+        seconds = float(text) * bare_unit_s
     except ValueError:
         try:
             from gpuwarden.config.durations import parse_duration  # pydantic: only when needed
 
-            hours = parse_duration(text).total_seconds() / 3600
+            seconds = parse_duration(text).total_seconds()
         except ValueError as exc:
             raise argparse.ArgumentTypeError(str(exc)) from None
-    if not (hours > 0 and math.isfinite(hours)):  # NaN fails the first test
+    if not (seconds > 0 and math.isfinite(seconds)):  # NaN fails the first test
         raise argparse.ArgumentTypeError("must be a finite time greater than 0")
-    return hours
+    return seconds
+
+
+def lease_hours(text: str) -> float:
+    """An argparse type: a duration, or a bare number of hours ("2", "0.5"), as hours."""
+    return _duration_arg(text, 3600) / 3600
 
 
 def seconds_arg(text: str) -> float:
-    """An argparse type: a duration as config writes it, or a number of seconds, > 0."""
-    from gpuwarden.config.durations import parse_duration  # pydantic: only when needed
-
-    try:
-        seconds = parse_duration(text).total_seconds()
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    if not seconds > 0:
-        raise argparse.ArgumentTypeError("must be a time greater than 0")
-    return seconds
+    """An argparse type: a duration, or a bare number of seconds ("600"), as seconds."""
+    return _duration_arg(text, 1)
 
 
 def _activity(args: argparse.Namespace) -> int:

@@ -8,8 +8,7 @@ import sys
 from typing import Any
 
 from gpuwarden.cli.commands_daemon import CONFIG_HELP
-
-EX_UNAVAILABLE = 1
+from gpuwarden.cli.output import EX_DOMAIN
 
 
 def register(sub: Any) -> None:
@@ -76,7 +75,7 @@ def _dashboard(args: argparse.Namespace) -> int:
             "started with dashboard.listen set? are you in its socket group?)",
             file=sys.stderr,
         )
-        return EX_UNAVAILABLE
+        return EX_DOMAIN
     url = dashboard_url(listen, token)
     if args.json:
         print(json.dumps({"url": url, "listen": listen, "token_file": str(path)}))

@@ -36,7 +36,7 @@ def register(sub: Any) -> None:
     p.set_defaults(func=_man)
 
 
-def _root(args: argparse.Namespace) -> argparse.ArgumentParser:
+def _root() -> argparse.ArgumentParser:
     from gpuwarden.cli import build_parser
 
     return build_parser()
@@ -45,7 +45,7 @@ def _root(args: argparse.Namespace) -> argparse.ArgumentParser:
 def _completion(args: argparse.Namespace) -> int:
     import shtab
 
-    sys.stdout.write(shtab.complete(_root(args), shell=args.shell))
+    sys.stdout.write(shtab.complete(_root(), shell=args.shell))
     return 0
 
 
@@ -62,7 +62,7 @@ def man_page() -> str:
         "manual_section": "1",
         "url": "see README.md in the source",
     }
-    return str(Manpage(_root(argparse.Namespace()), _data=data, format="single-commands-section"))
+    return str(Manpage(_root(), _data=data, format="single-commands-section"))
 
 
 def _man(args: argparse.Namespace) -> int:

@@ -30,7 +30,8 @@ from typing import Any
 from urllib.parse import unquote
 
 from gpuwarden.cli.client import ControlClient
-from gpuwarden.cli.demo_spot import TERMINAL, outbid_when_running
+from gpuwarden.cli.commands_jobs import TERMINAL
+from gpuwarden.cli.demo_spot import outbid_when_running
 from gpuwarden.core.clock import SystemClock
 from gpuwarden.system.childproc import ChildFailed, DaemonProcess
 

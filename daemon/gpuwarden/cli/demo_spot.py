@@ -11,8 +11,8 @@ from pathlib import Path
 import httpx
 
 from gpuwarden.cli.client import ControlClient
-
-TERMINAL = ("succeeded", "failed", "cancelled")
+from gpuwarden.cli.commands_jobs import TERMINAL
+from gpuwarden.cli.commands_views import status_rows
 
 
 async def outbid_when_running(
@@ -42,8 +42,7 @@ async def outbid_when_running(
 async def _outbid(
     client: ControlClient, sim_url: str, instance_id: str, say: Callable[[str], None]
 ) -> bool:
-    status = await client.call("status")
-    rows = status if isinstance(status, list) else status.get("instances", [])
+    rows = status_rows(await client.call("status"))
     row = next((r for r in rows if r.get("id") == instance_id), None)
     if row is None or not row.get("spot"):
         return False

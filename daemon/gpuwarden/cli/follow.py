@@ -50,6 +50,8 @@ async def follow(
             if seen is None:
                 backlog = await client.call("events.list", params)
                 seen = 0
+                if entity:
+                    entity = await _resolved(client, entity)
             else:
                 backlog = await _missed(client, entity, seen)
                 out.warn("reconnected to the daemon; the events since then follow")
@@ -57,7 +59,7 @@ async def follow(
             for ev in backlog:
                 seen = _print_new(out, ev, seen, show)
             async for ev in stream:
-                # New events are matched here, by id or its start (a label is not known).
+                # New events are matched here, by the id the daemon resolved (or its start).
                 if entity and not str(ev.get("entity_id") or "").startswith(entity):
                     continue
                 seen = _print_new(out, ev, seen, show)
@@ -71,6 +73,13 @@ async def follow(
             await stream.aclose()
         await asyncio.sleep(delay)
         delay = min(delay * 2, RETRY_MAX)
+
+
+async def _resolved(client: ControlClient, entity: str) -> str:
+    """The id the daemon resolves `entity` to (an instance's label or a prefix), read off the
+    entity's first event: the stream carries ids only, so a label would match nothing."""
+    first = await client.call("events.list", {"entity_id": entity, "after_id": 0, "limit": 1})
+    return str(first[0].get("entity_id") or entity) if first else entity
 
 
 async def _missed(client: ControlClient, entity: str | None, seen: int) -> list[dict[str, Any]]:

@@ -19,6 +19,8 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from gpuwarden.core.gpus import gpu_matches
+
 DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 
 
@@ -112,5 +114,6 @@ class WarmWindow(BaseModel):
         return closes.replace(tzinfo=ZoneInfo(self.timezone))
 
     def covers(self, gpu: str) -> bool:
-        """Whether an instance with this GPU name is of the window's class."""
-        return self.gpu is None or self.gpu.strip().lower() in gpu.lower()
+        """Whether an instance with this GPU name is of the window's class: the same whole-word
+        match the offer search rents by, so an A100 is not counted in an "A10" window."""
+        return gpu_matches(self.gpu, gpu)

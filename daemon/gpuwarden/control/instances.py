@@ -16,6 +16,7 @@ from gpuwarden.control import warm as warm_spend
 from gpuwarden.control.rows import deadline_fields, instance_dict
 from gpuwarden.core import errors, policy
 from gpuwarden.core.clock import format_ts
+from gpuwarden.core.gpus import gpu_matches
 from gpuwarden.core.model import (
     QUEUE_PAUSED_FLAG,
     EntityKind,
@@ -29,7 +30,7 @@ from gpuwarden.fleet import budget, launcher
 from gpuwarden.fleet.app import App
 from gpuwarden.fleet.busy import jobs_on_instances, observations
 from gpuwarden.jobs import spot
-from gpuwarden.providers.base import Offer, Requirements, gpu_matches
+from gpuwarden.providers.base import Offer, Requirements
 from gpuwarden.store import NotFoundError
 
 # --- lookups -----------------------------------------------------------------------------

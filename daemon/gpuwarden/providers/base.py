@@ -8,7 +8,6 @@ Units: GPU RAM in GiB, prices in USD per hour, times as aware UTC datetimes.
 from __future__ import annotations
 
 import enum
-import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -31,7 +30,7 @@ class ProviderState(enum.StrEnum):
 class Requirements:
     """What an offer search must satisfy."""
 
-    gpu_name: str | None = None  # a GPU model, see gpu_matches ("4090", "A100", "A10")
+    gpu_name: str | None = None  # a GPU model, see core.gpus.gpu_matches ("4090", "A100", "A10")
     min_gpu_ram_gb: float | None = None
     num_gpus: int = 1
     max_price: float | None = None  # USD per hour
@@ -211,25 +210,6 @@ class Provider(Protocol):
 
 
 # --- GPU names ----------------------------------------------------------------------------
-
-_WORD = re.compile(r"[a-z0-9]+")
-
-
-def gpu_matches(wanted: str | None, name: str) -> bool:
-    """Does the GPU called `name` (as a provider reports it) match the model asked for?
-
-    Whole words of the name, in a row, case and separators ignored: "4090", "rtx 4090" and
-    "RTX4090" match "RTX 4090", "A100" matches "A100 SXM4", but "A10" matches neither
-    "A100 SXM4" nor "A100X": a substring match rented an A100 for "A10". None or "" asks for
-    any GPU; text with no letter or digit matches nothing."""
-    if not wanted:
-        return True
-    want = "".join(_WORD.findall(wanted.lower()))
-    words = _WORD.findall(name.lower())
-    return bool(want) and any(
-        "".join(words[i:j]) == want for i in range(len(words)) for j in range(i + 1, len(words) + 1)
-    )
-
 
 # --- registry ------------------------------------------------------------------------------
 

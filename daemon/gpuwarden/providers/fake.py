@@ -18,6 +18,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from gpuwarden.core.clock import Clock
+from gpuwarden.core.gpus import gpu_matches
 from gpuwarden.core.model import Billing
 from gpuwarden.providers.base import (
     Account,
@@ -31,7 +32,6 @@ from gpuwarden.providers.base import (
     ProviderState,
     Requirements,
     Transient,
-    gpu_matches,
 )
 
 

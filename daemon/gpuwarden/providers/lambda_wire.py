@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
+from gpuwarden.core.gpus import gpu_matches
 from gpuwarden.core.model import Billing
 from gpuwarden.providers.base import (
     AuthError,
@@ -30,7 +31,6 @@ from gpuwarden.providers.base import (
     RateLimited,
     Requirements,
     Transient,
-    gpu_matches,
 )
 
 USER_DATA_LIMIT = 1024 * 1024  # bytes of cloud-init user data Lambda accepts

@@ -13,6 +13,7 @@ from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from gpuwarden.core.gpus import gpu_matches
 from gpuwarden.core.model import Billing
 from gpuwarden.providers.base import (
     AuthError,
@@ -29,12 +30,11 @@ from gpuwarden.providers.base import (
     RateLimited,
     Requirements,
     Transient,
-    gpu_matches,
 )
 from gpuwarden.providers.http import error_text
 
 # Vast's gpu_name values (with spaces). A Requirements.gpu_name that matches some of these
-# (base.gpu_matches) is sent as an `in` filter so the server's limit applies to the right
+# (core.gpus.gpu_matches) is sent as an `in` filter so the server's limit applies to the right
 # GPUs; anything else is matched client-side only.
 KNOWN_GPUS = (
     "RTX 3060",

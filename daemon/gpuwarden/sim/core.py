@@ -308,6 +308,10 @@ class SimCore:
         while True:
             now = self.now()
             rate = self.faults.get("vast").outbid_rate
+            if rate <= 0:  # the default: no walk over every instance ever made, 4 times a second
+                last.clear()
+                await asyncio.sleep(every)
+                continue
             for inst in self.of_kind("vast"):
                 if not self.is_spot(inst) or not inst.running or inst.ended:
                     last.pop(inst.id, None)
@@ -315,7 +319,7 @@ class SimCore:
                 seen = last.setdefault(inst.id, now)
                 hours = max(0.0, (now - seen).total_seconds()) / 3600.0
                 last[inst.id] = now
-                if rate > 0 and self.faults.chance(1.0 - math.exp(-rate * hours)):
+                if self.faults.chance(1.0 - math.exp(-rate * hours)):
                     self.faults.injected["vast:outbid"] += 1
                     await self.outbid(inst)
             await asyncio.sleep(every)
