@@ -236,3 +236,19 @@ async def test_a_download_is_capped_and_takes_only_regular_files(tmp_path: Path)
                 assert list(local.parent.iterdir()) == []
             await remote.download(conn, "small", local, max_bytes=1000)
             assert local.read_bytes() == b"ok"
+
+
+async def test_a_written_file_is_for_the_login_user_only(tmp_path: Path) -> None:
+    """remote.write_file over SFTP: the job spec, the Hugging Face token and authorized_keys
+    are mode 0600 on the instance, whatever the server's umask would give."""
+    from gpuwarden.remote import ssh as remote
+
+    async with running_sim(tmp_path) as cloud, httpx.AsyncClient() as http:
+        key, pub = new_key()
+        inst = await _vast_instance(cloud, http, pub)
+        sandbox = cloud.core.find(str(inst["id"])).sandbox  # type: ignore[union-attr]
+        async with _connect(inst["ssh_port"], key) as conn:
+            await remote.write_file(conn, ".gpuwarden/jobs/j1/hf_token", b"hf_secret")
+        written = sandbox / ".gpuwarden/jobs/j1/hf_token"
+        assert written.read_bytes() == b"hf_secret"
+        assert written.stat().st_mode & 0o777 == 0o600

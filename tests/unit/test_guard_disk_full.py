@@ -1,8 +1,8 @@
 """A full state disk must not keep a GPU billing: when the termination intent cannot be
 written, the guard destroys anyway, keeps the ending in memory, and writes it (with the times
-it really happened) as soon as the disk allows. The disk is made full for real: SQLite's
-max_page_count caps the database at its current size and a filler table takes what is left,
-so every write fails with "database or disk is full"."""
+it really happened) as soon as the disk allows. The full disk is staged at the store's
+connection: every INSERT, UPDATE, DELETE or REPLACE fails with SQLite's own "database or disk
+is full" error, as a write to a full state disk does."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from tests.conftest import MakeApp
 
 from gpuwarden.core.clock import FakeClock
 from gpuwarden.core.model import InstanceState, TerminationReason
-from gpuwarden.fleet import launcher
+from gpuwarden.fleet import budget, launcher
 from gpuwarden.fleet.app import App
 from gpuwarden.providers.fake import FakeProvider
 from gpuwarden.store import StoreWriteFailed
@@ -78,3 +78,18 @@ async def test_a_full_disk_does_not_stop_the_destroy_and_the_record_follows(
         ]
         assert [e.to_state for e in late] == ["terminating", "terminated"]
         assert app.terminator.unwritten == 0
+
+
+async def test_a_credit_stop_on_a_full_disk_still_ends_everything(
+    tmp_path: Path, make_app: MakeApp, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The queue cannot be marked paused on a full disk: the instances are ended anyway."""
+    fake = FakeProvider(clock, "fake")
+    app = await make_app(settings(tmp_path), clock, [fake])
+    disk = FullDisk(app, monkeypatch)
+    inst = await launcher.launch(app, fake.offers[0], hours=1)
+    disk.full = True
+    await budget.credit_stop(app, provider="fake", why="balance below zero")
+    assert len(fake.calls_to("destroy")) == 1
+    assert app.terminator.unwritten == 1
+    assert (await app.store.get_instance(inst.id)).state is inst.state  # not on record yet

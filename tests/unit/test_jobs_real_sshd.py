@@ -257,6 +257,7 @@ async def test_the_probe_reports_the_host_key_and_puts_the_operators_key_in_the_
         assert str((await conn.run("echo in", check=True)).stdout).strip() == "in"
     keys_file = host.login.home / ".ssh" / "authorized_keys"
     assert keys_file.read_text().count(hostkeys.key_material(pub)) == 1
+    assert keys_file.stat().st_mode & 0o777 == 0o600  # written over real SFTP, owner only
     await prober.probe(replace(inst, extra={"keys": result.keys}), 20.0)
     assert keys_file.read_text().count(hostkeys.key_material(pub)) == 1  # not added twice
 

@@ -148,9 +148,12 @@ async def credit_stop(app: App, *, provider: str, why: str) -> None:
             reason=TerminationReason.INSUFFICIENT_CREDIT.value,
             why=why,
         )
-        await app.store.set_flag(
-            QUEUE_PAUSED_FLAG, True, reason=TerminationReason.INSUFFICIENT_CREDIT.value
-        )
+        try:
+            await app.store.set_flag(
+                QUEUE_PAUSED_FLAG, True, reason=TerminationReason.INSUFFICIENT_CREDIT.value
+            )
+        except StoreWriteFailed as exc:  # a full disk must not stop the endings
+            log.warning("credit_stop_unrecorded", error=str(exc))
     ended = await end_all(
         app, TerminationReason.INSUFFICIENT_CREDIT, {"provider": provider, "why": why}
     )

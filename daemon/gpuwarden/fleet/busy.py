@@ -18,8 +18,7 @@ async def busy_instances(app: App) -> set[str]:
 
 async def jobs_on_instances(app: App) -> dict[str, str]:
     """Instance id -> the id of the job that holds it busy."""
-    jobs = await app.store.jobs(BUSY_JOB_STATES)
-    return {j.instance_id: j.id for j in jobs if j.instance_id}
+    return await app.store.jobs_holding_instances(BUSY_JOB_STATES)
 
 
 def observations(inst: Instance, busy: set[str]) -> policy.Observations:

@@ -163,7 +163,8 @@ class Terminator:
         # Already failing? Its backoff stands: a repeated request is not a new attempt.
         if inst.state is InstanceState.TERMINATING and due is not None and due <= self.clock.now():
             await self.drive(inst)
-            inst = await self.store.get_instance(instance_id)
+            # As the Terminator knows it: on a full disk the row has not caught up yet.
+            inst = self.overlay(await self.store.get_instance(instance_id))
         return inst
 
     def claim(self, inst: Instance) -> bool:

@@ -93,12 +93,16 @@ def _parent(rel: str) -> str:
 
 async def write_file(conn: asyncssh.SSHClientConnection, remote_rel: str, data: bytes) -> None:
     """Write bytes to `remote_rel` through a temporary name and a rename, so a reader never
-    sees half a file (the job spec JSON travels this way: user text never meets a shell)."""
+    sees half a file (the job spec JSON travels this way: user text never meets a shell).
+    Readable by the login user only: these are job specs, the Hugging Face token and
+    authorized_keys, none of them for other users of the machine (the server's umask would
+    leave 0644)."""
     tmp = remote_rel + ".part"
     async with conn.start_sftp_client() as sftp:
         if _parent(remote_rel):
             await sftp.makedirs(_parent(remote_rel), exist_ok=True)
-        async with sftp.open(tmp, "wb", encoding=None) as f:
+        owner_only = asyncssh.SFTPAttrs(permissions=0o600)
+        async with sftp.open(tmp, "wb", owner_only, encoding=None) as f:
             await f.write(data)
         await sftp.posix_rename(tmp, remote_rel)
 

@@ -110,6 +110,17 @@ class StoreReads:
         got = await sql.fetch(self._reader, query, (*args, limit))
         return [rows.job_from_row(r) for r in got]
 
+    async def jobs_holding_instances(self, states: Iterable[JobState]) -> dict[str, str]:
+        """Instance id -> the id of its job in one of `states`: every such job, not the first
+        page (a fleet with more than a page of running jobs has that many busy instances),
+        and only two columns (the guard asks on each pass)."""
+        wanted = tuple(s.value for s in states)
+        marks = ", ".join("?" * len(wanted))  # placeholders only: the values are bound
+        query = "SELECT id, instance_id FROM jobs WHERE instance_id IS NOT NULL AND state IN "
+        query += f"({marks})"
+        got = await sql.fetch(self._reader, query, wanted)
+        return {str(r["instance_id"]): str(r["id"]) for r in got}
+
     async def jobs_with_id_prefix(self, prefix: str, limit: int = 10) -> list[Job]:
         """Jobs whose id starts with `prefix` (compared as text: no LIKE wildcards)."""
         query = "SELECT * FROM jobs WHERE substr(id, 1, ?) = ? ORDER BY id LIMIT ?"
