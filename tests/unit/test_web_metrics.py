@@ -85,7 +85,8 @@ async def test_money_queue_and_heartbeats_are_read_at_scrape_time(
     await clock.advance(3600)
     got = await scrape(app)
     price = fake.offers[0].price_per_hour
-    assert value(got["gpuwarden_spend_dollars"], "gpuwarden_spend_dollars", window="daily") >= 0
+    spent = value(got["gpuwarden_spend_dollars"], "gpuwarden_spend_dollars", window="daily")
+    assert spent == pytest.approx(price, rel=0.01)  # one hour of the instance, so far
     committed = value(
         got["gpuwarden_spend_committed_dollars"],
         "gpuwarden_spend_committed_dollars",

@@ -6,6 +6,7 @@ import asyncio
 import json
 from pathlib import Path
 
+import pytest
 from tests.conftest import MakeApp
 from web_support import web_env
 
@@ -129,3 +130,21 @@ async def test_metrics_need_the_token_unless_public(make_app: MakeApp, tmp_path:
             assert "gpuwarden_instances" in await r.text()
         async with w.http.get(w.base + "/api/state") as r:
             assert r.status == 401  # only /metrics is public
+
+
+async def test_an_action_that_overruns_is_a_json_timeout_not_a_bare_500(
+    make_app: MakeApp, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As the control socket answers an overrun of daemon.request_timeout: code "timeout"."""
+    from gpuwarden.web import views
+
+    async def overrun(*_: object) -> None:
+        raise TimeoutError  # what asyncio.timeout raises when the action passes it
+
+    async with web_env(make_app, tmp_path) as w:
+        inst = await launcher.launch(w.app, w.fake.offers[0], hours=1)
+        monkeypatch.setattr(views, "act", overrun)
+        async with w.http.post(f"{w.base}/api/instances/{inst.id}/activity", headers=w.bearer) as r:
+            assert r.status == 504
+            body = await r.json()
+        assert body["code"] == "timeout" and "request_timeout" in body["error"]

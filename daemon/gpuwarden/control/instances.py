@@ -463,7 +463,7 @@ async def history(app: App, hours: float = 24.0) -> list[dict[str, Any]]:
 
 async def _ended_by(app: App, instance_id: str) -> str | None:
     """The `by` of the event that began the instance's end."""
-    for ev in reversed(await app.store.events(entity_id=instance_id)):
+    for ev in reversed(await app.store.events(entity_id=instance_id, name="state")):
         if ev.to_state == InstanceState.TERMINATING.value:
             by = ev.details.get("by")
             return by if isinstance(by, str) else None

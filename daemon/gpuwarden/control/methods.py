@@ -8,6 +8,7 @@ record `caller.by`) and the params, and returns plain data; server.py turns it i
 
 from __future__ import annotations
 
+import functools
 import os
 import pwd
 from collections.abc import Awaitable, Callable, Mapping
@@ -122,7 +123,10 @@ class PauseParams(_Params):
 P = TypeVar("P", bound=_Params)
 
 
+@functools.lru_cache(maxsize=256)
 def _user_name(uid: int) -> str:
+    # Once per uid, not per connection: with NSS on LDAP or sssd a lookup can block the
+    # event loop (and the guard with it) for seconds. A KeyError is not cached: tried again.
     return pwd.getpwuid(uid).pw_name
 
 

@@ -24,7 +24,6 @@ from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 from typing import Protocol
 
-import apprise
 import structlog
 
 from gpuwarden.core.heartbeat import BEAT_EVERY
@@ -58,12 +57,18 @@ class AppriseSender:
     """Delivery through apprise's asyncio API (its blocking plugins run in its threads)."""
 
     def __init__(self, urls: Sequence[str]) -> None:
+        # Imported here, not at the top: every daemon imports this module, and apprise
+        # costs about a quarter of a second at start-up that a daemon without notify.urls
+        # would pay for nothing.
+        import apprise
+
+        self._info, self._warning = apprise.NotifyType.INFO, apprise.NotifyType.WARNING
         self._apprise = apprise.Apprise()
         for url in urls:
             self._apprise.add(url)
 
     async def send(self, message: Message) -> bool:
-        kind = apprise.NotifyType.WARNING if message.warning else apprise.NotifyType.INFO
+        kind = self._warning if message.warning else self._info
         result = await self._apprise.async_notify(
             body=message.body, title=message.title, notify_type=kind
         )

@@ -188,6 +188,9 @@ class DashboardServer:
             return _json({"error": str(exc.args[0]), "code": "not_found"}, 404)
         except IllegalTransition as exc:
             return _json({"error": str(exc), "code": "invalid_state"}, 409)
+        except TimeoutError:  # as the control socket answers an overrun: say so, in JSON
+            took = f"the action took longer than {timeout:g} s (daemon.request_timeout)"
+            return _json({"error": took, "code": "timeout"}, 504)
         return _json(result)
 
     async def _output(self, request: web.Request) -> web.StreamResponse:
