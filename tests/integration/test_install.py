@@ -300,7 +300,9 @@ def test_install_with_the_venv_step_installs_the_wheel_and_its_gpuwarden_runs(
     """The venv step on: install.sh creates the venv under --root and installs the wheel into
     it; then that install's own `gpuwarden check-config` accepts the installed config.
     Offline: pip gets no index and installs the wheel alone (PIP_NO_INDEX, PIP_NO_DEPS); its
-    dependencies come from this venv, after the installed venv's own packages on sys.path."""
+    dependencies come from this venv through PYTHONPATH (ahead of site-packages on sys.path,
+    but the checkout's editable finder is a .pth hook, which PYTHONPATH entries do not run:
+    the `gpuwarden.__file__` check below proves the installed copy is the one imported)."""
     wheel = build_wheel(tmp_path / "build")
     root = tmp_path / "root"
     offline = {**env, "PIP_NO_INDEX": "1", "PIP_NO_DEPS": "1"}

@@ -245,8 +245,9 @@ async def cancel_midway(
     progress = home / ".gpuwarden" / "jobs" / job.id / "progress.jsonl"
 
     async def cancel_once_running() -> None:
-        while not (progress.is_file() and progress.read_bytes()):
-            await asyncio.sleep(0.02)
+        async with asyncio.timeout(30):  # a runner that never starts fails, not hangs
+            while not (progress.is_file() and progress.read_bytes()):
+                await asyncio.sleep(0.02)  # a real process writes it: polled, bounded
         await runner.app.store.record(EntityKind.JOB, job.id, "cancel_requested")
 
     async def run_and_cancel() -> Outcome:

@@ -17,7 +17,7 @@ from typing import Any
 
 import asyncssh
 import pytest
-from tests.conftest import T0, MakeApp
+from tests.conftest import T0, MakeApp, eventually
 
 from gpuwarden.cli import client as client_mod
 from gpuwarden.cli import commands_views as views
@@ -265,8 +265,13 @@ async def test_the_reconciler_lists_within_boot_poll_after_a_launch(
     try:
         await asyncio.wait_for(rec.asleep.wait(), 5)
         inst = await launcher.launch(app, fake.offers[0])
-        for _ in range(50):  # let the woken loop go back to sleep on the shorter wait
-            await asyncio.sleep(0)
+        short_wake = clock.now() + BOOT_POLL
+
+        def on_the_short_wait() -> bool:  # the woken loop went back to sleep for BOOT_POLL
+            wake = clock.next_wake()
+            return rec.asleep.is_set() and wake is not None and wake <= short_wake
+
+        await eventually(on_the_short_wait, what="the reconciler asleep for BOOT_POLL")
         await clock.advance(BOOT_POLL.total_seconds() + 0.001)
         await asyncio.wait_for(rec.asleep.wait(), 5)
         got = await app.store.get_instance(inst.id)
