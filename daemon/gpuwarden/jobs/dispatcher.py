@@ -76,6 +76,7 @@ class Dispatcher:
             if self._covers(booting_job, job):
                 elapsed = (now - launched).total_seconds()
                 free_in.append(self._cold_start_guess() - elapsed + typical)
+        spot_ok = spot.wants_spot(job, True)  # the job's, the same for every instance
         for iid, jid in list(self._busy.items()):
             if jid in self._booting:
                 continue
@@ -85,7 +86,6 @@ class Dispatcher:
             except NotFoundError:
                 continue
             cap = self._caps.get(iid, queue.Capability(None, inst.price_per_hour))
-            spot_ok = spot.wants_spot(job, True)
             if not queue.fits(job.spec, inst, cap, self._settings().gpu_ram_gb, spot_ok=spot_ok):
                 continue
             elapsed = (now - (running.started_at or now)).total_seconds()

@@ -19,11 +19,9 @@ from gpuwarden.core.model import Instance, InstanceState
 class LiveInstances:
     def __init__(self) -> None:
         self._rows: dict[str, Instance] = {}
-        self._version = 0
 
     def load(self, rows: Iterable[Instance]) -> None:
         self._rows = {i.id: i for i in rows if i.state.live}
-        self._version += 1
 
     def apply(self, inst: Instance) -> None:
         """The row as committed: kept while live, dropped once ended."""
@@ -31,12 +29,6 @@ class LiveInstances:
             self._rows[inst.id] = inst
         else:
             self._rows.pop(inst.id, None)
-        self._version += 1
-
-    @property
-    def version(self) -> int:
-        """Changes with every applied row (readers may cache what they derive from it)."""
-        return self._version
 
     def get(self, instance_id: str) -> Instance | None:
         return self._rows.get(instance_id)

@@ -134,9 +134,9 @@ end_lambda() {
         # Without the operator's opt-in there is no key here. Powering off would not stop
         # Lambda's billing, so we only warn; the daemon-side path must end this instance.
         if [ -z "${warned:-}" ]; then
-            log "cannot end instance: no API key; it bills until terminated"
+            log "cannot end instance: no API key (policy.lambda_deadman_api_key is off); it bills until terminated"
             command -v wall >/dev/null 2>&1 &&
-                echo "gpuwarden: the daemon has stopped watching this instance and it is still billing. Terminate it in the Lambda dashboard when done." | wall 2>/dev/null
+                echo "gpuwarden: unwatched and still billing; terminate it in the Lambda dashboard when done." | wall 2>/dev/null
             warned=1
         fi
         return 1
