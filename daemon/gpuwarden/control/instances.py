@@ -13,6 +13,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from gpuwarden.control import warm as warm_spend
+from gpuwarden.control.offers import offer_dict, requirements_for, search
 from gpuwarden.control.rows import deadline_fields, instance_dict
 from gpuwarden.core import errors, policy
 from gpuwarden.core.clock import format_ts
@@ -30,7 +31,7 @@ from gpuwarden.fleet import budget, launcher
 from gpuwarden.fleet.app import App
 from gpuwarden.fleet.busy import jobs_on_instances, observations
 from gpuwarden.jobs import spot
-from gpuwarden.providers.base import Offer, Requirements
+from gpuwarden.providers.base import Requirements
 from gpuwarden.store import NotFoundError
 
 # --- lookups -----------------------------------------------------------------------------
@@ -79,81 +80,6 @@ def ambiguous(ref: str, what: str, found: list[tuple[str, str]]) -> errors.Ambig
     )
 
 
-def _requirements(
-    app: App,
-    *,
-    requirements: Requirements | None,
-    gpu: str | None,
-    gpu_ram_gb: float | None,
-    max_price: float | None,
-    limit: int,
-) -> Requirements:
-    if requirements is not None:
-        return requirements
-    jobs = app.settings.jobs
-    cap = app.settings.budget.max_hourly_price
-    price = max_price if cap is None or max_price is None else min(max_price, cap)
-    return Requirements(
-        gpu_name=gpu,
-        min_gpu_ram_gb=jobs.gpu_ram_gb if gpu_ram_gb is None else gpu_ram_gb,
-        max_price=cap if price is None else price,
-        min_reliability=jobs.min_reliability,
-        limit=limit,
-        disk_gb=jobs.disk_gb,  # what launcher.launch asks for
-    )
-
-
-def _providers(app: App, provider: str | None) -> dict[str, Any]:
-    if provider is None:
-        return dict(app.providers)
-    if provider not in app.providers:
-        known = ", ".join(sorted(app.providers)) or "none"
-        raise errors.ProviderUnavailable(
-            f"provider {provider!r} is not enabled (enabled: {known})", provider=provider
-        )
-    return {provider: app.providers[provider]}
-
-
-async def _search(
-    app: App, provider: str | None, want: Requirements
-) -> tuple[list[Offer], list[str]]:
-    """Offers from every chosen provider, cheapest first, and a warning for each provider
-    that failed (rate-limited, down): its offers are missing, and the caller must say so,
-    or the cheapest "match" may be the dearer GPU. If all fail, ProviderUnavailable."""
-    chosen = _providers(app, provider)
-    results = await asyncio.gather(
-        *(p.search_offers(want) for p in chosen.values()), return_exceptions=True
-    )
-    found: list[Offer] = []
-    failures: list[str] = []
-    for name, res in zip(chosen, results, strict=True):
-        if isinstance(res, asyncio.CancelledError):
-            raise res
-        if isinstance(res, BaseException):
-            failures.append(f"{name}: {res}")
-        else:
-            found.extend(res)
-    if failures and not found and len(failures) == len(chosen):
-        raise errors.ProviderUnavailable("offer search failed: " + "; ".join(failures))
-    cheapest = sorted(found, key=lambda o: (o.price_per_hour, o.provider, o.offer_id))
-    return cheapest, [f"no offers from {f} (its search failed)" for f in failures]
-
-
-def offer_dict(o: Offer) -> dict[str, Any]:
-    return {
-        "provider": o.provider,
-        "offer_id": o.offer_id,
-        "gpu": o.gpu_name,
-        "num_gpus": o.num_gpus,
-        "gpu_ram_gb": o.gpu_ram_gb,
-        "price_per_hour": o.price_per_hour,
-        "region": o.region,
-        "reliability": o.reliability,
-        "verified": o.verified,
-        "billing": o.billing.value,
-    }
-
-
 # --- offers and launch -------------------------------------------------------------------
 
 
@@ -168,7 +94,7 @@ async def offers(
     max_price: float | None = None,
 ) -> dict[str, Any]:
     """{"offers": cheapest first, at most `limit`, "warnings": providers that failed}."""
-    want = _requirements(
+    want = requirements_for(
         app,
         requirements=requirements,
         gpu=gpu,
@@ -176,7 +102,7 @@ async def offers(
         max_price=max_price,
         limit=limit,
     )
-    found, warnings = await _search(app, provider, want)
+    found, warnings = await search(app, provider, want)
     return {"offers": [offer_dict(o) for o in found[:limit]], "warnings": warnings}
 
 
@@ -195,7 +121,7 @@ async def launch(
 ) -> dict[str, Any]:
     """Rent `offer_id`, or the cheapest offer matching the requirements across the enabled
     providers. `dry_run`: only the estimate (gpu, rate, hours, estimated cost)."""
-    want = _requirements(
+    want = requirements_for(
         app,
         requirements=requirements,
         gpu=gpu,
@@ -205,7 +131,7 @@ async def launch(
     )
     if offer_id is not None:
         want = Requirements(min_reliability=0.0, verified=False, limit=500, num_gpus=1)
-    found, warnings = await _search(app, provider, want)
+    found, warnings = await search(app, provider, want)
     if offer_id is not None:
         found = [o for o in found if o.offer_id == offer_id]
     if not found:
@@ -377,6 +303,7 @@ def _ended_dict(inst: Instance) -> dict[str, Any]:
 
 
 STATUS_CHUNK = 250  # rows built between two yields to the event loop
+STATUS_PAGE = 100  # rows `status` shows unless asked for more (`limit`, or `all`)
 _STATUS_GATE = asyncio.Semaphore(1)
 
 
@@ -384,50 +311,67 @@ async def status(
     app: App,
     *,
     limit: int | None = None,
+    all: bool = False,  # the socket's parameter, as `gpuwarden status --all` names it
     provider: str | None = None,
     state: str | None = None,
     gpu: str | None = None,
 ) -> dict[str, Any]:
-    """The live instances (those matching the filters; the first `limit` of them in
-    `instances`), with totals over every match. Read from the store's memory: no query.
-    One answer is built at a time: at 10,000 rows each holds tens of MB while it is built."""
+    """The live instances matching the filters, in creation order: the first `limit` of
+    them (STATUS_PAGE by default; `all`: every one) in `instances`, with `count` (every
+    match), `shown`, and totals over every match. Read from the store's memory: no query
+    of the instances. Without a filter, the totals are the ones the store keeps as rows
+    change (core/totals.py) and the page is read without a walk of the fleet, so the
+    default call costs the page, not the fleet. One answer is built at a time: at 10,000
+    rows each holds tens of MB while it is built."""
+    size = None if all else (limit or STATUS_PAGE)
     async with _STATUS_GATE:
-        return await _status(app, limit=limit, provider=provider, state=state, gpu=gpu)
+        return await _status(app, size=size, provider=provider, state=state, gpu=gpu)
 
 
 async def _status(
-    app: App, *, limit: int | None, provider: str | None, state: str | None, gpu: str | None
+    app: App, *, size: int | None, provider: str | None, state: str | None, gpu: str | None
 ) -> dict[str, Any]:
     now = app.clock.now()
-    live = [
-        i
-        for i in await app.store.live_instances()
-        if (provider is None or i.provider == provider)
-        and (state is None or i.state.value == state)
-        and gpu_matches(gpu, i.gpu)
-    ]
     on = await jobs_on_instances(app)
-    busy = set(on)
+    busy = frozenset(on)
     limits = app.limits()
     interval = app.settings.policy.watchdog_interval
-    shown = live if limit is None else live[:limit]
+    live = app.store.live
+    if provider is None and state is None and gpu is None:
+        count = len(live)
+        shown = live.select() if size is None else live.first(size)
+        rate, cost_now = live.cost_per_hour(), live.cost_now(now)
+        est = live.est_total(busy, limits, now)
+    else:
+        found = [
+            i
+            for i in live.select()
+            if (provider is None or i.provider == provider)
+            and (state is None or i.state.value == state)
+            and gpu_matches(gpu, i.gpu)
+        ]
+        count = len(found)
+        shown = found if size is None else found[:size]
+        rate = sum(i.price_per_hour for i in found if i.provider_id)
+        cost_now = est = 0.0
+        for n, inst in enumerate(found):
+            if n % STATUS_CHUNK == STATUS_CHUNK - 1:
+                await asyncio.sleep(0)  # thousands of rows: let a due deadline go first
+            cost_now += policy.cost_so_far(inst, now)
+            est += policy.est_total(inst, observations(inst, busy), limits, now)
     rows: list[dict[str, Any]] = []
-    cost_now = est = 0.0
-    for n, inst in enumerate(live):
+    for n, inst in enumerate(shown):
         if n % STATUS_CHUNK == STATUS_CHUNK - 1:
-            await asyncio.sleep(0)  # thousands of rows: let a due deadline go first
-        cost_now += policy.cost_so_far(inst, now)
-        est += policy.est_total(inst, observations(inst, busy), limits, now)
-        if len(rows) < len(shown):
-            # "job": the job running on it now (job_id is the job it was rented for).
-            row = instance_dict(inst, now, busy, limits=limits, watchdog_interval=interval)
-            rows.append({**row, "job": on.get(inst.id)})
+            await asyncio.sleep(0)
+        # "job": the job running on it now (job_id is the job it was rented for).
+        row = instance_dict(inst, now, busy, limits=limits, watchdog_interval=interval)
+        rows.append({**row, "job": on.get(inst.id)})
     return {
         "now": format_ts(now),
         "instances": rows,
-        "count": len(live),
+        "count": count,
         "shown": len(rows),
-        "cost_per_hour": round(sum(i.price_per_hour for i in live if i.provider_id), 6),
+        "cost_per_hour": round(rate, 6),
         "cost_now": round(cost_now, 6),
         "est_total": round(est, 6),
         "budget": await budget_json(app, now),

@@ -39,10 +39,12 @@ Id = Field(min_length=1, max_length=128)
 
 
 class StatusParams(_Params):
-    """Which live instances to list: at most `limit` rows (the totals still count every
-    match), of one provider, state and GPU model."""
+    """Which live instances to list: at most `limit` rows (by default the first page,
+    `all`: every row; the totals still count every match), of one provider, state and GPU
+    model."""
 
     limit: int | None = Field(default=None, ge=1, le=1_000_000)
+    all: bool = False  # every row (the default is the first page: instances.STATUS_PAGE)
     provider: str | None = Field(default=None, min_length=1, max_length=64)
     state: Literal["requested", "provisioning", "running", "terminating"] | None = None
     gpu: str | None = Field(default=None, min_length=1, max_length=64)
@@ -153,7 +155,9 @@ class Method(Generic[P]):
 
 
 async def _status(app: App, c: Caller, p: StatusParams) -> Any:
-    return await instances.status(app, limit=p.limit, provider=p.provider, state=p.state, gpu=p.gpu)
+    return await instances.status(
+        app, limit=p.limit, all=p.all, provider=p.provider, state=p.state, gpu=p.gpu
+    )
 
 
 async def _offers(app: App, c: Caller, p: OffersParams) -> Any:

@@ -3,6 +3,7 @@ from a record, the limits and `now` (pure: `status` builds one per row it shows)
 
 from __future__ import annotations
 
+from collections.abc import Set as AbstractSet
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -28,7 +29,7 @@ def deadline_fields(
 def instance_dict(
     inst: Instance,
     now: datetime,
-    busy: set[str] | None = None,
+    busy: AbstractSet[str] | None = None,
     *,
     limits: policy.Limits,
     watchdog_interval: timedelta,

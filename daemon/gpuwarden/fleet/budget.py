@@ -54,16 +54,14 @@ class BudgetState:
 
 async def state(app: App, now: datetime) -> BudgetState:
     limits = app.limits()
-    live = await app.store.live_instances()
-    so_far = sum(policy.cost_so_far(i, now) for i in live)
-    ahead = sum(policy.committed_cost(i, limits, now) for i in live)
-    # One read per pass: today's terminations are the month's from midnight on.
-    month = await app.store.terminations(policy.month_start(now))
-    today = policy.day_start(now)
+    # Kept by the store's live view as rows change: no walk of the fleet on each check.
+    so_far = app.store.live.cost_now(now)
+    ahead = app.store.live.committed(limits, now)
+    month, today = await app.store.ended_spend(policy.month_start(now), policy.day_start(now))
     out: list[Window] = []
     for name, ended, limit in (
-        ("daily", sum(t.cost for t in month if t.at >= today), limits.daily_limit),
-        ("monthly", sum(t.cost for t in month), limits.monthly_limit),
+        ("daily", today, limits.daily_limit),
+        ("monthly", month, limits.monthly_limit),
     ):
         out.append(Window(name, limit, ended + so_far, ended + ahead))
     return BudgetState(*out)

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Set as AbstractSet
+
 from gpuwarden.core import policy
 from gpuwarden.core.model import Instance, JobState
 from gpuwarden.fleet.app import App
@@ -21,5 +23,5 @@ async def jobs_on_instances(app: App) -> dict[str, str]:
     return await app.store.jobs_holding_instances(BUSY_JOB_STATES)
 
 
-def observations(inst: Instance, busy: set[str]) -> policy.Observations:
+def observations(inst: Instance, busy: AbstractSet[str]) -> policy.Observations:
     return policy.Observations(busy=inst.id in busy)

@@ -35,6 +35,7 @@ class StoreReads:
 
     _reader: aiosqlite.Connection
     live: LiveInstances
+    _ended_spend: tuple[tuple[datetime, datetime, int], tuple[float, float]] | None = None
 
     async def get_instance(self, instance_id: str) -> Instance:
         """A live instance from memory; an ended one from the database."""
@@ -83,6 +84,17 @@ class StoreReads:
             args += (format_ts(until),)
         got = await sql.fetch(self._reader, query + " ORDER BY at", args)
         return [rows.termination_from_row(r) for r in got]
+
+    async def ended_spend(self, month: datetime, day: datetime) -> tuple[float, float]:
+        """The cost in the termination records since `month` and since `day` (the budget's
+        windows). Read again only when an instance has ended since, or a window moved: a
+        month of records at 10,000 instances is hundreds of thousands of rows."""
+        key = (month, day, self.live.ended)
+        if self._ended_spend is None or self._ended_spend[0] != key:
+            ended = await self.terminations(month)
+            sums = (sum(t.cost for t in ended), sum(t.cost for t in ended if t.at >= day))
+            self._ended_spend = (key, sums)
+        return self._ended_spend[1]
 
     async def spot_terminations(self, since: datetime) -> list[tuple[Termination, dict[str, Any]]]:
         """Termination records of spot instances since `since`, each with its instance's
