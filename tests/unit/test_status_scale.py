@@ -1,17 +1,21 @@
-"""`status` at scale: --limit and the provider/state/GPU filters (totals over every match),
-and the plain layout of tables too long for rich."""
+"""`status` at scale: the first page by default, --limit, --all and the provider/state/GPU
+filters (totals over every match, kept or walked alike), and the plain layout of tables too
+long for rich."""
 
 from __future__ import annotations
 
 import io
 from datetime import timedelta
 
+import pytest
 from tests.conftest import T0, MakeApp
 
+from gpuwarden.cli import build_parser
+from gpuwarden.cli import commands_views as views
 from gpuwarden.cli.output import PLAIN_ROWS, Out
 from gpuwarden.control import instances as api
 from gpuwarden.core.clock import FakeClock
-from gpuwarden.core.model import Instance, InstanceState
+from gpuwarden.core.model import Instance, InstanceState, TerminationReason
 
 
 def _inst(n: int, provider: str, gpu: str, state: InstanceState, clock: FakeClock) -> Instance:
@@ -69,3 +73,45 @@ def test_a_long_table_is_laid_out_plainly_with_the_same_columns() -> None:
     width = len(lines[1])
     assert all(len(line) == width for line in lines[1:-2])  # right-aligned to one edge
     assert lines[-2].startswith("---")
+
+
+async def test_status_answers_the_first_page_by_default_with_totals_over_every_instance(
+    make_app: MakeApp,
+) -> None:
+    clock = FakeClock(T0)
+    app = await make_app(clock=clock)
+    for n in range(api.STATUS_PAGE + 30):
+        await app.store.insert_instance(_inst(n, "vast", "RTX 4090", InstanceState.RUNNING, clock))
+    await clock.advance(433.000005)
+    page = await api.status(app)
+    assert page["count"] == api.STATUS_PAGE + 30 and page["shown"] == api.STATUS_PAGE
+    assert [r["id"] for r in page["instances"]][:2] == ["i0000", "i0001"]
+    every = await api.status(app, all=True)
+    assert every["shown"] == every["count"] == api.STATUS_PAGE + 30
+    # The kept totals (no filter) equal the ones a filter computes instance by instance.
+    walked = await api.status(app, provider="vast", limit=1)
+    for key in ("cost_per_hour", "cost_now", "est_total"):
+        assert page[key] == pytest.approx(walked[key], abs=1e-6), key
+        assert page[key] == every[key], key
+    assert page["cost_now"] > 0 and page["budget"] == walked["budget"]
+    # An end moves the totals at once.
+    await app.store.transition_instance(
+        "i0000", InstanceState.TERMINATED, reason=TerminationReason.MANUAL
+    )
+    after = await api.status(app)
+    assert after["count"] == api.STATUS_PAGE + 29
+    assert after["instances"][0]["id"] == "i0001"
+    assert after["cost_per_hour"] == pytest.approx(page["cost_per_hour"] - 1.0)
+
+
+def test_the_cli_says_when_rows_are_left_out_and_takes_all_or_a_limit() -> None:
+    reply = {"count": 10_000, "shown": 100}
+    rows: list[dict[str, object]] = [{}] * 100
+    assert views._left_out(reply, rows, False) == (
+        "showing 100 of 10,000 live instances; --limit N or --all for more"
+    )
+    assert "matching" in str(views._left_out(reply, rows, True))
+    assert views._left_out({"count": 100}, rows, False) is None  # nothing left out: no line
+    assert build_parser().parse_args(["status", "--all"]).all is True
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["status", "--all", "--limit", "5"])

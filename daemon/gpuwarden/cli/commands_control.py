@@ -18,7 +18,7 @@ from typing import Any
 
 from gpuwarden.cli import commands_views as views
 from gpuwarden.cli.client import DOMAIN_ERROR, ControlClient, RemoteError
-from gpuwarden.cli.commands_views import LIVE, drop_none, status_rows
+from gpuwarden.cli.commands_views import ALL, LIVE, drop_none, status_rows
 from gpuwarden.cli.output import (
     EX_DOMAIN,
     EX_OK,
@@ -40,7 +40,9 @@ def register(sub: Any) -> None:
     p = command(
         sub, "status", "show live instances: uptime, time left, last probe, cost", views.show_status
     )
-    p.add_argument("--limit", type=positive(int), metavar="N", help="show at most N instances")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--limit", type=positive(int), metavar="N", help="show at most N (default 100)")
+    g.add_argument("--all", action="store_true", help="show every instance, not the first 100")
     p.add_argument("--provider", metavar="P", help="only this provider (e.g. vast, sim-vast)")
     p.add_argument("--state", choices=sorted(LIVE), help="only instances in this state")
     p.add_argument("--gpu", metavar="NAME", help="only this GPU model (4090, A100)")
@@ -271,7 +273,7 @@ async def _wait_ready(
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
     while True:
-        rows = {str(r.get("id")): r for r in status_rows(await client.call("status"))}
+        rows = {str(r.get("id")): r for r in status_rows(await client.call("status", ALL))}
         row = rows.get(iid)
         if row is None:  # ended: the store says how
             events = await client.call("events.list", {"entity_id": iid, "limit": 20})
@@ -416,7 +418,7 @@ def _destroy(args: argparse.Namespace) -> int:
 def _destroy_all(args: argparse.Namespace) -> int:
     async def body(client: ControlClient, out: Out) -> int:
         if not args.yes:
-            rows = status_rows(await client.call("status"))
+            rows = status_rows(await client.call("status", ALL))
             live = [r for r in rows if r.get("state") in LIVE]
             if not live:
                 if out.json_mode:

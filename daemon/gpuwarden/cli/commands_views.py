@@ -45,6 +45,9 @@ STATE_STYLE = {
 # --- status -------------------------------------------------------------------------------
 
 
+ALL = {"all": True}  # status params for every row (the daemon answers the first 100 without)
+
+
 def status_rows(result: Any) -> list[dict[str, Any]]:
     """The instance list of a status reply (a list, or {"instances": [...]})."""
     if isinstance(result, Mapping):
@@ -116,16 +119,19 @@ def show_status(args: argparse.Namespace) -> int:
         k: getattr(args, k, None)
         for k in ("limit", "provider", "state", "gpu")
         if getattr(args, k, None) is not None
-    }
+    } | ({"all": True} if getattr(args, "all", False) else {})
 
     async def once(client: ControlClient, out: Out) -> None:
         result = await client.call("status", wanted)
         rows = status_rows(result)
+        left_out = _left_out(result, rows, bool(wanted.keys() - {"limit", "all"}))
         if out.json_mode:
             if args.watch:  # one document per line, a stream a script can read as it comes
                 print(json.dumps(rows, default=str), flush=True)
             else:
                 out.json(rows)
+            if left_out:
+                out.hint(left_out)  # on stderr: the JSON stays the rows alone
             return
         now = result.get("now") if isinstance(result, Mapping) else None
         if args.watch:
@@ -135,9 +141,8 @@ def show_status(args: argparse.Namespace) -> int:
             out.print("No live instances." if not wanted else "No live instance matches.")
         else:
             status_table(out, rows, now)
-        count = result.get("count") if isinstance(result, Mapping) else None
-        if isinstance(count, int) and count > len(rows):
-            out.print(f"Showing {len(rows)} of {count} (--limit).")
+        if left_out:
+            out.print(left_out)
         if isinstance(result, Mapping) and result.get("queue_paused"):
             out.print(queue_line(result))
 
@@ -152,6 +157,15 @@ def show_status(args: argparse.Namespace) -> int:
 
     # Ctrl-C is how a watch is meant to end: not an error.
     return run_command(args, body, interrupted=EX_OK if args.watch else 130)
+
+
+def _left_out(result: Any, rows: list[dict[str, Any]], filtered: bool) -> str | None:
+    """The line that says rows were left out (the daemon's page, or --limit), else None."""
+    count = result.get("count") if isinstance(result, Mapping) else None
+    if not isinstance(count, int) or count <= len(rows):
+        return None
+    what = "matching live instances" if filtered else "live instances"
+    return f"showing {len(rows):,} of {count:,} {what}; --limit N or --all for more"
 
 
 FULL_WIDTH = 170  # narrower terminals get the compact table
