@@ -10,9 +10,12 @@ fake cloud in place of a provider) is started and measured:
   the first pass and one with nothing changed);
 - CPU with nothing due (% of a core over IDLE_WINDOW, from /proc, once no instance is being
   launched) and RSS at rest;
-- `status` over the socket (p50 / p99 of sequential calls), RSS after 8 concurrent calls;
-- `gpuwarden status` through the CLI, a whole process (plain and --json);
-- the first page, `status --limit 100`, over the socket (p99) and through the CLI;
+- `status` over the socket as the CLI asks by default (the first page of 100 rows, with the
+  totals over every instance): p50 / p99 of sequential calls;
+- the whole list, `status --all`, over the socket (p50 / p99) and RSS after 8 concurrent
+  whole-list calls;
+- `gpuwarden status` through the CLI, a whole process (plain and --json: the first page;
+  --all: every row);
 - deadline -> destroy call lag, p50 / p99 / max, over the planted deadlines;
 - whether any loop stalled (`loops_stalled`: systemd's watchdog would have been starved).
 
@@ -54,7 +57,6 @@ PLANTED = 200
 WINDOW = timedelta(seconds=20)  # the planted deadlines spread over this
 BURST = (1000, timedelta(seconds=10))  # instances, all of them due within this
 IDLE_WINDOW = 5.0
-PAGE = 100  # rows of `status --limit`
 STATUS_BUDGET = 8.0  # seconds of sequential status calls (at least 5 calls)
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -114,32 +116,36 @@ async def _timed(fn: Callable[[], Any]) -> float:
     return time.perf_counter() - t0
 
 
-async def _status_figures(sock: Path, pid: int) -> dict[str, Any]:
+async def _latencies(sock: Path, params: dict[str, Any], most: int) -> list[float]:
+    """Sequential `status` calls for STATUS_BUDGET seconds (at least 5, at most `most`)."""
     lat: list[float] = []
+    async with ControlClient(sock) as client:
+        t_end = time.perf_counter() + STATUS_BUDGET
+        while len(lat) < 5 or (time.perf_counter() < t_end and len(lat) < most):
+            lat.append(await _timed(lambda: client.call("status", params)))
+    return lat
+
+
+async def _status_figures(sock: Path, pid: int) -> dict[str, Any]:
     try:
-        async with ControlClient(sock) as client:
-            t_end = time.perf_counter() + STATUS_BUDGET
-            while len(lat) < 5 or (time.perf_counter() < t_end and len(lat) < 100):
-                lat.append(await _timed(lambda: client.call("status")))
+        lat = await _latencies(sock, {}, 500)  # the default call: the first page
+        every = await _latencies(sock, {"all": True}, 100)  # the whole list
     except (RemoteError, TimeoutError) as exc:  # e.g. past the daemon's request timeout
-        print(f"\nstatus failed after {len(lat)} calls: {exc}")
+        print(f"\nstatus failed: {exc}")
         return {"status_p50": float("inf"), "status_p99": float("inf")}
     clients = [ControlClient(sock) for _ in range(8)]
 
     async def one(c: ControlClient) -> None:
         async with c:
-            await c.call("status")
+            await c.call("status", {"all": True})  # the worst case: 8 whole lists at once
 
     await asyncio.gather(*(one(c) for c in clients))
-    paged: list[float] = []
-    async with ControlClient(sock) as client:
-        for _ in range(50):  # the first page, as `gpuwarden status --limit 100` asks for it
-            paged.append(await _timed(lambda: client.call("status", {"limit": PAGE})))
     return {
-        "page_p99": _q(paged, 0.99),
         "status_p50": statistics.median(lat),
         "status_p99": _q(lat, 0.99),
         "status_calls": len(lat),
+        "all_p50": statistics.median(every),
+        "all_p99": _q(every, 0.99),
         "rss_8_status": _rss_mb(pid),
         "rss_peak": _rss_mb(pid, "VmHWM"),
     }
@@ -252,9 +258,7 @@ async def _run(count: int, planted: int, window: timedelta, *, full: bool) -> di
                 out |= await _status_figures(sock, proc.pid)
                 out["cli_status"] = statistics.median([await _cli(sock) for _ in range(3)])
                 out["cli_json"] = statistics.median([await _cli(sock, "--json") for _ in range(3)])
-                out["cli_page"] = statistics.median(
-                    [await _cli(sock, "--limit", str(PAGE)) for _ in range(3)]
-                )
+                out["cli_all"] = statistics.median([await _cli(sock, "--all") for _ in range(3)])
             out["overran"] = clock.now() > first
             log = base / "state" / "destroys.log"
             give_up = time.time() + (first - clock.now() + window).total_seconds() + 240
@@ -305,8 +309,9 @@ COLUMNS = [
     ("status_p99", "status p99"),
     ("cli_status", "CLI status"),
     ("cli_json", "CLI --json"),
-    ("page_p99", "status --limit 100 p99"),
-    ("cli_page", "CLI --limit 100"),
+    ("all_p50", "status --all p50"),
+    ("all_p99", "status --all p99"),
+    ("cli_all", "CLI --all"),
     ("stalls", "stalls"),
 ]
 

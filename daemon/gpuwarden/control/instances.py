@@ -200,8 +200,10 @@ async def queue_pause(app: App) -> dict[str, Any]:
     """Whether the job queue is paused, why (insufficient_credit, user, ...) and since when:
     the flag's last event."""
     paused = bool(await app.store.get_flag(QUEUE_PAUSED_FLAG, False))
-    found = await app.store.events(entity_id=QUEUE_PAUSED_FLAG, limit=1, newest=True)
-    last = found[0] if paused and found else None
+    found = (
+        await app.store.events(entity_id=QUEUE_PAUSED_FLAG, limit=1, newest=True) if paused else []
+    )
+    last = found[0] if found else None
     return {
         "queue_paused": paused,
         "queue_paused_reason": last.reason if last else None,
@@ -331,9 +333,12 @@ async def status(
 async def _status(
     app: App, *, size: int | None, provider: str | None, state: str | None, gpu: str | None
 ) -> dict[str, Any]:
-    now = app.clock.now()
     on = await jobs_on_instances(app)
     busy = frozenset(on)
+    # Read after the await, and the kept totals and the budget's (budget_json, below) before
+    # the next: totals asked at an earlier `now` than another caller's start again from
+    # scratch (core/totals.py).
+    now = app.clock.now()
     limits = app.limits()
     interval = app.settings.policy.watchdog_interval
     live = app.store.live
@@ -359,6 +364,7 @@ async def _status(
                 await asyncio.sleep(0)  # thousands of rows: let a due deadline go first
             cost_now += policy.cost_so_far(inst, now)
             est += policy.est_total(inst, observations(inst, busy), limits, now)
+    money = await budget_json(app, now)
     rows: list[dict[str, Any]] = []
     for n, inst in enumerate(shown):
         if n % STATUS_CHUNK == STATUS_CHUNK - 1:
@@ -374,7 +380,7 @@ async def _status(
         "cost_per_hour": round(rate, 6),
         "cost_now": round(cost_now, 6),
         "est_total": round(est, 6),
-        "budget": await budget_json(app, now),
+        "budget": money,
         **(await queue_pause(app)),
     }
 
