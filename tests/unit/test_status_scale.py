@@ -15,7 +15,7 @@ from gpuwarden.cli import commands_views as views
 from gpuwarden.cli.output import PLAIN_ROWS, Out
 from gpuwarden.control import instances as api
 from gpuwarden.core.clock import FakeClock
-from gpuwarden.core.model import Instance, InstanceState, TerminationReason
+from gpuwarden.core.model import QUEUE_PAUSED_FLAG, Instance, InstanceState, TerminationReason
 
 
 def _inst(n: int, provider: str, gpu: str, state: InstanceState, clock: FakeClock) -> Instance:
@@ -115,3 +115,11 @@ def test_the_cli_says_when_rows_are_left_out_and_takes_all_or_a_limit() -> None:
     assert build_parser().parse_args(["status", "--all"]).all is True
     with pytest.raises(SystemExit):
         build_parser().parse_args(["status", "--all", "--limit", "5"])
+
+
+async def test_status_reads_a_flag_again_once_it_is_written(make_app: MakeApp) -> None:
+    app = await make_app()
+    assert (await api.status(app))["queue_paused"] is False  # read once, then kept
+    await app.store.set_flag(QUEUE_PAUSED_FLAG, True, reason="user")
+    after = await api.status(app)
+    assert after["queue_paused"] is True and after["queue_paused_reason"] == "user"

@@ -76,8 +76,10 @@ class Store(StoreReads):
         self._staged: list[Instance] = []
         self._committed: list[Event] = []  # events of the last commit, for the listeners
         self._queued: list[Transition] = []  # state changes waiting for the writer
-        # Moves after every committed write to the jobs table (readers cache the queue on it).
-        self.jobs_version = 0
+        # Moves after every committed write to the jobs table (readers cache the queue on it),
+        # and to the flags table (reads.py caches the flags on it).
+        self.jobs_version = self.flags_version = 0
+        self._read_cache: dict[tuple[str, object], tuple[int, Any]] = {}
 
     # --- lifecycle -------------------------------------------------------------------
 
@@ -483,6 +485,7 @@ class Store(StoreReads):
                 reason=reason,
                 details={**(details or {}), "value": value},
             )
+        self.flags_version += 1
 
     async def vacuum_into(self, target: Path) -> None:
         """A consistent copy of the database while the daemon runs."""

@@ -36,6 +36,11 @@ class StoreReads:
     _reader: aiosqlite.Connection
     live: LiveInstances
     _ended_spend: tuple[tuple[datetime, datetime, int], tuple[float, float]] | None = None
+    # Reads `status` makes on every call, kept until the table they read is written again:
+    # (what, key) -> (the table's version before the read, the answer).
+    _read_cache: dict[tuple[str, object], tuple[int, Any]]
+    jobs_version: int
+    flags_version: int
 
     async def get_instance(self, instance_id: str) -> Instance:
         """A live instance from memory; an ended one from the database."""
@@ -127,11 +132,17 @@ class StoreReads:
         page (a fleet with more than a page of running jobs has that many busy instances),
         and only two columns (the guard asks on each pass)."""
         wanted = tuple(s.value for s in states)
+        version, hit = self._read_cache.get(("holding", wanted), (-1, None))
+        if hit is not None and version == self.jobs_version:
+            return dict(hit)
+        version = self.jobs_version  # before the read: a write during it makes this stale
         marks = ", ".join("?" * len(wanted))  # placeholders only: the values are bound
         query = "SELECT id, instance_id FROM jobs WHERE instance_id IS NOT NULL AND state IN "
         query += f"({marks})"
         got = await sql.fetch(self._reader, query, wanted)
-        return {str(r["instance_id"]): str(r["id"]) for r in got}
+        found = {str(r["instance_id"]): str(r["id"]) for r in got}
+        self._read_cache[("holding", wanted)] = (version, found)
+        return dict(found)
 
     async def jobs_with_id_prefix(self, prefix: str, limit: int = 10) -> list[Job]:
         """Jobs whose id starts with `prefix` (compared as text: no LIKE wildcards)."""
@@ -172,5 +183,10 @@ class StoreReads:
         return found[::-1] if newest else found
 
     async def get_flag(self, key: str, default: Any = None) -> Any:
-        got = await sql.fetch(self._reader, "SELECT value FROM flags WHERE key = ?", (key,))
-        return json.loads(got[0]["value"]) if got else default
+        version, raw = self._read_cache.get(("flag", key), (-1, None))
+        if version != self.flags_version:
+            version = self.flags_version  # before the read: a write during it makes this stale
+            got = await sql.fetch(self._reader, "SELECT value FROM flags WHERE key = ?", (key,))
+            raw = got[0]["value"] if got else None
+            self._read_cache[("flag", key)] = (version, raw)
+        return default if raw is None else json.loads(raw)
