@@ -145,8 +145,9 @@ def test_kept_totals_equal_the_direct_sums_after_any_run(seed: int) -> None:
     assert live.first(3) == ordered[:3]
 
 
-def test_a_running_instance_is_one_ramp_and_its_estimate_a_constant_to_its_deadline() -> None:
-    inst = Instance(
+def _running(price: float) -> Instance:
+    """Running since T0 with a 2-hour lease, acknowledged by the provider at creation."""
+    return Instance(
         id="i1",
         provider="fake",
         label="l",
@@ -154,9 +155,13 @@ def test_a_running_instance_is_one_ramp_and_its_estimate_a_constant_to_its_deadl
         created_at=T0,
         lease_until=T0 + timedelta(hours=2),
         last_activity=T0,
-        price_per_hour=1.2,
+        price_per_hour=price,
         provider_id="p1",
     )
+
+
+def test_a_running_instance_is_one_ramp_and_its_estimate_a_constant_to_its_deadline() -> None:
+    inst = _running(1.2)
     limits = policy.Limits(idle_timeout=timedelta(minutes=30))
     at = T0 + timedelta(minutes=10)
     assert isinstance(cost_piece(inst, at), Ramp)
@@ -174,17 +179,7 @@ def test_a_running_instance_is_one_ramp_and_its_estimate_a_constant_to_its_deadl
 
 def test_a_piece_past_its_time_is_recomputed() -> None:
     live = LiveInstances()
-    inst = Instance(
-        id="i1",
-        provider="fake",
-        label="l",
-        state=InstanceState.RUNNING,
-        created_at=T0,
-        lease_until=T0 + timedelta(hours=2),
-        last_activity=T0,
-        price_per_hour=3.6,
-        provider_id="p1",
-    )
+    inst = _running(3.6)
     live.apply(inst)
     limits = policy.Limits(idle_timeout=timedelta(minutes=30))
     assert live.est_total(frozenset(), limits, T0) == pytest.approx(1.8)  # to the idle end
