@@ -204,7 +204,13 @@ def _installation(settings: Settings) -> str:
 
 async def record(settings: Settings, clock: SystemClock, done: list[ProviderInstance]) -> str:
     """Write what reap did into the database, if the daemon is not holding it."""
-    from gpuwarden.store import Store, StoreCorrupt
+    from gpuwarden.store import (
+        Store,
+        StoreBusy,
+        StoreCorrupt,
+        StoreUnavailable,
+        StoreWriteFailed,
+    )
     from gpuwarden.system.lock import LockHeld, StateLock
 
     if not settings.db_path.exists():
@@ -219,12 +225,14 @@ async def record(settings: Settings, clock: SystemClock, done: list[ProviderInst
     try:
         try:
             store = await Store.open(settings.db_path, clock)
-        except StoreCorrupt as exc:  # the destroys are done: only the record is lost
+        except (StoreCorrupt, StoreBusy, StoreUnavailable) as exc:  # the destroys are done
             return f"the database cannot be opened ({exc}); nothing recorded"
+        known = 0
         try:
-            known = 0
             for pi in done:
                 known += await _record_one(store, pi)
+        except StoreWriteFailed as exc:  # a full disk, or a lock held by an sqlite3 shell
+            return f"recorded {known} of {len(done)} before a write failed ({exc})"
         finally:
             await store.close()
     finally:
