@@ -103,7 +103,7 @@ def _check(
     assert len(live) == len(fleet)
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=30, deadline=None)
 @given(st.integers(min_value=0, max_value=2**32))
 def test_kept_totals_equal_the_direct_sums_after_any_run(seed: int) -> None:
     rng = random.Random(seed)

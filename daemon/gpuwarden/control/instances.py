@@ -306,7 +306,6 @@ def _ended_dict(inst: Instance) -> dict[str, Any]:
 
 STATUS_CHUNK = 250  # rows built between two yields to the event loop
 STATUS_PAGE = 100  # rows `status` shows unless asked for more (`limit`, or `all`)
-_STATUS_GATE = asyncio.Semaphore(1)
 
 
 async def status(
@@ -323,10 +322,10 @@ async def status(
     match), `shown`, and totals over every match. Read from the store's memory: no query
     of the instances. Without a filter, the totals are the ones the store keeps as rows
     change (core/totals.py) and the page is read without a walk of the fleet, so the
-    default call costs the page, not the fleet. One answer is built at a time: at 10,000
-    rows each holds tens of MB while it is built."""
+    default call costs the page, not the fleet. One answer is built at a time
+    (`app.status_gate`): at 10,000 rows each holds tens of MB while it is built."""
     size = None if all else (limit or STATUS_PAGE)
-    async with _STATUS_GATE:
+    async with app.status_gate:
         return await _status(app, size=size, provider=provider, state=state, gpu=gpu)
 
 
