@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
+from gpuwarden.config import paths
 from gpuwarden.config import settings as config
 from gpuwarden.config.settings import EX_CONFIG, ConfigError, Settings
 from gpuwarden.core.clock import Clock, SystemClock
@@ -79,7 +80,7 @@ class StartupFailed(Exception):
 
 def main(config_path: str | None = None) -> int:
     """The `gpuwarden run` entry point; returns the process exit code."""
-    path = config.resolve_path(config_path)
+    path = paths.resolve_path(config_path)
     try:
         settings = config.load(path)
         config.check_startable(settings)  # before anything is written, as check-config does
