@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -150,3 +151,29 @@ async def test_status_to_a_pipe_imports_no_heavy_library(short_dir: Path, tmp_pa
     assert "gpuwarden.cli.output" in modules  # the probe saw the command run
     loaded = sorted(m for m in modules if m.split(".")[0] in HEAVY)
     assert loaded == []
+
+
+EXTRAS_PROBE = """
+import sys
+import gpuwarden.system.logs, gpuwarden.providers.http, structlog.dev
+extras = ("rich", "click", "pygments", "greenlet")
+skipped = sorted(m for m in sys.modules if m.split(".")[0] in extras)
+import rich.text
+print(skipped, structlog.dev.rich is None, rich.text.Text("x").plain)
+"""
+
+
+def test_structlog_and_httpx_are_imported_without_their_optional_extras() -> None:
+    """gpuwarden/__init__.py: the daemon's loggers and HTTP clients come without rich,
+    click, pygments and greenlet (structlog's and httpx's optional extras), and rich is
+    still there for whoever imports it afterwards (the CLI's tables)."""
+    done = subprocess.run(
+        [sys.executable, "-c", EXTRAS_PROBE],
+        capture_output=True,
+        text=True,
+        env=daemon_env(),
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["[]", "True", "x"]
