@@ -27,7 +27,8 @@ it on each pass) and wakes the guard. Settings read only at start-up (paths, pro
 are reported as needing a restart.
 
 Exit codes: 0 clean stop; 1 start-up failed or shutdown overran its deadline; 75 another
-daemon holds the state dir (EX_TEMPFAIL); 78 invalid config (EX_CONFIG); 130 second SIGINT.
+daemon holds the state dir, or another process the database's write lock (EX_TEMPFAIL); 78
+invalid config (EX_CONFIG); 130 second SIGINT.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ from gpuwarden.core.heartbeat import Heartbeats
 from gpuwarden.fleet import installation
 from gpuwarden.lifecycle import runtime
 from gpuwarden.lifecycle.service import Service
-from gpuwarden.store import Store, StoreCorrupt
+from gpuwarden.store import Store, StoreBusy, StoreCorrupt, StoreUnavailable
 from gpuwarden.system import logs as glog
 from gpuwarden.system import systemd
 from gpuwarden.system.lock import EX_TEMPFAIL, LockHeld, StateLock
@@ -217,7 +218,20 @@ class Supervisor:
             state_dir=str(state_dir.absolute()),
             config=str(self.config_path),
         )
-        store = await self._open_store()
+        try:
+            store = await self._open_store()
+        except StoreCorrupt as exc:
+            raise StartupFailed(
+                EXIT_FAILED, "store_corrupt", path=str(s.db_path), error=str(exc)
+            ) from exc
+        except StoreBusy as exc:  # a lock held by another process: a later start may pass
+            raise StartupFailed(
+                EX_TEMPFAIL, "store_busy", path=str(s.db_path), error=str(exc)
+            ) from exc
+        except StoreUnavailable as exc:  # a full disk, an I/O error: the file is not at fault
+            raise StartupFailed(
+                EXIT_FAILED, "store_unavailable", path=str(s.db_path), error=str(exc)
+            ) from exc
         stack.push_async_callback(_closing, "store", store.close)
         label = await installation.resolve(store, s)
         s = self.settings = installation.pinned(s, label)
@@ -262,18 +276,12 @@ class Supervisor:
         import the modules of the services in a thread: SQLite does its part without the
         GIL, so on a machine with two cores the imports cost little of the wall time. An
         import that fails is a start-up failure, as it was when they were imported first."""
-        s = self.settings
         self.notifier.status("starting: opening the database")
         imports = asyncio.create_task(asyncio.to_thread(_import_all, SERVICE_MODULES))
         try:
-            store = await Store.open(s.db_path, self.clock)
-        except StoreCorrupt as exc:
-            await asyncio.wait({imports})  # the thread cannot be stopped; let it end first
-            raise StartupFailed(
-                EXIT_FAILED, "store_corrupt", path=str(s.db_path), error=str(exc)
-            ) from exc
+            store = await Store.open(self.settings.db_path, self.clock)
         except BaseException:
-            await asyncio.wait({imports})
+            await asyncio.wait({imports})  # the thread cannot be stopped; let it end first
             raise
         try:
             await imports
