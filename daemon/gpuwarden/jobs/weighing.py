@@ -165,10 +165,10 @@ def adaptive_window(
     any seen (the pattern changes: the evening comes, a session ends) would strand the
     window, and the longer the cold start the longer the windows it strands, so `unseen` is
     `unseen_per_s` x cold_cost pseudo-gaps, but never more than the (decayed) weight of the
-    gaps seen: a young history is not outvoted by them. That cost is piecewise linear and rises between
-    observed gaps, so the best is 0 or one of the gaps: the candidates are those, checked in
-    one sorted pass, and the winner is stretched by `margin` (the next gap is as likely to be
-    a little longer than any seen).
+    gaps seen: a young history is not outvoted by them. That cost is piecewise linear and
+    rises between observed gaps, so the best is 0 or one of the gaps: the candidates are
+    those, checked in one sorted pass, and the winner is stretched by `margin` (the next gap
+    is as likely to be a little longer than any seen).
 
     Few gaps say little. Before any, the window is `first_share` of a cold start's cost
     (half the ski-rental window: a first long wait is the cheaper mistake on sparse traffic).
