@@ -17,7 +17,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from wheel_support import build_wheel
 
 from gpuwarden.config import settings as config
 
@@ -295,7 +294,7 @@ def test_installed_unit_and_credentials_dropin_verify(
 
 @pytest.mark.slow
 def test_install_with_the_venv_step_installs_the_wheel_and_its_gpuwarden_runs(
-    tmp_path: Path, env: dict[str, str], keys: dict[str, Path]
+    tmp_path: Path, env: dict[str, str], keys: dict[str, Path], wheel: Path
 ) -> None:
     """The venv step on: install.sh creates the venv under --root and installs the wheel into
     it; then that install's own `gpuwarden check-config` accepts the installed config.
@@ -303,7 +302,6 @@ def test_install_with_the_venv_step_installs_the_wheel_and_its_gpuwarden_runs(
     dependencies come from this venv through PYTHONPATH (ahead of site-packages on sys.path,
     but the checkout's editable finder is a .pth hook, which PYTHONPATH entries do not run:
     the `gpuwarden.__file__` check below proves the installed copy is the one imported)."""
-    wheel = build_wheel(tmp_path / "build")
     root = tmp_path / "root"
     offline = {**env, "PIP_NO_INDEX": "1", "PIP_NO_DEPS": "1"}
     python = shutil.which("python3", path="/usr/local/bin:/usr/bin:/bin") or sys.executable

@@ -12,18 +12,11 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from wheel_support import build_wheel
 
 INSTANCE_FILES = ("probe.sh", "deadman.sh", "txt2img.py")
 
 
-@pytest.fixture(scope="module")
-def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One wheel for the module."""
-    return build_wheel(tmp_path_factory.mktemp("wheel"))
-
-
-@pytest.mark.slow  # builds the wheel (about 6 s)
+@pytest.mark.slow  # builds the wheel (about 6 s), once per run: the `wheel` fixture
 def test_the_wheel_carries_what_goes_onto_instances(wheel: Path) -> None:
     names = zipfile.ZipFile(wheel).namelist()
     for name in INSTANCE_FILES:

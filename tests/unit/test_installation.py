@@ -6,8 +6,10 @@ reap reads the kept label without the daemon."""
 from __future__ import annotations
 
 import re
+import sqlite3
 from pathlib import Path
 
+import pytest
 from jobs_fakes import add_instance
 from tests.conftest import MakeApp
 
@@ -68,5 +70,20 @@ def test_pinning_keeps_the_label_in_force_across_a_reload(tmp_path: Path) -> Non
 
 def test_reap_finds_no_label_without_a_database(tmp_path: Path) -> None:
     assert installation.stored(tmp_path / "none.db") is None
-    (tmp_path / "junk.db").write_bytes(b"not a database")
-    assert installation.stored(tmp_path / "junk.db") is None
+    old = tmp_path / "old.db"  # from before labels were kept: its instances carry "main"
+    sqlite3.connect(old).close()
+    assert installation.stored(old) is None
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"not a database" * 100, b"SQLite format 3\x00" + bytes(range(256)) * 8],
+    ids=["not a database", "damaged"],
+)
+def test_an_unreadable_database_is_no_label_not_a_guess(tmp_path: Path, content: bytes) -> None:
+    """Before, an unreadable database gave None and reap looked for "main": the instances
+    of this installation, still billing, went unfound."""
+    junk = tmp_path / "junk.db"
+    junk.write_bytes(content)
+    with pytest.raises(installation.LabelUnreadable, match=r"junk\.db"):
+        installation.stored(junk)

@@ -12,12 +12,13 @@ from typing import Any
 
 import pytest
 from jobs_fakes import FakeConnector, add_instance, add_job, drive, settings
+from structlog.testing import capture_logs
 from tests.conftest import MakeApp
 
 from gpuwarden.core.clock import FakeClock
 from gpuwarden.core.model import JobState
 from gpuwarden.fleet.app import App
-from gpuwarden.jobs.results import BadResult, drop_backoff, parse_result
+from gpuwarden.jobs.results import BadResult, drop_backoff, first_use_seconds, parse_result
 from gpuwarden.jobs.runner import Outcome, Runner
 
 AppClock = tuple[App, FakeClock]
@@ -150,3 +151,76 @@ async def test_repeated_ssh_errors_back_off_and_give_up_after_the_reattach_windo
 
 def test_the_drop_backoff_doubles_up_to_its_cap() -> None:
     assert [drop_backoff(n, 1.0) for n in (1, 2, 3, 5, 6, 40)] == [1, 2, 4, 16, 30, 30]
+
+
+# --- durations and counts an instance reports --------------------------------------------------
+
+HARD_CAP_S = 8 * 3600.0  # policy.hard_cap's default: no instance lives longer
+
+
+@pytest.mark.parametrize(
+    ("reported", "counted", "doubted"),
+    [
+        ({"setup_s": 90.0, "download_s": 40.0}, (90.0, 40.0), []),
+        ({}, (0.0, 0.0), []),  # a runner too old to say
+        ({"setup_s": 0, "download_s": 0.0}, (0.0, 0.0), []),
+        ({"setup_s": -5.0, "download_s": float("nan")}, (0.0, 0.0), ["setup_s", "download_s"]),
+        ({"setup_s": float("inf"), "download_s": "12"}, (0.0, 0.0), ["setup_s", "download_s"]),
+        ({"setup_s": True, "download_s": None}, (0.0, 0.0), ["setup_s"]),
+        ({"setup_s": 1e300}, (HARD_CAP_S, 0.0), ["setup_s"]),
+        # Each is under the ceiling, the two together are not.
+        ({"setup_s": 20000.0, "download_s": 20000.0}, (20000.0, 8800.0), ["download_s"]),
+    ],
+)
+def test_reported_setup_times_are_bounded_and_doubts_named(
+    reported: dict[str, Any], counted: tuple[float, float], doubted: list[str]
+) -> None:
+    seconds, doubts = first_use_seconds(reported, HARD_CAP_S)
+    assert (seconds["setup_s"], seconds["download_s"]) == counted
+    assert [d.split("=")[0] for d in doubts] == doubted
+
+
+async def test_lying_setup_times_are_capped_and_logged_and_the_job_succeeds(
+    tmp_path: Path, make_app: MakeApp
+) -> None:
+    clock = FakeClock()
+    app = await make_app(settings(tmp_path), clock)
+    connector = FakeConnector(setup_s=1e300, download_s=float("nan"))  # NaN: not JSON
+    inst = await add_instance(app)
+    job = await add_job(app, state=JobState.PROVISIONING, instance_id=inst.id)
+    runner = Runner(app, connector, poll=1.0, reattach=60.0)
+    with capture_logs() as logs:
+        assert await drive(clock, runner.execute(job, inst)) is Outcome.SUCCEEDED
+    done = await app.store.get_job(job.id)
+    assert (done.extra["setup_s"], done.extra["download_s"]) == (HARD_CAP_S, 0.0)
+    assert done.extra["result"]["download_s"] is None  # kept as JSON can show it
+    [line] = [e for e in logs if e["event"] == "job_result_timing_refused"]
+    assert line["job_id"] == job.id and line["log_level"] == "warning"
+    assert [d.split("=")[0] for d in line["doubts"]] == ["setup_s", "download_s"]
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [None, "3", 2.5, True, -1, 10**30, float("nan")],
+    ids=["null", "text", "fraction", "bool", "negative", "huge", "nan"],
+)
+async def test_a_progress_line_that_is_not_counts_is_skipped(app_clock: AppClock, bad: Any) -> None:
+    """Before, int(None) or int(NaN) raised out of the runner (the job went back to the queue
+    as an internal error, to fail the same way again), a huge count overflowed the database's
+    integer, and the others were recorded as the job's progress."""
+    app, clock = app_clock
+    connector = FakeConnector()
+    inst = await add_instance(app)
+    job = await add_job(app, state=JobState.PROVISIONING, instance_id=inst.id)
+    remote = connector.remote(inst.id)
+    real_advance = remote.advance
+
+    def advance(job_dir: str) -> None:  # a lying line after each real one
+        real_advance(job_dir)
+        remote._append(f"{job_dir}/progress.jsonl", {"event": "progress", "step": bad, "total": 99})
+
+    remote.advance = advance  # type: ignore[method-assign]
+    outcome = await drive(clock, Runner(app, connector, poll=1.0, reattach=60.0).execute(job, inst))
+    assert outcome is Outcome.SUCCEEDED
+    done = await app.store.get_job(job.id)
+    assert (done.progress_step, done.progress_total) == (3, 3)  # only the real lines taken

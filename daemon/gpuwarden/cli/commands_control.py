@@ -11,7 +11,6 @@ Every command takes --json, --socket and --config. Exit codes: see cli/output.py
 from __future__ import annotations
 
 import argparse
-import asyncio
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -19,6 +18,7 @@ from typing import Any
 from gpuwarden.cli import commands_views as views
 from gpuwarden.cli.client import DOMAIN_ERROR, ControlClient, RemoteError
 from gpuwarden.cli.commands_views import LIVE, drop_none, status_rows
+from gpuwarden.cli.launch_wait import WAIT_TIMEOUT_S, wait_ready
 from gpuwarden.cli.output import (
     EX_DOMAIN,
     EX_OK,
@@ -253,49 +253,9 @@ def _launch(args: argparse.Namespace) -> int:
             if out.json_mode:
                 out.json(inst)
             return EX_OK
-        return await _wait_ready(client, out, inst, args.wait_timeout)
+        return await wait_ready(client, out, inst, args.wait_timeout)
 
     return run_command(args, body)
-
-
-WAIT_TIMEOUT_S = 600.0  # launch --wait: ten minutes
-EX_WAIT_TIMEOUT = 75  # sysexits EX_TEMPFAIL: not ready yet; it may still be
-
-
-async def _wait_ready(
-    client: ControlClient, out: Out, inst: Mapping[str, Any], timeout_s: float
-) -> int:
-    """Poll `status` until the instance runs with its SSH answering (0), is no longer live
-    (1: launch failed or ended), or `timeout_s` passes (75, the instance still billing)."""
-    iid = str(inst.get("id"))
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while True:
-        rows = {str(r.get("id")): r for r in status_rows(await client.call("status"))}
-        row = rows.get(iid)
-        if row is None:  # ended: the store says how
-            events = await client.call("events.list", {"entity_id": iid, "limit": 20})
-            ends = [e for e in events if e.get("name") == "state" and e.get("reason")]
-            why = f" ({ends[-1]['reason']})" if ends else ""
-            out.error(f"instance {iid} ended before its SSH answered{why}")
-            out.hint(f"'gpuwarden events --id {iid}' tells its story")
-            return EX_DOMAIN
-        if row.get("state") == "running" and row.get("ssh_ready"):
-            if out.json_mode:
-                out.json(row)
-            else:
-                out.print(f"{iid} is running and answers SSH: gpuwarden ssh {iid}")
-            return EX_OK
-        if loop.time() >= deadline:
-            out.error(
-                f"instance {iid} is still {views.shown_state(row)} after "
-                f"{duration(timeout_s)}; it bills until it ends"
-            )
-            out.hint(f"'gpuwarden status' to look again, 'gpuwarden destroy {iid}' to end it")
-            if out.json_mode:
-                out.json(row)
-            return EX_WAIT_TIMEOUT
-        await asyncio.sleep(min(1.0, max(0.0, deadline - loop.time())))
 
 
 def _show_estimate(out: Out, est: Mapping[str, Any], *, to_stderr: bool) -> None:

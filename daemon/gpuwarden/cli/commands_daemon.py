@@ -27,7 +27,8 @@ def register(sub: Any) -> None:
         ),
         epilog=(
             "exit codes: 0 stopped cleanly, 1 start-up failed, 75 another daemon holds the "
-            "state directory, 78 invalid config, 130 interrupted twice"
+            "state directory (or another process the database's write lock), 78 invalid "
+            "config, 130 interrupted twice"
         ),
     )
     run.add_argument("--config", metavar="PATH", help=CONFIG_HELP)

@@ -106,17 +106,28 @@ def main(args: argparse.Namespace) -> int:
 
 async def reap(settings: Settings, out: Out, *, yes: bool) -> int:
     from gpuwarden.config.settings import EX_CONFIG, ConfigError
+    from gpuwarden.fleet.installation import LabelUnreadable
     from gpuwarden.providers.base import ProviderState
 
     clock = SystemClock()
     report = Report()
+    try:
+        prefix = label_prefix(_installation(settings))
+    except LabelUnreadable as exc:  # not a guess: "main" would find none of ours
+        report.failed.append(("read the installation label", str(exc)))
+        out.error(f"cannot tell which instances are ours: no installation label from {exc}")
+        out.hint(
+            "set daemon.installation (or GPUWARDEN_DAEMON__INSTALLATION) to the <installation>"
+            " in their labels, gpuwarden-<installation>-<id>, and run reap again"
+        )
+        return _finish(out, report, EX_DOMAIN)
     try:
         providers = build(settings, clock, report)
     except ConfigError as exc:
         out.error(exc.render())
         return EX_CONFIG
     try:
-        await _list(providers, label_prefix(_installation(settings)), report)
+        await _list(providers, prefix, report)
         _show(out, report)
         live = [p for p in report.found if p.state is not ProviderState.TERMINATED]
         if live and not yes:
@@ -194,7 +205,8 @@ async def _destroy(
 
 def _installation(settings: Settings) -> str:
     """The label the daemon on this state dir uses: the config's, else the one its database
-    keeps (fleet/installation.py), else the config's default."""
+    keeps (fleet/installation.py), else (no database, or one from before labels were kept)
+    the config's default. LabelUnreadable when the database is there but cannot say."""
     from gpuwarden.fleet import installation
 
     if installation.set_on_purpose(settings):
@@ -204,7 +216,13 @@ def _installation(settings: Settings) -> str:
 
 async def record(settings: Settings, clock: SystemClock, done: list[ProviderInstance]) -> str:
     """Write what reap did into the database, if the daemon is not holding it."""
-    from gpuwarden.store import Store, StoreCorrupt
+    from gpuwarden.store import (
+        Store,
+        StoreBusy,
+        StoreCorrupt,
+        StoreUnavailable,
+        StoreWriteFailed,
+    )
     from gpuwarden.system.lock import LockHeld, StateLock
 
     if not settings.db_path.exists():
@@ -219,12 +237,14 @@ async def record(settings: Settings, clock: SystemClock, done: list[ProviderInst
     try:
         try:
             store = await Store.open(settings.db_path, clock)
-        except StoreCorrupt as exc:  # the destroys are done: only the record is lost
+        except (StoreCorrupt, StoreBusy, StoreUnavailable) as exc:  # the destroys are done
             return f"the database cannot be opened ({exc}); nothing recorded"
+        known = 0
         try:
-            known = 0
             for pi in done:
                 known += await _record_one(store, pi)
+        except StoreWriteFailed as exc:  # a full disk, or a lock held by an sqlite3 shell
+            return f"recorded {known} of {len(done)} before a write failed ({exc})"
         finally:
             await store.close()
     finally:

@@ -377,7 +377,6 @@ def _ended_dict(inst: Instance) -> dict[str, Any]:
 
 
 STATUS_CHUNK = 250  # rows built between two yields to the event loop
-_STATUS_GATE = asyncio.Semaphore(1)
 
 
 async def status(
@@ -390,8 +389,9 @@ async def status(
 ) -> dict[str, Any]:
     """The live instances (those matching the filters; the first `limit` of them in
     `instances`), with totals over every match. Read from the store's memory: no query.
-    One answer is built at a time: at 10,000 rows each holds tens of MB while it is built."""
-    async with _STATUS_GATE:
+    One answer is built at a time (`app.status_gate`): at 10,000 rows each holds tens of MB
+    while it is built."""
+    async with app.status_gate:
         return await _status(app, limit=limit, provider=provider, state=state, gpu=gpu)
 
 

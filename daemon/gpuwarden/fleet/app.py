@@ -51,6 +51,9 @@ class App:
     credit: dict[str, float] = field(default_factory=dict)
     # Prometheus histograms and counters the loops observe (the rest is read at scrape time).
     metrics: Metrics = field(default_factory=Metrics)
+    # One `status` answer is built at a time (the socket's and the dashboard's): at 10,000
+    # rows each holds tens of MB. Made with the App, so each daemon and each loop has its own.
+    status_gate: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(1))
 
     @property
     def installation(self) -> str:

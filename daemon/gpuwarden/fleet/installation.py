@@ -56,9 +56,16 @@ def pinned(settings: Settings, label: str) -> Settings:
     return settings.model_copy(update={"daemon": daemon})
 
 
+class LabelUnreadable(Exception):
+    """A database is there, but the label in it cannot be read: a guess would make `reap`
+    look for the wrong instances (and find none of the ones billing)."""
+
+
 def stored(db_path: Path) -> str | None:
     """The label kept in a database, read without taking the lock (for `reap`, which may run
-    beside a daemon); None when there is no database or no label in it."""
+    beside a daemon); None when there is no database, or one from before labels were kept
+    (no flags table, or no label in it: its instances carry "main"). LabelUnreadable when
+    the database cannot be read (damaged, locked, unreadable) or holds no valid label."""
     if not db_path.is_file():
         return None
     try:
@@ -69,10 +76,18 @@ def stored(db_path: Path) -> str | None:
             ).fetchone()
         finally:
             conn.close()
-    except sqlite3.Error:
+    except sqlite3.OperationalError as exc:
+        if str(exc).startswith("no such table"):
+            return None
+        raise LabelUnreadable(f"{db_path}: {exc}") from exc
+    except sqlite3.Error as exc:
+        raise LabelUnreadable(f"{db_path}: {exc}") from exc
+    if row is None:
         return None
     try:
-        value = json.loads(row[0]) if row else None
-    except ValueError:
-        return None
-    return value if isinstance(value, str) and _VALID.fullmatch(value) else None
+        value = json.loads(row[0])
+    except (TypeError, ValueError):
+        value = None
+    if not (isinstance(value, str) and _VALID.fullmatch(value)):
+        raise LabelUnreadable(f"{db_path}: the installation flag holds {str(row[0])[:40]!r}")
+    return value

@@ -1,4 +1,5 @@
-"""Checking the `result.json` an instance leaves, before anything in it is acted on.
+"""Checking what an instance reports (its `result.json`, its progress lines) before anything
+in it is acted on.
 
 The instance is not trusted: a broken runner, a full disk over there or a hostile host can
 write anything. A result is refused as a whole (the job fails with the reason, and the
@@ -25,6 +26,9 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 # (seconds), so an instance that fails every call costs a log line now and then, not a core.
 MAX_DROP_BACKOFF = 30.0
 _SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+# The largest progress step or total taken from an instance (far above any job's steps times
+# images; a larger number would not fit the database's integer).
+MAX_COUNT = 1_000_000_000
 
 
 class BadResult(Exception):
@@ -114,10 +118,52 @@ def max_image_bytes(mb: float) -> int:
     return int(mb * 1_000_000)
 
 
-def first_use_seconds(result: Mapping[str, Any]) -> dict[str, float]:
+def first_use_seconds(
+    result: Mapping[str, Any], ceiling_s: float
+) -> tuple[dict[str, float], list[str]]:
     """What the job spent on the machine's first use: installing the engine (`setup_s`) and
-    downloading the model (`download_s`), each as setup_seconds reads it."""
-    return {key: setup_seconds(result, key) for key in ("setup_s", "download_s")}
+    downloading the model (`download_s`), each as setup_seconds reads it, the two together at
+    most `ceiling_s` (the hard cap: no instance lives longer, so no setup on one took longer;
+    a larger figure would inflate every cold-start estimate after it). Also what was not taken
+    as reported, one line each, for the log."""
+    seconds: dict[str, float] = {}
+    doubts: list[str] = []
+    left = max(0.0, ceiling_s)
+    for key in ("setup_s", "download_s"):
+        raw = result.get(key)
+        value = setup_seconds(result, key)
+        if raw is not None and value == 0.0 and raw != 0:
+            doubts.append(f"{key}={_shown(raw)} is not a number of seconds: counted as 0")
+        elif value > left:
+            doubts.append(f"{key}={_shown(raw)} is over the {left:g} s it could be: counted so")
+            value = left
+        seconds[key] = value
+        left -= value
+    return seconds, doubts
+
+
+def finite_only(value: Any) -> Any:
+    """`value` (parsed JSON) with every NaN or infinite number made None: Python's json reads
+    them (NaN, Infinity, 1e999), but they are not JSON, and what is kept is shown as JSON."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_only(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [finite_only(v) for v in value]
+    return value
+
+
+def progress_count(value: Any) -> int | None:
+    """A progress line's `step` or `total` when it is a count (an int from 0 to MAX_COUNT,
+    not a bool); None otherwise: the line is then skipped, not taken."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_COUNT:
+        return None
+    return int(value)
+
+
+def _shown(value: Any) -> str:
+    return repr(value)[:40]
 
 
 def setup_seconds(result: Mapping[str, Any], key: str = "setup_s") -> float:

@@ -33,9 +33,11 @@ from gpuwarden.jobs.results import (
     BadResult,
     ResultFile,
     drop_backoff,
+    finite_only,
     first_use_seconds,
     max_image_bytes,
     parse_result,
+    progress_count,
 )
 from gpuwarden.jobs.spec import remote_dir, runner_spec
 from gpuwarden.remote import ssh as remote
@@ -300,8 +302,11 @@ class _Run:
             if not isinstance(ev, dict):
                 continue
             if ev.get("event") in ("progress", "start"):
-                step = int(ev.get("step", step))
-                total = int(ev.get("total", total))
+                new_step = progress_count(ev.get("step", step))
+                new_total = progress_count(ev.get("total", total))
+                if new_step is None or new_total is None:
+                    continue  # not counts (null, text, NaN, huge): skipped, not taken
+                step, total = new_step, new_total
             elif ev.get("event") == "error":
                 self.error_message = str(ev.get("message", "error"))
         if (step, total) == (self.step, self.total):
@@ -404,7 +409,12 @@ class _Run:
         assigned = _time(job.extra.get("assigned_at")) or started
         gpu_seconds = max(0.0, (now - started).total_seconds())
         cost = queue.job_cost(self.inst.price_per_hour, (now - assigned).total_seconds())
-        first_use = first_use_seconds(result)
+        ceiling = self.app.limits().hard_cap.total_seconds()
+        first_use, doubts = first_use_seconds(result, ceiling)
+        if doubts:
+            log.warning(
+                "job_result_timing_refused", job_id=job.id, instance_id=self.inst.id, doubts=doubts
+            )
         try:
             await self.app.store.transition_job(
                 job.id,
@@ -414,7 +424,7 @@ class _Run:
                 error=None,
                 gpu_seconds=gpu_seconds,
                 cost=cost,
-                extra={**job.extra, "result": result, **first_use},
+                extra={**job.extra, "result": finite_only(result), **first_use},
             )
         except IllegalTransition:
             return Outcome.CANCELLED  # cancelled while fetching: the files stay, unrecorded

@@ -26,7 +26,8 @@ it on each pass) and wakes the guard. Settings read only at start-up (paths, pro
 are reported as needing a restart.
 
 Exit codes: 0 clean stop; 1 start-up failed or shutdown overran its deadline; 75 another
-daemon holds the state dir (EX_TEMPFAIL); 78 invalid config (EX_CONFIG); 130 second SIGINT.
+daemon holds the state dir, or another process the database's write lock (EX_TEMPFAIL); 78
+invalid config (EX_CONFIG); 130 second SIGINT.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ from gpuwarden.lifecycle.service import Service
 from gpuwarden.providers import build_providers
 from gpuwarden.providers.base import Provider
 from gpuwarden.remote import ssh as remote
-from gpuwarden.store import Store, StoreCorrupt
+from gpuwarden.store import Store, StoreBusy, StoreCorrupt, StoreUnavailable
 from gpuwarden.system import logs as glog
 from gpuwarden.system import systemd
 from gpuwarden.system.lock import EX_TEMPFAIL, LockHeld, StateLock
@@ -211,6 +212,14 @@ class Supervisor:
         except StoreCorrupt as exc:
             raise StartupFailed(
                 EXIT_FAILED, "store_corrupt", path=str(s.db_path), error=str(exc)
+            ) from exc
+        except StoreBusy as exc:  # a lock held by another process: a later start may pass
+            raise StartupFailed(
+                EX_TEMPFAIL, "store_busy", path=str(s.db_path), error=str(exc)
+            ) from exc
+        except StoreUnavailable as exc:  # a full disk, an I/O error: the file is not at fault
+            raise StartupFailed(
+                EXIT_FAILED, "store_unavailable", path=str(s.db_path), error=str(exc)
             ) from exc
         stack.push_async_callback(_closing, "store", store.close)
         label = await installation.resolve(store, s)

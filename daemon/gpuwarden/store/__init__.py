@@ -1,6 +1,15 @@
 """The SQLite store: instances, jobs, the append-only event log and the termination record."""
 
-from gpuwarden.store.db import Store, StoreCorrupt, StoreWriteFailed
+from gpuwarden.store.db import Store
+from gpuwarden.store.errors import StoreBusy, StoreCorrupt, StoreUnavailable, StoreWriteFailed
 from gpuwarden.store.sql import IllegalTransition, NotFoundError
 
-__all__ = ["IllegalTransition", "NotFoundError", "Store", "StoreCorrupt", "StoreWriteFailed"]
+__all__ = [
+    "IllegalTransition",
+    "NotFoundError",
+    "Store",
+    "StoreBusy",
+    "StoreCorrupt",
+    "StoreUnavailable",
+    "StoreWriteFailed",
+]

@@ -34,23 +34,16 @@ from gpuwarden.core.model import (
     JobState,
     TerminationReason,
 )
-from gpuwarden.store import migrations, rows, sql, transitions
+from gpuwarden.store import errors, migrations, rows, sql, transitions
+from gpuwarden.store.errors import StoreCorrupt
 from gpuwarden.store.live import LiveInstances
 from gpuwarden.store.reads import StoreReads
 from gpuwarden.store.sql import IllegalTransition, NotFoundError
 from gpuwarden.store.transitions import Transition
 
-
-class StoreWriteFailed(Exception):
-    """A write could not be committed (the disk is full, an I/O error): nothing of it was
-    written. Callers that must act anyway (ending a GPU) act and write it later."""
-
-
-class StoreCorrupt(Exception):
-    pass
-
-
 Listener = Callable[[Event], None]
+
+BUSY_TIMEOUT_MS = 5000  # SQLite retries a locked database this long before it says so
 
 
 _LIVE_QUERY = "SELECT * FROM instances WHERE state IN ({})".format(  # noqa: S608 - our own values
@@ -82,32 +75,40 @@ class Store(StoreReads):
     # --- lifecycle -------------------------------------------------------------------
 
     @classmethod
-    async def open(cls, path: Path | str, clock: Clock) -> Store:
+    async def open(
+        cls, path: Path | str, clock: Clock, *, busy_timeout_ms: int | None = None
+    ) -> Store:
+        """`busy_timeout_ms` (BUSY_TIMEOUT_MS unless given): how long a statement waits for a
+        lock another process holds before it fails (StoreBusy)."""
+        busy_timeout_ms = BUSY_TIMEOUT_MS if busy_timeout_ms is None else busy_timeout_ms
         try:
-            conn = await aiosqlite.connect(str(path), isolation_level=None)
+            conn = await aiosqlite.connect(
+                str(path), isolation_level=None, timeout=busy_timeout_ms / 1000
+            )
         except sqlite3.Error as exc:  # a directory we may not write, a path that is a folder
-            raise StoreCorrupt(f"{path}: cannot open: {exc}") from exc
+            raise errors.open_failed(path, exc) from exc
         conn.row_factory = sqlite3.Row
         store = cls(conn, clock)
         try:
-            await store._configure()
+            await store._configure(busy_timeout_ms)
             await store.migrate()
-            await store._open_reader(path)
+            await store._open_reader(path, busy_timeout_ms)
             store.live.load(
                 rows.instance_from_row(r)
                 for r in await sql.fetch(conn, _LIVE_QUERY + " ORDER BY created_at, rowid")
             )
         except sqlite3.DatabaseError as exc:
             # A truncated or overwritten file fails here ("file is not a database"), before
-            # the integrity check could say so: the same clear refusal, not a traceback.
+            # the integrity check could say so: the same clear refusal, not a traceback. A
+            # lock another process holds, or a full disk, fails here too: not corruption.
             await conn.close()
-            raise StoreCorrupt(f"{path}: {exc}") from exc
+            raise errors.open_failed(path, exc) from exc
         except BaseException:
             await store.close()
             raise
         return store
 
-    async def _open_reader(self, path: Path | str) -> None:
+    async def _open_reader(self, path: Path | str, busy_timeout_ms: int) -> None:
         """The read-only connection of reads.py (one connection serves both for a database
         in memory, which a second connection would not see)."""
         if str(path) == ":memory:" or str(path).startswith("file:"):
@@ -116,18 +117,18 @@ class Store(StoreReads):
         reader.row_factory = sqlite3.Row
         try:
             await reader.execute("PRAGMA query_only=ON")
-            await reader.execute("PRAGMA busy_timeout=5000")
+            await reader.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
         except BaseException:
             await reader.close()
             raise
         self._reader = reader
 
-    async def _configure(self) -> None:
+    async def _configure(self, busy_timeout_ms: int) -> None:
         for pragma in (
             "PRAGMA journal_mode=WAL",
             "PRAGMA synchronous=FULL",
             "PRAGMA foreign_keys=ON",
-            "PRAGMA busy_timeout=5000",
+            f"PRAGMA busy_timeout={int(busy_timeout_ms)}",
         ):
             await self._conn.execute(pragma)
         async with self._conn.execute("PRAGMA quick_check") as cur:
@@ -193,7 +194,7 @@ class Store(StoreReads):
             self._pending = []
             self._staged = []
             if isinstance(exc, sqlite3.OperationalError):
-                raise StoreWriteFailed(str(exc)) from exc
+                raise errors.write_failed(exc) from exc
             raise
         self._committed += self._pending
         self._pending = []
