@@ -15,21 +15,23 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import uvloop
 
 from gpuwarden.config import settings as config
 from gpuwarden.core.clock import Clock, parse_ts
 from gpuwarden.core.model import Instance
-from gpuwarden.fleet.app import App
-from gpuwarden.lifecycle import wiring
 from gpuwarden.lifecycle.service import Service
 from gpuwarden.lifecycle.supervisor import Supervisor
-from gpuwarden.loops.watchdog import ProbeResult, Watchdog
-from gpuwarden.providers.base import Provider
-from gpuwarden.providers.fake import FakeProvider
 from gpuwarden.system import logs as glog
+
+# Imported where used, as `gpuwarden run` imports them: while the store opens (supervisor.py).
+if TYPE_CHECKING:
+    from gpuwarden.fleet.app import App
+    from gpuwarden.loops.watchdog import ProbeResult
+    from gpuwarden.providers.base import Provider
+    from gpuwarden.providers.fake import FakeProvider
 
 PROVIDER = "fake"
 
@@ -38,11 +40,15 @@ class InstantProber:
     """A probe that finds the instance healthy and idle."""
 
     async def probe(self, inst: Instance, timeout: float) -> ProbeResult:
+        from gpuwarden.loops.watchdog import ProbeResult
+
         await asyncio.sleep(0)
         return ProbeResult()
 
 
 def _fake_cloud(db: Path, clock: Clock, log_path: Path) -> FakeProvider:
+    from gpuwarden.providers.fake import FakeProvider
+
     fake = FakeProvider(clock, PROVIDER, credit=1e9)
     with sqlite3.connect(db) as conn:
         live = conn.execute(
@@ -77,6 +83,9 @@ def main(argv: list[str]) -> int:
         return {PROVIDER: _fake_cloud(s.db_path, clock, state / "destroys.log")}
 
     def services(app: App) -> list[Service]:
+        from gpuwarden.lifecycle import wiring
+        from gpuwarden.loops.watchdog import Watchdog
+
         return [
             Watchdog(app, InstantProber()) if s.name == "watchdog" else s
             for s in wiring.build_services(app)

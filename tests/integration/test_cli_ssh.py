@@ -260,8 +260,7 @@ def test_the_cli_finds_the_socket_of_a_daemon_run_from_a_checkout() -> None:
     from cli_support import EXAMPLE
     from tests.conftest import LoopThread, daemon_env, short_tmp
 
-    from gpuwarden.cli.client import DEFAULT_SOCKET
-    from gpuwarden.config.settings import DEFAULT_CONFIG_PATH
+    from gpuwarden.config.paths import DEFAULT_CONFIG_PATH, DEFAULT_SOCKET
     from gpuwarden.system.childproc import DaemonProcess
 
     if DEFAULT_CONFIG_PATH.exists() or DEFAULT_SOCKET.exists():

@@ -24,6 +24,7 @@ from gpuwarden.cli import commands_views as views
 from gpuwarden.cli.commands_docs import man_page
 from gpuwarden.cli.commands_ssh import host_block, ssh_argv
 from gpuwarden.cli.output import Out
+from gpuwarden.config import paths
 from gpuwarden.config import settings as config
 from gpuwarden.core.clock import FakeClock
 from gpuwarden.core.model import InstanceState
@@ -77,8 +78,8 @@ def test_authorized_keys_must_be_public_key_lines(tmp_path: Path) -> None:
 def no_system_daemon(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     for var in ("GPUWARDEN_SOCKET", "GPUWARDEN_CONFIG"):
         monkeypatch.delenv(var, raising=False)
-    monkeypatch.setattr(config, "DEFAULT_CONFIG_PATH", tmp_path / "no-etc.toml")
-    monkeypatch.setattr(client_mod, "DEFAULT_SOCKET", tmp_path / "no-run.sock")
+    monkeypatch.setattr(paths, "DEFAULT_CONFIG_PATH", tmp_path / "no-etc.toml")
+    monkeypatch.setattr(paths, "DEFAULT_SOCKET", tmp_path / "no-run.sock")
 
 
 def test_a_checkouts_socket_is_found_from_inside_it(
@@ -105,7 +106,7 @@ def test_the_system_config_comes_before_a_checkout(
 ) -> None:
     etc = tmp_path / "etc.toml"
     etc.write_text('[daemon]\nsocket = "/srv/gw.sock"\n')
-    monkeypatch.setattr(config, "DEFAULT_CONFIG_PATH", etc)
+    monkeypatch.setattr(paths, "DEFAULT_CONFIG_PATH", etc)
     assert client_mod.resolve_socket() == Path("/srv/gw.sock")
 
 

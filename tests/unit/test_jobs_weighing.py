@@ -240,3 +240,21 @@ def test_one_short_gap_among_long_ones_is_not_held_long() -> None:
     few = _gaps(60.0, 7200.0, 9000.0, 5400.0, 8000.0)
     window = w.adaptive_window(few, T0, 600.0, 1.0, unseen_per_s=0)
     assert 75.0 < window < 90.0
+
+
+def test_a_first_gap_is_not_outvoted_by_the_penalty_for_gaps_unseen() -> None:
+    """A 3-minute cold start costs 360 s, so the penalty is 3.6 pseudo-gaps; after one gap of
+    100 s they would cut the window to 0 (every next job of the session a cold start). They
+    are capped at the weight of the gaps seen (1): covering the gap costs 100 + 1 x 100 =
+    200 < 360, stretched to 125 s, then drawn towards the first window (180 s) by 3
+    pseudo-gaps: (125 + 3 x 180) / 4."""
+    one = _gaps(100.0)
+    assert w.adaptive_window(one, T0, 180.0, 1.0) == pytest.approx(166.25)
+    # The cap follows the decay: the same gap a day old weighs 1/16, and so may the penalty.
+    day_old = [w.Gap(T0 - timedelta(hours=24), 100.0)]
+    assert w.adaptive_window(day_old, T0, 180.0, 1.0) == pytest.approx(
+        (125.0 / 16 + 3 * 180.0) / (1 / 16 + 3)
+    )
+    # With a long history the full penalty applies again (the test above: 90 s, not 1100 s).
+    many = _gaps(20.0, 150.0, 300.0, 45.0, 600.0, 90.0, 240.0, 1100.0, 60.0, 400.0, every=300)
+    assert w.adaptive_window(many, T0, 300.0, 1.0, prior_weight=0) == 90.0 * w.WINDOW_MARGIN

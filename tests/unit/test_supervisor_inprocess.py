@@ -138,6 +138,49 @@ async def test_a_failing_start_cleans_up_and_exits_1(
         pass
 
 
+async def test_a_corrupt_database_exits_1_while_the_services_are_still_being_imported(
+    settings: config.Settings, tmp_path: Path
+) -> None:
+    settings.daemon.state_dir.mkdir(parents=True)
+    settings.db_path.write_bytes(b"not a database" * 100)
+    sup, rec = make(settings, tmp_path, lambda app: [])
+    with structlog.testing.capture_logs() as logs:
+        code = await asyncio.wait_for(sup.run(), 30)
+    assert code == 1
+    assert not rec.ready_seen.is_set()
+    assert [e["event"] for e in logs if e["log_level"] == "error"] == ["store_corrupt"]
+    with StateLock(settings.lock_path):  # released on the way out
+        pass
+
+
+async def test_a_service_module_that_fails_to_import_fails_the_start_after_the_store_closes(
+    settings: config.Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(
+        supervisor, "SERVICE_MODULES", (*supervisor.SERVICE_MODULES, "gpuwarden.no_such_module")
+    )
+    built: list[App] = []
+
+    def build(app: App) -> list[Service]:
+        built.append(app)
+        return []
+
+    sup, rec = make(settings, tmp_path, build)
+    with structlog.testing.capture_logs() as logs:
+        code = await asyncio.wait_for(sup.run(), 30)
+    assert code == 1
+    assert not rec.ready_seen.is_set() and built == []  # failed before any service
+    assert [e["event"] for e in logs if e["log_level"] == "error"] == ["startup_failed"]
+    with StateLock(settings.lock_path):
+        pass
+    # The store was closed: the database opens again, whole.
+    from gpuwarden.core.clock import FakeClock
+    from gpuwarden.store import Store
+
+    store = await Store.open(settings.db_path, FakeClock())
+    await store.close()
+
+
 async def test_a_loop_that_ignores_cancellation_meets_the_shutdown_deadline(
     settings: config.Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

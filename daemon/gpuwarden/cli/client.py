@@ -25,7 +25,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-DEFAULT_SOCKET = Path("/run/gpuwarden/control.sock")
+from gpuwarden.config import paths
+
 DOMAIN_ERROR = 1  # JSON-RPC error code of a domain error; error.data.code says which
 INVALID_REQUEST = -32600
 MAX_REQUEST = 64 * 1024  # the daemon's limit for one request line (control/rpc.py MAX_REQUEST)
@@ -73,23 +74,21 @@ def resolve_socket(
     A relative daemon.socket in a file is relative to the file's directory (config.load)."""
     if explicit:
         return Path(explicit)
-    env = os.environ.get("GPUWARDEN_SOCKET")
+    env = os.environ.get(paths.SOCKET_ENV)
     if env:
         return Path(env)
-    cfg = config or os.environ.get("GPUWARDEN_CONFIG")
+    cfg = config or os.environ.get(paths.CONFIG_ENV)
     if cfg:
-        return _socket_of(Path(cfg)) or DEFAULT_SOCKET
+        return _socket_of(Path(cfg)) or paths.DEFAULT_SOCKET
     return _found_socket()
 
 
 def _found_socket() -> Path:
     """No socket or config named: the system daemon's, else a checkout's (`make run`)."""
-    from gpuwarden.config.settings import DEFAULT_CONFIG_PATH
-
-    if DEFAULT_CONFIG_PATH.exists():
-        return _socket_of(DEFAULT_CONFIG_PATH) or DEFAULT_SOCKET
-    if DEFAULT_SOCKET.exists():
-        return DEFAULT_SOCKET
+    if paths.DEFAULT_CONFIG_PATH.exists():
+        return _socket_of(paths.DEFAULT_CONFIG_PATH) or paths.DEFAULT_SOCKET
+    if paths.DEFAULT_SOCKET.exists():
+        return paths.DEFAULT_SOCKET
     for folder in (Path.cwd(), *Path.cwd().parents):
         example = folder / CHECKOUT_CONFIG
         if example.is_file():
@@ -97,14 +96,21 @@ def _found_socket() -> Path:
             if found is not None and found.exists():
                 return found
             break
-    return DEFAULT_SOCKET
+    return paths.DEFAULT_SOCKET
 
 
 CHECKOUT_CONFIG = "config.example.toml"  # what `make run` starts the daemon on
 
 
 def _socket_of(config_path: Path) -> Path | None:
-    from gpuwarden.config import settings as config_mod
+    """The file's daemon.socket with the environment's override: read lightly (tomllib),
+    and through the whole Settings only when the light read cannot say (config/paths.py)."""
+    if not config_path.exists():
+        return None  # as config.load refuses it
+    light = paths.light_socket(config_path, os.environ)
+    if light is not None:
+        return light
+    from gpuwarden.config import settings as config_mod  # pydantic: about 0.3 s
 
     try:
         return config_mod.load(config_path).daemon.socket

@@ -59,10 +59,11 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _check_config(args: argparse.Namespace) -> int:
+    from gpuwarden.config import paths
     from gpuwarden.config import settings as config
     from gpuwarden.system import logs as glog
 
-    path = config.resolve_path(args.path)
+    path = paths.resolve_path(args.path)
     # Outside systemd a key may wait in a credential store for LoadCredential= to pass on.
     stores = () if os.environ.get("CREDENTIALS_DIRECTORY") else config.SYSTEMD_CREDSTORES
     try:

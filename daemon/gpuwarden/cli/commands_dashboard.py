@@ -42,11 +42,12 @@ def dashboard_url(listen: str, token: str) -> str:
 
 
 def _dashboard(args: argparse.Namespace) -> int:
+    from gpuwarden.config import paths
     from gpuwarden.config import settings as config
     from gpuwarden.web.auth import read_token, token_path
 
     try:
-        settings = config.load(config.resolve_path(args.config))
+        settings = config.load(paths.resolve_path(args.config))
     except config.ConfigError as exc:
         print(exc.render(), file=sys.stderr)
         return config.EX_CONFIG

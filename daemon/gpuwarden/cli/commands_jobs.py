@@ -13,14 +13,12 @@ import contextlib
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.text import Text
-
 from gpuwarden.cli.client import DOMAIN_ERROR, ControlClient, RemoteError, Unreachable
 from gpuwarden.cli.output import (
     EX_DOMAIN,
     EX_OK,
     Out,
+    Styled,
     command,
     local_time,
     money,
@@ -176,7 +174,7 @@ def _submit(args: argparse.Namespace) -> int:
                     out.hint("the queue is paused: the job waits for 'gpuwarden resume'")
             return EX_OK
         if not out.json_mode:
-            out.err.print(Text(f"job {job['id']} queued", style="dim"))
+            out.err.print(Styled(f"job {job['id']} queued", style="dim"))
         final = await follow(client, out, str(job["id"]))
         return _finished(out, final)
 
@@ -214,8 +212,16 @@ class _Display:
     mode, nothing until the end)."""
 
     def __init__(self, out: Out) -> None:
+        from rich.progress import (  # rich: only for a command that shows progress
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+        )
+
         self.out = out
-        self.live = out.console.is_terminal and not out.json_mode
+        self.live = out.is_terminal and not out.json_mode
         self.bar = Progress(
             TextColumn("{task.description}"),
             BarColumn(),
@@ -249,7 +255,7 @@ class _Display:
         if self.out.json_mode or self.last == (state, step):
             return
         if self.last is None or self.last[0] != state or state != "running":
-            self.out.err.print(Text(f"{job['id']}: {phase}", style=STATE_STYLE.get(state, "")))
+            self.out.err.print(Styled(f"{job['id']}: {phase}", style=STATE_STYLE.get(state, "")))
         self.last = (state, step)
 
 
@@ -297,7 +303,7 @@ def _jobs(args: argparse.Namespace) -> int:
             [
                 [
                     r["id"],
-                    Text(r["state"], style=STATE_STYLE.get(r["state"], "")),
+                    Styled(r["state"], style=STATE_STYLE.get(r["state"], "")),
                     r["priority"],
                     _progress(r),
                     r["attempt"] + 1,
@@ -323,7 +329,7 @@ def _job(args: argparse.Namespace) -> int:
             return EX_OK
         spec = job["spec"]
         rows: list[list[Any]] = [
-            ["state", Text(job["state"], style=STATE_STYLE.get(job["state"], ""))],
+            ["state", Styled(job["state"], style=STATE_STYLE.get(job["state"], ""))],
             ["prompt", _short(spec["prompt"], 200)],
             ["size", f"{spec['width']}x{spec['height']}, {spec['count']} image(s)"],
             ["steps / seed", f"{spec['steps']} / {spec['seed']}"],
@@ -341,7 +347,7 @@ def _job(args: argparse.Namespace) -> int:
             ["cost", money(job["cost"])],
         ]
         if job["error"]:
-            rows.append(["error", Text(job["error"], style="red")])
+            rows.append(["error", Styled(job["error"], style="red")])
         rows += [["output", path] for path in job["outputs"]]
         out.table(["job", job["id"]], rows)
         return EX_OK

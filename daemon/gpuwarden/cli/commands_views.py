@@ -15,13 +15,12 @@ import json
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from rich.text import Text
-
 from gpuwarden.cli.client import ControlClient
 from gpuwarden.cli.follow import follow
 from gpuwarden.cli.output import (
     EX_OK,
     Out,
+    Styled,
     duration,
     local_time,
     money,
@@ -58,19 +57,19 @@ def status_rows(result: Any) -> list[dict[str, Any]]:
 SOON_S = 15 * 60  # TIME LEFT turns yellow under this
 
 
-def _time_left(row: Mapping[str, Any], *, reason: bool = True) -> Text:
+def _time_left(row: Mapping[str, Any], *, reason: bool = True) -> Styled:
     """Time to the next deadline and its reason; yellow under 15 minutes, EXPIRED in red."""
     if row.get("expired"):
-        return Text("EXPIRED", style="bold red")
+        return Styled("EXPIRED", style="bold red")
     left = row.get("time_left_s")
     if left is None:
-        return Text("-")
+        return Styled("-")
     live = row.get("state") in LIVE
     if live and left <= 0:
-        return Text("EXPIRED", style="bold red")
+        return Styled("EXPIRED", style="bold red")
     text = duration(left)
     why = row.get("deadline_reason")
-    return Text(
+    return Styled(
         f"{text} ({why})" if why and reason else text,
         style="yellow" if live and left < SOON_S else "",
     )
@@ -85,22 +84,22 @@ def ago(seconds: float) -> str:
     return f"{secs}s"
 
 
-def probe_cell(row: Mapping[str, Any], now: Any) -> Text:
+def probe_cell(row: Mapping[str, Any], now: Any) -> Styled:
     """The watchdog's last word on an instance: 'ok 2m ago, switch armed', '2 strikes' (failed
     probes; policy.watchdog_failures of them end it), or '-' when it was never probed.
     `now` is the daemon's clock (the status reply's `now`), so that ages do not depend on
     this machine's clock."""
     strikes = int(row.get("strikes") or 0)
     if strikes > 0:
-        return Text(f"{strikes} strike{'s' if strikes != 1 else ''}", style="bold red")
+        return Styled(f"{strikes} strike{'s' if strikes != 1 else ''}", style="bold red")
     at, now_at = parse_time(row.get("last_probe_at")), parse_time(now)
     if at is None:
-        return Text("-")
+        return Styled("-")
     verdict = "ok" if row.get("last_probe_ok") else "failed"
     when = f" {ago((now_at - at).total_seconds())} ago" if now_at is not None else ""
-    cell = Text(verdict + when, style="" if verdict == "ok" else "red")
+    cell = Styled(verdict + when, style="" if verdict == "ok" else "red")
     if row.get("probe_stale"):  # the watchdog has not got through for several intervals
-        cell = Text(f"{verdict}{when} (stale)", style="yellow")
+        cell = Styled(f"{verdict}{when} (stale)", style="yellow")
     switch = row.get("deadman")
     if switch:  # the dead-man switch: armed, or why it cannot protect this instance
         cell.append(f", switch {switch}", style="" if switch == "armed" else "yellow")
@@ -120,25 +119,22 @@ def show_status(args: argparse.Namespace) -> int:
         for k in ("limit", "provider", "state", "gpu")
         if getattr(args, k, None) is not None
     } | ({"all": True} if getattr(args, "all", False) else {})
+    filtered = bool(wanted.keys() - {"limit", "all"})
 
     async def once(client: ControlClient, out: Out) -> None:
         result = await client.call("status", wanted)
         rows = status_rows(result)
-        left_out = _left_out(result, rows, bool(wanted.keys() - {"limit", "all"}))
+        left_out = _left_out(result, rows, filtered)
         if out.json_mode:
-            if args.watch:  # one document per line, a stream a script can read as it comes
-                print(json.dumps(rows, default=str), flush=True)
-            else:
-                out.json(rows)
-            if left_out:
-                out.hint(left_out)  # on stderr: the JSON stays the rows alone
+            _status_json(out, rows, left_out, stream=bool(args.watch))
             return
         now = result.get("now") if isinstance(result, Mapping) else None
         if args.watch:
-            out.console.clear()  # only on a terminal; a pipe gets one snapshot after another
-            out.print(Text(f"every {args.watch:g}s, Ctrl-C ends   {local_time(now)}", "dim"))
+            if out.is_terminal:  # a pipe gets one snapshot after another
+                out.console.clear()
+            out.print(Styled(f"every {args.watch:g}s, Ctrl-C ends   {local_time(now)}", "dim"))
         if not rows:
-            out.print("No live instances." if not wanted else "No live instance matches.")
+            out.print("No live instance matches." if filtered else "No live instances.")
         else:
             status_table(out, rows, now)
         if left_out:
@@ -150,13 +146,24 @@ def show_status(args: argparse.Namespace) -> int:
         await once(client, out)
         while args.watch:
             await asyncio.sleep(args.watch)
-            if not out.json_mode and not out.console.is_terminal:
+            if not out.json_mode and not out.is_terminal:
                 out.print("")
             await once(client, out)
         return EX_OK
 
     # Ctrl-C is how a watch is meant to end: not an error.
     return run_command(args, body, interrupted=EX_OK if args.watch else 130)
+
+
+def _status_json(
+    out: Out, rows: list[dict[str, Any]], left_out: str | None, *, stream: bool
+) -> None:
+    if stream:  # --watch: one document per line, a stream a script can read as it comes
+        print(json.dumps(rows, default=str), flush=True)
+    else:
+        out.json(rows)
+    if left_out:
+        out.hint(left_out)  # on stderr: the JSON stays the rows alone
 
 
 def _left_out(result: Any, rows: list[dict[str, Any]], filtered: bool) -> str | None:
@@ -179,12 +186,12 @@ COMPACT_COLUMNS = ("ID", "GPU", "STATE", "$/H", "LEFT", "JOB", "COST")
 def status_table(out: Out, rows: list[dict[str, Any]], now: Any) -> None:
     """Every column when the terminal is wide (or output is piped); at 80 columns a compact
     table of what decides money: GPU, state, rate, time left, the job on it, cost so far."""
-    full = out.console.width >= FULL_WIDTH
+    full = out.width >= FULL_WIDTH
     columns = FULL_COLUMNS if full else COMPACT_COLUMNS
     cells = []
     for r in rows:
         shown = shown_state(r)
-        state = Text(shown, style=STATE_STYLE.get(shown, ""))
+        state = Styled(shown, style=STATE_STYLE.get(shown, ""))
         job = r.get("job") or "-"
         if full:
             cells.append(
@@ -375,7 +382,7 @@ def show_info(args: argparse.Namespace) -> int:
             out.table(
                 ["LOOP", "LAST BEAT"],
                 [
-                    [name, Text(f"{age:.1f}s ago", style="red" if age > 20 else "")]
+                    [name, Styled(f"{age:.1f}s ago", style="red" if age > 20 else "")]
                     for name, age in beats.items()
                 ],
                 right=["LAST BEAT"],
@@ -397,7 +404,7 @@ def show_money_state(out: Out, r: Mapping[str, Any]) -> None:
         else:
             left = w.get("left") or 0.0
             out.print(
-                Text(
+                Styled(
                     f"budget {name}: {money(left)} left of {money(w.get('limit'))} "
                     f"(spent {money(w.get('spent'))}, committed {money(w.get('committed'))})",
                     style="red" if left <= 0 else "",
@@ -406,27 +413,29 @@ def show_money_state(out: Out, r: Mapping[str, Any]) -> None:
     out.print(queue_line(r))
 
 
-def queue_line(r: Mapping[str, Any]) -> Text:
+def queue_line(r: Mapping[str, Any]) -> Styled:
     if not r.get("queue_paused"):
-        return Text("job queue: running")
+        return Styled("job queue: running")
     why = r.get("queue_paused_reason") or "unknown"
     since = r.get("queue_paused_since")
     when = f" since {local_time(since)}" if since else ""
-    return Text(f"job queue: PAUSED{when} ({why}); 'gpuwarden resume' restarts it", style="yellow")
+    return Styled(
+        f"job queue: PAUSED{when} ({why}); 'gpuwarden resume' restarts it", style="yellow"
+    )
 
 
-def event_line(ev: Mapping[str, Any]) -> Text:
+def event_line(ev: Mapping[str, Any]) -> Styled:
     """One event for humans: local time, entity, what happened, details."""
     when = local_time(ev.get("at")) if ev.get("at") else "-"
     what = str(ev.get("name"))
     if what == "state":
         what = f"{ev.get('from_state') or '∅'} -> {ev.get('to_state')}"
     elif what == "lagged":
-        return Text(
+        return Styled(
             f"{when}  (fell behind: {ev.get('details', {}).get('dropped')} events not shown)",
             style="yellow",
         )
-    line = Text(f"{when}  {ev.get('kind')} {ev.get('entity_id')}  ")
+    line = Styled(f"{when}  {ev.get('kind')} {ev.get('entity_id')}  ")
     line.append(what, style="bold")
     if ev.get("reason"):
         line.append(f"  reason={ev['reason']}")

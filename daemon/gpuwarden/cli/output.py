@@ -1,6 +1,11 @@
 """Output helpers shared by every control command: JSON or rich tables, money, durations and
 local times, confirmation prompts, and the mapping from errors to exit codes.
 
+rich is imported only when something is drawn with it: on a terminal (colour, or tables that
+fit its width). Written to a pipe or a file, text and tables are laid out here, and cells
+carry their colour as `Styled` (which rich draws as its own Text when it does draw): rich's
+import alone was a third of a `gpuwarden status` piped to a script.
+
 A command body is `async def body(client: ControlClient, out: Out) -> int`; `run_command`
 opens the client, runs it and turns Unreachable / RemoteError into the documented exit codes:
 0 ok, 1 a domain error (message on stderr), 2 usage, 69 daemon unreachable (with a hint).
@@ -19,11 +24,7 @@ import sys
 import threading
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from datetime import UTC, datetime
-from typing import Any, TextIO
-
-from rich.console import Console
-from rich.table import Table
-from rich.text import Text
+from typing import TYPE_CHECKING, Any, TextIO
 
 from gpuwarden.cli.client import (
     ControlClient,
@@ -39,6 +40,10 @@ EX_UNAVAILABLE = 69  # sysexits EX_UNAVAILABLE
 INVALID_PARAMS = -32602
 METHOD_NOT_FOUND = -32601
 PIPE_WIDTH = 250  # columns for tables written to a pipe or file
+
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.text import Text
 
 Body = Callable[[ControlClient, "Out"], Awaitable[int]]
 
@@ -103,9 +108,46 @@ def add_common(p: argparse.ArgumentParser) -> None:
 PLAIN_ROWS = 500  # longer tables are laid out without rich (see Out._plain_table)
 
 
+class Styled:
+    """Text in parts, each with a rich style name ("red", "bold red", "" for none): what a
+    cell or a message carries without importing rich. rich draws it as a Text with the same
+    parts (`__rich__`); the plain layout writes `plain`."""
+
+    __slots__ = ("parts",)
+
+    def __init__(self, text: str = "", style: str = "") -> None:
+        self.parts = [(text, style)]
+
+    def append(self, text: str, style: str = "") -> Styled:
+        self.parts.append((text, style))
+        return self
+
+    @property
+    def plain(self) -> str:
+        return "".join(text for text, _ in self.parts)
+
+    @property
+    def style(self) -> str:
+        """The style of the first part (the whole, unless parts were appended)."""
+        return self.parts[0][1]
+
+    def __str__(self) -> str:
+        return self.plain
+
+    def __rich__(self) -> Text:
+        from rich.text import Text
+
+        (first, base), *rest = self.parts
+        text = Text(first, style=base)
+        for part, style in rest:
+            text.append(part, style=style or None)
+        return text
+
+
 class Out:
     """Where a command writes. Colour only when the stream is a terminal (rich decides,
-    and honours NO_COLOR); JSON always goes out plain."""
+    and honours NO_COLOR); JSON always goes out plain; a pipe or a file gets plain text
+    laid out here, without importing rich."""
 
     def __init__(
         self,
@@ -117,16 +159,39 @@ class Out:
     ) -> None:
         self.json_mode = json_mode
         self._stdout = stdout or sys.stdout
+        self._stderr = stderr or sys.stderr
+        # As rich decides it: then rich draws; otherwise colour is off and we write plainly.
+        self.is_terminal = _terminal(self._stdout)
         # Off a terminal rich would assume 80 columns and cut cells; a pipe gets whole rows.
-        if width is None and not _isatty(self._stdout):
+        if width is None and not self.is_terminal:
             width = PIPE_WIDTH
-        # soft_wrap: messages are not broken into lines by rich; tables still fit the width.
-        # markup=False: text from the daemon (details, labels) may hold [brackets]; styling is
-        # done with rich.text.Text only.
-        self.console = Console(
-            file=self._stdout, highlight=False, soft_wrap=True, width=width, markup=False
-        )
-        self.err = Console(file=stderr or sys.stderr, highlight=False, soft_wrap=True, markup=False)
+        self._width = width
+        self._console: Console | None = None
+        self._err: Console | None = None
+
+    @property
+    def console(self) -> Console:
+        """rich on stdout, made (and rich imported) on first use."""
+        if self._console is None:
+            # soft_wrap: messages are not broken into lines by rich; tables still fit the
+            # width. markup=False: text from the daemon (details, labels) may hold
+            # [brackets]; styling is done with Styled and rich's Text only.
+            self._console = _console(self._stdout, self._width)
+        return self._console
+
+    @property
+    def err(self) -> Console:
+        """rich on stderr (errors, hints, prompts), made on first use."""
+        if self._err is None:
+            self._err = _console(self._stderr, None)
+        return self._err
+
+    @property
+    def width(self) -> int:
+        """Columns to lay a table out in: the terminal's, or the width given or PIPE_WIDTH."""
+        if self.is_terminal:
+            return self.console.width
+        return self._width or PIPE_WIDTH
 
     @property
     def interactive(self) -> bool:
@@ -138,16 +203,20 @@ class Out:
         self._stdout.flush()
 
     def print(self, *items: Any, style: str | None = None) -> None:
-        self.console.print(*items, style=style)
+        if self.is_terminal:
+            self.console.print(*items, style=style)
+        else:  # what rich writes off a terminal: the text, no style, nothing wrapped
+            self._stdout.write(" ".join(str(item) for item in items) + "\n")
+            self._stdout.flush()
 
     def error(self, message: str) -> None:
-        self.err.print(Text(f"gpuwarden: {message}", style="red"))
+        self.err.print(Styled(f"gpuwarden: {message}", style="red"))
 
     def warn(self, message: str) -> None:
-        self.err.print(Text(f"gpuwarden: warning: {message}", style="yellow"))
+        self.err.print(Styled(f"gpuwarden: warning: {message}", style="yellow"))
 
     def hint(self, message: str) -> None:
-        self.err.print(Text(f"hint: {message}", style="yellow"))
+        self.err.print(Styled(f"hint: {message}", style="yellow"))
 
     def table(
         self,
@@ -158,24 +227,26 @@ class Out:
         title: str | None = None,
         right: Iterable[str] = (),
     ) -> None:
-        """A table; cells may be str or rich Text (for colour). `right` names right-aligned
+        """A table; cells may be str or Styled (for colour). `right` names right-aligned
         columns (numbers); `totals` is a last row set apart by a line."""
         align = set(right)
         rows = list(rows)
-        if len(rows) > PLAIN_ROWS:
+        if len(rows) > PLAIN_ROWS or not self.is_terminal:
             self._plain_table(columns, rows, totals, title, align)
             return
+        from rich.table import Table
+
         t = Table(title=title, show_footer=totals is not None, box=None, pad_edge=False)
         for i, col in enumerate(columns):
             footer = totals[i] if totals is not None else ""
             t.add_column(
                 col,
                 justify="right" if col in align else "left",
-                footer=footer if isinstance(footer, Text) else str(footer),
+                footer=footer if isinstance(footer, Styled) else str(footer),
                 no_wrap=True,
             )
         for row in rows:
-            t.add_row(*(c if isinstance(c, Text) else str(c) for c in row))
+            t.add_row(*(c if isinstance(c, Styled) else str(c) for c in row))
         self.console.print(t)
 
     def _plain_table(
@@ -189,9 +260,9 @@ class Out:
         """The same table without colour, laid out here: rich measures every cell of every
         row, which took seconds of CPU at 10,000 rows."""
         lines = [[str(c) for c in columns]]
-        lines += [[c.plain if isinstance(c, Text) else str(c) for c in row] for row in rows]
+        lines += [[str(c) for c in row] for row in rows]
         if totals is not None:
-            lines.append([t.plain if isinstance(t, Text) else str(t) for t in totals])
+            lines.append([str(t) for t in totals])
         widths = [max(len(line[i]) for line in lines) for i in range(len(columns))]
         right = [col in align for col in columns]
 
@@ -218,7 +289,7 @@ class Out:
         read itself."""
         with _interrupt_at_once():
             try:
-                self.err.print(Text(f"{question} [y/N] "), end="")
+                self.err.print(f"{question} [y/N] ", end="")
                 answer = _read_answer(sys.stdin)
             except EOFError:
                 self.err.print()  # the cursor is still on the prompt's line
@@ -258,6 +329,24 @@ def _interrupt_at_once() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def _console(stream: TextIO, width: int | None) -> Console:
+    from rich.console import Console
+
+    return Console(file=stream, highlight=False, soft_wrap=True, width=width, markup=False)
+
+
+def _terminal(stream: Any) -> bool:
+    """Whether rich would treat the stream as a terminal (and colour it): TTY_COMPATIBLE
+    and FORCE_COLOR say so first, as rich reads them; else whether it is a tty."""
+    compatible = os.environ.get("TTY_COMPATIBLE", "")
+    if compatible in ("0", "1"):
+        return compatible == "1"
+    force = os.environ.get("FORCE_COLOR")
+    if force is not None:
+        return force != ""
+    return _isatty(stream)
 
 
 def _isatty(stream: Any) -> bool:

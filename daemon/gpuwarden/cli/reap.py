@@ -24,15 +24,12 @@ import sys
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from rich.text import Text
-
 from gpuwarden.cli.commands_daemon import CONFIG_HELP
-from gpuwarden.cli.output import EX_DOMAIN, EX_OK, Out, iso_utc, local_time, rate
-from gpuwarden.core.clock import SystemClock
-from gpuwarden.core.model import EntityKind, InstanceState, TerminationReason, label_prefix
+from gpuwarden.cli.output import EX_DOMAIN, EX_OK, Out, Styled, iso_utc, local_time, rate
 
 if TYPE_CHECKING:  # imported where used: `gpuwarden status` must not pay for them
     from gpuwarden.config.settings import Settings
+    from gpuwarden.core.clock import SystemClock
     from gpuwarden.providers.base import Provider, ProviderInstance
 
 
@@ -106,6 +103,8 @@ def main(args: argparse.Namespace) -> int:
 
 async def reap(settings: Settings, out: Out, *, yes: bool) -> int:
     from gpuwarden.config.settings import EX_CONFIG, ConfigError
+    from gpuwarden.core.clock import SystemClock
+    from gpuwarden.core.model import label_prefix
     from gpuwarden.fleet.installation import LabelUnreadable
     from gpuwarden.providers.base import ProviderState
 
@@ -253,6 +252,8 @@ async def record(settings: Settings, clock: SystemClock, done: list[ProviderInst
 
 
 async def _record_one(store: Any, pi: ProviderInstance) -> int:
+    from gpuwarden.core.model import EntityKind, InstanceState, TerminationReason
+
     details = {"by": "reap", "provider": pi.provider, "provider_id": pi.provider_id}
     inst = await store.find_instance(pi.provider, pi.provider_id)
     if inst is None:
@@ -290,7 +291,9 @@ def _show(out: Out, report: Report) -> None:
                     p.provider,
                     p.provider_id,
                     p.label,
-                    Text(p.state.value, style="green" if p.state is ProviderState.RUNNING else ""),
+                    Styled(
+                        p.state.value, style="green" if p.state is ProviderState.RUNNING else ""
+                    ),
                     p.gpu_name or "-",
                     rate(p.price_per_hour),
                     local_time(p.started_at),

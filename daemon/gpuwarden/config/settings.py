@@ -35,12 +35,12 @@ from pydantic_settings import (
 )
 
 from gpuwarden.config.durations import Duration, format_duration, parse_duration
+from gpuwarden.config.paths import DEFAULT_SOCKET, ENV_NESTED, ENV_PREFIX, resolve_path
 from gpuwarden.config.schedule import WarmWindow
 from gpuwarden.config.values import PublicKey, against_file
 from gpuwarden.config.web import DashboardSettings, MetricsSettings
 from gpuwarden.core.model import NotifyKind
 
-DEFAULT_CONFIG_PATH = Path("/etc/gpuwarden/config.toml")
 EX_CONFIG = 78
 
 Price = Annotated[float, Field(ge=0, allow_inf_nan=False)]
@@ -72,7 +72,7 @@ class _Section(BaseModel):
 
 class DaemonSettings(_Section):
     state_dir: Path = Path("/var/lib/gpuwarden")
-    socket: Path = Path("/run/gpuwarden/control.sock")
+    socket: Path = DEFAULT_SOCKET
     socket_group: str | None = None
     allowed_uids: list[Uid] = Field(default_factory=list)
     installation: str = Field(default="main", pattern=r"^[a-z0-9][a-z0-9-]{0,30}$")
@@ -293,8 +293,8 @@ class Settings(BaseSettings):
     """The whole configuration. Frozen: a reload builds a new one."""
 
     model_config = SettingsConfigDict(
-        env_prefix="GPUWARDEN_",
-        env_nested_delimiter="__",
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter=ENV_NESTED,
         extra="forbid",
         frozen=True,
         populate_by_name=True,
@@ -355,13 +355,6 @@ class ConfigError(Exception):
         lines = ["invalid configuration:"]
         lines += [f"  {field}: {reason} (from {where})" for field, reason, where in self.problems]
         return "\n".join(lines)
-
-
-def resolve_path(explicit: str | os.PathLike[str] | None) -> Path:
-    if explicit:
-        return Path(explicit)
-    env = os.environ.get("GPUWARDEN_CONFIG")
-    return Path(env) if env else DEFAULT_CONFIG_PATH
 
 
 def _set_in(data: dict[str, Any], path: tuple[str, ...], value: Any) -> None:

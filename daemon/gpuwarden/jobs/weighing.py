@@ -164,10 +164,11 @@ def adaptive_window(
     is sum_{g <= T} w g + sum_{g > T} w (T + cold_cost), plus `unseen` x T: a gap longer than
     any seen (the pattern changes: the evening comes, a session ends) would strand the
     window, and the longer the cold start the longer the windows it strands, so `unseen` is
-    `unseen_per_s` x cold_cost pseudo-gaps. That cost is piecewise linear and rises between
-    observed gaps, so the best is 0 or one of the gaps: the candidates are those, checked in
-    one sorted pass, and the winner is stretched by `margin` (the next gap is as likely to be
-    a little longer than any seen).
+    `unseen_per_s` x cold_cost pseudo-gaps, but never more than the (decayed) weight of the
+    gaps seen: a young history is not outvoted by them. That cost is piecewise linear and
+    rises between observed gaps, so the best is 0 or one of the gaps: the candidates are
+    those, checked in one sorted pass, and the winner is stretched by `margin` (the next gap
+    is as likely to be a little longer than any seen).
 
     Few gaps say little. Before any, the window is `first_share` of a cold start's cost
     (half the ski-rental window: a first long wait is the cheaper mistake on sparse traffic).
@@ -184,8 +185,11 @@ def adaptive_window(
     )
     if not weighted:
         return first
-    unseen = unseen_per_s * cold_cost
     total = sum(w for _, w in weighted)
+    # Never more pseudo-gaps than (decayed) gaps seen: after n gaps of one pattern the chance
+    # that the next outlasts them all is about 1 / (n + 1), so a first gap or two must not
+    # be outvoted by a penalty sized for a long history.
+    unseen = min(unseen_per_s * cold_cost, total)
     above = total  # weight of gaps longer than T
     below_cost = 0.0
     best_t, best, best_covered = 0.0, above * cold_cost, 0.0

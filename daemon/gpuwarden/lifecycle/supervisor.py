@@ -2,7 +2,8 @@
 
 Start-up, in this order, so that a refused start touches nothing:
 config (bad, or a provider without its key: exit 78) -> logging -> uvloop -> state dir ->
-lock (held: exit 75) -> store (open, integrity check, migrate) -> the installation label
+lock (held: exit 75) -> store (open, integrity check, migrate; the services' modules are
+imported in a thread meanwhile) -> the installation label
 (fleet/installation.py) -> SSH key -> in-process sim
 cloud (if enabled, unless providers.sim.base_url names a standalone `gpuwarden sim`) ->
 providers -> App -> each service's start() -> READY=1.
@@ -34,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
 import os
 import sys
 from collections.abc import Awaitable, Callable
@@ -42,30 +44,38 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
+from gpuwarden.config import paths
 from gpuwarden.config import settings as config
 from gpuwarden.config.settings import EX_CONFIG, ConfigError, Settings
 from gpuwarden.core.clock import Clock, SystemClock
 from gpuwarden.core.heartbeat import Heartbeats
 from gpuwarden.fleet import installation
-from gpuwarden.fleet.app import App
-from gpuwarden.fleet.terminator import Terminator
-from gpuwarden.lifecycle import runtime, wiring
-from gpuwarden.lifecycle.reloader import ConfigReloader
+from gpuwarden.lifecycle import runtime
 from gpuwarden.lifecycle.service import Service
-from gpuwarden.providers import build_providers
-from gpuwarden.providers.base import Provider
-from gpuwarden.remote import ssh as remote
 from gpuwarden.store import Store, StoreBusy, StoreCorrupt, StoreUnavailable
 from gpuwarden.system import logs as glog
 from gpuwarden.system import systemd
 from gpuwarden.system.lock import EX_TEMPFAIL, LockHeld, StateLock
 
 if TYPE_CHECKING:
+    from gpuwarden.fleet.app import App
+    from gpuwarden.lifecycle.reloader import ConfigReloader
+    from gpuwarden.providers.base import Provider
     from gpuwarden.sim.server import SimUrls
 
 log = structlog.get_logger(__name__)
 
-ProvidersFactory = Callable[..., dict[str, Provider]]  # build_providers' signature
+ProvidersFactory = Callable[..., "dict[str, Provider]"]  # build_providers' signature
+
+# What the daemon runs, imported while the store opens (see Supervisor._open_store): SSH,
+# HTTP, the metrics, every loop and handler. About half of a start was importing them.
+SERVICE_MODULES = (
+    "gpuwarden.lifecycle.wiring",
+    "gpuwarden.lifecycle.reloader",
+    "gpuwarden.fleet.app",
+    "gpuwarden.providers",
+    "gpuwarden.remote.ssh",
+)
 
 EXIT_FAILED = 1
 
@@ -80,7 +90,7 @@ class StartupFailed(Exception):
 
 def main(config_path: str | None = None) -> int:
     """The `gpuwarden run` entry point; returns the process exit code."""
-    path = config.resolve_path(config_path)
+    path = paths.resolve_path(config_path)
     try:
         settings = config.load(path)
         config.check_startable(settings)  # before anything is written, as check-config does
@@ -109,15 +119,17 @@ class Supervisor:
         settings: Settings,
         config_path: Path,
         clock: Clock | None = None,
-        build_services: Callable[[App], list[Service]] = wiring.build_services,
-        make_providers: ProvidersFactory = build_providers,
+        build_services: Callable[[App], list[Service]] | None = None,
+        make_providers: ProvidersFactory | None = None,
     ) -> None:
         self.settings = settings
         self.config_path = config_path
         self.clock = clock or SystemClock()
-        # Which loops run, given the wired context (tests pass their own).
+        # Which loops run, given the wired context (tests pass their own; by default
+        # wiring.build_services).
         self.build_services = build_services
-        # The provider clients, given the settings (the benchmark passes in-memory fakes).
+        # The provider clients, given the settings (the benchmark passes in-memory fakes;
+        # by default providers.build_providers).
         self.make_providers = make_providers
         self.notifier = systemd.Notifier.from_env()
         self.stopping = asyncio.Event()
@@ -207,8 +219,7 @@ class Supervisor:
             config=str(self.config_path),
         )
         try:
-            self.notifier.status("starting: opening the database")
-            store = await Store.open(s.db_path, self.clock)
+            store = await self._open_store()
         except StoreCorrupt as exc:
             raise StartupFailed(
                 EXIT_FAILED, "store_corrupt", path=str(s.db_path), error=str(exc)
@@ -226,7 +237,14 @@ class Supervisor:
         s = self.settings = installation.pinned(s, label)
         key, public = self._ssh_key()
         sim_urls = await self._start_sim(stack)
-        providers = self.make_providers(s, self.clock, sim_urls=sim_urls)
+        from gpuwarden.fleet.app import App  # imported by now (_open_store)
+        from gpuwarden.fleet.terminator import Terminator
+        from gpuwarden.lifecycle import wiring
+        from gpuwarden.lifecycle.reloader import ConfigReloader
+        from gpuwarden.providers import build_providers
+
+        make_providers = self.make_providers or build_providers
+        providers = make_providers(s, self.clock, sim_urls=sim_urls)
         for name, provider in providers.items():
             stack.push_async_callback(_closing, f"provider {name}", provider.aclose)
         app = App(
@@ -244,7 +262,7 @@ class Supervisor:
         self.reloader = ConfigReloader(app, self.config_path, self.notifier, self._status)
         app.reload = self.reloader.reload
         self.app = app
-        self.services = self.build_services(app)
+        self.services = (self.build_services or wiring.build_services)(app)
         names = [service.name for service in self.services]
         if len(set(names)) != len(names):  # task, heartbeat and STATUS names must be unique
             raise StartupFailed(EXIT_FAILED, "duplicate_service_names", services=names)
@@ -253,7 +271,28 @@ class Supervisor:
             self.notifier.status(f"starting: {service.name}")
             await service.start()
 
+    async def _open_store(self) -> Store:
+        """Open the store (integrity check, migrations, the live instances) and, meanwhile,
+        import the modules of the services in a thread: SQLite does its part without the
+        GIL, so on a machine with two cores the imports cost little of the wall time. An
+        import that fails is a start-up failure, as it was when they were imported first."""
+        self.notifier.status("starting: opening the database")
+        imports = asyncio.create_task(asyncio.to_thread(_import_all, SERVICE_MODULES))
+        try:
+            store = await Store.open(self.settings.db_path, self.clock)
+        except BaseException:
+            await asyncio.wait({imports})  # the thread cannot be stopped; let it end first
+            raise
+        try:
+            await imports
+        except BaseException:
+            await store.close()
+            raise
+        return store
+
     def _ssh_key(self) -> tuple[Any, str]:
+        from gpuwarden.remote import ssh as remote
+
         pem, path = remote.key_source(self.settings)
         try:
             return remote.load_or_create_key(pem, path)
@@ -351,6 +390,11 @@ class Supervisor:
         app = self.app
         providers = ", ".join(sorted(app.providers)) if app and app.providers else "none"
         return f"running: {len(self.services)} loops; providers: {providers}"
+
+
+def _import_all(names: tuple[str, ...]) -> None:
+    for name in names:
+        importlib.import_module(name)
 
 
 async def _closing(what: str, close: Callable[[], Awaitable[object]]) -> None:
