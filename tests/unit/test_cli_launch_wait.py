@@ -50,6 +50,7 @@ class _Client:
         if method == "events.list":
             return [{"name": "state", "reason": "launch_failed"}]
         assert method == "status"
+        assert params == {"id": "i1"}  # one instance looked up, not the whole fleet
         self.looks += 1
         self.looked.set()
         return {"instances": [self.row] if self.row else []}

@@ -59,6 +59,12 @@ async def test_status_limits_and_filters_with_totals_over_every_match(
     booting = await api.status(app, state="provisioning", limit=3)
     assert booting["count"] == 10 and booting["shown"] == 3
     assert booting["cost_per_hour"] == 10.0
+    one = await api.status(app, id="i0004")  # launch --wait watches the one it rented
+    assert [r["id"] for r in one["instances"]] == ["i0004"] and one["count"] == 1
+    assert one["cost_per_hour"] == 1.0
+    assert (await api.status(app, id="i0004", provider="lambda"))["count"] == 1
+    assert (await api.status(app, id="i0004", provider="vast"))["count"] == 0
+    assert (await api.status(app, id="nope"))["instances"] == []
 
 
 def test_a_long_table_is_laid_out_plainly_with_the_same_columns() -> None:

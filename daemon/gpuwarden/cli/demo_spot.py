@@ -12,7 +12,7 @@ import httpx
 
 from gpuwarden.cli.client import ControlClient
 from gpuwarden.cli.commands_jobs import TERMINAL
-from gpuwarden.cli.commands_views import ALL, status_rows
+from gpuwarden.cli.commands_views import status_rows
 
 
 async def outbid_when_running(
@@ -42,7 +42,7 @@ async def outbid_when_running(
 async def _outbid(
     client: ControlClient, sim_url: str, instance_id: str, say: Callable[[str], None]
 ) -> bool:
-    rows = status_rows(await client.call("status", ALL))
+    rows = status_rows(await client.call("status", {"id": instance_id}))
     row = next((r for r in rows if r.get("id") == instance_id), None)
     if row is None or not row.get("spot"):
         return False

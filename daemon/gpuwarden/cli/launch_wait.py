@@ -16,7 +16,7 @@ from typing import Any
 
 from gpuwarden.cli import commands_views as views
 from gpuwarden.cli.client import ControlClient, EventStream
-from gpuwarden.cli.commands_views import ALL, status_rows
+from gpuwarden.cli.commands_views import status_rows
 from gpuwarden.cli.output import EX_DOMAIN, EX_OK, Out, duration
 
 WAIT_TIMEOUT_S = 600.0  # launch --wait: ten minutes
@@ -35,7 +35,7 @@ async def wait_ready(
     stream = await client.open_events()
     try:
         while True:
-            rows = {str(r.get("id")): r for r in status_rows(await client.call("status", ALL))}
+            rows = {str(r.get("id")): r for r in status_rows(await client.call("status", {"id": iid}))}
             row = rows.get(iid)
             if row is None:  # ended: the store says how
                 return await _ended(client, out, iid)

@@ -316,6 +316,7 @@ async def status(
     provider: str | None = None,
     state: str | None = None,
     gpu: str | None = None,
+    id: str | None = None,
 ) -> dict[str, Any]:
     """The live instances matching the filters, in creation order: the first `limit` of
     them (STATUS_PAGE by default; `all`: every one) in `instances`, with `count` (every
@@ -326,11 +327,17 @@ async def status(
     (`app.status_gate`): at 10,000 rows each holds tens of MB while it is built."""
     size = None if all else (limit or STATUS_PAGE)
     async with app.status_gate:
-        return await _status(app, size=size, provider=provider, state=state, gpu=gpu)
+        return await _status(app, size=size, provider=provider, state=state, gpu=gpu, id=id)
 
 
 async def _status(
-    app: App, *, size: int | None, provider: str | None, state: str | None, gpu: str | None
+    app: App,
+    *,
+    size: int | None,
+    provider: str | None,
+    state: str | None,
+    gpu: str | None,
+    id: str | None,
 ) -> dict[str, Any]:
     on = await jobs_on_instances(app)
     busy = frozenset(on)
@@ -341,15 +348,16 @@ async def _status(
     limits = app.limits()
     interval = app.settings.policy.watchdog_interval
     live = app.store.live
-    if provider is None and state is None and gpu is None:
+    if provider is None and state is None and gpu is None and id is None:
         count = len(live)
         shown = live.select() if size is None else live.first(size)
         rate, cost_now = live.cost_per_hour(), live.cost_now(now)
         est = live.est_total(busy, limits, now)
     else:
+        one = None if id is None else live.get(id)
         found = [
             i
-            for i in live.select()
+            for i in (live.select() if id is None else [one] if one else [])
             if (provider is None or i.provider == provider)
             and (state is None or i.state.value == state)
             and gpu_matches(gpu, i.gpu)

@@ -48,6 +48,9 @@ class StatusParams(_Params):
     provider: str | None = Field(default=None, min_length=1, max_length=64)
     state: Literal["requested", "provisioning", "running", "terminating"] | None = None
     gpu: str | None = Field(default=None, min_length=1, max_length=64)
+    # One instance by its local id (`launch --wait` watching the one it rented): a lookup,
+    # not a walk of the fleet.
+    id: str | None = Field(default=None, min_length=1, max_length=64)
 
 
 class OffersParams(_Params):
@@ -156,7 +159,13 @@ class Method(Generic[P]):
 
 async def _status(app: App, c: Caller, p: StatusParams) -> Any:
     return await instances.status(
-        app, limit=p.limit, all=p.all, provider=p.provider, state=p.state, gpu=p.gpu
+        app,
+        limit=p.limit,
+        all=p.all,
+        provider=p.provider,
+        state=p.state,
+        gpu=p.gpu,
+        id=p.id,
     )
 
 
