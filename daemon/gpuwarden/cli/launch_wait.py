@@ -35,8 +35,8 @@ async def wait_ready(
     stream = await client.open_events()
     try:
         while True:
-            rows = {str(r.get("id")): r for r in status_rows(await client.call("status", {"id": iid}))}
-            row = rows.get(iid)
+            found = status_rows(await client.call("status", {"id": iid}))
+            row = next((r for r in found if str(r.get("id")) == iid), None)
             if row is None:  # ended: the store says how
                 return await _ended(client, out, iid)
             if row.get("state") == "running" and row.get("ssh_ready"):
