@@ -35,6 +35,14 @@ log = structlog.get_logger(__name__)
 SIM_DIR = ".gpuwarden-sim"
 _CHUNK = 65536
 _DRAIN_AFTER_EXIT = 2.0  # seconds to wait for output still in the pipes after the exit
+# Run before an exec command: close every descriptor above stderr. uvloop (the daemon's loop)
+# leaves extra copies of the session's pipe ends open in the child, so a detached job (setsid
+# ... >/dev/null &) would still hold the session's stdout and the command would return only
+# when the job ended (or after _DRAIN_AFTER_EXIT); sshd passes its child only 0, 1 and 2.
+_CLOSE_INHERITED = (
+    'for _gw_fd in /proc/$$/fd/*; do _gw_fd=${_gw_fd##*/}; [ "$_gw_fd" -gt 2 ] &&'
+    ' eval "exec $_gw_fd>&-"; done; unset _gw_fd\n'
+)
 _PASS_ENV = ("LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR")
 _WHO = """#!/bin/sh
 # The sim's stand-in for who(1): one line per open interactive SSH session.
@@ -229,7 +237,7 @@ class SshHost:
     async def _run(
         self, process: asyncssh.SSHServerProcess[bytes], command: str | None, pty: bool
     ) -> int:
-        argv = ["bash", "-c", command] if command is not None else ["bash"]
+        argv = ["bash", "-c", _CLOSE_INHERITED + command] if command is not None else ["bash"]
         env = dict(self.env)
         env.update({k: v for k, v in process.env.items() if k in _PASS_ENV})
         if pty:
