@@ -27,7 +27,8 @@ two minutes). The package is byte-compiled first (compileall, in place), as pip 
 installs the wheel a real daemon runs from: with PYTHONDONTWRITEBYTECODE set and an editable
 install, every start would otherwise compile each module from source again. The CLI is run
 as the installed `gpuwarden` console script. Submit-to-running on a warm instance is not
-measured here: the fake cloud has no SSH hosts to run a job on.
+measured here (the fake cloud has no SSH hosts to run a job on) but in test_warm_submit.py,
+on the sim cloud, which prints its own table.
 """
 
 from __future__ import annotations

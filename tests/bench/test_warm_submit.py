@@ -134,11 +134,15 @@ async def test_submit_to_running_on_a_warm_instance() -> None:
         finally:
             await daemon.stop(30)
         figures = _figures(base, submitted)
-    lines = [f"| {'':38} | {'p50':>9} | {'p99':>9} | {'max':>9} |", f"|{'-' * 40}|" + "-" * 11 * 3]
+    width = max(len(label) for label in NAMES.values())
+    lines = [f"| {'':{width}} | {'p50':>10} | {'p99':>10} | {'max':>10} |"]
+    lines.append("| " + " | ".join(["-" * width, *["-" * 10] * 3]) + " |")
     for key, label in NAMES.items():
         v = figures[key]
         cells = [statistics.median(v), _q(v, 0.99), max(v)]
-        lines.append(f"| {label:38} | " + " | ".join(f"{c * 1000:7.1f} ms" for c in cells) + " |")
+        lines.append(
+            f"| {label:{width}} | " + " | ".join(f"{c * 1000:7.1f} ms" for c in cells) + " |"
+        )
     load = Path("/proc/loadavg").read_text().split()[:3]
     print(f"\n{JOBS} jobs on a warm sim instance; nproc {os.cpu_count()}, load {' '.join(load)}")
     print("\n".join(lines))
