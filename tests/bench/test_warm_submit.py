@@ -12,10 +12,12 @@ process's wall clock) to:
 - command started: the mtime of the job's `pid` file in the sim sandbox, which the detached
   wrapper writes as the command starts (remote/ssh.py);
 - done, minus the job's own run: the job's terminal event, less the command's run time (the
-  `exit` file's mtime minus the `pid` file's). This is dominated by how the runner notices
-  the end: it polls the remote status every jobs.progress_interval (the default, 1 s, here).
+  `exit` file's mtime minus the `pid` file's): how soon the runner notices the end (between
+  two status reads, jobs.progress_interval apart, 1 s here, it waits on the instance for the
+  end) and fetches the image;
+- the job's own run, for scale, and when it was assigned (its `provisioning` event).
 
-All three are the same machine's wall clock. p50 / p99 / max are printed as a table, with
+All of these are the same machine's wall clock. p50 / p99 / max are printed as a table, with
 the load average. Only the small fleet is measured: the scale bench's seeded instances live
 on the FakeProvider (no SSH hosts) and its 100,000 queued jobs would be ahead of the
 submitted ones in the queue, so a warm-instance figure among them needs a daemon wired with

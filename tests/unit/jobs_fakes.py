@@ -54,6 +54,8 @@ class FakeRemote:
     setup_s: float = 0.0  # the next result's setup_s: the first job installs, later ones not
     download_s: float = 0.0  # the same for downloading the model
     result_json: bytes | None = None  # what the runner leaves as result.json instead of its own
+    ends_in_wait: bool = False  # a wait_end() sees the running job through to its end
+    waits: int = 0  # wait_end() calls
 
     def _maybe_drop(self) -> None:
         if self.drop_next > 0:
@@ -133,6 +135,16 @@ class FakeConn:
             return RemoteStatus("absent")
         self.remote.advance(job_dir)
         return RemoteStatus(job.state, job.exit_code)
+
+    async def wait_end(self, job_dir: str, seconds: float) -> bool:
+        # (Not a call that drops: tests count their drops in the calls before this one.)
+        self.remote.waits += 1
+        job = self.remote.jobs.get(job_dir)
+        if not self.remote.ends_in_wait or job is None or job.state != "running":
+            return False
+        while job.state == "running":
+            self.remote.advance(job_dir)
+        return True
 
     async def kill(self, job_dir: str) -> None:
         self.remote._maybe_drop()

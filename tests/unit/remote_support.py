@@ -118,6 +118,9 @@ class LocalConn:
     async def status(self, job_dir: str) -> remote.RemoteStatus:
         return await remote.job_status(self._conn, job_dir, timeout=self.timeout)
 
+    async def wait_end(self, job_dir: str, seconds: float) -> bool:
+        return await remote.wait_job_end(self._conn, job_dir, seconds, timeout=self.timeout)
+
     async def kill(self, job_dir: str) -> None:
         await remote.kill(self._conn, f"{job_dir}/pid", timeout=self.timeout)
 

@@ -225,3 +225,24 @@ async def test_a_hugging_face_token_goes_beside_the_spec_of_a_diffusers_job_only
         assert b"hf_secret" not in files[f".gpuwarden/jobs/{job.id}/spec.json"]
     stored = [e.details for e in await app.store.events()]
     assert "hf_secret" not in json.dumps(stored, default=str)
+
+
+@pytest.mark.parametrize("ends_in_wait", [False, True])
+async def test_an_end_seen_while_waiting_on_the_instance_is_not_noticed_a_poll_late(
+    app_clock: AppClock, ends_in_wait: bool
+) -> None:
+    app, clock = app_clock
+    connector = FakeConnector()
+    inst = await add_instance(app)
+    remote = connector.remote(inst.id)
+    remote.ends_in_wait = ends_in_wait
+    job = await add_job(app, state=JobState.PROVISIONING, instance_id=inst.id)
+    outcome = await drive(clock, Runner(app, connector, poll=1.0, reattach=60.0).execute(job, inst))
+    assert outcome is Outcome.SUCCEEDED
+    done = await app.store.get_job(job.id)
+    assert done.started_at is not None and done.finished_at is not None
+    took = (done.finished_at - done.started_at).total_seconds()
+    assert remote.waits >= 1
+    # Three steps, one per status read: two polls of 1 s when the instance's wait returns
+    # without the end, none when the wait sees the job end.
+    assert took == (0.0 if ends_in_wait else 2.0)

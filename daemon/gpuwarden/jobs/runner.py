@@ -237,7 +237,18 @@ class _Run:
                     return await self._finish_cancelled()
                 if not (status.state == "absent" and self._starting()):
                     return Outcome.DIED
-            await self.app.clock.sleep(self.r.poll)
+            await self._pause(conn)
+
+    async def _pause(self, conn: RemoteConn) -> None:
+        """Until the next look: one poll interval, cut short when the instance says the job
+        ended (waiting there, so that its end is not noticed up to an interval late)."""
+        clock = self.app.clock
+        began = clock.monotonic()
+        if await conn.wait_end(self.dir, self.r.poll):
+            return
+        rest = self.r.poll - (clock.monotonic() - began)
+        if rest > 0:
+            await clock.sleep(rest)
 
     def _starting(self) -> bool:
         """Whether this run started the runner less than START_GRACE seconds ago."""

@@ -322,6 +322,35 @@ async def start_detached(
         raise RemoteCommandError(f"could not start the job: {_text(proc.stderr).strip()}")
 
 
+# Waits on the instance, at most $2 checks 0.1 s apart, for a started job to end: exit 0 once
+# the exit file is there or the process is gone; 1 if it still runs, never started, or this
+# `sleep` takes no fractions (the caller then polls as before).
+_WAIT_END = """\
+d=$1; n=$2
+p=$(cat "$d/pid" 2>/dev/null) || exit 1
+i=0
+while [ ! -f "$d/exit" ] && kill -0 "$p" 2>/dev/null; do
+  i=$((i + 1))
+  if [ "$i" -gt "$n" ]; then exit 1; fi
+  sleep 0.1 2>/dev/null || exit 1
+done
+"""
+WAIT_END_STEP = 0.1  # seconds between two checks on the instance
+
+
+async def wait_job_end(
+    conn: asyncssh.SSHClientConnection, job_dir_rel: str, seconds: float, *, timeout: float
+) -> bool:
+    """Wait up to `seconds` (at most half of `timeout`) on the instance for a detached job to
+    end; True if it did. One command instead of a poll interval's sleep: the end is seen
+    within WAIT_END_STEP, not within the interval."""
+    checks = int(min(seconds, timeout / 2) / WAIT_END_STEP)
+    if checks < 1:
+        return False
+    res = await run(conn, ["sh", "-c", _WAIT_END, "sh", job_dir_rel, str(checks)], timeout)
+    return res.exit_status == 0
+
+
 # Where a job's Python is looked for, in order: names on PATH, then the places images keep it
 # (pytorch/pytorch sets /opt/conda/bin by a Docker ENV, which SSH sessions do not inherit).
 # `python` counts only if it is Python 3.
