@@ -17,7 +17,7 @@ from gpuwarden.control.methods import (
     IdParams,
     LaunchParams,
     Method,
-    NoParams,
+    StatusParams,
 )
 
 pytestmark = pytest.mark.slow
@@ -29,7 +29,8 @@ async def test_launch_wait_exits_1_when_the_instance_ends_first() -> None:
     async def launch(app: Any, caller: Any, p: LaunchParams) -> dict[str, Any]:
         return {"dry_run": True, "gpu": "RTX 4090", "hours": 1.0} if p.dry_run else INSTANCE
 
-    async def status(app: Any, caller: Any, p: NoParams) -> dict[str, Any]:
+    async def status(app: Any, caller: Any, p: StatusParams) -> dict[str, Any]:
+        assert p.id == "abcd1234"  # the one instance it waits for, looked up
         return {"instances": []}  # no longer live
 
     async def events(app: Any, caller: Any, p: EventsListParams) -> list[dict[str, Any]]:
@@ -38,7 +39,7 @@ async def test_launch_wait_exits_1_when_the_instance_ends_first() -> None:
 
     methods: dict[str, Method[Any]] = {
         "launch": Method(LaunchParams, launch),
-        "status": Method(NoParams, status),
+        "status": Method(StatusParams, status),
         "events.list": Method(EventsListParams, events),
     }
     async with running_server(methods=methods) as (_, app):
