@@ -56,7 +56,12 @@ class LocalShell:
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
         )
-        out, err = await asyncio.wait_for(proc.communicate(), timeout)
+        try:
+            out, err = await asyncio.wait_for(proc.communicate(), timeout)
+        except TimeoutError:
+            proc.kill()  # as asyncssh closes the channel of a command past its timeout
+            await proc.communicate()  # its pipes end with its last child (a check's sleep)
+            raise
         return Completed(proc.returncode, out.decode(), err.decode())
 
 

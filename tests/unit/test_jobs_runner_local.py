@@ -6,6 +6,7 @@ FakeClock (the runner's polls are stepped; the processes run in real time)."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import uuid
 from pathlib import Path
@@ -110,3 +111,26 @@ async def test_waiting_on_the_instance_returns_when_the_job_ends(
     finally:
         await conn.kill(f"{base}-long")  # the group: the wrapper and its sleep
         kill_leftovers(base)
+
+
+async def test_a_wait_that_outlives_its_bound_is_a_pause_not_a_dropped_connection(
+    tmp_path: Path,
+) -> None:
+    """An instance so slow that the wait's checks outlast the command's timeout: False (look
+    at the status as before), never the timeout the runner counts as a dropped connection."""
+    dash, real_sleep = shutil.which("dash"), shutil.which("sleep")
+    if dash is None or real_sleep is None:
+        pytest.skip("dash and sleep are needed here (apt-get install dash)")
+    bin_dir, home = tmp_path / "bin", tmp_path / "home"
+    bin_dir.mkdir()
+    (bin_dir / "sh").symlink_to(dash)
+    (bin_dir / "cat").symlink_to(shutil.which("cat") or "/bin/cat")
+    slow = bin_dir / "sleep"  # every check takes a second instead of a tenth
+    slow.write_text(f"#!{dash}\nexec {real_sleep} 1\n")
+    slow.chmod(0o755)
+    job = home / ".gpuwarden/jobs/slow"
+    job.mkdir(parents=True)
+    (job / "pid").write_text(f"{os.getpid()}\n")  # a live process, no exit file: running
+    conn = LocalConn(LocalShell(home, shell=str(bin_dir / "sh"), path=str(bin_dir)))
+    conn.timeout = 0.6
+    assert not await conn.wait_end(".gpuwarden/jobs/slow", 5.0)

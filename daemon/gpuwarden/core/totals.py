@@ -180,8 +180,11 @@ class Channel:
         self._last: datetime | None = None
 
     def touch(self, ids: Iterable[str]) -> None:
-        """These instances changed (or appeared, or ended): recompute them at the next sum."""
-        self._dirty.update(ids)
+        """These instances changed (or appeared, or ended): recompute them at the next sum.
+        Before a first sum there is nothing to mark (it recomputes every instance), so a
+        channel nobody sums does not collect every id the fleet ever had."""
+        if self._last is not None:
+            self._dirty.update(ids)
 
     def reset(self) -> None:
         """Forget every piece: the next sum recomputes each instance."""

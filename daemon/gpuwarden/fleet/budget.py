@@ -54,10 +54,18 @@ class BudgetState:
 
 async def state(app: App, now: datetime) -> BudgetState:
     limits = app.limits()
-    # Kept by the store's live view as rows change: no walk of the fleet on each check.
-    so_far = app.store.live.cost_now(now)
-    ahead = app.store.live.committed(limits, now)
-    month, today = await app.store.ended_spend(policy.month_start(now), policy.day_start(now))
+    live = app.store.live
+    # The ended spend first, read again if an instance ended during the read (its record may
+    # or may not be in it); then the live sums, with no await in between: an instance is
+    # counted either as ended or as live, never as both (which could pass a limit and end
+    # the fleet). The live sums are kept as rows change: no walk of the fleet on each check.
+    while True:
+        seen = live.ended
+        month, today = await app.store.ended_spend(policy.month_start(now), policy.day_start(now))
+        if live.ended == seen:
+            break
+    so_far = live.cost_now(now)
+    ahead = live.committed(limits, now)
     out: list[Window] = []
     for name, ended, limit in (
         ("daily", today, limits.daily_limit),

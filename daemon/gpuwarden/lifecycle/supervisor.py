@@ -282,6 +282,10 @@ class Supervisor:
             store = await Store.open(self.settings.db_path, self.clock)
         except BaseException:
             await asyncio.wait({imports})  # the thread cannot be stopped; let it end first
+            if not imports.cancelled() and imports.exception() is not None:
+                # The store's failure is the one reported; this one is logged, not left to
+                # asyncio's "Task exception was never retrieved".
+                log.warning("service_import_failed", error=repr(imports.exception()))
             raise
         try:
             await imports

@@ -34,8 +34,7 @@ from gpuwarden.core.model import (
     JobState,
     TerminationReason,
 )
-from gpuwarden.store import errors, migrations, rows, sql, transitions
-from gpuwarden.store.errors import StoreCorrupt
+from gpuwarden.store import connect, errors, migrations, rows, sql, transitions
 from gpuwarden.store.live import LiveInstances
 from gpuwarden.store.reads import StoreReads
 from gpuwarden.store.sql import IllegalTransition, NotFoundError
@@ -72,6 +71,7 @@ class Store(StoreReads):
         # Moves after every committed write to the jobs table (readers cache the queue on it),
         # and to the flags table (reads.py caches the flags on it).
         self.jobs_version = self.flags_version = 0
+        self._commits = 0  # transactions committed: whether a cancelled one was written
         self._read_cache: dict[tuple[str, object], tuple[int, Any]] = {}
 
     # --- lifecycle -------------------------------------------------------------------
@@ -92,9 +92,9 @@ class Store(StoreReads):
         conn.row_factory = sqlite3.Row
         store = cls(conn, clock)
         try:
-            await store._configure(busy_timeout_ms)
+            await connect.configure(conn, busy_timeout_ms)
             await store.migrate()
-            await store._open_reader(path, busy_timeout_ms)
+            store._reader = await connect.reader(path, busy_timeout_ms) or conn
             store.live.load(
                 rows.instance_from_row(r)
                 for r in await sql.fetch(conn, _LIVE_QUERY + " ORDER BY created_at, rowid")
@@ -109,34 +109,6 @@ class Store(StoreReads):
             await store.close()
             raise
         return store
-
-    async def _open_reader(self, path: Path | str, busy_timeout_ms: int) -> None:
-        """The read-only connection of reads.py (one connection serves both for a database
-        in memory, which a second connection would not see)."""
-        if str(path) == ":memory:" or str(path).startswith("file:"):
-            return
-        reader = await aiosqlite.connect(str(path), isolation_level=None)
-        reader.row_factory = sqlite3.Row
-        try:
-            await reader.execute("PRAGMA query_only=ON")
-            await reader.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
-        except BaseException:
-            await reader.close()
-            raise
-        self._reader = reader
-
-    async def _configure(self, busy_timeout_ms: int) -> None:
-        for pragma in (
-            "PRAGMA journal_mode=WAL",
-            "PRAGMA synchronous=FULL",
-            "PRAGMA foreign_keys=ON",
-            f"PRAGMA busy_timeout={int(busy_timeout_ms)}",
-        ):
-            await self._conn.execute(pragma)
-        async with self._conn.execute("PRAGMA quick_check") as cur:
-            result = [r[0] for r in await cur.fetchall()]
-        if result != ["ok"]:
-            raise StoreCorrupt("database integrity check failed: " + "; ".join(result[:5]))
 
     async def migrate(self) -> int:
         """Apply pending migrations; returns the schema version. Re-running is a no-op."""
@@ -166,17 +138,27 @@ class Store(StoreReads):
     # --- transactions ----------------------------------------------------------------
 
     @asynccontextmanager
-    async def transaction(self) -> AsyncIterator[aiosqlite.Connection]:
-        """BEGIN IMMEDIATE under the writer lock. Pass values in; never await the network here."""
-        async with self._lock, self._begin() as conn:
-            yield conn
-        self._notify()
+    async def transaction(
+        self, *, jobs: bool = False, flags: bool = False
+    ) -> AsyncIterator[aiosqlite.Connection]:
+        """BEGIN IMMEDIATE under the writer lock. Pass values in; never await the network here.
+        `jobs`, `flags`: it writes that table, so the reads kept from it are stale once it
+        commits (the versions move before any listener hears, even if the caller's task
+        was cancelled while the commit finished)."""
+        before = self._commits
+        try:
+            async with self._lock, self._begin() as conn:
+                yield conn
+        finally:
+            if self._commits != before:
+                self.jobs_version += jobs
+                self.flags_version += flags
+            self._notify()
 
     @asynccontextmanager
     async def _jobs_transaction(self) -> AsyncIterator[aiosqlite.Connection]:
-        async with self.transaction() as conn:
+        async with self.transaction(jobs=True) as conn:
             yield conn
-        self.jobs_version += 1
 
     @asynccontextmanager
     async def _begin(self) -> AsyncIterator[aiosqlite.Connection]:
@@ -186,7 +168,7 @@ class Store(StoreReads):
         try:
             await self._conn.execute("BEGIN IMMEDIATE")
             yield self._conn
-            await self._conn.execute("COMMIT")
+            cancelled = await connect.finish(self._conn.execute("COMMIT"))
         except BaseException as exc:
             # SQLite may have rolled back already (SQLITE_FULL does); a failed COMMIT must
             # not leave the connection inside a transaction that no later BEGIN can start.
@@ -203,6 +185,9 @@ class Store(StoreReads):
         for inst in self._staged:
             self.live.apply(inst)
         self._staged = []
+        self._commits += 1
+        if cancelled:  # written, and the memory view says so: now the caller's cancellation
+            raise asyncio.CancelledError
 
     def _notify(self) -> None:
         written, self._committed = self._committed, []
@@ -265,14 +250,14 @@ class Store(StoreReads):
     ) -> Event:
         """An event that is not a state change (an extension, a strike, progress), optionally
         with field updates to the entity in the same transaction."""
-        async with self.transaction() as conn:
+        jobs = kind is not EntityKind.INSTANCE and bool(updates)
+        async with self.transaction(jobs=jobs) as conn:
             if updates:
                 table = "instances" if kind is EntityKind.INSTANCE else "jobs"
                 await sql.update(conn, table, entity_id, updates)
                 if kind is EntityKind.INSTANCE:
                     self._staged.append(await sql.instance(conn, entity_id))
             event = await self._event(conn, kind, entity_id, name, reason=reason, details=details)
-        self.jobs_version += kind is EntityKind.JOB and bool(updates)
         return event
 
     # --- instances -------------------------------------------------------------------
@@ -333,16 +318,19 @@ class Store(StoreReads):
                 await self._write_batch(req)
         finally:
             self._lock.release()
-        self._notify()
+            self._notify()  # what committed is heard, even when the caller was cancelled
         return req.done.result()
 
     async def _write_batch(self, req: Transition) -> None:
         batch, self._queued = self._queued, []
+        before = self._commits
         try:
             async with self._begin() as conn:
                 for one in batch:
                     await self._transition_one(conn, one, alone=len(batch) == 1)
         except BaseException:
+            if self._commits != before:
+                raise  # committed, then cancelled: every change of the batch is written
             # Rolled back (the disk, a cancellation): the others' changes were not written
             # either, so they go back in the queue and their callers write them themselves.
             loop = asyncio.get_running_loop()
@@ -472,7 +460,7 @@ class Store(StoreReads):
         details: Mapping[str, Any] | None = None,
     ) -> None:
         """Daemon-wide state (queue paused, ...), with an event so it is on record."""
-        async with self.transaction() as conn:
+        async with self.transaction(flags=True) as conn:
             await conn.execute(
                 "INSERT INTO flags (key, value) VALUES (?, ?)"
                 " ON CONFLICT(key) DO UPDATE SET value = excluded.value",
@@ -486,7 +474,6 @@ class Store(StoreReads):
                 reason=reason,
                 details={**(details or {}), "value": value},
             )
-        self.flags_version += 1
 
     async def vacuum_into(self, target: Path) -> None:
         """A consistent copy of the database while the daemon runs."""

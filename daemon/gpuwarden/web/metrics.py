@@ -60,7 +60,9 @@ async def snapshot(app: App) -> Snapshot:
         snap.strikes[(inst.id, inst.provider)] = inst.strikes
         when, _ = policy.earliest_deadline(inst, observations(inst, busy), limits, now)
         snap.past_deadline += now >= when
-    snap.budget = await budget_json(app, now)
+    # The time read again: the kept totals start over when asked at a time earlier than
+    # another caller's (core/totals.py), and the awaits above let others ask meanwhile.
+    snap.budget = await budget_json(app, app.clock.now())
     snap.credit = dict(app.credit)
     snap.heartbeats = app.heartbeats.ages()
     snap.queued = len(await app.store.jobs([JobState.QUEUED], limit=1_000_000))

@@ -1,0 +1,105 @@
+"""A caller cancelled while its COMMIT runs: aiosqlite runs a queued statement whether or not
+anyone still waits for it, so the row is written. The memory view, the listeners and the
+other changes of a group commit must then agree with the database, and the cancellation
+still reaches the caller."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from tests.conftest import T0
+
+from gpuwarden.core.clock import FakeClock
+from gpuwarden.core.model import Event, Instance, InstanceState, TerminationReason
+from gpuwarden.store import Store, rows, sql
+
+
+def _instance(iid: str, clock: FakeClock) -> Instance:
+    now = clock.now()
+    return Instance(
+        id=iid,
+        provider="fake",
+        label=f"gpuwarden-main-{iid}",
+        state=InstanceState.RUNNING,
+        created_at=now,
+        lease_until=now + timedelta(hours=1),
+        last_activity=now,
+        price_per_hour=0.5,
+        provider_id=f"p-{iid}",
+    )
+
+
+async def _in_database(store: Store) -> list[Instance]:
+    return [
+        rows.instance_from_row(r) for r in await sql.fetch(store._conn, "SELECT * FROM instances")
+    ]
+
+
+def _cancel_at_commit(store: Store, victim: list[asyncio.Task[Any]]) -> None:
+    """Cancel `victim[0]` right after its COMMIT is handed to the database thread."""
+    real = store._conn.execute
+
+    def execute(statement: str, *args: Any, **kwargs: Any) -> Any:
+        result = real(statement, *args, **kwargs)
+        if statement == "COMMIT" and victim:
+            victim.pop().cancel()
+        return result
+
+    store._conn.execute = execute  # type: ignore[method-assign]
+
+
+@pytest.fixture
+def clock() -> Iterator[FakeClock]:
+    yield FakeClock(T0)
+
+
+async def test_a_cancelled_insert_that_committed_is_in_memory_and_heard(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    store = await Store.open(tmp_path / "g.db", clock)
+    heard: list[Event] = []
+    store.subscribe(heard.append)
+    victim: list[asyncio.Task[Any]] = []
+    _cancel_at_commit(store, victim)
+    task = asyncio.create_task(store.insert_instance(_instance("i1", clock)))
+    victim.append(task)
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert [i.id for i in await _in_database(store)] == ["i1"]  # written
+    assert store.live.get("i1") is not None  # and the memory view says so
+    assert [e.entity_id for e in heard] == ["i1"]
+    await store.close()
+
+
+async def test_a_cancelled_group_commit_leaves_the_others_written_once(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    store = await Store.open(tmp_path / "g.db", clock)
+    for iid in ("i1", "i2"):
+        await store.insert_instance(_instance(iid, clock))
+    victim: list[asyncio.Task[Any]] = []
+    _cancel_at_commit(store, victim)
+    end = TerminationReason.LEASE_EXPIRED
+    async with store._lock:  # both queue behind the writer, then share one transaction
+        first = asyncio.create_task(
+            store.transition_instance("i1", InstanceState.TERMINATING, reason=end)
+        )
+        second = asyncio.create_task(
+            store.transition_instance("i2", InstanceState.TERMINATING, reason=end)
+        )
+        await asyncio.sleep(0)  # both queued on the lock (a yield, not a wait for time)
+        await asyncio.sleep(0)
+        victim.append(first)
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    after = await asyncio.wait_for(second, 5)  # its change went in the same commit
+    assert after.state is InstanceState.TERMINATING
+    states = {i.id: i.state for i in await _in_database(store)}
+    assert states == {"i1": InstanceState.TERMINATING, "i2": InstanceState.TERMINATING}
+    assert {i.id: i.state for i in store.live.select()} == states
+    await store.close()
