@@ -26,8 +26,9 @@ GPUWARDEN_BENCH_SIZES picks the sizes (default "100,1000,10000"; the 10,000 run 
 two minutes). The package is byte-compiled first (compileall, in place), as pip does when it
 installs the wheel a real daemon runs from: with PYTHONDONTWRITEBYTECODE set and an editable
 install, every start would otherwise compile each module from source again. The CLI is run
-as the installed `gpuwarden` console script. Submit-to-running on a warm instance is not
-measured here (the fake cloud has no SSH hosts to run a job on) but in test_warm_submit.py,
+as the installed `gpuwarden` console script. The disk is flushed (os.sync) before each
+daemon starts, so that the destroys' fsyncs do not wait on the seeding's writeback.
+Submit-to-running on a warm instance is not measured here (the fake cloud has no SSH hosts to run a job on) but in test_warm_submit.py,
 on the sim cloud, which prints its own table.
 """
 
@@ -239,6 +240,10 @@ async def _run(count: int, planted: int, window: timedelta, *, full: bool) -> di
             pid: first + window * (n / planted) for n, pid in enumerate(sorted(planted_at))
         }
         plant(db, planted_at)
+        # The seeding (and the run before) left hundreds of MB for the kernel to write back;
+        # flushed first, so that the destroys' fsyncs (intent before action) measure this
+        # daemon, not the last run's writeback.
+        os.sync()
         out: dict[str, Any] = {}
         if full:
             out["guard_pass_first"], out["guard_pass_next"] = await _guard_pass_cpu(cfg)
