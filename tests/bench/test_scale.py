@@ -28,8 +28,8 @@ installs the wheel a real daemon runs from: with PYTHONDONTWRITEBYTECODE set and
 install, every start would otherwise compile each module from source again. The CLI is run
 as the installed `gpuwarden` console script. The disk is flushed (os.sync) before each
 daemon starts, so that the destroys' fsyncs do not wait on the seeding's writeback.
-Submit-to-running on a warm instance is not measured here (the fake cloud has no SSH hosts to run a job on) but in test_warm_submit.py,
-on the sim cloud, which prints its own table.
+Submit-to-running on a warm instance is not measured here (the fake cloud has no SSH hosts
+to run a job on) but in test_warm_submit.py, on the sim cloud, which prints its own table.
 """
 
 from __future__ import annotations
