@@ -106,7 +106,7 @@ end_vast() {
     AUTH=${CONTAINER_API_KEY:-}
     id=${CONTAINER_ID:-}
     if [ -z "$AUTH" ] || [ -z "$id" ]; then
-        log "cannot end instance: CONTAINER_ID or CONTAINER_API_KEY is not set"
+        log "cannot end instance: no CONTAINER_ID or CONTAINER_API_KEY"
         return 1
     fi
     code=$(http DELETE "$DEADMAN_API/api/v0/instances/$id/" '{}')
@@ -162,13 +162,12 @@ case $DEADMAN_PROVIDER in
 vast) [ -n "${CONTAINER_ID:-}" ] && [ -n "${CONTAINER_API_KEY:-}" ] || u="no CONTAINER_API_KEY" ;;
 lambda) [ -n "$PY" ] || u="no python3"; [ -r "$DIR/deadman.key" ] || u="no API key" ;;
 esac
+st=armed
 if [ -n "$u" ]; then
     log "cannot end this instance: $u"
-    echo "unable: $u" >"$DIR/deadman.state"
-else
-    echo armed >"$DIR/deadman.state"
+    st="unable: $u"
 fi
-chmod 644 "$DIR/deadman.state"
+(umask 022; echo "$st" >"$DIR/deadman.state")
 
 [ -f "$HB" ] || touch "$HB"
 [ -s "$STARTED" ] || date +%s >"$STARTED"
