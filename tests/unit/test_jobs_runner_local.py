@@ -21,7 +21,7 @@ from remote_support import (
     kill_leftovers,
     wait_all_gone,
 )
-from tests.conftest import MakeApp
+from tests.conftest import MakeApp, unavailable
 
 from gpuwarden.core.clock import FakeClock
 from gpuwarden.core.model import JobState
@@ -38,7 +38,7 @@ BANNER = (
 def instance_shell(tmp_path: Path) -> LocalShell:
     dash = shutil.which("dash")
     if dash is None:
-        pytest.skip("dash is not installed here (apt-get install dash)")
+        unavailable("dash is not installed here (apt-get install dash)")
     fixed = [p for p in PYTHON_CANDIDATES if "/" in p]
     if not any(Path(p).is_file() for p in fixed):
         pytest.skip(f"no Python at any of {', '.join(fixed)} on this machine")
@@ -114,23 +114,19 @@ async def test_waiting_on_the_instance_returns_when_the_job_ends(
 
 
 async def test_a_wait_that_outlives_its_bound_is_a_pause_not_a_dropped_connection(
-    tmp_path: Path,
+    instance_shell: LocalShell,
 ) -> None:
     """An instance so slow that the wait's checks outlast the command's timeout: False (look
     at the status as before), never the timeout the runner counts as a dropped connection."""
-    dash, real_sleep = shutil.which("dash"), shutil.which("sleep")
-    if dash is None or real_sleep is None:
-        pytest.skip("dash and sleep are needed here (apt-get install dash)")
-    bin_dir, home = tmp_path / "bin", tmp_path / "home"
-    bin_dir.mkdir()
-    (bin_dir / "sh").symlink_to(dash)
-    (bin_dir / "cat").symlink_to(shutil.which("cat") or "/bin/cat")
-    slow = bin_dir / "sleep"  # every check takes a second instead of a tenth
-    slow.write_text(f"#!{dash}\nexec {real_sleep} 1\n")
+    real_sleep = shutil.which("sleep")
+    assert real_sleep is not None and instance_shell.path is not None
+    slow = Path(instance_shell.path) / "sleep"  # every check takes a second, not a tenth
+    slow.unlink()
+    slow.write_text(f"#!/bin/sh\nexec {real_sleep} 1\n")
     slow.chmod(0o755)
-    job = home / ".gpuwarden/jobs/slow"
+    job = instance_shell.home / ".gpuwarden/jobs/slow"
     job.mkdir(parents=True)
     (job / "pid").write_text(f"{os.getpid()}\n")  # a live process, no exit file: running
-    conn = LocalConn(LocalShell(home, shell=str(bin_dir / "sh"), path=str(bin_dir)))
+    conn = LocalConn(instance_shell)
     conn.timeout = 0.6
     assert not await conn.wait_end(".gpuwarden/jobs/slow", 5.0)

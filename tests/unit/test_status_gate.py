@@ -19,14 +19,18 @@ from gpuwarden.control import instances
 async def _two_status_calls_at_once(state_dir: Path) -> list[int]:
     async with open_app(Settings(daemon={"state_dir": str(state_dir)})) as app:
         await add_instance(app)
-        real = app.store.live_instances
+        real = app.store.jobs_holding_instances
+        calls = 0
 
-        async def yielding() -> Any:
+        async def yielding(*args: Any) -> Any:
+            nonlocal calls
+            calls += 1
             await asyncio.sleep(0)  # the first call holds the gate across a yield
-            return await real()
+            return await real(*args)
 
-        app.store.live_instances = yielding  # type: ignore[method-assign]
+        app.store.jobs_holding_instances = yielding  # type: ignore[method-assign,assignment]
         answers = await asyncio.gather(instances.status(app), instances.status(app))
+        assert calls == 2  # both answers waited in the gate at a read that yields
         return [len(a["instances"]) for a in answers]
 
 

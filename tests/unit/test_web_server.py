@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -139,12 +140,25 @@ async def test_an_action_that_overruns_is_a_json_timeout_not_a_bare_500(
     from gpuwarden.web import views
 
     async def overrun(*_: object) -> None:
-        raise TimeoutError  # what asyncio.timeout raises when the action passes it
+        await asyncio.Event().wait()  # never answers: daemon.request_timeout ends it
+
+    async def inner_timeout(*_: object) -> None:
+        raise TimeoutError  # the action's own failure (a call it made timed out)
 
     async with web_env(make_app, tmp_path) as w:
         inst = await launcher.launch(w.app, w.fake.offers[0], hours=1)
+        # Below the setting's 1 s floor, so that the overrun is real and quick.
+        daemon = w.app.settings.daemon.model_copy(
+            update={"request_timeout": timedelta(seconds=0.05)}
+        )
+        w.app.settings = w.app.settings.model_copy(update={"daemon": daemon})
+        url = f"{w.base}/api/instances/{inst.id}/activity"
         monkeypatch.setattr(views, "act", overrun)
-        async with w.http.post(f"{w.base}/api/instances/{inst.id}/activity", headers=w.bearer) as r:
+        async with w.http.post(url, headers=w.bearer) as r:
             assert r.status == 504
             body = await r.json()
         assert body["code"] == "timeout" and "request_timeout" in body["error"]
+        monkeypatch.setattr(views, "act", inner_timeout)
+        async with w.http.post(url, headers=w.bearer) as r:
+            assert r.status == 500  # not blamed on the request timeout
+            assert (await r.json())["code"] == "internal"

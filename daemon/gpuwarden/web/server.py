@@ -178,7 +178,7 @@ class DashboardServer:
             return _json({"error": "the body is not JSON", "code": "invalid_input"}, 400)
         try:
             timeout = self.app.settings.daemon.request_timeout.total_seconds()
-            async with asyncio.timeout(timeout):
+            async with asyncio.timeout(timeout) as scope:
                 result = await views.act(
                     self.app, request.match_info["action"], request.match_info["id"], body
                 )
@@ -188,9 +188,8 @@ class DashboardServer:
             return _json({"error": str(exc.args[0]), "code": "not_found"}, 404)
         except IllegalTransition as exc:
             return _json({"error": str(exc), "code": "invalid_state"}, 409)
-        except TimeoutError:  # as the control socket answers an overrun: say so, in JSON
-            took = f"the action took longer than {timeout:g} s (daemon.request_timeout)"
-            return _json({"error": took, "code": "timeout"}, 504)
+        except TimeoutError:
+            return _timed_out(request.match_info["action"], timeout, overrun=scope.expired())
         return _json(result)
 
     async def _output(self, request: web.Request) -> web.StreamResponse:
@@ -248,3 +247,15 @@ def _refused(status: int, reason: str) -> web.Response:
     return _json(
         {"error": reason, "code": "unauthorized" if status == 401 else "forbidden"}, status
     )
+
+
+def _timed_out(action: str, timeout: float, *, overrun: bool) -> web.Response:
+    """An action past daemon.request_timeout: code "timeout", as the control socket answers
+    an overrun. A timeout inside the action is its own failure, an internal error (left to
+    aiohttp, it would be a bare 504 that blames the request timeout)."""
+    if not overrun:
+        log.exception("dashboard_action_failed", action=action)
+        return _json({"error": "internal error (see the daemon's log)", "code": "internal"}, 500)
+    log.warning("dashboard_timeout", action=action, timeout_s=timeout)
+    took = f"the action took longer than {timeout:g} s (daemon.request_timeout)"
+    return _json({"error": took, "code": "timeout"}, 504)
