@@ -127,9 +127,13 @@ STATUS = {
 }
 
 
-async def test_status_to_a_pipe_imports_no_heavy_library(short_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("json_mode", [False, True])
+async def test_status_to_a_pipe_imports_no_heavy_library(
+    short_dir: Path, tmp_path: Path, json_mode: bool
+) -> None:
+    """Also with rows left out of the page: the line that says so goes to stderr, plainly."""
     sock = short_dir / "c.sock"
-    server = await _serve_status(sock, STATUS)
+    server = await _serve_status(sock, {**STATUS, "count": 10_000, "shown": 1})
     listed = tmp_path / "modules.txt"
     async with server:
         proc = await asyncio.create_subprocess_exec(
@@ -138,6 +142,7 @@ async def test_status_to_a_pipe_imports_no_heavy_library(short_dir: Path, tmp_pa
             PROBE,
             str(listed),
             "status",
+            *(["--json"] if json_mode else []),
             "--socket",
             str(sock),
             stdout=asyncio.subprocess.PIPE,
@@ -146,7 +151,9 @@ async def test_status_to_a_pipe_imports_no_heavy_library(short_dir: Path, tmp_pa
         )
         out, err = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode == 0, err.decode()
-    assert "ab12cd34" in out.decode() and "TOTAL" in out.decode()
+    assert "ab12cd34" in out.decode()
+    assert json_mode or "TOTAL" in out.decode()
+    assert "of 10,000" in (err if json_mode else out + err).decode()
     modules = set(listed.read_text().split())
     assert "gpuwarden.cli.output" in modules  # the probe saw the command run
     loaded = sorted(m for m in modules if m.split(".")[0] in HEAVY)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import replace
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import pytest
 from hypothesis import given, settings
@@ -16,7 +16,7 @@ from tests.conftest import T0
 
 from gpuwarden.core import policy
 from gpuwarden.core.model import Billing, Instance, InstanceState
-from gpuwarden.core.totals import Const, Ramp, cost_piece, est_piece
+from gpuwarden.core.totals import Channel, Const, Piece, Ramp, cost_piece, est_piece
 from gpuwarden.store.live import LiveInstances
 
 LIVE = (
@@ -186,3 +186,26 @@ def test_a_piece_past_its_time_is_recomputed() -> None:
     # Past the idle deadline (the guard has not ended it yet) it bills on: cost so far.
     assert live.est_total(frozenset(), limits, T0 + timedelta(hours=1)) == pytest.approx(3.6)
     assert live.cost_now(T0 + timedelta(seconds=1, microseconds=1)) == pytest.approx(0.002)
+
+
+def test_an_earlier_time_is_answered_directly_and_keeps_the_pieces() -> None:
+    """A caller that read the clock before an await asks about a time before the last sum:
+    the right figure, and the pieces kept for later times are not computed again."""
+    rng = random.Random(7)
+    rows = {i.id: i for i in (_new(rng, n, timedelta(0)) for n in range(40))}
+    channel = Channel()
+    asked: list[str] = []
+
+    def counted(inst: Instance, now: datetime) -> Piece:
+        asked.append(inst.id)
+        return cost_piece(inst, now)
+
+    late, early = T0 + timedelta(hours=2), T0 + timedelta(hours=1)
+    channel.total(rows, counted, late)
+    direct = sum(policy.cost_so_far(i, early) for i in rows.values())
+    assert channel.total(rows, counted, early) == pytest.approx(direct)
+    assert channel._last == late  # what is kept still describes the later time: not reset
+    asked.clear()
+    again = channel.total(rows, counted, late)
+    assert asked == []  # nothing was computed again for the later time
+    assert again == pytest.approx(sum(policy.cost_so_far(i, late) for i in rows.values()))

@@ -6,7 +6,8 @@ still reaches the caller."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+import sqlite3
+from collections.abc import AsyncIterator, Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -58,10 +59,18 @@ def clock() -> Iterator[FakeClock]:
     yield FakeClock(T0)
 
 
+@pytest.fixture
+async def store(tmp_path: Path, clock: FakeClock) -> AsyncIterator[Store]:
+    opened = await Store.open(tmp_path / "g.db", clock)
+    try:
+        yield opened
+    finally:  # also when an assertion failed: an open connection's thread holds the exit
+        await opened.close()
+
+
 async def test_a_cancelled_insert_that_committed_is_in_memory_and_heard(
-    tmp_path: Path, clock: FakeClock
+    store: Store, clock: FakeClock
 ) -> None:
-    store = await Store.open(tmp_path / "g.db", clock)
     heard: list[Event] = []
     store.subscribe(heard.append)
     victim: list[asyncio.Task[Any]] = []
@@ -73,13 +82,11 @@ async def test_a_cancelled_insert_that_committed_is_in_memory_and_heard(
     assert [i.id for i in await _in_database(store)] == ["i1"]  # written
     assert store.live.get("i1") is not None  # and the memory view says so
     assert [e.entity_id for e in heard] == ["i1"]
-    await store.close()
 
 
 async def test_a_cancelled_group_commit_leaves_the_others_written_once(
-    tmp_path: Path, clock: FakeClock
+    store: Store, clock: FakeClock
 ) -> None:
-    store = await Store.open(tmp_path / "g.db", clock)
     for iid in ("i1", "i2"):
         await store.insert_instance(_instance(iid, clock))
     victim: list[asyncio.Task[Any]] = []
@@ -93,13 +100,40 @@ async def test_a_cancelled_group_commit_leaves_the_others_written_once(
             store.transition_instance("i2", InstanceState.TERMINATING, reason=end)
         )
         await asyncio.sleep(0)  # both queued on the lock (a yield, not a wait for time)
-        await asyncio.sleep(0)
         victim.append(first)
+        commits = store._commits
     with pytest.raises(asyncio.CancelledError):
         await first
-    after = await asyncio.wait_for(second, 5)  # its change went in the same commit
+    after = await asyncio.wait_for(second, 5)
     assert after.state is InstanceState.TERMINATING
+    assert store._commits == commits + 1  # its change went in the same commit
     states = {i.id: i.state for i in await _in_database(store)}
     assert states == {"i1": InstanceState.TERMINATING, "i2": InstanceState.TERMINATING}
     assert {i.id: i.state for i in store.live.select()} == states
-    await store.close()
+
+
+async def test_a_cancelled_commit_that_fails_is_rolled_back_and_still_a_cancellation(
+    store: Store, clock: FakeClock
+) -> None:
+    victim: list[asyncio.Task[Any]] = []
+    real = store._conn.execute
+
+    def execute(statement: str, *args: Any, **kwargs: Any) -> Any:
+        if statement != "COMMIT":
+            return real(statement, *args, **kwargs)
+        victim.pop().cancel()
+
+        async def fails() -> None:
+            await asyncio.sleep(0)  # the cancellation lands while the COMMIT is out
+            raise sqlite3.OperationalError("disk I/O error")
+
+        return fails()
+
+    store._conn.execute = execute  # type: ignore[method-assign]
+    task = asyncio.create_task(store.insert_instance(_instance("i1", clock)))
+    victim.append(task)
+    with pytest.raises(asyncio.CancelledError):  # the caller's cancellation, not the disk's
+        await task
+    store._conn.execute = real  # type: ignore[method-assign]
+    assert await _in_database(store) == []  # rolled back
+    assert store.live.get("i1") is None

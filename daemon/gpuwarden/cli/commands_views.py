@@ -118,7 +118,7 @@ def show_status(args: argparse.Namespace) -> int:
         k: getattr(args, k, None)
         for k in ("limit", "provider", "state", "gpu")
         if getattr(args, k, None) is not None
-    } | ({"all": True} if getattr(args, "all", False) else {})
+    } | (ALL if getattr(args, "all", False) else {})
     filtered = bool(wanted.keys() - {"limit", "all"})
 
     async def once(client: ControlClient, out: Out) -> None:

@@ -31,6 +31,7 @@ from urllib.parse import unquote
 
 from gpuwarden.cli.client import ControlClient
 from gpuwarden.cli.commands_jobs import TERMINAL
+from gpuwarden.cli.commands_views import status_rows
 from gpuwarden.cli.demo_spot import outbid_when_running
 from gpuwarden.core.clock import SystemClock
 from gpuwarden.system.childproc import ChildFailed, DaemonProcess
@@ -334,9 +335,7 @@ async def wait_instances_ended(demo: Demo) -> str:
     deadline = loop.time() + 20
     async with ControlClient(demo.socket) as client:
         while True:
-            live = await client.call("status")
-            rows = live if isinstance(live, list) else live.get("instances", [])
-            if not rows:
+            if not status_rows(await client.call("status", {"limit": 1})):
                 break
             if loop.time() > deadline:
                 raise DemoFailed("instances are still live 20 s after the last job")

@@ -210,13 +210,22 @@ class Out:
             self._stdout.flush()
 
     def error(self, message: str) -> None:
-        self.err.print(Styled(f"gpuwarden: {message}", style="red"))
+        self._say(Styled(f"gpuwarden: {message}", style="red"))
 
     def warn(self, message: str) -> None:
-        self.err.print(Styled(f"gpuwarden: warning: {message}", style="yellow"))
+        self._say(Styled(f"gpuwarden: warning: {message}", style="yellow"))
 
     def hint(self, message: str) -> None:
-        self.err.print(Styled(f"hint: {message}", style="yellow"))
+        self._say(Styled(f"hint: {message}", style="yellow"))
+
+    def _say(self, line: Styled) -> None:
+        """A line on stderr: styled by rich on a terminal; plain off one, as `print` does on
+        stdout, so that a script's `status --json` imports no rich for its hint either."""
+        if _terminal(self._stderr):
+            self.err.print(line)
+        else:
+            self._stderr.write(line.plain + "\n")
+            self._stderr.flush()
 
     def table(
         self,

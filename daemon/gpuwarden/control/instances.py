@@ -341,9 +341,8 @@ async def _status(
 ) -> dict[str, Any]:
     on = await jobs_on_instances(app)
     busy = frozenset(on)
-    # Read after the await, and the kept totals and the budget's (budget_json, below) before
-    # the next: totals asked at an earlier `now` than another caller's start again from
-    # scratch (core/totals.py).
+    # Read after the await: totals asked at an earlier `now` than another caller's are
+    # computed instance by instance (core/totals.py), which the default call must not do.
     now = app.clock.now()
     limits = app.limits()
     interval = app.settings.policy.watchdog_interval

@@ -18,8 +18,9 @@ from a few numbers and a sorted list: with now = qN*G + rN and start = q*G + r (
 ceil((now - start) / G) = qN - q + (1 if rN > r else 0); so the sum of price * ceil(...) is
 qN * sum(price) - sum(price * q) + sum(price for r < rN), the last a prefix sum found by
 bisection. A piece is recomputed only when its instance changes (the store's live view says
-so), its observations change (busy or not), it expires, the limits change, or `now` runs
-backwards (a test clock). Pure: no I/O, `now` is always given.
+so), its observations change (busy or not), it expires, or the limits change; a sum asked
+at an earlier `now` than the last one is computed instance by instance and changes nothing
+kept. Pure: no I/O, `now` is always given.
 """
 
 from __future__ import annotations
@@ -165,6 +166,14 @@ class _RampSum:
         return grains * (self.grain_us / _SECOND_US) / 3600.0
 
 
+def _value(p: Piece, now: datetime) -> float:
+    """One piece's figure at `now`."""
+    if isinstance(p, Ramp):
+        grains = -((p.start_us - _us(now)) // p.grain_us)  # ceil((now - start) / grain)
+        return p.price * grains * (p.grain_us / _SECOND_US) / 3600.0
+    return p.value
+
+
 class Channel:
     """One sum over the live instances, kept piece by piece."""
 
@@ -199,7 +208,9 @@ class Channel:
         """The sum at `now` over `rows` (the live instances by id), `piece` giving each one's
         piece from `now` on."""
         if self._last is not None and now < self._last:
-            self.reset()
+            # An earlier time than the last sum's (a caller that read the clock before an
+            # await): answered instance by instance, the kept pieces left for later times.
+            return sum(_value(piece(inst, now), now) for inst in rows.values())
         if self._last is None:
             self._dirty = set(rows)
         self._last = now

@@ -59,5 +59,9 @@ async def finish(commit: Awaitable[Any]) -> bool:
             if task.done():
                 raise
             cancelled = True
+        except BaseException as exc:
+            if cancelled:  # the COMMIT failed too: rolled back, and the cancellation goes on
+                raise asyncio.CancelledError from exc
+            raise
         else:
             return cancelled

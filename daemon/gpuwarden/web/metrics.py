@@ -60,8 +60,8 @@ async def snapshot(app: App) -> Snapshot:
         snap.strikes[(inst.id, inst.provider)] = inst.strikes
         when, _ = policy.earliest_deadline(inst, observations(inst, busy), limits, now)
         snap.past_deadline += now >= when
-    # The time read again: the kept totals start over when asked at a time earlier than
-    # another caller's (core/totals.py), and the awaits above let others ask meanwhile.
+    # The time read again: the awaits above let others ask the kept totals at a later time,
+    # and a time earlier than theirs is computed instance by instance (core/totals.py).
     snap.budget = await budget_json(app, app.clock.now())
     snap.credit = dict(app.credit)
     snap.heartbeats = app.heartbeats.ages()
