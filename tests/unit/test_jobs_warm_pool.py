@@ -36,14 +36,15 @@ async def test_the_pool_reuses_the_most_recent_learns_gaps_and_expires(
     assert pool.window("auto", t0, 60.0, 1.0) == timedelta(seconds=60)
     assert pool.window(timedelta(minutes=5), t0, 60.0, 1.0) == timedelta(minutes=5)
     # A job submitted at 70 s, 10 s after the last instance went idle (at 60 s): one gap of
-    # 10 s, so "auto" covers it, stretched by a quarter (12.5 s), and, with one gap only,
-    # drawn towards the first window: (1 x 12.5 + 3 x 60) / 4.
+    # 10 s, so "auto" covers it, stretched by a quarter (12.5 s) and, covering every gap
+    # seen, by a tenth of a cold start's cost (12 s), and, with one gap only, drawn towards
+    # the first window: (1 x 24.5 + 3 x 60) / 4.
     await clock.advance(70)
     await pool.note_arrival(await add_job(app, "j2"))
-    assert pool.window("auto", clock.now(), 60.0, 1.0) == timedelta(seconds=48.125)
+    assert pool.window("auto", clock.now(), 60.0, 1.0) == timedelta(seconds=51.125)
     # Only the first job after going idle closes a gap: a second one changes nothing.
     await pool.note_arrival(await add_job(app, "j3"))
-    assert pool.window("auto", clock.now(), 60.0, 1.0) == timedelta(seconds=48.125)
+    assert pool.window("auto", clock.now(), 60.0, 1.0) == timedelta(seconds=51.125)
     assert pool.next_expiry() == t0 + timedelta(seconds=100)
     assert pool.due(t0 + timedelta(seconds=99)) == []
     assert pool.due(t0 + timedelta(seconds=100)) == [("ia", TerminationReason.IDLE)]

@@ -134,12 +134,13 @@ def _gaps(*seconds: float, every: float = 600.0) -> list[w.Gap]:
         ([], 180.0, 1.0, 180.0),
         ([], 60.0, 0.0, 30.0),
         (_gaps(7200.0, 5400.0, 9000.0), 60.0, 1.0, 0.0),  # sparse: end at once
-        # Bursty: cover every gap, stretched by the margin (120 * 1.25 = 150), and with four
-        # gaps only, drawn towards the first window (180).
-        (_gaps(90.0, 120.0, 100.0, 80.0), 180.0, 1.0, pytest.approx(163.068, abs=1e-3)),
-        # Mostly short gaps and one long one: cover the short ones only (40 * 1.25 = 50,
-        # drawn a little towards 60).
-        (_gaps(30.0, 40.0, 35.0, 3600.0), 60.0, 1.0, pytest.approx(52.986, abs=1e-3)),
+        # Bursty: cover every gap, stretched by the margin (120 * 1.25 = 150) and, covering
+        # them all, past the cliff by a tenth of a cold start's cost (36 s): 186, longer
+        # than the first window (180), so the young history's pull leaves it there.
+        (_gaps(90.0, 120.0, 100.0, 80.0), 180.0, 1.0, pytest.approx(186.0)),
+        # Mostly short gaps and one long one: cover the short ones only (40 * 1.25 = 50, plus
+        # 12 s x the share covered squared, drawn a little towards 60).
+        (_gaps(30.0, 40.0, 35.0, 3600.0), 60.0, 1.0, pytest.approx(57.629, abs=1e-3)),
         # Short gaps that are still dearer to bridge than a cold start: end at once.
         (_gaps(500.0, 600.0, 550.0), 60.0, 1.0, 0.0),
     ],
@@ -154,8 +155,10 @@ def test_adaptive_window_is_the_cheapest_candidate() -> None:
     gaps = _gaps(30.0, 400.0, 45.0, 1200.0, 200.0, 60.0, 5000.0, 90.0, every=900.0)
     cold_cost = w.cold_start_cost(120.0, 1.0)
     weighted = [(g.seconds, 0.5 ** ((T0 - g.at).total_seconds() / w.GAP_HALF_LIFE_S)) for g in gaps]
-    # The sweep alone: no stretch, no penalty for gaps unseen, no pull towards a first window.
-    got = w.adaptive_window(gaps, T0, 120.0, 1.0, margin=1.0, unseen_per_s=0, prior_weight=0)
+    # The sweep alone: no stretches, no penalty for gaps unseen, no pull towards a first window.
+    got = w.adaptive_window(
+        gaps, T0, 120.0, 1.0, margin=1.0, unseen_per_s=0, prior_weight=0, cliff_share=0
+    )
     candidates = [0.0, *(g.seconds for g in gaps), 10.0, 100.0, 1000.0, 3000.0]
     best = min(w.window_cost(weighted, t, cold_cost) for t in candidates)
     assert w.window_cost(weighted, got, cold_cost) == pytest.approx(best)
@@ -167,8 +170,10 @@ def test_old_gaps_fade() -> None:
     old = [w.Gap(T0 - timedelta(hours=30), 60.0) for _ in range(6)]
     new = [w.Gap(T0 - timedelta(minutes=m), 4000.0) for m in (10, 60, 120)]
     assert w.adaptive_window(old + new, T0, 60.0, 1.0) == 0.0
-    # Counted alike (no decay), the six short ones would win.
-    assert w.adaptive_window(old + new, T0, 60.0, 1.0, half_life_s=1e12) == 75.0
+    # Counted alike (no decay), the six short ones would win: 60 * 1.25 + 12 * (6/9)^2.
+    assert w.adaptive_window(old + new, T0, 60.0, 1.0, half_life_s=1e12) == pytest.approx(
+        75.0 + 12.0 * (6 / 9) ** 2
+    )
 
 
 def test_note_gap_keeps_the_newest() -> None:
@@ -227,34 +232,67 @@ def test_a_gap_longer_than_any_seen_is_priced_in() -> None:
     seen would pay on those gaps alone, but a window that long is stranded when the pattern
     changes (the evening, a session's end). The penalty for gaps unseen keeps it shorter."""
     gaps = _gaps(20.0, 150.0, 300.0, 45.0, 600.0, 90.0, 240.0, 1100.0, 60.0, 400.0, every=300)
-    bare = w.adaptive_window(gaps, T0, 300.0, 1.0, unseen_per_s=0, prior_weight=0)
-    priced = w.adaptive_window(gaps, T0, 300.0, 1.0, prior_weight=0)
+    bare = w.adaptive_window(gaps, T0, 300.0, 1.0, unseen_per_s=0, prior_weight=0, cliff_share=0)
+    priced = w.adaptive_window(gaps, T0, 300.0, 1.0, prior_weight=0, cliff_share=0)
     assert bare == 1100.0 * w.WINDOW_MARGIN
     assert priced == 90.0 * w.WINDOW_MARGIN
 
 
 def test_one_short_gap_among_long_ones_is_not_held_long() -> None:
     # The pull towards the first window is weighted by the share of gaps the choice covers.
-    # A 10-minute cold start: covering the one 60 s gap pays (60 * 1.25 = 75 s), and the
-    # first window (600 s) pulls it only by (1/5)^2 of the prior weight.
+    # A 10-minute cold start: covering the one 60 s gap pays (60 * 1.25 = 75 s, plus a tenth
+    # of the cold cost x (1/5)^2 = 4.8 s past the cliff), and the first window (600 s) pulls
+    # it only by (1/5)^2 of the prior weight.
     few = _gaps(60.0, 7200.0, 9000.0, 5400.0, 8000.0)
     window = w.adaptive_window(few, T0, 600.0, 1.0, unseen_per_s=0)
-    assert 75.0 < window < 90.0
+    assert 79.8 < window < 95.0
 
 
 def test_a_first_gap_is_not_outvoted_by_the_penalty_for_gaps_unseen() -> None:
     """A 3-minute cold start costs 360 s, so the penalty is 3.6 pseudo-gaps; after one gap of
     100 s they would cut the window to 0 (every next job of the session a cold start). They
     are capped at the weight of the gaps seen (1): covering the gap costs 100 + 1 x 100 =
-    200 < 360, stretched to 125 s, then drawn towards the first window (180 s) by 3
-    pseudo-gaps: (125 + 3 x 180) / 4."""
+    200 < 360, stretched to 125 s and past the cliff by 36 s (it covers every gap seen),
+    then drawn towards the first window (180 s) by 3 pseudo-gaps: (161 + 3 x 180) / 4."""
     one = _gaps(100.0)
-    assert w.adaptive_window(one, T0, 180.0, 1.0) == pytest.approx(166.25)
+    assert w.adaptive_window(one, T0, 180.0, 1.0) == pytest.approx(175.25)
     # The cap follows the decay: the same gap a day old weighs 1/16, and so may the penalty.
     day_old = [w.Gap(T0 - timedelta(hours=24), 100.0)]
     assert w.adaptive_window(day_old, T0, 180.0, 1.0) == pytest.approx(
-        (125.0 / 16 + 3 * 180.0) / (1 / 16 + 3)
+        (161.0 / 16 + 3 * 180.0) / (1 / 16 + 3)
     )
     # With a long history the full penalty applies again (the test above: 90 s, not 1100 s).
     many = _gaps(20.0, 150.0, 300.0, 45.0, 600.0, 90.0, 240.0, 1100.0, 60.0, 400.0, every=300)
-    assert w.adaptive_window(many, T0, 300.0, 1.0, prior_weight=0) == 90.0 * w.WINDOW_MARGIN
+    assert (
+        w.adaptive_window(many, T0, 300.0, 1.0, prior_weight=0, cliff_share=0)
+        == 90.0 * w.WINDOW_MARGIN
+    )
+
+
+def test_a_window_covering_a_dense_session_is_stretched_past_the_cliff() -> None:
+    """A session's gaps reach 120 s at most, with a 3-minute cold start. The margin alone
+    (150 s) misses a gap of 160 s (two sessions a minute apart, say), and the jobs arriving
+    during the rental's boot then all wait through it: the window also gets a tenth of a
+    cold start's cost (36 s) when it covers every gap, so it bridges such a gap. Covering
+    one gap in five (sparse traffic) it gets 1/25 of that."""
+    session = _gaps(*(20.0 + 10.0 * (i % 11) for i in range(30)), every=120.0)
+    window = w.adaptive_window(session, T0, 180.0, 1.0)
+    assert window == pytest.approx(120.0 * w.WINDOW_MARGIN + 36.0)
+    assert window > 160.0
+    assert w.adaptive_window(session, T0, 180.0, 1.0, cliff_share=0) < 160.0
+    sparse = _gaps(60.0, 7200.0, 9000.0, 5400.0, 8000.0)
+
+    def flat(cliff: float) -> float:  # five gaps alike: no decay, no penalty, no prior
+        return w.adaptive_window(
+            sparse,
+            T0,
+            600.0,
+            1.0,
+            unseen_per_s=0,
+            prior_weight=0,
+            half_life_s=1e12,
+            cliff_share=cliff,
+        )
+
+    stretch = flat(w.CLIFF_SHARE) - flat(0.0)
+    assert stretch == pytest.approx(0.1 * 1200.0 / 25)

@@ -13,7 +13,8 @@ and the job waits through it, so one cold start costs `cold * (1 + wait_weight)`
 - `adaptive_window`: how long an idle instance stays warm under `keep_warm = "auto"`, chosen by
   replaying the recent idle gaps (time from an instance going idle to the next arrival)
   against every candidate window, older gaps counting less (exponential decay), with gaps
-  longer than any seen priced in and a young history drawn towards a first window;
+  longer than any seen priced in, the winner stretched past the cliff of a missed gap and a
+  young history drawn towards a first window;
 - `scheduled_until`: how long `jobs.warm_schedule` keeps an instance going idle warm;
 - `cold_start_update` / `cold_start_add_setup` / `cold_start_mean`: the decaying cold-start
   estimate per provider and GPU, which charges failed launches to the next successful one and
@@ -39,6 +40,11 @@ DEFAULT_JOB_S = 60.0  # a job's length before any job was measured
 # little longer, so the window is stretched by this much. This and the three below were tuned
 # on the trace suite in tests/bench (50 seeds each; see adaptive_window for what they do).
 WINDOW_MARGIN = 1.25
+# ... and by this share of a cold start's cost, times the squared share of the gaps the window
+# covers: a window just short of a session's longest gap misses it, and every job arriving
+# during the new rental's boot waits through it, while a window a little too long costs
+# only those seconds at the session's end (see adaptive_window).
+CLIFF_SHARE = 0.1
 FIRST_WINDOW_SHARE = 0.5  # the window before any gap, as a share of a cold start's cost
 UNSEEN_PER_COLD_S = 1 / 100  # pseudo-gaps longer than any seen, per second of cold cost
 PRIOR_WEIGHT = 3.0  # pseudo-gaps drawing a young history's window towards the first one
@@ -154,6 +160,7 @@ def adaptive_window(
     *,
     half_life_s: float = GAP_HALF_LIFE_S,
     margin: float = WINDOW_MARGIN,
+    cliff_share: float = CLIFF_SHARE,
     first_share: float = FIRST_WINDOW_SHARE,
     unseen_per_s: float = UNSEEN_PER_COLD_S,
     prior_weight: float = PRIOR_WEIGHT,
@@ -168,7 +175,13 @@ def adaptive_window(
     gaps seen: a young history is not outvoted by them. That cost is piecewise linear and
     rises between observed gaps, so the best is 0 or one of the gaps: the candidates are
     those, checked in one sorted pass, and the winner is stretched by `margin` (the next gap
-    is as likely to be a little longer than any seen).
+    is as likely to be a little longer than any seen) plus `cliff_share` x cold_cost x (the
+    share of the gaps it covers)^2. The cost of a window is a cliff just under a session's
+    longest gap: one gap missed is a cold start that the jobs arriving during the boot all
+    wait through (more than one cold start's cost), while a few seconds too many cost only
+    those seconds when the session ends. A window covering nearly every gap (a dense
+    session) is stretched past the cliff by a tenth of a cold start's cost; one covering few
+    (sparse traffic, where a window bridges the odd short gap) is hardly stretched.
 
     Few gaps say little. Before any, the window is `first_share` of a cold start's cost
     (half the ski-rental window: a first long wait is the cheaper mistake on sparse traffic).
@@ -205,8 +218,9 @@ def adaptive_window(
             best_t, best, best_covered = t, cost, total - above
     if best_t <= 0:
         return 0.0
-    window = best_t * margin
-    prior = prior_weight * math.pow(best_covered / total, PRIOR_SHARE_POWER)
+    covered = best_covered / total
+    window = best_t * margin + cliff_share * cold_cost * covered * covered
+    prior = prior_weight * math.pow(covered, PRIOR_SHARE_POWER)
     return (total * window + prior * max(first, window)) / (total + prior)
 
 
