@@ -6,7 +6,8 @@ included) until it ends; a job waits from its arrival until it starts. Total = b
 wait_weight * waited. `Policy` says how long an idle instance stays warm (a fixed window or
 "auto") and whether the dispatcher weighs waiting against renting (`greedy=False`, the daemon
 now) or rents whenever `max_instances` allows and reuses the oldest warm one (`greedy=True`,
-the daemon before: kept to compare).
+the daemon before: kept to compare). "auto" starts from nothing, as on a daemon's first day,
+or from what it learned replaying a previous day (`learned`).
 """
 
 from __future__ import annotations
@@ -39,11 +40,30 @@ class _Inst:
     ended: float = -1.0
 
 
+@dataclass(frozen=True)
+class Learned:
+    """What "auto" knows at the end of a replay: the idle gaps it saw and its cold-start
+    estimate (the daemon keeps both across days and restarts, in its database)."""
+
+    gaps: tuple[weighing.Gap, ...] = ()
+    cold_stats: dict[str, object] | None = None
+
+    def a_day_earlier(self) -> Learned:
+        """The same knowledge, as if learned the day before the next replay (whose clock
+        starts again at T0): each gap moves one day back, so it has decayed as it would
+        have overnight."""
+        day = timedelta(seconds=DAY)
+        return Learned(
+            tuple(weighing.Gap(g.at - day, g.seconds) for g in self.gaps), self.cold_stats
+        )
+
+
 @dataclass
 class Result:
     billed: float = 0.0
     waits: list[float] = field(default_factory=list)
     launches: int = 0
+    learned: Learned = field(default_factory=Learned)
 
     def total(self, wait_weight: float) -> float:
         return self.billed + wait_weight * sum(self.waits)
@@ -62,15 +82,18 @@ def replay(  # noqa: C901
     policy: Policy,
     wait_weight: float = 1.0,
     max_instances: int = 2,
+    learned: Learned | None = None,
 ) -> Result:
+    """`learned`: what "auto" starts from (a previous day's `Result.learned`, moved a day
+    back); nothing by default, as a daemon on its first day."""
     res = Result()
     insts: list[_Inst] = []
     queue: deque[float] = deque()  # arrival times of jobs waiting for a live instance
     events: list[tuple[float, int, str, int]] = []  # (time, seq, kind, instance index)
     seq = 0
-    gaps: list[weighing.Gap] = []
+    gaps: list[weighing.Gap] = list(learned.gaps) if learned else []
     idle_start: float | None = None
-    cold_stats: dict[str, object] | None = None
+    cold_stats: dict[str, object] | None = learned.cold_stats if learned else None
     busy_until: dict[int, float] = {}  # instance -> when its job (or boot + job) ends
 
     def push(t: float, kind: str, i: int) -> None:
@@ -155,6 +178,7 @@ def replay(  # noqa: C901
             free(i, now)
         elif kind == "expire" and insts[i].warm_until == now:
             end(i, now)
+    res.learned = Learned(tuple(gaps), cold_stats)
     return res
 
 
