@@ -37,8 +37,9 @@ GAP_HISTORY = 200  # idle gaps kept (the oldest go first)
 COLD_START_ALPHA = 0.3  # weight of a new cold-start measurement in the decaying mean
 DEFAULT_JOB_S = 60.0  # a job's length before any job was measured
 # The best window is always exactly one of the gaps seen; the next gap is as likely to be a
-# little longer, so the window is stretched by this much. This and the three below were tuned
-# on the trace suite in tests/bench (50 seeds each; see adaptive_window for what they do).
+# little longer, so the window is stretched by this much. This and the four below were tuned
+# on the trace suite in tests/bench (see adaptive_window for what they do, and the README's
+# keep-warm section for the seeds each was chosen on and how it does on others).
 WINDOW_MARGIN = 1.25
 # ... and by this share of a cold start's cost, times the squared share of the gaps the window
 # covers: a window just short of a session's longest gap misses it, and every job arriving
