@@ -270,6 +270,8 @@ async def test_chaos_with_a_full_state_disk(world: World) -> None:
         filler = world.seen(world.home / "state" / "filler")
         written = fill(filler)
         full_until = asyncio.get_running_loop().time() + IDLE_TIMEOUT + 8
+        ledger = world.sim.core.ledger
+        billing = {(e.provider, e.instance_id) for e in ledger.entries() if e.ended_at is None}
         figures.sim_faults.append(f"disk full ({written >> 20} MB filler)")
         # Within the idle timeout of what runs, an ending meets the full disk (the bare
         # rental's idle end): the guard ends it and logs that the record must wait. The wait
@@ -277,9 +279,20 @@ async def test_chaos_with_a_full_state_disk(world: World) -> None:
         daemon = world.daemon
         assert daemon is not None
         await daemon.wait_for("termination_intent_unwritten", IDLE_TIMEOUT + 8)
-        # Then the disk stays full through every idle deadline of what ran before it filled,
-        # so that each of those endings meets it too (a wait for the time, not for an event).
-        await asyncio.sleep(max(0.0, full_until - asyncio.get_running_loop().time()))
+
+        # Then the disk stays full until everything billing when it filled has ended, so
+        # that each of those endings meets it too; at most through their idle deadlines (an
+        # ending that comes later does not meet it, as before).
+        def ended() -> bool:
+            return not any(
+                e.ended_at is None and (e.provider, e.instance_id) in billing
+                for e in ledger.entries()
+            )
+
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout_at(full_until):
+                while not ended():
+                    await asyncio.sleep(0.2)  # a look at the ledger, which has no event
         unwritten = len(daemon.named("termination_intent_unwritten"))
         filler.unlink()
         await asyncio.sleep(3)

@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from remote_support import LocalShell, bare_path, kill_leftovers, wait_all_gone
-from tests.conftest import processes_with
+from remote_support import LocalConn, LocalShell, bare_path, kill_leftovers, wait_all_gone
+from tests.conftest import processes_with, unavailable
 
 from gpuwarden.remote import ssh as remote
 
@@ -108,7 +108,7 @@ def sh_shell(request: pytest.FixtureRequest, tmp_path: Path) -> LocalShell:
     """A LocalShell whose login shell and `sh` on PATH are the parametrised shell."""
     found = shutil.which(SHELLS[request.param])
     if found is None:
-        pytest.skip(
+        unavailable(
             f"{request.param} is not installed here (apt-get install {SHELLS[request.param]})"
         )
     bin_dir = tmp_path / "shell-bin"
@@ -238,3 +238,23 @@ def test_the_default_search_looks_where_images_keep_python() -> None:
     for place in ("/opt/conda/bin/python3", "/usr/local/bin/python3", "/usr/bin/python3"):
         assert place in script
     assert remote.python_argv(["a.py", "$(touch pwned)"])[-2:] == ["a.py", "$(touch pwned)"]
+
+
+async def test_waiting_on_the_instance_returns_when_the_job_ends(
+    sh_shell: LocalShell,
+) -> None:
+    """Also under dash and busybox ash, the `sh` of most instances and of minimal images:
+    `kill -0`, `$((...))` and a fractional `sleep` as each one has them."""
+    conn = LocalConn(sh_shell)
+    base = f".gpuwarden/jobs/w{uuid.uuid4().hex[:10]}"
+    try:
+        assert not await conn.wait_end(f"{base}-none", 0.3)  # never started: poll as before
+        await conn.start(f"{base}-long", ["sleep", "30"])
+        assert not await conn.wait_end(f"{base}-long", 0.3)  # still running after the wait
+        await conn.start(f"{base}-short", ["sleep", "0.3"])
+        # Ended (its exit file) well within the wait: True, whenever within it that was.
+        assert await conn.wait_end(f"{base}-short", 20.0)
+        assert (sh_shell.home / f"{base}-short" / "exit").is_file()
+    finally:
+        await conn.kill(f"{base}-long")  # the group: the wrapper and its sleep
+        kill_leftovers(base)

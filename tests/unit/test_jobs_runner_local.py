@@ -95,24 +95,6 @@ async def test_a_cancel_on_a_dash_instance_ends_the_runner_itself(
         kill_leftovers(marker)
 
 
-async def test_waiting_on_the_instance_returns_when_the_job_ends(
-    instance_shell: LocalShell,
-) -> None:
-    conn = LocalConn(instance_shell)
-    base = f".gpuwarden/jobs/w{uuid.uuid4().hex[:10]}"
-    try:
-        assert not await conn.wait_end(f"{base}-none", 0.3)  # never started: poll as before
-        await conn.start(f"{base}-long", ["sleep", "30"])
-        assert not await conn.wait_end(f"{base}-long", 0.3)  # still running after the wait
-        await conn.start(f"{base}-short", ["sleep", "0.3"])
-        # Ended (its exit file) well within the wait: True, whenever within it that was.
-        assert await conn.wait_end(f"{base}-short", 20.0)
-        assert (instance_shell.home / f"{base}-short" / "exit").is_file()
-    finally:
-        await conn.kill(f"{base}-long")  # the group: the wrapper and its sleep
-        kill_leftovers(base)
-
-
 async def test_a_wait_that_outlives_its_bound_is_a_pause_not_a_dropped_connection(
     instance_shell: LocalShell,
 ) -> None:

@@ -8,37 +8,16 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 from collections.abc import AsyncIterator, Iterator
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
+from store_support import in_database, new_instance
 from tests.conftest import T0
 
 from gpuwarden.core.clock import FakeClock
-from gpuwarden.core.model import Event, Instance, InstanceState, TerminationReason
-from gpuwarden.store import Store, rows, sql
-
-
-def _instance(iid: str, clock: FakeClock) -> Instance:
-    now = clock.now()
-    return Instance(
-        id=iid,
-        provider="fake",
-        label=f"gpuwarden-main-{iid}",
-        state=InstanceState.RUNNING,
-        created_at=now,
-        lease_until=now + timedelta(hours=1),
-        last_activity=now,
-        price_per_hour=0.5,
-        provider_id=f"p-{iid}",
-    )
-
-
-async def _in_database(store: Store) -> list[Instance]:
-    return [
-        rows.instance_from_row(r) for r in await sql.fetch(store._conn, "SELECT * FROM instances")
-    ]
+from gpuwarden.core.model import Event, InstanceState, TerminationReason
+from gpuwarden.store import Store, connect
 
 
 def _cancel_at_commit(store: Store, victim: list[asyncio.Task[Any]]) -> None:
@@ -75,11 +54,11 @@ async def test_a_cancelled_insert_that_committed_is_in_memory_and_heard(
     store.subscribe(heard.append)
     victim: list[asyncio.Task[Any]] = []
     _cancel_at_commit(store, victim)
-    task = asyncio.create_task(store.insert_instance(_instance("i1", clock)))
+    task = asyncio.create_task(store.insert_instance(new_instance("i1", clock)))
     victim.append(task)
     with pytest.raises(asyncio.CancelledError):
         await task
-    assert [i.id for i in await _in_database(store)] == ["i1"]  # written
+    assert [i.id for i in await in_database(store)] == ["i1"]  # written
     assert store.live.get("i1") is not None  # and the memory view says so
     assert [e.entity_id for e in heard] == ["i1"]
 
@@ -88,7 +67,7 @@ async def test_a_cancelled_group_commit_leaves_the_others_written_once(
     store: Store, clock: FakeClock
 ) -> None:
     for iid in ("i1", "i2"):
-        await store.insert_instance(_instance(iid, clock))
+        await store.insert_instance(new_instance(iid, clock))
     victim: list[asyncio.Task[Any]] = []
     _cancel_at_commit(store, victim)
     end = TerminationReason.LEASE_EXPIRED
@@ -107,7 +86,7 @@ async def test_a_cancelled_group_commit_leaves_the_others_written_once(
     after = await asyncio.wait_for(second, 5)
     assert after.state is InstanceState.TERMINATING
     assert store._commits == commits + 1  # its change went in the same commit
-    states = {i.id: i.state for i in await _in_database(store)}
+    states = {i.id: i.state for i in await in_database(store)}
     assert states == {"i1": InstanceState.TERMINATING, "i2": InstanceState.TERMINATING}
     assert {i.id: i.state for i in store.live.select()} == states
 
@@ -130,10 +109,32 @@ async def test_a_cancelled_commit_that_fails_is_rolled_back_and_still_a_cancella
         return fails()
 
     store._conn.execute = execute  # type: ignore[method-assign]
-    task = asyncio.create_task(store.insert_instance(_instance("i1", clock)))
+    task = asyncio.create_task(store.insert_instance(new_instance("i1", clock)))
     victim.append(task)
     with pytest.raises(asyncio.CancelledError):  # the caller's cancellation, not the disk's
         await task
     store._conn.execute = real  # type: ignore[method-assign]
-    assert await _in_database(store) == []  # rolled back
+    assert await in_database(store) == []  # rolled back
     assert store.live.get("i1") is None
+
+
+async def test_a_commit_that_ends_as_its_caller_is_cancelled_counts_as_written() -> None:
+    """The COMMIT ends and the caller is cancelled in the same turn of the loop: written,
+    so `finish` says the caller was cancelled (the store then applies the records before the
+    cancellation goes on) instead of raising as if nothing had been written."""
+    loop = asyncio.get_running_loop()
+    commit: asyncio.Future[None] = loop.create_future()
+    task = asyncio.create_task(connect.finish(commit))
+    await asyncio.sleep(0)  # a yield: finish now waits on the COMMIT
+    commit.set_result(None)
+    task.cancel()
+    assert await task is True
+    # The same turn with a COMMIT that failed: rolled back, and still the cancellation.
+    failed: asyncio.Future[None] = loop.create_future()
+    task = asyncio.create_task(connect.finish(failed))
+    await asyncio.sleep(0)
+    failed.set_exception(sqlite3.OperationalError("disk I/O error"))
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError) as raised:
+        await task
+    assert isinstance(raised.value.__cause__, sqlite3.OperationalError)

@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import shutil
 import tempfile
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ import pytest
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
+from store_support import in_database, new_instance
 from tests.conftest import T0
 
 from gpuwarden.core.clock import FakeClock
@@ -31,7 +31,7 @@ from gpuwarden.core.model import (
     InstanceState,
     TerminationReason,
 )
-from gpuwarden.store import IllegalTransition, NotFoundError, Store, rows, sql
+from gpuwarden.store import IllegalTransition, NotFoundError, Store, sql
 
 IDS = [f"i{n}" for n in range(6)]
 LIVE = sorted(LIVE_INSTANCE_STATES)
@@ -48,29 +48,6 @@ op = st.one_of(
 )
 
 
-def _instance(iid: str, state: InstanceState, clock: FakeClock) -> Instance:
-    now = clock.now()
-    return Instance(
-        id=iid,
-        provider="fake",
-        label=f"gpuwarden-main-{iid}",
-        state=state,
-        created_at=now,
-        lease_until=now + timedelta(hours=1),
-        last_activity=now,
-        price_per_hour=0.5,
-        provider_id=None if state is InstanceState.REQUESTED else f"p-{iid}",
-        extra={"n": 0},
-    )
-
-
-async def _in_database(store: Store) -> list[Instance]:
-    query = "SELECT * FROM instances WHERE state IN ({}) ORDER BY created_at, rowid".format(
-        ", ".join(f"'{s.value}'" for s in LIVE)
-    )
-    return [rows.instance_from_row(r) for r in await sql.fetch(store._conn, query)]
-
-
 class _Boom(Exception):
     pass
 
@@ -78,7 +55,7 @@ class _Boom(Exception):
 async def _step(store: Store, clock: FakeClock, name: str, iid: str, arg: Any) -> None:
     if name == "insert":
         with contextlib.suppress(Exception):  # the id may exist: a failed insert
-            await store.insert_instance(_instance(iid, arg, clock))
+            await store.insert_instance(new_instance(iid, clock, arg))
     elif name == "move":
         reason = TerminationReason.MANUAL if arg is InstanceState.TERMINATING else None
         with contextlib.suppress(IllegalTransition, NotFoundError):
@@ -122,7 +99,7 @@ async def _run(ops: list[tuple[str, str, Any]], db: Path) -> None:
                 store = await Store.open(db, clock)
             else:
                 await _step(store, clock, name, iid, arg)
-            want = await _in_database(store)
+            want = await in_database(store, LIVE)
             assert await store.live_instances() == want
             assert {i.id: i for i in want} == {i.id: store.live.get(i.id) for i in want}
             assert len(store.live) == len(want)

@@ -56,8 +56,11 @@ async def finish(commit: Awaitable[Any]) -> bool:
         try:
             await asyncio.shield(task)
         except asyncio.CancelledError:
-            if task.done():
+            if task.cancelled():
                 raise
+            # The caller was cancelled. The COMMIT may have ended in the same turn of the
+            # loop (then the next await returns its result or raises its error at once):
+            # it is awaited to its end all the same, as a COMMIT still running is.
             cancelled = True
         except BaseException as exc:
             if cancelled:  # the COMMIT failed too: rolled back, and the cancellation goes on
